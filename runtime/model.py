@@ -1,0 +1,543 @@
+"""The runtime model: scvi-tools' four ``VAEMixin`` methods over ONNX graphs and numpy.
+
+Thread safety: a loaded :class:`OnnxSCVI` may be called from many threads at once. ONNX Runtime
+sessions are thread-safe, the model holds no mutable state after loading, and the Monte-Carlo
+noise is a pure function of (seed, cell, draw) (see :mod:`scvi_onnx.rng`), so concurrent calls
+give the same numbers as serial ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.special import logsumexp as _logsumexp
+from scipy.special import softmax
+
+from . import bundle as B
+from . import distributions as D
+from . import rng
+from .data import (
+    BATCH_KEY,
+    CAT_COVS_KEY,
+    CELL_INDEX_KEY,
+    CONT_COVS_KEY,
+    LABELS_KEY,
+    SIZE_FACTOR_KEY,
+    X_KEY,
+    AnnDataSource,
+    normalize_dataloader,
+    resolve_indices,
+)
+from .errors import InvalidArgumentError
+from .session import create_session
+
+logger = logging.getLogger(__name__)
+
+#: scvi-tools' ``settings.batch_size``: the default minibatch, which also groups cells for
+#: ``get_marginal_ll(return_mean=True)`` (a mean of per-minibatch means, as in scvi-tools).
+DEFAULT_BATCH_SIZE = 128
+#: Upper bound on elements of one (samples x cells x genes) decoder output per session call.
+DECODER_CHUNK_ELEMENTS = 1 << 24
+
+_LN_MEAN_CHUNK = 500
+
+
+def theta_from_arrays(
+    config: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    px_r_graph: np.ndarray | None,
+    batch: np.ndarray,
+    labels: np.ndarray,
+) -> np.ndarray:
+    """Dispersion (NB inverse dispersion, or Normal scale) as scvi-tools' ``generative``.
+
+    ``gene``: ``exp(px_r)`` (G,); ``gene-batch`` / ``gene-label``: the column of each cell's
+    batch / label, (N, G); ``gene-cell``: ``exp`` of the decoder head output.
+    """
+    disp = config["dispersion"]
+    if disp == "gene-cell":
+        return np.exp(px_r_graph)
+    px_r = arrays[B.ARR_PX_R]
+    if disp == "gene":
+        return np.exp(px_r)
+    codes = (batch if disp == "gene-batch" else labels).reshape(-1)
+    return np.exp(px_r.T[codes])
+
+
+def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class OnnxSCVI:
+    """A frozen SCVI model loaded from a bundle; use :func:`scvi_onnx.load` to create one.
+
+    Attributes
+    ----------
+    manifest
+        The bundle's :class:`~scvi_onnx.bundle.Manifest`.
+    provider
+        The ONNX Runtime execution provider that runs the graphs.
+    seed
+        Default seed of the stochastic methods.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        adata: Any = None,
+        *,
+        device: str = "auto",
+        seed: int = 0,
+        verify_checksums: bool = True,
+        intra_op_threads: int | None = None,
+    ):
+        self.path = Path(path)
+        self.manifest = B.read_manifest(self.path, check_files=verify_checksums)
+        if self.manifest.model_class != "SCVI":
+            raise B.BundleError(
+                f"bundle holds a {self.manifest.model_class} model; this runtime reads SCVI"
+            )
+        self.config = self.manifest.config
+        self.seed = int(seed)
+        self._arrays = B.load_npz(self.path / B.ARRAYS_FILE)
+        self._enc, self.provider = create_session(
+            self.path / B.ENCODER_FILE, device, intra_op_threads=intra_op_threads
+        )
+        self._dec, _ = create_session(
+            self.path / B.DECODER_FILE, device, intra_op_threads=intra_op_threads
+        )
+        self._enc_in = tuple(i.name for i in self._enc.get_inputs())
+        self._enc_out = tuple(o.name for o in self._enc.get_outputs())
+        self._dec_in = tuple(i.name for i in self._dec.get_inputs())
+        self._dec_out = tuple(o.name for o in self._dec.get_outputs())
+        c = self.config
+        self._learned_library = not c["use_observed_lib_size"]
+        self._ln = c["latent_distribution"] == "ln"
+        self._lik = c["gene_likelihood"]
+        if self._learned_library:
+            self._lib_means = self._arrays[B.ARR_LIB_MEANS].reshape(-1).astype(np.float64)
+            self._lib_vars = self._arrays[B.ARR_LIB_VARS].reshape(-1).astype(np.float64)
+        self.adata = adata
+        logger.info("loaded %s (%s) on %s", self.path, self.manifest.model_class, self.provider)
+
+    # ------------------------------------------------------------------ description
+    @property
+    def genes(self) -> tuple[str, ...]:
+        return self.manifest.genes
+
+    @property
+    def n_latent(self) -> int:
+        return int(self.config["n_latent"])
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"OnnxSCVI(path={str(self.path)!r}, genes={len(self.genes)}, n_latent={c['n_latent']}, "
+            f"gene_likelihood={c['gene_likelihood']!r}, dispersion={c['dispersion']!r}, "
+            f"n_batch={c['n_batch']}, provider={self.provider!r})"
+        )
+
+    # ------------------------------------------------------------------ data
+    def _minibatches(
+        self,
+        adata: Any,
+        indices: Sequence[int] | None,
+        batch_size: int | None,
+        dataloader: Iterable[dict[str, Any]] | None,
+        *,
+        missing_genes: str = "error",
+        progress: bool = False,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        batch_size = _check_positive_int("batch_size", batch_size, allow_none=True)
+        need_lib = self.config["use_observed_lib_size"] and not self.config["use_size_factor_key"]
+        count = self._lik != "normal"
+        if dataloader is not None:
+            if adata is not None:
+                raise InvalidArgumentError("pass either adata or dataloader, not both")
+            it = normalize_dataloader(
+                dataloader, self.manifest, require_positive_library=need_lib, count_data=count
+            )
+            total = None
+        else:
+            adata = self.adata if adata is None else adata
+            if adata is None:
+                raise InvalidArgumentError(
+                    "no data: pass adata= (or dataloader=), or bind an AnnData at "
+                    "scvi_onnx.load(path, adata=...)"
+                )
+            src = AnnDataSource(
+                adata,
+                self.manifest,
+                missing_genes=missing_genes,
+                require_positive_library=need_lib,
+                count_data=count,
+            )
+            idx = resolve_indices(indices, src.n_obs)
+            bs = batch_size or DEFAULT_BATCH_SIZE
+            it = src.minibatches(idx, bs)
+            total = math.ceil(len(idx) / bs)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, total=total, unit="batch", leave=False)
+        yield from it
+
+    # ------------------------------------------------------------------ graphs
+    def _feeds(self, names: Sequence[str], mb: dict[str, np.ndarray], **extra) -> dict:
+        src = {
+            B.IN_X: mb.get(X_KEY),
+            B.IN_BATCH: mb.get(BATCH_KEY),
+            B.IN_CAT: mb.get(CAT_COVS_KEY),
+            B.IN_CONT: mb.get(CONT_COVS_KEY),
+            **extra,
+        }
+        return {n: src[n] for n in names}
+
+    def _encode(self, mb: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self._enc.run(None, self._feeds(self._enc_in, mb))
+        return dict(zip(self._enc_out, out, strict=True))
+
+    def _decode(self, mb, z: np.ndarray, library: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = self._feeds(
+            self._dec_in,
+            mb,
+            **{
+                B.IN_Z: np.ascontiguousarray(z, dtype=np.float32),
+                B.IN_LIBRARY: np.ascontiguousarray(library, dtype=np.float32),
+            },
+        )
+        out = self._dec.run(None, feeds)
+        return dict(zip(self._dec_out, out, strict=True))
+
+    # ------------------------------------------------------------------ pieces of the maths
+    def _z_samples(self, mb, enc, seed: int, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(untransformed, transformed) z of shape (n, cells, L) for draws start..start+n."""
+        cells = mb[CELL_INDEX_KEY]
+        L = self.n_latent
+        eps = rng.normals(seed, rng.STREAM_Z, cells, n * L, start=start * L)
+        eps = eps.reshape(len(cells), n, L).transpose(1, 0, 2)
+        m = enc[B.OUT_QZ_M].astype(np.float64)
+        s = np.sqrt(enc[B.OUT_QZ_V].astype(np.float64))
+        u = m[None] + eps * s[None]
+        return u, (softmax(u, axis=-1) if self._ln else u)
+
+    def _library(self, mb, enc, seed: int, start: int, n: int) -> np.ndarray:
+        """Library (log scale) fed to the decoder, shape (n or 1, cells, 1)."""
+        c = self.config
+        if c["use_size_factor_key"]:
+            return np.log(mb[SIZE_FACTOR_KEY].astype(np.float64))[None]
+        if c["use_observed_lib_size"]:
+            return np.log(mb[X_KEY].sum(1, dtype=np.float64))[None, :, None]
+        cells = mb[CELL_INDEX_KEY]
+        eps = rng.normals(seed, rng.STREAM_L, cells, n, start=start).T[:, :, None]
+        m = enc[B.OUT_QL_M].astype(np.float64)[None]
+        s = np.sqrt(enc[B.OUT_QL_V].astype(np.float64))[None]
+        return m + eps * s
+
+    def _library_prior(self, mb) -> tuple[np.ndarray, np.ndarray]:
+        b = mb[BATCH_KEY].reshape(-1)
+        return self._lib_means[b][:, None], self._lib_vars[b][:, None]
+
+    def _log_px(self, mb, dec: dict[str, np.ndarray]) -> np.ndarray:
+        """log p(x | z, l) summed over genes, shape (samples, cells)."""
+        x = mb[X_KEY].astype(np.float64)
+        mu = dec[B.OUT_PX_RATE].astype(np.float64)
+        if self._lik == "poisson":
+            return D.log_poisson_sum(x, mu)
+        theta = theta_from_arrays(
+            self.config, self._arrays, dec.get(B.OUT_PX_R), mb[BATCH_KEY], mb[LABELS_KEY]
+        ).astype(np.float64)
+        if self._lik == "normal":
+            return D.log_normal_sum(x, mu, theta)
+        if self._lik == "nb":
+            return D.log_nb_positive_sum(x, mu, theta)
+        pi = dec[B.OUT_PX_DROPOUT].astype(np.float64)
+        return D.log_zinb_positive_sum(x, mu, theta, pi)
+
+    def _elbo_terms(self, mb, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-cell (reconstruction loss, kl_z + kl_l) for one posterior draw."""
+        enc = self._encode(mb)
+        _, z = self._z_samples(mb, enc, seed, 0, 1)
+        library = self._library(mb, enc, seed, 0, 1)
+        dec = self._decode(mb, z, library)
+        rec = -self._log_px(mb, dec)[0]
+        kl = D.kl_normal_standard(
+            enc[B.OUT_QZ_M].astype(np.float64), enc[B.OUT_QZ_V].astype(np.float64)
+        ).sum(-1)
+        if self._learned_library:
+            pm, pv = self._library_prior(mb)
+            kl = kl + D.kl_normal(
+                enc[B.OUT_QL_M].astype(np.float64), enc[B.OUT_QL_V].astype(np.float64), pm, pv
+            ).sum(-1)
+        return rec, kl
+
+    # ------------------------------------------------------------------ the four methods
+    def get_latent_representation(
+        self,
+        adata: Any = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        mc_samples: int = 5_000,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+        dataloader: Iterable[dict[str, Any]] | None = None,
+        *,
+        seed: int | None = None,
+        missing_genes: str = "error",
+        progress_bar: bool = False,
+        **data_loader_kwargs: Any,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Latent representation of the cells, as ``scvi.model.SCVI.get_latent_representation``.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes (matched by name). Defaults to the one bound at load.
+        indices
+            Cells of ``adata`` to use (integers or a boolean mask). Default: all.
+        give_mean
+            Return the posterior mean (for ``latent_distribution="ln"``, a Monte-Carlo mean of
+            ``softmax(z)`` over ``mc_samples`` draws); else one posterior draw.
+        mc_samples
+            Draws for the logistic-normal mean.
+        batch_size
+            Cells per minibatch (memory only: results do not depend on it).
+        return_dist
+            Return ``(qz_mean, qz_var)`` of the (untransformed) Gaussian posterior.
+        dataloader
+            Iterable of minibatch dicts keyed like scvi-tools' registry (``X``, ``batch``, ...),
+            used instead of ``adata``.
+        seed
+            Seed of the draws (default: the model's ``seed``).
+        missing_genes
+            ``"error"`` (default) or ``"zero"`` to fill genes missing from ``adata`` with zeros.
+        progress_bar
+            Show a progress bar over minibatches.
+
+        Returns
+        -------
+        ``(n_cells, n_latent)`` float32 array, or the tuple ``(mean, var)`` if ``return_dist``.
+        """
+        seed = self.seed if seed is None else int(seed)
+        if give_mean and self._ln and not return_dist:
+            _check_positive_int("mc_samples", mc_samples)
+        means, varis, zs = [], [], []
+        for mb in self._minibatches(
+            adata, indices, batch_size, dataloader, missing_genes=missing_genes,
+            progress=progress_bar,
+        ):
+            enc = self._encode(mb)
+            if return_dist:
+                means.append(enc[B.OUT_QZ_M])
+                varis.append(enc[B.OUT_QZ_V])
+            elif give_mean and not self._ln:
+                zs.append(enc[B.OUT_QZ_M])
+            elif give_mean:
+                m = enc[B.OUT_QZ_M].astype(np.float64)
+                s = np.sqrt(enc[B.OUT_QZ_V].astype(np.float64))
+                acc = np.zeros_like(m)
+                L = self.n_latent
+                for start in range(0, mc_samples, _LN_MEAN_CHUNK):
+                    n = min(_LN_MEAN_CHUNK, mc_samples - start)
+                    eps = rng.normals(
+                        seed, rng.STREAM_LN_MEAN, mb[CELL_INDEX_KEY], n * L, start=start * L
+                    ).reshape(len(m), n, L)
+                    acc += softmax(m[:, None] + eps * s[:, None], axis=-1).sum(1)
+                zs.append((acc / mc_samples).astype(np.float32))
+            else:
+                zs.append(self._z_samples(mb, enc, seed, 0, 1)[1][0].astype(np.float32))
+        if return_dist:
+            return np.concatenate(means), np.concatenate(varis)
+        return np.concatenate(zs)
+
+    def get_elbo(
+        self,
+        adata: Any = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        dataloader: Iterable[dict[str, Any]] | None = None,
+        return_mean: bool = True,
+        data_loader_kwargs: dict | None = None,
+        *,
+        seed: int | None = None,
+        missing_genes: str = "error",
+        progress_bar: bool = False,
+        **kwargs: Any,
+    ) -> float | np.ndarray:
+        """Evidence lower bound per cell (or its mean), as ``SCVI.get_elbo``.
+
+        ``elbo = -(reconstruction_loss + kl_z + kl_l)`` with one posterior draw per cell
+        (``kl_weight`` is not applied). Higher is better.
+
+        Returns
+        -------
+        The mean ELBO (float) if ``return_mean``, else a ``(n_cells,)`` array.
+        """
+        seed = self.seed if seed is None else int(seed)
+        vals = [
+            -(rec + kl)
+            for rec, kl in (
+                self._elbo_terms(mb, seed)
+                for mb in self._minibatches(
+                    adata, indices, batch_size, dataloader, missing_genes=missing_genes,
+                    progress=progress_bar,
+                )
+            )
+        ]
+        out = np.concatenate(vals)
+        return float(out.mean()) if return_mean else out
+
+    def get_reconstruction_error(
+        self,
+        adata: Any = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        dataloader: Iterable[dict[str, Any]] | None = None,
+        return_mean: bool = True,
+        data_loader_kwargs: dict | None = None,
+        *,
+        seed: int | None = None,
+        missing_genes: str = "error",
+        progress_bar: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, float | np.ndarray]:
+        """Reconstruction loss ``-log p(x | z, l)`` for one posterior draw, as scvi-tools.
+
+        Returns
+        -------
+        ``{"reconstruction_loss": mean}`` (a float) or per-cell ``(n_cells,)`` array. The value
+        is a negative log-likelihood: lower is better (scvi-tools' docstring says otherwise; the
+        numbers are what we match).
+        """
+        seed = self.seed if seed is None else int(seed)
+        recs = [
+            self._elbo_terms(mb, seed)[0]
+            for mb in self._minibatches(
+                adata, indices, batch_size, dataloader, missing_genes=missing_genes,
+                progress=progress_bar,
+            )
+        ]
+        out = np.concatenate(recs)
+        return {"reconstruction_loss": float(out.mean()) if return_mean else out}
+
+    def get_marginal_ll(
+        self,
+        adata: Any = None,
+        indices: Sequence[int] | None = None,
+        n_mc_samples: int = 1_000,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        dataloader: Iterable[dict[str, Any]] | None = None,
+        data_loader_kwargs: dict | None = None,
+        *,
+        n_mc_samples_per_pass: int | None = None,
+        seed: int | None = None,
+        missing_genes: str = "error",
+        progress_bar: bool = False,
+        **kwargs: Any,
+    ) -> float | np.ndarray:
+        """Importance-sampled marginal log-likelihood, as ``SCVI.get_marginal_ll``.
+
+        ``log mean_s exp(log p(z_s) + log p(x | z_s, l_s) - log q(z_s | x)
+        [+ log p(l_s) - log q(l_s | x)])`` over ``n_mc_samples`` posterior draws.
+
+        Parameters
+        ----------
+        n_mc_samples
+            Importance samples per cell.
+        n_mc_samples_per_pass
+            Samples per decoder call (memory knob; default: as many as fit
+            ``DECODER_CHUNK_ELEMENTS``). Results do not depend on it.
+
+        Returns
+        -------
+        With ``return_mean``, the mean over minibatches of the per-minibatch means (exactly
+        scvi-tools' reduction; minibatches of ``batch_size`` cells, default 128); else a
+        ``(n_cells,)`` array.
+        """
+        seed = self.seed if seed is None else int(seed)
+        n_mc_samples = _check_positive_int("n_mc_samples", n_mc_samples)
+        per_pass = _check_positive_int(
+            "n_mc_samples_per_pass", n_mc_samples_per_pass, allow_none=True
+        )
+        per_cell, batch_means = [], []
+        for mb in self._minibatches(
+            adata, indices, batch_size, dataloader, missing_genes=missing_genes,
+            progress=progress_bar,
+        ):
+            ll = self._marginal_ll_minibatch(mb, n_mc_samples, per_pass, seed)
+            per_cell.append(ll)
+            batch_means.append(ll.mean())
+        if return_mean:
+            return float(np.mean(batch_means))
+        return np.concatenate(per_cell)
+
+    def _marginal_ll_minibatch(self, mb, n_mc: int, per_pass: int | None, seed: int):
+        n_cells = len(mb[CELL_INDEX_KEY])
+        if per_pass is None:
+            per_pass = max(1, DECODER_CHUNK_ELEMENTS // max(1, n_cells * len(self.genes)))
+        per_pass = min(per_pass, n_mc)
+        enc = self._encode(mb)
+        qm = enc[B.OUT_QZ_M].astype(np.float64)[None]
+        qv = enc[B.OUT_QZ_V].astype(np.float64)[None]
+        zeros, ones = np.zeros(1), np.ones(1)
+        chunks = []
+        for start in range(0, n_mc, per_pass):
+            n = min(per_pass, n_mc - start)
+            _, z = self._z_samples(mb, enc, seed, start, n)
+            library = self._library(mb, enc, seed, start, n)
+            dec = self._decode(mb, z, library)
+            # scvi-tools evaluates p(z) and q(z|x) at the transformed z (softmax for "ln").
+            log_w = D.log_normal(z, zeros, ones).sum(-1)
+            log_w += self._log_px(mb, dec)
+            log_w -= D.log_normal(z, qm, np.sqrt(qv)).sum(-1)
+            if self._learned_library:
+                pm, pv = self._library_prior(mb)
+                lm = enc[B.OUT_QL_M].astype(np.float64)[None]
+                lv = enc[B.OUT_QL_V].astype(np.float64)[None]
+                log_w += D.log_normal(library, pm[None], np.sqrt(pv)[None]).sum(-1)
+                log_w -= D.log_normal(library, lm, np.sqrt(lv)).sum(-1)
+            chunks.append(log_w)
+        return _logsumexp(np.concatenate(chunks), axis=0) - np.log(n_mc)
+
+
+def load(
+    path: str | Path,
+    adata: Any = None,
+    device: str = "auto",
+    seed: int = 0,
+    **kwargs: Any,
+) -> OnnxSCVI:
+    """Load a scvi-onnx bundle.
+
+    Parameters
+    ----------
+    path
+        Bundle folder (written by ``scvi-onnx export``).
+    adata
+        Default AnnData for methods called with ``adata=None`` (as in scvi-tools).
+    device
+        ``"cpu"``, ``"cuda"``, or ``"auto"`` (CUDA only when it really works). The model's
+        ``provider`` attribute says which execution provider runs.
+    seed
+        Default seed of the stochastic methods.
+    **kwargs
+        ``verify_checksums`` (default True), ``intra_op_threads``.
+
+    Raises
+    ------
+    BundleError
+        The folder is not a readable scvi-onnx bundle (missing, tampered, too new).
+    ProviderError
+        ``device="cuda"`` cannot be honoured.
+    """
+    return OnnxSCVI(path, adata, device=device, seed=seed, **kwargs)

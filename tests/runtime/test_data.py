@@ -1,0 +1,697 @@
+"""Tests of scvi_onnx.data: AnnData / dataloader input -> validated numpy minibatches."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scvi_onnx.bundle import CategoricalField, Manifest, Registry
+from scvi_onnx.data import (
+    BATCH_KEY,
+    CAT_COVS_KEY,
+    CELL_INDEX_KEY,
+    CONT_COVS_KEY,
+    LABELS_KEY,
+    SIZE_FACTOR_KEY,
+    X_KEY,
+    AnnDataSource,
+    normalize_dataloader,
+    resolve_indices,
+)
+from scvi_onnx.errors import (
+    InputDataError,
+    InvalidArgumentError,
+    InvalidValuesError,
+    MissingColumnError,
+    MissingGenesError,
+    NonIntegerCountsWarning,
+    UnknownCategoryError,
+    ZeroLibrarySizeError,
+)
+
+SHARED = Path("/work/shared/data")
+GENES = tuple(f"g{i}" for i in range(8))
+G = len(GENES)
+N = 12
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures / builders
+# ----------------------------------------------------------------------------------------------
+
+
+def make_manifest(
+    genes=GENES,
+    *,
+    layer=None,
+    batch_key=None,
+    batch_cats=(0,),
+    labels_key=None,
+    labels_cats=(0,),
+    size_factor_key=None,
+    cat_covs=(),
+    cont_covs=(),
+) -> Manifest:
+    reg = Registry(
+        layer=layer,
+        batch=CategoricalField(batch_key, tuple(batch_cats)),
+        labels=CategoricalField(labels_key, tuple(labels_cats)),
+        size_factor_key=size_factor_key,
+        categorical_covariates=tuple(CategoricalField(k, tuple(c)) for k, c in cat_covs),
+        continuous_covariates=tuple(cont_covs),
+    )
+    return Manifest(
+        schema_version=1, model_class="SCVI", config={}, genes=tuple(genes), registry=reg, graphs={}
+    )
+
+
+FULL = dict(
+    batch_key="batch",
+    batch_cats=("b0", "b1"),
+    labels_key="cell_type",
+    labels_cats=("B", "T", "NK"),
+    size_factor_key="sf",
+    cat_covs=(("donor", (1, 2, 3)),),
+    cont_covs=("pct_mito", "n_counts"),
+)
+
+
+def counts(n=N, g=G, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(2.0, size=(n, g)).astype(np.int64)
+    x[:, 0] += 1  # every cell has a positive library
+    return x
+
+
+def make_obs(n=N) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    return pd.DataFrame(
+        {
+            "batch": pd.Categorical(rng.choice(["b0", "b1"], n)),
+            "cell_type": rng.choice(["B", "T", "NK"], n).astype(object),
+            "sf": rng.uniform(0.5, 2.0, n),
+            "donor": rng.choice([1, 2, 3], n),  # int-coded column vs int categories
+            "pct_mito": rng.uniform(0, 0.2, n),
+            "n_counts": rng.integers(100, 1000, n),
+        },
+        index=[f"cell{i}" for i in range(n)],
+    )
+
+
+def make_adata(x=None, genes=GENES, obs=None) -> ad.AnnData:
+    x = counts() if x is None else x
+    obs = make_obs(x.shape[0]) if obs is None else obs
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=list(genes)))
+
+
+def collect(src: AnnDataSource, indices=None, batch_size=5) -> dict[str, np.ndarray]:
+    mbs = list(src.minibatches(indices, batch_size))
+    return {k: np.concatenate([m[k] for m in mbs]) for k in mbs[0]}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# ----------------------------------------------------------------------------------------------
+# resolve_indices
+# ----------------------------------------------------------------------------------------------
+
+
+def test_resolve_indices_accepts():
+    np.testing.assert_array_equal(resolve_indices(None, 4), [0, 1, 2, 3])
+    out = resolve_indices([3, 0, 2], 4)
+    assert out.dtype == np.int64
+    np.testing.assert_array_equal(out, [3, 0, 2])
+    np.testing.assert_array_equal(resolve_indices(np.array([1, 2], dtype=np.uint8), 4), [1, 2])
+    np.testing.assert_array_equal(resolve_indices([2.0, 1.0], 4), [2, 1])
+    np.testing.assert_array_equal(resolve_indices([True, False, True, False], 4), [0, 2])
+    np.testing.assert_array_equal(resolve_indices(pd.Series([False, True, True, False]), 4), [1, 2])
+
+
+@pytest.mark.parametrize(
+    "indices, needle",
+    [
+        ([0, 5, 7], "5, 7"),
+        ([-1, 0], "-1"),
+        ([1, 2, 2, 3, 3], "2, 3"),
+        ([0.5, 1], "0.5"),
+        ([True, False], "length 2"),
+        ([], "no cells selected"),
+        ([False] * 4, "no cells selected"),
+        (np.array([[0, 1]]), "1-D"),
+        (["a", "b"], "get_indexer"),
+        (2, "[2]"),
+        ([np.nan], "nan"),
+    ],
+)
+def test_resolve_indices_refuses(indices, needle):
+    with pytest.raises(InvalidArgumentError) as e:
+        resolve_indices(indices, 4)
+    assert needle in str(e.value)
+
+
+def test_resolve_indices_lists_first_few():
+    with pytest.raises(InvalidArgumentError) as e:
+        resolve_indices(list(range(100, 120)), 4)
+    msg = str(e.value)
+    assert "100, 101" in msg and "and 15 more" in msg and "119" not in msg
+
+
+# ----------------------------------------------------------------------------------------------
+# genes
+# ----------------------------------------------------------------------------------------------
+
+
+def test_minibatch_layout_and_dtypes():
+    m = make_manifest(**FULL)
+    src = AnnDataSource(make_adata(), m)
+    assert src.n_obs == N and list(src.obs_names[:2]) == ["cell0", "cell1"]
+    mbs = list(src.minibatches(None, 5))
+    assert [mb[X_KEY].shape[0] for mb in mbs] == [5, 5, 2]
+    mb = mbs[0]
+    assert mb[X_KEY].dtype == np.float32 and mb[X_KEY].flags.c_contiguous
+    assert mb[X_KEY].shape == (5, len(GENES))
+    assert mb[BATCH_KEY].dtype == np.int64 and mb[BATCH_KEY].shape == (5, 1)
+    assert mb[LABELS_KEY].dtype == np.int64 and mb[LABELS_KEY].shape == (5, 1)
+    assert mb[CAT_COVS_KEY].dtype == np.int64 and mb[CAT_COVS_KEY].shape == (5, 1)
+    assert mb[CONT_COVS_KEY].dtype == np.float32 and mb[CONT_COVS_KEY].shape == (5, 2)
+    assert mb[SIZE_FACTOR_KEY].dtype == np.float32 and mb[SIZE_FACTOR_KEY].shape == (5, 1)
+    assert mb[CELL_INDEX_KEY].dtype == np.int64 and mb[CELL_INDEX_KEY].shape == (5,)
+
+    obs = make_obs()
+    allb = collect(src)
+    np.testing.assert_array_equal(allb[X_KEY], counts())
+    np.testing.assert_array_equal(
+        allb[BATCH_KEY][:, 0], (obs["batch"].astype(str) == "b1").astype(int)
+    )
+    np.testing.assert_array_equal(
+        allb[LABELS_KEY][:, 0], obs["cell_type"].map({"B": 0, "T": 1, "NK": 2})
+    )
+    np.testing.assert_array_equal(allb[CAT_COVS_KEY][:, 0], obs["donor"] - 1)
+    np.testing.assert_allclose(allb[CONT_COVS_KEY][:, 1], obs["n_counts"])
+    np.testing.assert_allclose(allb[SIZE_FACTOR_KEY][:, 0], obs["sf"], rtol=1e-6)
+    np.testing.assert_array_equal(allb[CELL_INDEX_KEY], np.arange(N))
+
+
+def test_unregistered_fields_are_absent_or_zero():
+    src = AnnDataSource(make_adata(), make_manifest())
+    mb = next(iter(src.minibatches(None, 100)))
+    assert set(mb) == {X_KEY, BATCH_KEY, LABELS_KEY, CELL_INDEX_KEY}
+    assert not mb[BATCH_KEY].any() and not mb[LABELS_KEY].any()
+
+
+def test_reordered_and_extra_genes():
+    m = make_manifest(**FULL)
+    base = collect(AnnDataSource(make_adata(), m))
+    rng = np.random.default_rng(3)
+    perm = rng.permutation(len(GENES))
+    x = counts()
+    extra = rng.poisson(1.0, size=(N, 3))
+    shuffled = np.concatenate([x[:, perm], extra], axis=1)
+    genes = [GENES[p] for p in perm] + ["extraA", "extraB", "extraC"]
+    for build in (np.asarray, sp.csr_matrix, sp.csc_matrix):
+        src = AnnDataSource(make_adata(build(shuffled), genes), m)
+        assert src.gene_overlap == 1.0 and src.n_genes_found == len(GENES)
+        assert_same(collect(src), base)
+
+
+def test_missing_genes_error():
+    genes = GENES[:5] + ("other1", "other2", "other3")
+    with pytest.raises(MissingGenesError) as e:
+        AnnDataSource(make_adata(genes=genes), make_manifest())
+    msg = str(e.value)
+    assert "3 of the model's 8 genes" in msg
+    assert "'g5', 'g6', 'g7'" in msg and 'missing_genes="zero"' in msg
+
+
+def test_missing_genes_error_lists_first_ten():
+    genes = tuple(f"m{i}" for i in range(30))
+    keep = genes[:10]
+    with pytest.raises(MissingGenesError) as e:
+        AnnDataSource(
+            make_adata(counts(g=10), genes=keep),
+            make_manifest(genes),
+            missing_genes="zero",
+            min_gene_overlap=0.5,
+        )
+    msg = str(e.value)
+    assert "33.3%" in msg and "min_gene_overlap=0" in msg
+    assert "'m19'" in msg and "'m20'" not in msg and "and 10 more" in msg
+
+
+def test_missing_genes_zero_fill(caplog):
+    x = counts()
+    # data lacks g2 and g6 (2 of 8 -> 75% overlap), has an extra gene
+    keep = [0, 1, 3, 4, 5, 7]
+    genes = [GENES[i] for i in keep] + ["extra"]
+    data = np.concatenate([x[:, keep], np.ones((N, 1), dtype=x.dtype)], axis=1)
+    expected = x.astype(np.float32).copy()
+    expected[:, [2, 6]] = 0
+    with pytest.raises(MissingGenesError) as e:
+        AnnDataSource(make_adata(data, genes), make_manifest(), missing_genes="zero")
+    assert "75.0%" in str(e.value) and "min_gene_overlap=0" in str(e.value)
+    for build in (np.asarray, sp.csr_matrix, sp.csc_matrix):
+        with caplog.at_level(logging.INFO, logger="scvi_onnx.data"):
+            src = AnnDataSource(
+                make_adata(build(data), genes),
+                make_manifest(),
+                missing_genes="zero",
+                min_gene_overlap=0.7,
+            )
+        assert src.n_genes_found == 6 and src.gene_overlap == pytest.approx(0.75)
+        np.testing.assert_array_equal(collect(src)[X_KEY], expected)
+    assert any("6 of the model's 8 genes" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_missing_genes_args():
+    with pytest.raises(InvalidArgumentError, match="missing_genes"):
+        AnnDataSource(make_adata(), make_manifest(), missing_genes="drop")
+    with pytest.raises(InvalidArgumentError, match="min_gene_overlap"):
+        AnnDataSource(make_adata(), make_manifest(), min_gene_overlap=1.5)
+
+
+def test_duplicated_var_names():
+    genes = list(GENES[:-1]) + ["g0"]
+    with pytest.raises(InputDataError) as e:
+        AnnDataSource(make_adata(genes=genes), make_manifest())
+    assert "'g0'" in str(e.value) and "var_names_make_unique" in str(e.value)
+
+
+def test_not_anndata_and_empty():
+    with pytest.raises(InputDataError, match="AnnData"):
+        AnnDataSource(counts(), make_manifest())
+    with pytest.raises(InputDataError, match="empty AnnData"):
+        AnnDataSource(make_adata(counts(n=0), obs=make_obs(0)), make_manifest())
+
+
+# ----------------------------------------------------------------------------------------------
+# storage formats and indices
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def formats(tmp_path):
+    """The same data as dense int/float32/float64, CSR/CSC (matrix and array), backed h5ad."""
+    x = counts()
+    base = make_adata(x)
+    out = {
+        "int": base,
+        "float32": make_adata(x.astype(np.float32)),
+        "float64": make_adata(x.astype(np.float64)),
+        "csr": make_adata(sp.csr_matrix(x.astype(np.float32))),
+        "csc": make_adata(sp.csc_matrix(x.astype(np.float32))),
+        "csr_array": make_adata(sp.csr_array(x.astype(np.float64))),
+        "csc_array": make_adata(sp.csc_array(x)),
+    }
+    for name, mat in (
+        ("dense", x.astype(np.float32)),
+        ("csr", sp.csr_matrix(x.astype(np.float32))),
+        ("csc", sp.csc_matrix(x.astype(np.float32))),
+    ):
+        path = tmp_path / f"{name}.h5ad"
+        make_adata(mat).write_h5ad(path)
+        out[f"backed_{name}"] = ad.read_h5ad(path, backed="r")
+    layered = make_adata(np.zeros_like(x))
+    layered.layers["counts"] = sp.csr_matrix(x)
+    out["layer"] = layered
+    yield out
+    for a in out.values():
+        if a.isbacked:
+            a.file.close()
+
+
+@pytest.mark.parametrize(
+    "indices",
+    [None, [7, 2, 11, 0, 5, 3], np.array([11, 10, 9, 1, 0]), [4], np.arange(N) % 3 == 0],
+)
+def test_formats_give_identical_minibatches(formats, indices):
+    m = make_manifest(**FULL)
+    lm = make_manifest(**FULL, layer="counts")
+    ref_idx = resolve_indices(indices, N)
+    x = counts().astype(np.float32)
+    results = {}
+    for name, adata in formats.items():
+        src = AnnDataSource(adata, lm if name == "layer" else m)
+        results[name] = list(src.minibatches(indices, 4))
+    ref = results["int"]
+    np.testing.assert_array_equal(np.concatenate([b[X_KEY] for b in ref]), x[ref_idx])
+    np.testing.assert_array_equal(np.concatenate([b[CELL_INDEX_KEY] for b in ref]), ref_idx)
+    for name, mbs in results.items():
+        assert len(mbs) == len(ref), name
+        for a, b in zip(mbs, ref, strict=True):
+            assert_same(a, b)
+
+
+def test_backed_unsorted_scattered_rows(tmp_path):
+    rng = np.random.default_rng(5)
+    x = rng.poisson(3.0, size=(40, len(GENES))).astype(np.float32)
+    genes = list(reversed(GENES)) + ["zz"]
+    data = np.concatenate([x[:, ::-1], np.zeros((40, 1), np.float32)], axis=1)
+    idx = rng.permutation(40)[:25]
+    for name, mat in (("d", data), ("s", sp.csr_matrix(data))):
+        path = tmp_path / f"{name}.h5ad"
+        ad.AnnData(mat, var=pd.DataFrame(index=genes)).write_h5ad(path)
+        a = ad.read_h5ad(path, backed="r")
+        try:
+            src = AnnDataSource(a, make_manifest())
+            got = collect(src, idx, 7)
+        finally:
+            a.file.close()
+        np.testing.assert_array_equal(got[X_KEY], x[idx])
+        np.testing.assert_array_equal(got[CELL_INDEX_KEY], idx)
+
+
+def test_minibatches_refuses_bad_args():
+    src = AnnDataSource(make_adata(), make_manifest())
+    with pytest.raises(InvalidArgumentError, match="batch_size"):
+        src.minibatches(None, 0)
+    with pytest.raises(InvalidArgumentError, match="99"):
+        src.minibatches([0, 99], 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# obs columns, layers, categories
+# ----------------------------------------------------------------------------------------------
+
+
+def test_missing_layer():
+    with pytest.raises(MissingColumnError) as e:
+        AnnDataSource(make_adata(), make_manifest(layer="counts"))
+    assert "'counts'" in str(e.value) and "none" in str(e.value)
+
+
+@pytest.mark.parametrize("col", ["batch", "cell_type", "sf", "donor", "pct_mito", "n_counts"])
+def test_missing_obs_column(col):
+    adata = make_adata()
+    del adata.obs[col]
+    with pytest.raises(MissingColumnError) as e:
+        AnnDataSource(adata, make_manifest(**FULL))
+    msg = str(e.value)
+    assert repr(col) in msg and "'pct_mito'" in msg  # names the column and what the model needs
+
+
+def test_int_and_str_coded_categories_agree():
+    m = make_manifest(labels_key="lab", labels_cats=(0, 1, 2), batch_key="b", batch_cats=("1", "2"))
+    obs = pd.DataFrame(
+        {"lab": np.arange(N) % 3, "b": np.arange(N) % 2 + 1}, index=[f"c{i}" for i in range(N)]
+    )
+    obs_str = obs.astype(str).astype("category")
+    obs_float = obs.astype(float)  # int columns turn float when they hold a NaN somewhere
+    a = collect(AnnDataSource(make_adata(obs=obs), m))
+    assert_same(a, collect(AnnDataSource(make_adata(obs=obs_str), m)))
+    assert_same(a, collect(AnnDataSource(make_adata(obs=obs_float), m)))
+    np.testing.assert_array_equal(a[LABELS_KEY][:, 0], np.arange(N) % 3)
+    np.testing.assert_array_equal(a[BATCH_KEY][:, 0], np.arange(N) % 2)
+
+
+def test_unknown_category():
+    obs = make_obs()
+    obs["cell_type"] = obs["cell_type"].astype(object)
+    obs.iloc[[1, 4], obs.columns.get_loc("cell_type")] = "Platelet"
+    with pytest.raises(UnknownCategoryError) as e:
+        AnnDataSource(make_adata(obs=obs), make_manifest(**FULL))
+    msg = str(e.value)
+    assert "'cell_type'" in msg and "'Platelet'" in msg and "2 cells" in msg
+    assert "'B', 'T', 'NK'" in msg
+
+
+def test_unknown_int_category_in_covariate():
+    obs = make_obs()
+    obs.loc["cell3", "donor"] = 9
+    with pytest.raises(UnknownCategoryError) as e:
+        AnnDataSource(make_adata(obs=obs), make_manifest(**FULL))
+    assert "'donor'" in str(e.value) and "9" in str(e.value)
+
+
+def test_nan_category():
+    obs = make_obs()
+    obs["batch"] = obs["batch"].astype(object)
+    obs.loc["cell2", "batch"] = np.nan
+    with pytest.raises(UnknownCategoryError) as e:
+        AnnDataSource(make_adata(obs=obs), make_manifest(**FULL))
+    assert "'batch'" in str(e.value) and "NaN" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "col, value, needle",
+    [
+        ("pct_mito", np.nan, "'cell5'"),
+        ("n_counts", np.inf, "'cell5'"),
+        ("sf", 0.0, "> 0"),
+        ("sf", np.nan, "'cell5'"),
+    ],
+)
+def test_bad_numeric_obs(col, value, needle):
+    obs = make_obs()
+    obs[col] = obs[col].astype(float)
+    obs.loc["cell5", col] = value
+    with pytest.raises(InvalidValuesError) as e:
+        AnnDataSource(make_adata(obs=obs), make_manifest(**FULL))
+    assert repr(col) in str(e.value) and needle in str(e.value)
+
+
+def test_non_numeric_continuous_covariate():
+    obs = make_obs()
+    obs["pct_mito"] = "high"
+    with pytest.raises(InvalidValuesError) as e:
+        AnnDataSource(make_adata(obs=obs), make_manifest(**FULL))
+    assert "'pct_mito'" in str(e.value) and "dtype" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# expression values
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, needle", [(np.nan, "NaN"), (np.inf, "infinite"), (-1.0, "negat")])
+@pytest.mark.parametrize("build", [np.asarray, sp.csr_matrix])
+def test_bad_expression_values(value, needle, build):
+    x = counts().astype(np.float64)
+    x[7, 3] = value
+    src = AnnDataSource(make_adata(build(x)), make_manifest())
+    it = src.minibatches(None, 5)
+    next(it)  # the first minibatch (cells 0-4) is clean
+    with pytest.raises(InvalidValuesError) as e:
+        next(it)
+    assert needle in str(e.value) and "'cell7'" in str(e.value)
+
+
+def test_values_in_ignored_genes_are_not_checked():
+    x = np.concatenate([counts(), np.full((N, 1), np.nan)], axis=1)
+    src = AnnDataSource(make_adata(x, list(GENES) + ["junk"]), make_manifest())
+    assert np.isfinite(collect(src)[X_KEY]).all()
+
+
+def test_zero_library():
+    x = counts()
+    x[[2, 9]] = 0
+    adata = make_adata(x)
+    collect(AnnDataSource(adata, make_manifest()))  # allowed by default
+    src = AnnDataSource(adata, make_manifest(), require_positive_library=True)
+    with pytest.raises(ZeroLibrarySizeError) as e:
+        collect(src, [9, 2, 0], 3)
+    msg = str(e.value)
+    assert "2 cells" in msg and "'cell9', 'cell2'" in msg and "filter_cells" in msg
+
+
+def test_single_non_integer_warning():
+    x = counts().astype(np.float32)
+    x[1, 1] += 0.5
+    x[1, 2] += 0.25
+    x[10, 0] += 0.5
+    src = AnnDataSource(make_adata(x), make_manifest())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        mbs = list(src.minibatches(None, 3))
+    hits = [r for r in w if issubclass(r.category, NonIntegerCountsWarning)]
+    assert len(mbs) == 4 and len(hits) == 1
+    assert "3 non-integer value(s) in 2 cells" in str(hits[0].message)
+    # no warning for integer data, nor when the model is not a count model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonIntegerCountsWarning)
+        list(AnnDataSource(make_adata(), make_manifest()).minibatches(None, 3))
+        list(AnnDataSource(make_adata(x), make_manifest(), count_data=False).minibatches(None, 3))
+
+
+def test_layer_and_non_numeric_matrix():
+    adata = make_adata()
+    adata.layers["counts"] = sp.csr_matrix(counts(seed=4))
+    got = collect(AnnDataSource(adata, make_manifest(layer="counts")))
+    np.testing.assert_array_equal(got[X_KEY], counts(seed=4))
+    bad = make_adata(counts().astype(str).astype(object))
+    with pytest.raises(InvalidValuesError, match="dtype"):
+        AnnDataSource(bad, make_manifest())
+
+
+# ----------------------------------------------------------------------------------------------
+# normalize_dataloader
+# ----------------------------------------------------------------------------------------------
+
+
+class FakeTensor:
+    """Stands for a CPU torch tensor: only ``__array__``."""
+
+    def __init__(self, a):
+        self._a = np.asarray(a)
+
+    def __array__(self, dtype=None, copy=None):
+        return self._a if dtype is None else self._a.astype(dtype)
+
+
+def test_dataloader_matches_anndata_source():
+    m = make_manifest(**FULL)
+    ref = list(AnnDataSource(make_adata(), m).minibatches(None, 5))
+    loader = []
+    for mb in ref:
+        d = {k: v for k, v in mb.items() if k != CELL_INDEX_KEY}
+        # scvi-tools dataloaders hand float32 tensors for codes; lists and 1-D columns also fine
+        d[X_KEY] = FakeTensor(d[X_KEY])
+        d[BATCH_KEY] = FakeTensor(d[BATCH_KEY].astype(np.float32))
+        d[LABELS_KEY] = d[LABELS_KEY][:, 0].tolist()
+        d[SIZE_FACTOR_KEY] = d[SIZE_FACTOR_KEY][:, 0]
+        d["unused_key"] = np.zeros(3)
+        loader.append(d)
+    got = list(normalize_dataloader(loader, m))
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref, strict=True):
+        assert_same(a, b)
+
+
+def test_dataloader_defaults_and_running_index():
+    x = counts()
+    loader = [{X_KEY: x[:5]}, {X_KEY: x[5:5]}, {X_KEY: x[5:].tolist()}]
+    got = list(normalize_dataloader(loader, make_manifest()))
+    assert len(got) == 2
+    np.testing.assert_array_equal(np.concatenate([g[CELL_INDEX_KEY] for g in got]), np.arange(N))
+    assert got[1][X_KEY].dtype == np.float32 and got[1][BATCH_KEY].shape == (N - 5, 1)
+    assert not got[0][LABELS_KEY].any()
+
+
+@pytest.mark.parametrize(
+    "mb, exc, needle",
+    [
+        ({X_KEY: np.zeros((2, 3))}, InputDataError, "(2, 3)"),
+        ({"x": np.zeros((2, 8))}, MissingColumnError, "'X'"),
+        ({X_KEY: np.ones((2, 8)), LABELS_KEY: [0, 0]}, MissingColumnError, "'batch'"),
+        (
+            {X_KEY: np.ones((2, 8)), BATCH_KEY: [0, 2], LABELS_KEY: [0, 0]},
+            UnknownCategoryError,
+            "cell 1",
+        ),
+        (
+            {X_KEY: np.ones((2, 8)), BATCH_KEY: [0, 0.5], LABELS_KEY: [0, 0]},
+            InvalidValuesError,
+            "0.5",
+        ),
+        (
+            {X_KEY: np.ones((2, 8)), BATCH_KEY: [0, 1, 1], LABELS_KEY: [0, 0]},
+            InputDataError,
+            "(3,)",
+        ),
+        (
+            {X_KEY: np.array([[1.0] * 8, [np.nan] * 8]), BATCH_KEY: [0, 1], LABELS_KEY: [0, 0]},
+            InvalidValuesError,
+            "'cell 1'",
+        ),
+        (
+            {X_KEY: -np.ones((2, 8)), BATCH_KEY: [0, 1], LABELS_KEY: [0, 0]},
+            InvalidValuesError,
+            "negative",
+        ),
+        (
+            {X_KEY: np.ones((2, 8)), BATCH_KEY: [0, 1], LABELS_KEY: [0, 0], "size_factor": [1, 0]},
+            InvalidValuesError,
+            "> 0",
+        ),
+        ("not a dict", InputDataError, "str"),
+    ],
+)
+def test_dataloader_refuses(mb, exc, needle):
+    m = make_manifest(batch_key="b", batch_cats=("x", "y"), labels_key="l", size_factor_key=None)
+    if isinstance(mb, dict) and "size_factor" in mb:
+        m = make_manifest(batch_key="b", batch_cats=("x", "y"), labels_key="l", size_factor_key="s")
+    with pytest.raises(exc) as e:
+        list(normalize_dataloader([mb], m))
+    assert needle in str(e.value)
+
+
+def test_dataloader_requires_registered_covariates():
+    m = make_manifest(**FULL)
+    mb = {X_KEY: np.ones((2, 8)), BATCH_KEY: [0, 1], LABELS_KEY: [0, 2], SIZE_FACTOR_KEY: [1, 1]}
+    with pytest.raises(MissingColumnError, match=CAT_COVS_KEY):
+        list(normalize_dataloader([mb], m))
+    mb[CAT_COVS_KEY] = [[0], [3]]
+    with pytest.raises(UnknownCategoryError, match="'donor'"):
+        list(normalize_dataloader([mb], m))
+    mb[CAT_COVS_KEY] = [[0], [2]]
+    with pytest.raises(MissingColumnError, match=CONT_COVS_KEY):
+        list(normalize_dataloader([mb], m))
+    mb[CONT_COVS_KEY] = [[0.1, 5.0], [0.2, 6.0]]
+    (out,) = normalize_dataloader([mb], m)
+    assert out[CAT_COVS_KEY].dtype == np.int64 and out[CONT_COVS_KEY].dtype == np.float32
+
+
+def test_dataloader_zero_library_and_warning():
+    ok = np.ones((3, 8), dtype=np.float32)
+    x = ok.copy()
+    x[2] = 0
+    m = make_manifest()
+    with pytest.raises(ZeroLibrarySizeError, match="'cell 5'"):
+        list(normalize_dataloader([{X_KEY: ok}, {X_KEY: x}], m, require_positive_library=True))
+    x[0, 0] = 0.5
+    with pytest.warns(NonIntegerCountsWarning, match="2 non-integer value"):
+        list(normalize_dataloader([{X_KEY: x}, {X_KEY: x}], m))
+
+
+def test_dataloader_bad_argument():
+    with pytest.raises(InvalidArgumentError):
+        normalize_dataloader({X_KEY: np.ones((2, 8))}, make_manifest())
+    with pytest.raises(InvalidArgumentError):
+        normalize_dataloader(3, make_manifest())
+
+
+# ----------------------------------------------------------------------------------------------
+# real data: pbmc_5k cells against pbmc_10k's genes
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not (SHARED / "pbmc_5k_protein_v3.h5ad").is_file()
+    or not (SHARED / "pbmc_10k_protein_v3.h5ad").is_file(),
+    reason="shared pbmc data not present",
+)
+def test_real_pbmc_missing_and_extra_genes():
+    ref = ad.read_h5ad(SHARED / "pbmc_10k_protein_v3.h5ad", backed="r")
+    genes = tuple(ref.var_names)
+    ref.file.close()
+    q = ad.read_h5ad(SHARED / "pbmc_5k_protein_v3.h5ad", backed="r")
+    try:
+        m = make_manifest(genes)
+        common = q.var_names.intersection(pd.Index(genes))
+        n_missing = len(genes) - len(common)
+        assert 0 < n_missing and len(common) < q.n_vars  # some missing, some extra
+        with pytest.raises(MissingGenesError) as e:
+            AnnDataSource(q, m)
+        assert f"{n_missing} of the model's {len(genes)} genes" in str(e.value)
+        src = AnnDataSource(q, m, missing_genes="zero")
+        assert src.n_genes_found == len(common)
+        idx = [150, 3, 77, 120, 5]
+        got = collect(src, idx, 2)[X_KEY]
+        assert got.shape == (5, len(genes))
+        dense = np.asarray(q.X[sorted(idx)])[np.argsort(np.argsort(idx))]
+        pos = pd.Index(genes).get_indexer(common)
+        np.testing.assert_array_equal(got[:, pos], dense[:, q.var_names.get_indexer(common)])
+        missing = np.setdiff1d(np.arange(len(genes)), pos)
+        assert not got[:, missing].any()
+    finally:
+        q.file.close()

@@ -496,7 +496,7 @@ def export_model(
         probes |= {f"dec_in.{k}": v for k, v in dec_feeds.items()}
         probes |= {f"dec_out.{k}": v for k, v in dec_ref.items()}
         probes |= {"probe.batch": t["batch"], "probe.labels": t["labels"]}
-        np.savez(tmp / B.PROBES_FILE, **probes)
+        np.savez_compressed(tmp / B.PROBES_FILE, **probes)
 
         from scvi_onnx import __version__
 
@@ -530,6 +530,9 @@ def export_model(
             },
         )
         (tmp / B.MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is a normal folder
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

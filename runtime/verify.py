@@ -1,0 +1,114 @@
+"""Self-check of a bundle on this machine: re-run the stored probes and compare.
+
+The exporter stores probe inputs and scvi-tools' torch outputs for them in ``probes.npz``.
+:func:`verify` runs the graphs on this machine's execution provider and reports, per output,
+the largest absolute and relative deviation against the stored tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import bundle as B
+from .session import create_session
+
+
+@dataclass(frozen=True)
+class VerifyRow:
+    output: str
+    max_abs_diff: float
+    max_rel_diff: float
+    atol: float
+    rtol: float
+    ok: bool
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Result of :func:`verify`: ``ok`` only when every output is within tolerance."""
+
+    path: str
+    provider: str
+    rows: tuple[VerifyRow, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rows) and all(r.ok for r in self.rows)
+
+    def to_json(self) -> dict:
+        return {
+            "bundle": self.path,
+            "provider": self.provider,
+            "ok": self.ok,
+            "outputs": [r.__dict__ for r in self.rows],
+        }
+
+
+def _row(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> VerifyRow:
+    got64, want64 = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got64.shape != want64.shape:
+        return VerifyRow(name, float("inf"), float("inf"), atol, rtol, False)
+    diff = np.abs(got64 - want64)
+    rel = diff / np.maximum(np.abs(want64), 1e-30)
+    ok = bool(np.isfinite(got64).all() and np.all(diff <= atol + rtol * np.abs(want64)))
+    return VerifyRow(name, float(diff.max(initial=0.0)), float(rel.max(initial=0.0)), atol, rtol, ok)
+
+
+def verify(
+    path: str | Path,
+    device: str = "cpu",
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> VerifyReport:
+    """Re-run the bundle's probe cells here and compare with the exporter's torch outputs.
+
+    Parameters
+    ----------
+    path
+        Bundle folder. Checksums are verified first.
+    device
+        ``"cpu"``, ``"cuda"`` or ``"auto"``.
+    atol, rtol
+        Override the tolerance stored at export (``|onnx - torch| <= atol + rtol * |torch|``).
+        The CUDA provider runs with TF32 disabled, so the stored tolerance applies there too.
+
+    Returns
+    -------
+    A :class:`VerifyReport`; ``report.ok`` is True only when every output passes.
+    """
+    from .model import theta_from_arrays
+
+    root = Path(path)
+    manifest = B.read_manifest(root)
+    val = manifest.validation
+    atol = float(val.get("atol", B.DEFAULT_ATOL) if atol is None else atol)
+    rtol = float(val.get("rtol", B.DEFAULT_RTOL) if rtol is None else rtol)
+    probes = B.load_npz(root / B.PROBES_FILE)
+    arrays = B.load_npz(root / B.ARRAYS_FILE)
+    rows = []
+    provider = None
+    for graph, prefix_in, prefix_out in (
+        ("encoder", "enc_in.", "enc_out."),
+        ("decoder", "dec_in.", "dec_out."),
+    ):
+        sess, provider = create_session(root / manifest.graphs[graph]["file"], device)
+        names_in = [i.name for i in sess.get_inputs()]
+        names_out = [o.name for o in sess.get_outputs()]
+        feeds = {n: probes[prefix_in + n] for n in names_in}
+        got = dict(zip(names_out, sess.run(None, feeds), strict=True))
+        for name in names_out:
+            key = prefix_out + name
+            if key in probes:
+                rows.append(_row(f"{graph}.{name}", got[name], probes[key], atol, rtol))
+        if graph == "decoder" and prefix_out + "theta" in probes:
+            theta = theta_from_arrays(
+                manifest.config, arrays, got.get(B.OUT_PX_R),
+                probes["probe.batch"], probes["probe.labels"],
+            )
+            want = probes[prefix_out + "theta"]
+            rows.append(_row("theta", np.broadcast_to(theta, want.shape), want, atol, rtol))
+    return VerifyReport(str(root), provider or "", tuple(rows))

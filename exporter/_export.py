@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from scvi_onnx import bundle as B
 from scvi_onnx.errors import ExportValidationError, UnsupportedModelError
 
@@ -163,9 +162,8 @@ def _config(model, registry: B.Registry) -> dict[str, Any]:
 
 
 def _specs(config: dict[str, Any]) -> tuple[GraphSpec, GraphSpec]:
-    uses_batch = (
-        config["batch_representation"] == "embedding"
-        or (config["batch_representation"] == "one-hot" and config["n_batch"] > 1)
+    uses_batch = config["batch_representation"] == "embedding" or (
+        config["batch_representation"] == "one-hot" and config["n_batch"] > 1
     )
     uses_cats = any(n > 1 for n in config["n_cats_per_cov"])
     uses_cont = config["n_continuous_cov"] > 0
@@ -234,7 +232,9 @@ def _probe_tensors(model, registry: B.Registry, config: dict, rng: np.random.Gen
         keep = real["X"].sum(1) > 0
         for key in t:
             if key in real:
-                t[key] = np.concatenate([t[key], real[key][keep].cpu().numpy().astype(t[key].dtype)])
+                t[key] = np.concatenate(
+                    [t[key], real[key][keep].cpu().numpy().astype(t[key].dtype)]
+                )
     return t
 
 
@@ -257,7 +257,7 @@ def _feeds(spec: GraphSpec, t: dict[str, np.ndarray], extra: dict[str, np.ndarra
 def _module_eval(module):
     """Run the user's module in eval mode and leave it exactly as found (mode, RNG)."""
     modes = {name: sub.training for name, sub in module.named_modules()}
-    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+    with torch.inference_mode():
         module.eval()
         try:
             yield
@@ -290,9 +290,10 @@ def _torch_reference(model, config, t, rng):
             library = torch.log(tt["X"].sum(1, keepdim=True))[None].expand(N_PROBE_SAMPLES, -1, -1)
         else:
             le = rng.standard_normal((N_PROBE_SAMPLES, n, 1)).astype(np.float32)
-            library = enc[B.OUT_QL_M][None] + torch.as_tensor(le, device=device) * enc[
-                B.OUT_QL_V
-            ].sqrt()[None]
+            library = (
+                enc[B.OUT_QL_M][None]
+                + torch.as_tensor(le, device=device) * enc[B.OUT_QL_V].sqrt()[None]
+            )
         gen_in = m._get_generative_input(tt, {"z": z[0], "library": library[0]})
         dec: dict[str, list] = {}
         for s in range(N_PROBE_SAMPLES):
@@ -315,8 +316,13 @@ def _torch_reference(model, config, t, rng):
 
 
 # ----------------------------------------------------------------------------- tracing
-def _trace(graph: torch.nn.Module, spec: GraphSpec, feeds: dict[str, np.ndarray], path: Path,
-           dynamic: dict[str, dict[int, str]]) -> None:
+def _trace(
+    graph: torch.nn.Module,
+    spec: GraphSpec,
+    feeds: dict[str, np.ndarray],
+    path: Path,
+    dynamic: dict[str, dict[int, str]],
+) -> None:
     args = tuple(torch.as_tensor(feeds[name]) for name in spec.inputs)
     graph.eval()
     buf = io.StringIO()
@@ -352,8 +358,14 @@ def _trace(graph: torch.nn.Module, spec: GraphSpec, feeds: dict[str, np.ndarray]
 def _dynamic_axes() -> dict[str, dict[int, str]]:
     cells = {0: "n_cells"}
     return {
-        B.IN_X: cells, B.IN_CONT: cells, B.IN_BATCH: cells, B.IN_CAT: cells,
-        B.OUT_QZ_M: cells, B.OUT_QZ_V: cells, B.OUT_QL_M: cells, B.OUT_QL_V: cells,
+        B.IN_X: cells,
+        B.IN_CONT: cells,
+        B.IN_BATCH: cells,
+        B.IN_CAT: cells,
+        B.OUT_QZ_M: cells,
+        B.OUT_QZ_V: cells,
+        B.OUT_QL_M: cells,
+        B.OUT_QL_V: cells,
         B.IN_Z: {0: "n_samples", 1: "n_cells"},
         B.IN_LIBRARY: {0: "n_lib_samples", 1: "n_cells"},
         B.OUT_PX_RATE: {0: "n_samples", 1: "n_cells"},
@@ -422,13 +434,21 @@ def export_model(
     FileExistsError
         ``path`` exists and ``overwrite`` is False.
     """
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (or --overwrite) to replace it")
+    # Nothing here may advance the user's torch RNG (building nn.Linear modules would).
+    with torch.random.fork_rng(devices=[]):
+        return _export(
+            model, out, adata=adata, overwrite=overwrite, atol=atol, rtol=rtol, seed=seed
+        )
+
+
+def _export(model, out: Path, *, adata, overwrite, atol, rtol, seed) -> Path:
     import onnx
     import onnxruntime as ort
     import scvi
 
-    out = Path(path)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (or --overwrite) to replace it")
     model = _load_model(model, adata)
     _check_supported(model)
     registry = _registry(model)
@@ -470,14 +490,23 @@ def export_model(
             str(tmp / B.DECODER_FILE), so, providers=["CPUExecutionProvider"]
         )
         dec_got = dict(zip(dec_spec.outputs, dec_sess.run(None, dec_feeds), strict=True))
-        reports.append(compare("decoder.px_rate", dec_got[B.OUT_PX_RATE],
-                               dec_ref[B.OUT_PX_RATE], atol, rtol))
+        reports.append(
+            compare("decoder.px_rate", dec_got[B.OUT_PX_RATE], dec_ref[B.OUT_PX_RATE], atol, rtol)
+        )
         if B.OUT_PX_DROPOUT in dec_got:
-            reports.append(compare("decoder.px_dropout", dec_got[B.OUT_PX_DROPOUT],
-                                   dec_ref[B.OUT_PX_DROPOUT], atol, rtol))
+            reports.append(
+                compare(
+                    "decoder.px_dropout",
+                    dec_got[B.OUT_PX_DROPOUT],
+                    dec_ref[B.OUT_PX_DROPOUT],
+                    atol,
+                    rtol,
+                )
+            )
         if "theta" in dec_ref:
-            theta = theta_from_arrays(config, arrays, dec_got.get(B.OUT_PX_R),
-                                      t["batch"], t["labels"])
+            theta = theta_from_arrays(
+                config, arrays, dec_got.get(B.OUT_PX_R), t["batch"], t["labels"]
+            )
             theta = np.broadcast_to(theta, dec_ref["theta"].shape)
             reports.append(compare("theta", theta.astype(np.float32), dec_ref["theta"], atol, rtol))
         failed = [r for r in reports if not r["ok"]]
@@ -487,8 +516,12 @@ def export_model(
                 + "; ".join(json.dumps(r) for r in failed)
             )
         for r in reports:
-            logger.info("validated %s: max abs %.3g, max rel %.3g",
-                        r["output"], r.get("max_abs_diff"), r.get("max_rel_diff"))
+            logger.info(
+                "validated %s: max abs %.3g, max rel %.3g",
+                r["output"],
+                r.get("max_abs_diff"),
+                r.get("max_rel_diff"),
+            )
 
         np.savez(tmp / B.ARRAYS_FILE, **arrays)
         probes = {f"enc_in.{k}": v for k, v in enc_feeds.items()}
@@ -507,10 +540,16 @@ def export_model(
             genes=tuple(genes),
             registry=registry,
             graphs={
-                "encoder": {"file": B.ENCODER_FILE, "inputs": list(enc_spec.inputs),
-                            "outputs": list(enc_spec.outputs)},
-                "decoder": {"file": B.DECODER_FILE, "inputs": list(dec_spec.inputs),
-                            "outputs": list(dec_spec.outputs)},
+                "encoder": {
+                    "file": B.ENCODER_FILE,
+                    "inputs": list(enc_spec.inputs),
+                    "outputs": list(enc_spec.outputs),
+                },
+                "decoder": {
+                    "file": B.DECODER_FILE,
+                    "inputs": list(dec_spec.inputs),
+                    "outputs": list(dec_spec.outputs),
+                },
                 "arrays": {"file": B.ARRAYS_FILE, "names": sorted(arrays)},
                 "probes": {"file": B.PROBES_FILE},
                 "opset": B.OPSET,

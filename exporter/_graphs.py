@@ -17,9 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from scvi_onnx.errors import UnsupportedModelError
+from torch import nn
 
 
 @dataclass
@@ -57,9 +56,7 @@ def _fold_fc_layers(fc, n_dense_in: list[int]) -> list[_LayerParts]:
             rm = bn.running_mean.detach().to("cpu", torch.float64)
             rv = bn.running_var.detach().to("cpu", torch.float64)
             gamma = (
-                bn.weight.detach().to("cpu", torch.float64)
-                if bn.affine
-                else torch.ones_like(rm)
+                bn.weight.detach().to("cpu", torch.float64) if bn.affine else torch.ones_like(rm)
             )
             beta = bn.bias.detach().to("cpu", torch.float64) if bn.affine else torch.zeros_like(rm)
             s = gamma / torch.sqrt(rv + bn.eps)

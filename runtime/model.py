@@ -332,7 +332,11 @@ class OnnxSCVI:
             _check_positive_int("mc_samples", mc_samples)
         means, varis, zs = [], [], []
         for mb in self._minibatches(
-            adata, indices, batch_size, dataloader, missing_genes=missing_genes,
+            adata,
+            indices,
+            batch_size,
+            dataloader,
+            missing_genes=missing_genes,
             progress=progress_bar,
         ):
             enc = self._encode(mb)
@@ -388,7 +392,11 @@ class OnnxSCVI:
             for rec, kl in (
                 self._elbo_terms(mb, seed)
                 for mb in self._minibatches(
-                    adata, indices, batch_size, dataloader, missing_genes=missing_genes,
+                    adata,
+                    indices,
+                    batch_size,
+                    dataloader,
+                    missing_genes=missing_genes,
                     progress=progress_bar,
                 )
             )
@@ -422,7 +430,11 @@ class OnnxSCVI:
         recs = [
             self._elbo_terms(mb, seed)[0]
             for mb in self._minibatches(
-                adata, indices, batch_size, dataloader, missing_genes=missing_genes,
+                adata,
+                indices,
+                batch_size,
+                dataloader,
+                missing_genes=missing_genes,
                 progress=progress_bar,
             )
         ]
@@ -471,7 +483,11 @@ class OnnxSCVI:
         )
         per_cell, batch_means = [], []
         for mb in self._minibatches(
-            adata, indices, batch_size, dataloader, missing_genes=missing_genes,
+            adata,
+            indices,
+            batch_size,
+            dataloader,
+            missing_genes=missing_genes,
             progress=progress_bar,
         ):
             ll = self._marginal_ll_minibatch(mb, n_mc_samples, per_pass, seed)

@@ -54,7 +54,9 @@ def _row(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float)
     diff = np.abs(got64 - want64)
     rel = diff / np.maximum(np.abs(want64), 1e-30)
     ok = bool(np.isfinite(got64).all() and np.all(diff <= atol + rtol * np.abs(want64)))
-    return VerifyRow(name, float(diff.max(initial=0.0)), float(rel.max(initial=0.0)), atol, rtol, ok)
+    return VerifyRow(
+        name, float(diff.max(initial=0.0)), float(rel.max(initial=0.0)), atol, rtol, ok
+    )
 
 
 def verify(
@@ -106,8 +108,11 @@ def verify(
                 rows.append(_row(f"{graph}.{name}", got[name], probes[key], atol, rtol))
         if graph == "decoder" and prefix_out + "theta" in probes:
             theta = theta_from_arrays(
-                manifest.config, arrays, got.get(B.OUT_PX_R),
-                probes["probe.batch"], probes["probe.labels"],
+                manifest.config,
+                arrays,
+                got.get(B.OUT_PX_R),
+                probes["probe.batch"],
+                probes["probe.labels"],
             )
             want = probes[prefix_out + "theta"]
             rows.append(_row("theta", np.broadcast_to(theta, want.shape), want, atol, rtol))

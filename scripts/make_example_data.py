@@ -35,8 +35,12 @@ def main() -> None:
     a5 = ad.read_h5ad(shared / "pbmc_5k_protein_v3.h5ad")
     a10 = ad.read_h5ad(shared / "pbmc_10k_protein_v3.h5ad")
     common = a5.var_names.intersection(a10.var_names, sort=False)
-    both = ad.concat([a5[:, common], a10[:, common]], label="batch",
-                     keys=["pbmc_5k", "pbmc_10k"], index_unique="-")
+    both = ad.concat(
+        [a5[:, common], a10[:, common]],
+        label="batch",
+        keys=["pbmc_5k", "pbmc_10k"],
+        index_unique="-",
+    )
     totals = np.asarray(both.X.sum(0)).ravel()
     order = np.argsort(-totals, kind="stable")
     top = both.var_names[order[:N_GENES]]

@@ -27,15 +27,19 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import anndata as ad
     import scvi
-
     from scvi_onnx.exporter import export_model
 
     scvi.settings.seed = args.seed
     adata = ad.read_h5ad(args.data)
     scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
     model = scvi.model.SCVI(adata, n_latent=10, n_hidden=128, gene_likelihood="zinb")
-    model.train(max_epochs=args.epochs, accelerator="cpu", enable_progress_bar=False,
-                logger=False, enable_checkpointing=False)
+    model.train(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
     out = Path(args.out)
     model.save(str(out / "pbmc_scvi_torch"), overwrite=True, save_anndata=False)
     export_model(model, out / "pbmc_scvi", overwrite=True, seed=args.seed)

@@ -23,43 +23,76 @@ import scvi_onnx  # noqa: E402
 from scvi_onnx import rng  # noqa: E402
 from scvi_onnx.exporter import export_model  # noqa: E402
 
-SETUP_KEYS = ("layer", "batch_key", "labels_key", "size_factor_key",
-              "categorical_covariate_keys", "continuous_covariate_keys")
+SETUP_KEYS = (
+    "layer",
+    "batch_key",
+    "labels_key",
+    "size_factor_key",
+    "categorical_covariate_keys",
+    "continuous_covariate_keys",
+)
 
 CONFIGS = {
     "zinb-default-2batch": dict(setup=dict(batch_key="batch"), model=dict()),
     "nb-genebatch-learnedlib-2layers": dict(
         setup=dict(batch_key="batch", labels_key="cell_type", layer="counts"),
-        model=dict(gene_likelihood="nb", dispersion="gene-batch", n_layers=2,
-                   use_observed_lib_size=False),
+        model=dict(
+            gene_likelihood="nb", dispersion="gene-batch", n_layers=2, use_observed_lib_size=False
+        ),
     ),
     "poisson-ln-layernorm-3layers-shallow": dict(
         setup=dict(batch_key="batch"),
-        model=dict(gene_likelihood="poisson", latent_distribution="ln", n_layers=3,
-                   use_batch_norm="none", use_layer_norm="both", deeply_inject_covariates=False),
+        model=dict(
+            gene_likelihood="poisson",
+            latent_distribution="ln",
+            n_layers=3,
+            use_batch_norm="none",
+            use_layer_norm="both",
+            deeply_inject_covariates=False,
+        ),
     ),
     "normal-genelabel-nolog": dict(
         setup=dict(labels_key="cell_type"),
         model=dict(gene_likelihood="normal", dispersion="gene-label", log_variational=False),
     ),
     "zinb-genecell-covariates-encoded": dict(
-        setup=dict(batch_key="batch", categorical_covariate_keys=["donor", "single"],
-                   continuous_covariate_keys=["pct", "depth"]),
-        model=dict(dispersion="gene-cell", encode_covariates=True, n_layers=2,
-                   use_batch_norm="encoder", use_layer_norm="decoder"),
+        setup=dict(
+            batch_key="batch",
+            categorical_covariate_keys=["donor", "single"],
+            continuous_covariate_keys=["pct", "depth"],
+        ),
+        model=dict(
+            dispersion="gene-cell",
+            encode_covariates=True,
+            n_layers=2,
+            use_batch_norm="encoder",
+            use_layer_norm="decoder",
+        ),
     ),
     "nb-sizefactor-nobatch": dict(
-        setup=dict(size_factor_key="sf"), model=dict(gene_likelihood="nb"),
+        setup=dict(size_factor_key="sf"),
+        model=dict(gene_likelihood="nb"),
     ),
     "zinb-embedding-encoded-ln": dict(
         setup=dict(batch_key="batch", categorical_covariate_keys=["donor"]),
-        model=dict(batch_representation="embedding", encode_covariates=True,
-                   latent_distribution="ln", use_observed_lib_size=False),
+        model=dict(
+            batch_representation="embedding",
+            encode_covariates=True,
+            latent_distribution="ln",
+            use_observed_lib_size=False,
+        ),
     ),
     "nb-many-batches-learnedlib-decoderbn": dict(
         setup=dict(batch_key="many", continuous_covariate_keys=["pct"]),
-        model=dict(gene_likelihood="nb", dispersion="gene-batch", use_observed_lib_size=False,
-                   use_batch_norm="decoder", n_layers=2, n_hidden=24, n_latent=7),
+        model=dict(
+            gene_likelihood="nb",
+            dispersion="gene-batch",
+            use_observed_lib_size=False,
+            use_batch_norm="decoder",
+            n_layers=2,
+            n_hidden=24,
+            n_latent=7,
+        ),
     ),
 }
 
@@ -74,8 +107,14 @@ def trained(request, pbmc_small, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = scvi.model.SCVI(adata, **kw)
-        model.train(max_epochs=3, accelerator="cpu", enable_progress_bar=False,
-                    enable_model_summary=False, logger=False, enable_checkpointing=False)
+        model.train(
+            max_epochs=3,
+            accelerator="cpu",
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            logger=False,
+            enable_checkpointing=False,
+        )
     path = export_model(model, tmp_path_factory.mktemp(request.param) / "bundle")
     onnx_model = scvi_onnx.load(path, device="cpu", seed=123)
     return request.param, model, adata, onnx_model
@@ -158,8 +197,10 @@ def test_elbo_and_reconstruction_same_noise(trained):
         ref_rec = model.get_reconstruction_error(adata, batch_size=n, return_mean=False)
     got_rec = om.get_reconstruction_error(adata, return_mean=False, batch_size=37)
     np.testing.assert_allclose(
-        got_rec["reconstruction_loss"], ref_rec["reconstruction_loss"].numpy(),
-        rtol=2e-5, atol=2e-3,
+        got_rec["reconstruction_loss"],
+        ref_rec["reconstruction_loss"].numpy(),
+        rtol=2e-5,
+        atol=2e-3,
     )
 
 

@@ -1,0 +1,146 @@
+"""The exporter: bundle contents, validation that can fail, refusals, the user's model untouched."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+scvi = pytest.importorskip("scvi")
+onnx = pytest.importorskip("onnx")
+
+import scvi_onnx  # noqa: E402
+from scvi_onnx import bundle as B  # noqa: E402
+from scvi_onnx.errors import ExportValidationError, UnsupportedModelError  # noqa: E402
+from scvi_onnx.exporter import _graphs, export_model  # noqa: E402
+
+from ..conftest import MODELS, SHIPPED_BUNDLE  # noqa: E402
+
+
+def _train(adata, setup=None, **kw):
+    adata = adata.copy()
+    scvi.model.SCVI.setup_anndata(adata, **(setup or {"batch_key": "batch"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = scvi.model.SCVI(adata, n_hidden=16, n_latent=4, **kw)
+        m.train(
+            max_epochs=1,
+            accelerator="cpu",
+            enable_progress_bar=False,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+        )
+    return m, adata
+
+
+@pytest.fixture(scope="module")
+def small(pbmc_small):
+    return _train(pbmc_small, n_layers=2)
+
+
+def test_bundle_contents(small, tmp_path):
+    model, adata = small
+    path = export_model(model, tmp_path / "b")
+    man = json.loads((path / B.MANIFEST_FILE).read_text())
+    assert man["format"] == B.FORMAT_NAME and man["schema_version"] == B.SCHEMA_VERSION
+    assert man["genes"] == list(adata.var_names)
+    mapping = model.adata_manager.get_state_registry("batch")["categorical_mapping"]
+    assert man["registry"]["batch"] == {"key": "batch", "categories": list(mapping)}
+    assert man["versions"]["scvi_tools"] == scvi.__version__
+    assert man["graphs"]["opset"] == B.OPSET
+    for name, digest in man["files"].items():
+        assert B.sha256_file(path / name) == digest
+    assert all(r["ok"] for r in man["validation"]["reports"])
+    assert sorted(p.name for p in path.iterdir()) == sorted([B.MANIFEST_FILE, *man["files"]])
+    for f in (B.ENCODER_FILE, B.DECODER_FILE):
+        proto = onnx.load(str(path / f))
+        ops = {n.op_type for n in proto.graph.node}
+        assert "BatchNormalization" not in ops and not any(o.startswith("Random") for o in ops)
+        assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+        assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    with np.load(path / B.ARRAYS_FILE, allow_pickle=False) as a:
+        assert a[B.ARR_PX_R].dtype == np.float32
+
+
+def test_model_left_exactly_as_found(small, tmp_path):
+    model, _ = small
+    module = model.module
+    module.train()  # a state a user could leave it in
+    modes = {n: m.training for n, m in module.named_modules()}
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    rng_state = torch.random.get_rng_state()
+    export_model(model, tmp_path / "b")
+    assert {n: m.training for n, m in module.named_modules()} == modes
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
+    assert next(module.parameters()).device.type == "cpu"
+    module.eval()
+
+
+def test_overwrite(small, tmp_path):
+    model, _ = small
+    export_model(model, tmp_path / "b")
+    with pytest.raises(FileExistsError):
+        export_model(model, tmp_path / "b")
+    export_model(model, tmp_path / "b", overwrite=True)
+    assert scvi_onnx.load(tmp_path / "b", device="cpu")
+
+
+def test_validation_failure_is_an_error(small, tmp_path, monkeypatch):
+    model, _ = small
+    original = _graphs.FoldedLayer.forward
+
+    def off(self, x, cats):
+        return original(self, x, cats) * 1.01
+
+    monkeypatch.setattr(_graphs.FoldedLayer, "forward", off)
+    with pytest.raises(ExportValidationError, match="do not reproduce"):
+        export_model(model, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary leftovers
+
+
+def test_unsupported_activation_refused(pbmc_small, tmp_path):
+    model, _ = _train(pbmc_small, extra_encoder_kwargs={"activation_fn": torch.nn.LeakyReLU})
+    with pytest.raises(UnsupportedModelError, match="LeakyReLU"):
+        export_model(model, tmp_path / "b")
+
+
+def test_softplus_var_activation_parity(pbmc_small, tmp_path):
+    model, adata = _train(pbmc_small, var_activation=torch.nn.functional.softplus)
+    om = scvi_onnx.load(export_model(model, tmp_path / "b"), device="cpu")
+    m, v = om.get_latent_representation(adata, return_dist=True)
+    rm, rv = model.get_latent_representation(adata, return_dist=True)
+    np.testing.assert_allclose(m, rm, atol=1e-4)
+    np.testing.assert_allclose(v, rv, atol=1e-4)
+
+
+def test_not_a_model_refused(tmp_path):
+    with pytest.raises(UnsupportedModelError):
+        export_model(object(), tmp_path / "b")
+    with pytest.raises(UnsupportedModelError, match="model.pt"):
+        export_model(tmp_path, tmp_path / "b")
+
+
+def test_export_from_saved_folder_without_adata(tmp_path):
+    path = export_model(MODELS / "pbmc_scvi_torch", tmp_path / "b")
+    shipped = json.loads((SHIPPED_BUNDLE / B.MANIFEST_FILE).read_text())
+    fresh = json.loads((path / B.MANIFEST_FILE).read_text())
+    assert fresh["config"] == shipped["config"] and fresh["registry"] == shipped["registry"]
+    r = scvi_onnx.verify(path)
+    assert r.ok
+
+
+def test_dynamic_cell_and_sample_axes(small, tmp_path):
+    model, adata = small
+    om = scvi_onnx.load(export_model(model, tmp_path / "b"), device="cpu")
+    for n in (1, 5, 333):
+        idx = np.arange(n) % adata.n_obs
+        assert om.get_marginal_ll(adata[idx].copy(), n_mc_samples=3, return_mean=False).shape == (
+            n,
+        )

@@ -1,0 +1,115 @@
+"""Runtime behaviour on the shipped bundle: determinism, batching, arguments, threads."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import anndata as ad
+import numpy as np
+import pytest
+import scvi_onnx
+from scvi_onnx.errors import InvalidArgumentError
+
+from ..conftest import EXAMPLE_H5AD, SHIPPED_BUNDLE
+
+
+@pytest.fixture(scope="module")
+def model():
+    return scvi_onnx.load(SHIPPED_BUNDLE, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def query():
+    return ad.read_h5ad(EXAMPLE_H5AD)
+
+
+def test_load_reports_provider_and_repr(model):
+    assert model.provider == "CPUExecutionProvider"
+    assert "genes=2000" in repr(model)
+
+
+def test_same_seed_bit_identical_any_batch_size(model, query):
+    ref = model.get_elbo(query, return_mean=False, seed=7)
+    for bs in (1, 7, 47, 128, 200):
+        assert np.array_equal(model.get_elbo(query, return_mean=False, seed=7, batch_size=bs), ref)
+    z = model.get_latent_representation(query)
+    for bs in (3, 47, 243):
+        assert np.array_equal(model.get_latent_representation(query, batch_size=bs), z)
+
+
+def test_cell_result_independent_of_minibatch_mates(model, query):
+    full = model.get_marginal_ll(query, n_mc_samples=30, return_mean=False)
+    idx = np.array([150, 3, 77])
+    part = model.get_marginal_ll(query, indices=idx, n_mc_samples=30, return_mean=False)
+    assert np.array_equal(part, full[idx])
+    chunked = model.get_marginal_ll(
+        query, indices=idx, n_mc_samples=30, return_mean=False, n_mc_samples_per_pass=4
+    )
+    np.testing.assert_allclose(chunked, full[idx], rtol=1e-12)
+
+
+def test_different_seed_differs(model, query):
+    a = model.get_elbo(query, return_mean=False, seed=1)
+    b = model.get_elbo(query, return_mean=False, seed=2)
+    assert not np.array_equal(a, b)
+
+
+def test_return_types_and_signs(model, query):
+    elbo = model.get_elbo(query)
+    rec = model.get_reconstruction_error(query)
+    mll = model.get_marginal_ll(query, n_mc_samples=20)
+    assert isinstance(elbo, float) and elbo < 0
+    assert set(rec) == {"reconstruction_loss"} and rec["reconstruction_loss"] > 0
+    assert isinstance(mll, float) and elbo < mll < 0  # the ELBO is a lower bound
+    per_cell = model.get_elbo(query, return_mean=False)
+    assert per_cell.shape == (query.n_obs,)
+    m, v = model.get_latent_representation(query, return_dist=True)
+    assert m.shape == v.shape == (query.n_obs, model.n_latent) and (v > 0).all()
+
+
+def test_marginal_ll_mean_is_mean_of_minibatch_means(model, query):
+    per_cell = model.get_marginal_ll(query, n_mc_samples=10, return_mean=False)
+    mean = model.get_marginal_ll(query, n_mc_samples=10, batch_size=128)
+    assert mean == pytest.approx(np.mean([per_cell[:128].mean(), per_cell[128:].mean()]))
+
+
+def test_bound_adata_is_default(query):
+    m = scvi_onnx.load(SHIPPED_BUNDLE, adata=query, device="cpu")
+    np.testing.assert_array_equal(m.get_latent_representation(), m.get_latent_representation(query))
+
+
+def test_dataloader_input_matches_adata(model, query):
+    genes = list(model.genes)
+    x = query[:, genes].X.toarray()
+    codes = (query.obs["batch"] == "pbmc_10k").to_numpy().astype(np.int64)[:, None]
+    dl = [{"X": x[i : i + 50], "batch": codes[i : i + 50]} for i in range(0, len(x), 50)]
+    np.testing.assert_array_equal(
+        model.get_latent_representation(dataloader=dl), model.get_latent_representation(query)
+    )
+    np.testing.assert_array_equal(
+        model.get_elbo(dataloader=dl, return_mean=False),
+        model.get_elbo(query, return_mean=False),
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(batch_size=0), dict(batch_size=-3), dict(n_mc_samples=0), dict(n_mc_samples=-1)],
+)
+def test_bad_arguments(model, query, kwargs):
+    with pytest.raises(InvalidArgumentError):
+        model.get_marginal_ll(query, **kwargs)
+
+
+def test_no_data_is_a_clear_error(model):
+    with pytest.raises(InvalidArgumentError, match="adata"):
+        model.get_elbo()
+
+
+def test_concurrent_calls_equal_serial(model, query):
+    serial = [model.get_elbo(query, return_mean=False, seed=s) for s in range(4)]
+    with cf.ThreadPoolExecutor(4) as ex:
+        futs = [ex.submit(model.get_elbo, query, return_mean=False, seed=s) for s in range(4)]
+        parallel = [f.result() for f in futs]
+    for a, b in zip(serial, parallel, strict=True):
+        assert np.array_equal(a, b)

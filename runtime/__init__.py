@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .model import OnnxSCVI, load
-    from .verify import verify
+    from .selfcheck import verify
 
 __all__ = ["load", "verify", "OnnxSCVI", "__version__", *_errors_all]
 
@@ -29,7 +29,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(model, name)
     if name == "verify":
-        from .verify import verify
+        from .selfcheck import verify
 
         return verify
     raise AttributeError(f"module 'scvi_onnx' has no attribute {name!r}")

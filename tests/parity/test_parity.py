@@ -82,6 +82,15 @@ CONFIGS = {
             use_observed_lib_size=False,
         ),
     ),
+    "nb-embedding-decoder-only-2layers": dict(
+        setup=dict(batch_key="batch", labels_key="cell_type"),
+        model=dict(
+            gene_likelihood="nb",
+            batch_representation="embedding",
+            n_layers=2,
+            dispersion="gene-label",
+        ),
+    ),
     "nb-many-batches-learnedlib-decoderbn": dict(
         setup=dict(batch_key="many", continuous_covariate_keys=["pct"]),
         model=dict(

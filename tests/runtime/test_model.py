@@ -113,3 +113,10 @@ def test_concurrent_calls_equal_serial(model, query):
         parallel = [f.result() for f in futs]
     for a, b in zip(serial, parallel, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_lazy_public_api_is_stable():
+    # regression: a lazily imported submodule named like the function shadowed it
+    for _ in range(2):
+        assert callable(scvi_onnx.verify) and callable(scvi_onnx.load)
+    assert scvi_onnx.verify(SHIPPED_BUNDLE).ok

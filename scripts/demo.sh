@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The main job on the shipped example: describe and verify the bundle, embed the example query
+# cells (written to out/pbmc_query_latent.h5ad), and compute the three metrics. No torch needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=models/pbmc_scvi
+QUERY=models/example/pbmc_query.h5ad
+mkdir -p out
+set -x
+scvi-onnx info "$BUNDLE"
+scvi-onnx verify "$BUNDLE" --device auto
+scvi-onnx latent "$BUNDLE" "$QUERY" -o out/pbmc_query_latent.h5ad --overwrite
+scvi-onnx elbo "$BUNDLE" "$QUERY"
+scvi-onnx reconstruction-error "$BUNDLE" "$QUERY"
+scvi-onnx marginal-ll "$BUNDLE" "$QUERY" --n-mc-samples 1000
+python -c "import anndata; a = anndata.read_h5ad('out/pbmc_query_latent.h5ad'); print('out/pbmc_query_latent.h5ad:', a, sep='\n')"

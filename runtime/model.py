@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,13 @@ from .data import (
     resolve_indices,
 )
 from .errors import InvalidArgumentError
+from .likelihood import (
+    TABLE_MAX_COUNT,
+    TABLE_MAX_ENTRIES,
+    MinibatchScorer,
+    count_constant,
+    lgamma_table,
+)
 from .session import create_session
 
 logger = logging.getLogger(__name__)
@@ -42,7 +52,9 @@ logger = logging.getLogger(__name__)
 #: ``get_marginal_ll(return_mean=True)`` (a mean of per-minibatch means, as in scvi-tools).
 DEFAULT_BATCH_SIZE = 128
 #: Upper bound on elements of one (samples x cells x genes) decoder output per session call.
-DECODER_CHUNK_ELEMENTS = 1 << 24
+DECODER_CHUNK_ELEMENTS = 1 << 22
+#: Most worker threads by default (ONNX Runtime and numpy release the GIL).
+MAX_DEFAULT_THREADS = 8
 
 _LN_MEAN_CHUNK = 500
 
@@ -99,6 +111,7 @@ class OnnxSCVI:
         seed: int = 0,
         verify_checksums: bool = True,
         intra_op_threads: int | None = None,
+        n_threads: int | None = None,
     ):
         self.path = Path(path)
         self.manifest = B.read_manifest(self.path, check_files=verify_checksums)
@@ -126,6 +139,17 @@ class OnnxSCVI:
         if self._learned_library:
             self._lib_means = self._arrays[B.ARR_LIB_MEANS].reshape(-1).astype(np.float64)
             self._lib_vars = self._arrays[B.ARR_LIB_VARS].reshape(-1).astype(np.float64)
+        self._n_workers = int(n_threads or min(os.cpu_count() or 1, MAX_DEFAULT_THREADS))
+        # Dispersion that does not depend on z: exp(px_r) per gene, or per batch / label
+        # (rows), and its lgamma table for the count terms. Immutable after load.
+        self._theta = self._theta_table = None
+        if self._lik != "poisson" and c["dispersion"] != "gene-cell":
+            px_r = self._arrays[B.ARR_PX_R]
+            self._theta = np.exp(px_r) if px_r.ndim == 1 else np.ascontiguousarray(np.exp(px_r.T))
+            if self._lik in ("nb", "zinb") and self._theta.size * TABLE_MAX_COUNT <= (
+                TABLE_MAX_ENTRIES
+            ):
+                self._theta_table = lgamma_table(self._theta)
         self.adata = adata
         logger.info("loaded %s (%s) on %s", self.path, self.manifest.model_class, self.provider)
 
@@ -247,21 +271,43 @@ class OnnxSCVI:
         b = mb[BATCH_KEY].reshape(-1)
         return self._lib_means[b][:, None], self._lib_vars[b][:, None]
 
-    def _log_px(self, mb, dec: dict[str, np.ndarray]) -> np.ndarray:
+    def _scorer(self, mb) -> MinibatchScorer:
+        """Per-minibatch likelihood state: counts, fixed dispersion, lgamma count terms."""
+        x = mb[X_KEY]
+        theta = const = codes = None
+        if self._theta is not None:
+            if self._theta.ndim == 1:
+                theta = self._theta
+            else:
+                key = BATCH_KEY if self.config["dispersion"] == "gene-batch" else LABELS_KEY
+                codes = mb[key].reshape(-1)
+                theta = self._theta[codes]
+            if self._lik in ("nb", "zinb"):
+                const = count_constant(x, theta, self._theta_table, codes)
+        return MinibatchScorer(self._lik, x, theta, const)
+
+    def _log_px(self, scorer: MinibatchScorer, dec: dict[str, np.ndarray]) -> np.ndarray:
         """log p(x | z, l) summed over genes, shape (samples, cells)."""
-        x = mb[X_KEY].astype(np.float64)
-        mu = dec[B.OUT_PX_RATE].astype(np.float64)
-        if self._lik == "poisson":
-            return D.log_poisson_sum(x, mu)
-        theta = theta_from_arrays(
-            self.config, self._arrays, dec.get(B.OUT_PX_R), mb[BATCH_KEY], mb[LABELS_KEY]
-        ).astype(np.float64)
-        if self._lik == "normal":
-            return D.log_normal_sum(x, mu, theta)
-        if self._lik == "nb":
-            return D.log_nb_positive_sum(x, mu, theta)
-        pi = dec[B.OUT_PX_DROPOUT].astype(np.float64)
-        return D.log_zinb_positive_sum(x, mu, theta, pi)
+        theta = np.exp(dec[B.OUT_PX_R]) if B.OUT_PX_R in dec else None
+        return scorer.score(dec[B.OUT_PX_RATE], dec.get(B.OUT_PX_DROPOUT), theta)
+
+    def _pmap(self, fn: Callable, items: Iterable) -> Iterator:
+        """``map(fn, items)`` on worker threads, in order, with bounded work in flight."""
+        if self._n_workers <= 1:
+            yield from map(fn, items)
+            return
+        with ThreadPoolExecutor(self._n_workers, thread_name_prefix="scvi-onnx") as ex:
+            pending: deque = deque()
+            try:
+                for item in items:
+                    pending.append(ex.submit(fn, item))
+                    if len(pending) >= 2 * self._n_workers:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
 
     def _elbo_terms(self, mb, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-cell (reconstruction loss, kl_z + kl_l) for one posterior draw."""
@@ -269,7 +315,7 @@ class OnnxSCVI:
         _, z = self._z_samples(mb, enc, seed, 0, 1)
         library = self._library(mb, enc, seed, 0, 1)
         dec = self._decode(mb, z, library)
-        rec = -self._log_px(mb, dec)[0]
+        rec = -self._log_px(self._scorer(mb), dec)[0]
         kl = D.kl_normal_standard(
             enc[B.OUT_QZ_M].astype(np.float64), enc[B.OUT_QZ_V].astype(np.float64)
         ).sum(-1)
@@ -330,37 +376,39 @@ class OnnxSCVI:
         seed = self.seed if seed is None else int(seed)
         if give_mean and self._ln and not return_dist:
             _check_positive_int("mc_samples", mc_samples)
-        means, varis, zs = [], [], []
-        for mb in self._minibatches(
+        L = self.n_latent
+
+        def one(mb):
+            enc = self._encode(mb)
+            if return_dist:
+                return enc[B.OUT_QZ_M], enc[B.OUT_QZ_V]
+            if give_mean and not self._ln:
+                return enc[B.OUT_QZ_M], None
+            if not give_mean:
+                return self._z_samples(mb, enc, seed, 0, 1)[1][0].astype(np.float32), None
+            m = enc[B.OUT_QZ_M].astype(np.float64)
+            s = np.sqrt(enc[B.OUT_QZ_V].astype(np.float64))
+            acc = np.zeros_like(m)
+            for start in range(0, mc_samples, _LN_MEAN_CHUNK):
+                n = min(_LN_MEAN_CHUNK, mc_samples - start)
+                eps = rng.normals(
+                    seed, rng.STREAM_LN_MEAN, mb[CELL_INDEX_KEY], n * L, start=start * L
+                ).reshape(len(m), n, L)
+                acc += softmax(m[:, None] + eps * s[:, None], axis=-1).sum(1)
+            return (acc / mc_samples).astype(np.float32), None
+
+        mbs = self._minibatches(
             adata,
             indices,
             batch_size,
             dataloader,
             missing_genes=missing_genes,
             progress=progress_bar,
-        ):
-            enc = self._encode(mb)
-            if return_dist:
-                means.append(enc[B.OUT_QZ_M])
-                varis.append(enc[B.OUT_QZ_V])
-            elif give_mean and not self._ln:
-                zs.append(enc[B.OUT_QZ_M])
-            elif give_mean:
-                m = enc[B.OUT_QZ_M].astype(np.float64)
-                s = np.sqrt(enc[B.OUT_QZ_V].astype(np.float64))
-                acc = np.zeros_like(m)
-                L = self.n_latent
-                for start in range(0, mc_samples, _LN_MEAN_CHUNK):
-                    n = min(_LN_MEAN_CHUNK, mc_samples - start)
-                    eps = rng.normals(
-                        seed, rng.STREAM_LN_MEAN, mb[CELL_INDEX_KEY], n * L, start=start * L
-                    ).reshape(len(m), n, L)
-                    acc += softmax(m[:, None] + eps * s[:, None], axis=-1).sum(1)
-                zs.append((acc / mc_samples).astype(np.float32))
-            else:
-                zs.append(self._z_samples(mb, enc, seed, 0, 1)[1][0].astype(np.float32))
+        )
+        parts = list(self._pmap(one, mbs))
+        zs = [p[0] for p in parts]
         if return_dist:
-            return np.concatenate(means), np.concatenate(varis)
+            return np.concatenate(zs), np.concatenate([p[1] for p in parts])
         return np.concatenate(zs)
 
     def get_elbo(
@@ -387,20 +435,15 @@ class OnnxSCVI:
         The mean ELBO (float) if ``return_mean``, else a ``(n_cells,)`` array.
         """
         seed = self.seed if seed is None else int(seed)
-        vals = [
-            -(rec + kl)
-            for rec, kl in (
-                self._elbo_terms(mb, seed)
-                for mb in self._minibatches(
-                    adata,
-                    indices,
-                    batch_size,
-                    dataloader,
-                    missing_genes=missing_genes,
-                    progress=progress_bar,
-                )
-            )
-        ]
+        mbs = self._minibatches(
+            adata,
+            indices,
+            batch_size,
+            dataloader,
+            missing_genes=missing_genes,
+            progress=progress_bar,
+        )
+        vals = [-(rec + kl) for rec, kl in self._pmap(lambda mb: self._elbo_terms(mb, seed), mbs)]
         out = np.concatenate(vals)
         return float(out.mean()) if return_mean else out
 
@@ -427,17 +470,15 @@ class OnnxSCVI:
         numbers are what we match).
         """
         seed = self.seed if seed is None else int(seed)
-        recs = [
-            self._elbo_terms(mb, seed)[0]
-            for mb in self._minibatches(
-                adata,
-                indices,
-                batch_size,
-                dataloader,
-                missing_genes=missing_genes,
-                progress=progress_bar,
-            )
-        ]
+        mbs = self._minibatches(
+            adata,
+            indices,
+            batch_size,
+            dataloader,
+            missing_genes=missing_genes,
+            progress=progress_bar,
+        )
+        recs = [rec for rec, _ in self._pmap(lambda mb: self._elbo_terms(mb, seed), mbs)]
         out = np.concatenate(recs)
         return {"reconstruction_loss": float(out.mean()) if return_mean else out}
 
@@ -481,49 +522,63 @@ class OnnxSCVI:
         per_pass = _check_positive_int(
             "n_mc_samples_per_pass", n_mc_samples_per_pass, allow_none=True
         )
-        per_cell, batch_means = [], []
-        for mb in self._minibatches(
+        mbs = self._minibatches(
             adata,
             indices,
             batch_size,
             dataloader,
             missing_genes=missing_genes,
             progress=progress_bar,
-        ):
-            ll = self._marginal_ll_minibatch(mb, n_mc_samples, per_pass, seed)
-            per_cell.append(ll)
-            batch_means.append(ll.mean())
+        )
+        per_cell = list(self._marginal_ll_chunks(mbs, n_mc_samples, per_pass, seed))
         if return_mean:
-            return float(np.mean(batch_means))
+            # scvi-tools: numpy mean of the per-minibatch means
+            return float(np.mean([ll.mean() for ll in per_cell]))
         return np.concatenate(per_cell)
 
-    def _marginal_ll_minibatch(self, mb, n_mc: int, per_pass: int | None, seed: int):
-        n_cells = len(mb[CELL_INDEX_KEY])
-        if per_pass is None:
-            per_pass = max(1, DECODER_CHUNK_ELEMENTS // max(1, n_cells * len(self.genes)))
-        per_pass = min(per_pass, n_mc)
-        enc = self._encode(mb)
-        qm = enc[B.OUT_QZ_M].astype(np.float64)[None]
-        qv = enc[B.OUT_QZ_V].astype(np.float64)[None]
-        zeros, ones = np.zeros(1), np.ones(1)
-        chunks = []
-        for start in range(0, n_mc, per_pass):
-            n = min(per_pass, n_mc - start)
-            _, z = self._z_samples(mb, enc, seed, start, n)
-            library = self._library(mb, enc, seed, start, n)
-            dec = self._decode(mb, z, library)
-            # scvi-tools evaluates p(z) and q(z|x) at the transformed z (softmax for "ln").
-            log_w = D.log_normal(z, zeros, ones).sum(-1)
-            log_w += self._log_px(mb, dec)
-            log_w -= D.log_normal(z, qm, np.sqrt(qv)).sum(-1)
-            if self._learned_library:
-                pm, pv = self._library_prior(mb)
-                lm = enc[B.OUT_QL_M].astype(np.float64)[None]
-                lv = enc[B.OUT_QL_V].astype(np.float64)[None]
-                log_w += D.log_normal(library, pm[None], np.sqrt(pv)[None]).sum(-1)
-                log_w -= D.log_normal(library, lm, np.sqrt(lv)).sum(-1)
+    def _marginal_ll_chunks(self, mbs, n_mc: int, per_pass: int | None, seed: int):
+        """Per-minibatch marginal LL; (minibatch, sample chunk) tasks run on worker threads."""
+
+        def tasks():
+            for i, mb in enumerate(mbs):
+                n_cells = len(mb[CELL_INDEX_KEY])
+                step = per_pass or max(1, DECODER_CHUNK_ELEMENTS // (n_cells * len(self.genes)))
+                step = min(step, n_mc)
+                enc = self._encode(mb)
+                scorer = self._scorer(mb)
+                starts = range(0, n_mc, step)
+                for j, start in enumerate(starts):
+                    yield i, j == len(starts) - 1, mb, enc, scorer, start, min(step, n_mc - start)
+
+        def run(task):
+            i, last, mb, enc, scorer, start, n = task
+            return i, last, self._log_weights(mb, enc, scorer, seed, start, n)
+
+        chunks: list[np.ndarray] = []
+        for _, last, log_w in self._pmap(run, tasks()):
             chunks.append(log_w)
-        return _logsumexp(np.concatenate(chunks), axis=0) - np.log(n_mc)
+            if last:
+                yield _logsumexp(np.concatenate(chunks), axis=0) - np.log(n_mc)
+                chunks = []
+
+    def _log_weights(self, mb, enc, scorer, seed: int, start: int, n: int) -> np.ndarray:
+        """Importance log-weights of draws start..start+n, shape (n, cells)."""
+        _, z = self._z_samples(mb, enc, seed, start, n)
+        library = self._library(mb, enc, seed, start, n)
+        dec = self._decode(mb, z, library)
+        qm = enc[B.OUT_QZ_M].astype(np.float64)[None]
+        qs = np.sqrt(enc[B.OUT_QZ_V].astype(np.float64))[None]
+        # scvi-tools evaluates p(z) and q(z|x) at the transformed z (softmax for "ln").
+        log_w = D.log_normal(z, 0.0, 1.0).sum(-1)
+        log_w += self._log_px(scorer, dec)
+        log_w -= D.log_normal(z, qm, qs).sum(-1)
+        if self._learned_library:
+            pm, pv = self._library_prior(mb)
+            lm = enc[B.OUT_QL_M].astype(np.float64)[None]
+            ls = np.sqrt(enc[B.OUT_QL_V].astype(np.float64))[None]
+            log_w += D.log_normal(library, pm[None], np.sqrt(pv)[None]).sum(-1)
+            log_w -= D.log_normal(library, lm, ls).sum(-1)
+        return log_w
 
 
 def load(
@@ -547,7 +602,9 @@ def load(
     seed
         Default seed of the stochastic methods.
     **kwargs
-        ``verify_checksums`` (default True), ``intra_op_threads``.
+        ``verify_checksums`` (default True), ``intra_op_threads`` (per session, default 1),
+        ``n_threads`` (worker threads over minibatches and sample chunks; default: the CPU
+        count, at most 8; results do not depend on it).
 
     Raises
     ------

@@ -92,10 +92,18 @@ def count_constant(
 
 
 def _row_sums(vals: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
-    """Sum ``vals`` per row; ``rows`` is sorted (row-major nonzeros)."""
+    """Sum ``vals`` per row; ``rows`` is sorted (row-major nonzeros).
+
+    Each row is reduced on its own (``reduceat``), so a cell's sum does not depend on the other
+    cells of the minibatch (a running cumsum would: bit-identity across batch sizes).
+    """
     bounds = np.searchsorted(rows, np.arange(n + 1))
-    c = np.concatenate(([0.0], np.cumsum(vals)))
-    return c[bounds[1:]] - c[bounds[:-1]]
+    starts = bounds[:-1]
+    nonempty = bounds[1:] > starts
+    out = np.zeros(n, dtype=np.float64)
+    if nonempty.any():
+        out[nonempty] = np.add.reduceat(vals, starts[nonempty])
+    return out
 
 
 def _softplus(v: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:

@@ -1,0 +1,106 @@
+"""Benchmark models: train/build them with scvi-tools and export them (cached in a work folder).
+
+- ``pbmc_zinb``: the shipped example (models/pbmc_scvi_torch, models/pbmc_scvi).
+- ``pbmc_nb``: the same data, NB likelihood, 2 layers (trained here, fixed seed).
+- ``census``: shaped like the CELLxGENE Census scVI model: 8,000 genes, 2 layers of 128,
+  latent 50, NB, 10,000 batches, encode_covariates False (briefly trained on the real cells,
+  whose batch labels are spread over the 10,000 categories).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def _train(adata, out: Path, epochs: int, **model_kw) -> None:
+    import scvi
+
+    from scvi_onnx.exporter import export_model
+
+    scvi.settings.seed = 0
+    model = scvi.model.SCVI(adata, **model_kw)
+    model.train(
+        max_epochs=epochs,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    model.save(str(out / "torch"), overwrite=True, save_anndata=False)
+    export_model(model, out / "bundle", overwrite=True)
+
+
+def source_cells(name: str, work: Path) -> Path:
+    """The real cells a model's benchmark data is drawn from."""
+    if name == "census":
+        return build(name, work) / "source.h5ad"
+    return ROOT / "models" / "example" / "pbmc_train.h5ad"
+
+
+def build(name: str, work: Path) -> Path:
+    """Return the model folder (with ``torch/`` and ``bundle/``), building it if needed."""
+    if name == "pbmc_zinb":
+        out = work / name
+        if not (out / "bundle").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            import shutil
+
+            shutil.copytree(ROOT / "models" / "pbmc_scvi_torch", out / "torch", dirs_exist_ok=True)
+            shutil.copytree(ROOT / "models" / "pbmc_scvi", out / "bundle", dirs_exist_ok=True)
+        return out
+    out = work / name
+    if (out / "bundle" / "manifest.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    import anndata as ad
+    import pandas as pd
+    import scvi
+
+    if name == "pbmc_nb":
+        adata = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_train.h5ad")
+        scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+        _train(adata, out, 100, gene_likelihood="nb", n_layers=2)
+    elif name == "census":
+        a5 = ad.read_h5ad(SHARED / "pbmc_5k_protein_v3.h5ad")
+        a10 = ad.read_h5ad(SHARED / "pbmc_10k_protein_v3.h5ad")
+        common = a5.var_names.intersection(a10.var_names, sort=False)
+        both = ad.concat([a5[:, common], a10[:, common]], index_unique="-")
+        top = np.argsort(-np.asarray(both.X.sum(0)).ravel(), kind="stable")[:8000]
+        adata = both[:, top].copy()
+        cats = [f"dataset_{i:05d}" for i in range(10_000)]
+        rng = np.random.default_rng(0)
+        adata.obs["dataset"] = pd.Categorical(
+            np.array(cats)[rng.integers(0, 10_000, adata.n_obs)], categories=cats
+        )
+        adata.X = adata.X.astype(np.float32)
+        import scipy.sparse as sp
+
+        src = ad.AnnData(
+            X=sp.csr_matrix(adata.X), obs=adata.obs[["dataset"]].copy(), var=adata.var[[]].copy()
+        )
+        src.write_h5ad(out / "source.h5ad")
+        scvi.model.SCVI.setup_anndata(adata, batch_key="dataset")
+        _train(
+            adata,
+            out,
+            5,
+            gene_likelihood="nb",
+            n_layers=2,
+            n_hidden=128,
+            n_latent=50,
+            encode_covariates=False,
+            dropout_rate=0.1,
+        )
+    else:
+        raise ValueError(f"unknown benchmark model {name!r}")
+    return out

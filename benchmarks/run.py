@@ -1,0 +1,245 @@
+"""Side-by-side benchmark: scvi-tools 1.4.2 vs scvi-onnx, same model, cells and batch size.
+
+    python benchmarks/run.py                      # 20,000 cells, the three models
+    python benchmarks/run.py --models pbmc_zinb --n-cells 20000 --repeats 3
+    python benchmarks/run.py --memory-scaling     # backed h5ad latent, 200k and 1M cells
+
+Every job runs in a fresh process (separate peak memory). Prints a table of medians and ratios
+with the environment, and writes it as JSON to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import models  # noqa: E402
+
+TASKS = ["latent", "elbo", "rec", "mll"]
+
+
+def _run_rss(cmd: list[str]) -> tuple[float, float, str]:
+    """Run a command; return (wall seconds, peak RSS MB of exactly that process, stdout)."""
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        fo.seek(0)
+        fe.seek(0)
+        out, err = fo.read(), fe.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return wall, ru.ru_maxrss / 1024.0, out
+
+
+def worker(side, task, model_dir, data, args) -> dict:
+    cmd = [
+        sys.executable,
+        str(HERE / "worker.py"),
+        "--side",
+        side,
+        "--task",
+        task,
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--batch-size",
+        str(args.batch_size),
+        "--repeats",
+        str(args.repeats),
+        "--n-mc",
+        str(args.n_mc),
+        "--mll-cells",
+        str(args.mll_cells),
+    ]
+    if side == "scvi" and task == "mll" and args.scvi_per_pass:
+        cmd += ["--per-pass", str(args.scvi_per_pass)]
+    _, _, out = _run_rss(cmd)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def cold_start(side, model_dir, data, out_dir: Path, bs: int) -> dict:
+    """New process to the latent of every cell written to disk."""
+    out = out_dir / f"cold_{side}.npy"
+    if side == "onnx":
+        cmd = [
+            str(Path(sys.executable).parent / "scvi-onnx"),
+            "latent",
+            str(model_dir / "bundle"),
+            str(data),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch-size",
+            str(bs),
+            "--no-progress",
+            "--overwrite",
+        ]
+    else:
+        code = (
+            "import warnings, logging; warnings.filterwarnings('ignore'); "
+            "logging.disable(logging.WARNING); import anndata, numpy, scvi; "
+            f"a = anndata.read_h5ad({str(data)!r}); "
+            f"m = scvi.model.SCVI.load({str(model_dir / 'torch')!r}, adata=a, accelerator='cpu'); "
+            f"numpy.save({str(out)!r}, m.get_latent_representation(a, batch_size={bs}))"
+        )
+        cmd = [sys.executable, "-c", code]
+    wall, rss, _ = _run_rss(cmd)
+    return {"side": side, "task": "cold", "median": wall, "times": [wall], "peak_rss_mb": rss}
+
+
+def matmul_floor(config: dict, rows: int, repeats: int = 3) -> dict:
+    """Seconds this machine's numpy float32 matmul needs for the decoder's FLOPs on ``rows``."""
+    L, H, G = config["n_latent"], config["n_hidden"], config["n_input"]
+    heads = 1 + (config["gene_likelihood"] == "zinb") + (config["dispersion"] == "gene-cell")
+    flops_per_row = 2 * (L * H + (config["n_layers"] - 1) * H * H + H * G * heads)
+    a = np.random.default_rng(0).standard_normal((8192, H), dtype=np.float32)
+    w = np.random.default_rng(1).standard_normal((H, G), dtype=np.float32)
+    a @ w
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ w
+        ts.append(time.perf_counter() - t)
+    gflops = 2 * 8192 * H * G / min(ts) / 1e9
+    total = flops_per_row * rows
+    return {"gflops": gflops, "decoder_gflop": total / 1e9, "floor_s": total / (gflops * 1e9)}
+
+
+def environment() -> dict:
+    """Versions, read in a subprocess: this process stays small (a child's ru_maxrss starts
+    from its parent's size at fork, so a heavy orchestrator would inflate every measurement)."""
+    code = (
+        "import json, os, platform, numpy, onnxruntime, scvi, torch, scvi_onnx; "
+        "print(json.dumps({'python': platform.python_version(), 'machine': platform.machine(), "
+        "'cpus': os.cpu_count(), 'numpy': numpy.__version__, "
+        "'onnxruntime': onnxruntime.__version__, 'scvi_tools': scvi.__version__, "
+        "'torch': torch.__version__, 'torch_threads': torch.get_num_threads(), "
+        "'scvi_onnx': scvi_onnx.__version__}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["pbmc_zinb", "pbmc_nb", "census"])
+    p.add_argument("--tasks", nargs="+", default=["cold", *TASKS])
+    p.add_argument("--n-cells", type=int, default=20_000)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--n-mc", type=int, default=1000)
+    p.add_argument("--mll-cells", type=int, default=256)
+    p.add_argument(
+        "--scvi-per-pass",
+        type=int,
+        default=None,
+        help="scvi-tools n_mc_samples_per_pass (default: its default, 1)",
+    )
+    p.add_argument("--work", default=str(HERE / "work"))
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    rows = []
+    for name in args.models:
+        model_dir = models.build(name, work)
+        data = work / f"{name}_{args.n_cells}.h5ad"
+        if not data.exists():
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(HERE / "make_data.py"),
+                    "--n-cells",
+                    str(args.n_cells),
+                    "--source",
+                    str(models.source_cells(name, work)),
+                    "-o",
+                    str(data),
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        config = json.loads((model_dir / "bundle" / "manifest.json").read_text())["config"]
+        for task in args.tasks:
+            res = {}
+            for side in ("scvi", "onnx"):
+                if task == "cold":
+                    res[side] = cold_start(side, model_dir, data, work, args.batch_size)
+                else:
+                    res[side] = worker(side, task, model_dir, data, args)
+                print(
+                    f"{name:10s} {task:7s} {side:5s} median {res[side]['median']:.3f} s  "
+                    f"peak {res[side]['peak_rss_mb']:.0f} MB",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            row = {
+                "model": name,
+                "task": task,
+                "n_cells": args.n_cells,
+                "batch_size": args.batch_size,
+                "scvi": res["scvi"],
+                "onnx": res["onnx"],
+                "speedup": res["scvi"]["median"] / res["onnx"]["median"],
+                "memory_ratio": res["onnx"]["peak_rss_mb"] / res["scvi"]["peak_rss_mb"],
+            }
+            if task == "mll":
+                row["floor"] = matmul_floor(config, args.mll_cells * args.n_mc)
+                row["onnx_over_floor"] = res["onnx"]["median"] / row["floor"]["floor_s"]
+            rows.append(row)
+    report = {
+        "environment": env,
+        "args": vars(args),
+        "rows": rows,
+        "onnx_provider": rows[-1]["onnx"].get("provider") if rows else None,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"bench-{stamp}.json").write_text(json.dumps(report, indent=1))
+    print(render(report))
+
+
+def render(report: dict) -> str:
+    env, a = report["environment"], report["args"]
+    lines = [
+        f"scvi-tools {env['scvi_tools']} (torch {env['torch']}, {env['torch_threads']} threads) "
+        f"vs scvi-onnx {env['scvi_onnx']} (onnxruntime {env['onnxruntime']}, "
+        f"{report['onnx_provider']}); {env['cpus']} CPUs, python {env['python']}",
+        f"{a['n_cells']} cells, batch size {a['batch_size']}, medians of {a['repeats']} repeats "
+        f"(cold: 1 run); marginal LL: {a['mll_cells']} cells x {a['n_mc']} samples",
+        "",
+        "| model | task | scvi-tools s | scvi-onnx s | speed-up | scvi-tools MB | scvi-onnx MB "
+        "| memory ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        extra = ""
+        if "floor" in r:
+            extra = f" (matmul floor {r['floor']['floor_s']:.2f} s: x{r['onnx_over_floor']:.2f})"
+        lines.append(
+            f"| {r['model']} | {r['task']} | {r['scvi']['median']:.3f} | {r['onnx']['median']:.3f}"
+            f"{extra} | {r['speedup']:.1f}x | {r['scvi']['peak_rss_mb']:.0f} | "
+            f"{r['onnx']['peak_rss_mb']:.0f} | {r['memory_ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

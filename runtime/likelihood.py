@@ -151,6 +151,11 @@ class MinibatchScorer:
         self.nz = self.x > LIKELIHOOD_EPS
         self.theta = None if theta is None else np.asarray(theta, dtype=np.float32)
         self.count_const = count_const
+        # theta + eps and log(theta + eps) do not change across samples: once per minibatch
+        self._theta_eps = self._log_theta_eps = None
+        if self.theta is not None and likelihood in ("nb", "zinb"):
+            self._theta_eps = self.theta + np.float32(LIKELIHOOD_EPS)
+            self._log_theta_eps = np.log(self._theta_eps)
         if likelihood == "poisson":
             # -lgamma(x + 1) summed over the cell's genes: constant across samples
             xs = self.x[self.nz].astype(np.float64)
@@ -177,13 +182,20 @@ class MinibatchScorer:
             for rs in _blocks(n, G):
                 r = rs.stop - rs.start
                 a, b, c, d = (t[: r * G].reshape(r, G) for t in buf)
-                th = self.theta if fixed_theta else theta[s, rs]
-                if th is not None and th.ndim == 2 and fixed_theta:
-                    th = th[rs]
+                if fixed_theta:
+                    th, th_eps, log_th_eps = self.theta, self._theta_eps, self._log_theta_eps
+                    if th is not None and th.ndim == 2:
+                        th = th[rs]
+                        if th_eps is not None:
+                            th_eps, log_th_eps = th_eps[rs], log_th_eps[rs]
+                else:
+                    th, th_eps, log_th_eps = theta[s, rs], None, None
                 out[s, rs] = self._block(
                     mu[s, rs],
                     None if pi is None else pi[s, rs],
                     th,
+                    th_eps,
+                    log_th_eps,
                     self.x[rs],
                     self.nz[rs],
                     a,
@@ -195,7 +207,7 @@ class MinibatchScorer:
             out += const
         return out
 
-    def _block(self, mu, pi, th, x, nz, a, b, c, d) -> np.ndarray:
+    def _block(self, mu, pi, th, th_eps, log_th_eps, x, nz, a, b, c, d) -> np.ndarray:
         eps = np.float32(LIKELIHOOD_EPS)
         if self.lik == "poisson":
             # x * log(rate) - rate  (xlogy: 0 where x == 0)
@@ -217,13 +229,13 @@ class MinibatchScorer:
                 total -= np.log(th.astype(np.float64)).sum()
             return total
         # NB / ZINB. a = log(theta + mu + eps)
-        np.add(th, mu, out=a)
-        a += eps
+        if th_eps is None:  # theta varies with the sample (gene-cell dispersion)
+            th_eps = th + eps
+            log_th_eps = np.log(th_eps)
+        np.add(th_eps, mu, out=a)
         np.log(a, out=a)
         # b = theta * (log(theta + eps) - a)    (log NB probability of a zero)
-        np.add(th, eps, out=b)
-        np.log(b, out=b)
-        b -= a
+        np.subtract(log_th_eps, a, out=b)
         b *= th
         # c = x * (log(mu + eps) - a)            (0 where x == 0)
         np.add(mu, eps, out=c)

@@ -1,4 +1,4 @@
-"""Export a trained scvi-tools SCVI model to a scvi-onnx bundle."""
+"""Export a trained scvi-tools SCVI, LinearSCVI or SCANVI model to a scvi-onnx bundle."""
 
 from __future__ import annotations
 
@@ -16,14 +16,23 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from scvi_onnx import bundle as B
 from scvi_onnx.errors import ExportValidationError, UnsupportedModelError
 
-from ._graphs import DecoderGraph, EncoderGraph, GraphSpec
+from ._graphs import (
+    ClassifierGraph,
+    DecoderGraph,
+    EncoderGraph,
+    GraphSpec,
+    LinearDecoderGraph,
+    Z1DecoderGraph,
+    Z2EncoderGraph,
+)
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODELS = {"SCVI": "VAE"}
+SUPPORTED_MODELS = {"SCVI": "VAE", "LinearSCVI": "LDVAE", "SCANVI": "SCANVAE"}
 N_SYNTHETIC_PROBES = 24
 N_REAL_PROBES = 16
 N_PROBE_SAMPLES = 2
@@ -31,28 +40,12 @@ N_PROBE_SAMPLES = 2
 
 # ----------------------------------------------------------------------------- model loading
 def _load_model(model: Any, adata: Any = None):
-    """A model instance, or a saved scvi-tools model folder (``model.pt``)."""
+    """A model instance, or a saved scvi-tools model folder of any scvi-tools version >= 0.8."""
     if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if not (path / "model.pt").is_file():
-            raise UnsupportedModelError(
-                f"{path} is not a saved scvi-tools model folder (no model.pt); pass a trained "
-                "model instance or the folder written by model.save()"
-            )
-        import scvi
+        from ._legacy import load_saved_model
 
-        # model.pt is a pickle: export only trusted folders (see README).
-        saved = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
-        registry = saved.get("attr_dict", {}).get("registry_", {})
-        name = registry.get("model_name", "SCVI")
-        if name not in SUPPORTED_MODELS:
-            raise UnsupportedModelError(
-                f"{path} holds a {name} model; this exporter handles {sorted(SUPPORTED_MODELS)}"
-            )
-        cls = getattr(scvi.model, name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return cls.load(str(path), adata=adata, accelerator="cpu")
+        # model.pt / attr.pkl are pickles: export only trusted folders (see README).
+        return load_saved_model(model, adata, supported=SUPPORTED_MODELS)
     return model
 
 
@@ -65,8 +58,48 @@ def _check_supported(model) -> None:
     mod = type(model.module).__name__
     if mod != SUPPORTED_MODELS[cls]:
         raise UnsupportedModelError(f"{cls} with module {mod} is not supported")
+    if mod == "LDVAE":
+        _check_ldvae(model.module)
+    elif mod == "SCANVAE":
+        _check_scanvae(model.module)
     if not getattr(model, "is_trained_", True):
         warnings.warn("exporting a model that was never trained", UserWarning, stacklevel=3)
+
+
+def _check_ldvae(m) -> None:
+    if m.batch_representation != "one-hot":
+        raise UnsupportedModelError(
+            "LinearSCVI with batch_representation='embedding' is not supported (scvi-tools' "
+            "LinearDecoderSCVI takes the latent only; the embedding would not fit its input)"
+        )
+    if m.dispersion == "gene-cell":
+        raise UnsupportedModelError(
+            "LinearSCVI with dispersion='gene-cell' is not supported: LinearDecoderSCVI has no "
+            "dispersion head (scvi-tools 1.4.2 itself fails on it)"
+        )
+    if m.dispersion == "gene-label" and m.px_r.shape[-1] == 0:
+        raise UnsupportedModelError(
+            "LinearSCVI with dispersion='gene-label' is not supported: scvi-tools 1.4.2 builds "
+            "LDVAE with n_labels=0 (unless passed), so the dispersion has no label columns and "
+            "scvi-tools itself fails on it"
+        )
+
+
+def _check_scanvae(m) -> None:
+    if getattr(m, "use_labels_groups", False):
+        raise UnsupportedModelError("SCANVI with use_labels_groups=True is not supported")
+    if m.dispersion == "gene-label":
+        raise UnsupportedModelError(
+            "SCANVI with dispersion='gene-label' is not supported: scvi-tools 1.4.2 one-hot "
+            "encodes the label over the known labels only, so it fails on every cell of the "
+            "unlabeled category"
+        )
+    if m.batch_representation == "embedding" and m.encode_covariates:
+        raise UnsupportedModelError(
+            "SCANVI with batch_representation='embedding' and encode_covariates=True is not "
+            "supported: scvi-tools 1.4.2's classify() feeds the encoder without the batch "
+            "embedding and fails (predict and the classification loss)"
+        )
 
 
 # ----------------------------------------------------------------------------- manifest parts
@@ -130,10 +163,12 @@ def _norm_placement(fc) -> dict[str, bool]:
 
 def _config(model, registry: B.Registry) -> dict[str, Any]:
     m = model.module
+    linear = type(m).__name__ == "LDVAE"
+    dec_fc = m.decoder.factor_regressor if linear else m.decoder.px_decoder
     enc_norm = _norm_placement(m.z_encoder.encoder)
-    dec_norm = _norm_placement(m.decoder.px_decoder)
+    dec_norm = _norm_placement(dec_fc)
     n_cats = [c.n_categories for c in registry.categorical_covariates]
-    return {
+    config = {
         "module_class": type(m).__name__,
         "n_input": int(m.n_input),
         "n_latent": int(m.n_latent),
@@ -149,8 +184,9 @@ def _config(model, registry: B.Registry) -> dict[str, Any]:
         "log_variational": bool(m.log_variational),
         "use_observed_lib_size": bool(m.use_observed_lib_size),
         "use_size_factor_key": bool(m.use_size_factor_key),
-        "encode_covariates": bool(m.encode_covariates),
-        "deeply_inject_covariates": bool(m.decoder.px_decoder.inject_covariates),
+        # LDVAE replaces the encoders by ones that never see covariates.
+        "encode_covariates": bool(m.encode_covariates) and not linear,
+        "deeply_inject_covariates": bool(dec_fc.inject_covariates),
         "batch_representation": m.batch_representation,
         "encoder_batch_norm": enc_norm["batch_norm"],
         "encoder_layer_norm": enc_norm["layer_norm"],
@@ -159,6 +195,20 @@ def _config(model, registry: B.Registry) -> dict[str, Any]:
         "var_eps": float(m.z_encoder.var_eps),
         "likelihood_eps": B.LIKELIHOOD_EPS,
     }
+    if linear:
+        config["decoder_bias"] = dec_fc.fc_layers[0][0].bias is not None
+    if type(m).__name__ == "SCANVAE":
+        st = _field(model.registry_, "labels").get("state_registry", {})
+        unlabeled = st.get("unlabeled_category")
+        cls_layers = list(m.classifier.classifier)
+        config |= {
+            "unlabeled_category": _categories([unlabeled])[0] if unlabeled is not None else None,
+            "classifier_logits": bool(m.classifier.logits),
+            "classifier_n_layers": (
+                len(cls_layers[0].fc_layers) if hasattr(cls_layers[0], "fc_layers") else 0
+            ),
+        }
+    return config
 
 
 def _specs(config: dict[str, Any]) -> tuple[GraphSpec, GraphSpec]:
@@ -191,7 +241,32 @@ def _arrays(model) -> dict[str, np.ndarray]:
     if not m.use_observed_lib_size:
         out[B.ARR_LIB_MEANS] = m.library_log_means.detach().cpu().numpy().astype(np.float32)
         out[B.ARR_LIB_VARS] = m.library_log_vars.detach().cpu().numpy().astype(np.float32)
+    if type(m).__name__ == "SCANVAE":
+        out[B.ARR_Y_PRIOR] = m.y_prior.detach().cpu().numpy().reshape(-1).astype(np.float32)
     return out
+
+
+def _loadings(model, genes: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """scvi-tools' own ``LinearSCVI.get_loadings()``: its values, columns and index name.
+
+    Without an AnnData (a folder loaded from its registry only) scvi-tools' method cannot run
+    (it reads ``adata.var_names``); the same values come from ``module.get_loadings()`` with the
+    registered gene names and the columns ``Z_0..Z_{L-1}`` scvi-tools uses.
+    """
+    if getattr(model, "adata", None) is not None:
+        df = model.get_loadings()
+        values = df.to_numpy()
+        if [str(g) for g in df.index] != genes:
+            raise UnsupportedModelError("get_loadings() rows differ from the registered genes")
+        name = df.index.name
+        meta = {
+            "columns": _categories(df.columns),
+            "index_name": None if name is None else str(name),
+        }
+    else:
+        values = model.module.get_loadings()
+        meta = {"columns": [f"Z_{i}" for i in range(values.shape[1])], "index_name": None}
+    return np.ascontiguousarray(values, dtype=np.float32), meta
 
 
 def _embedding_weight(model):
@@ -315,6 +390,86 @@ def _torch_reference(model, config, t, rng):
     return enc_np, dec_np, to_np(z), to_np(library)
 
 
+def _scanvi_graphs(model, config: dict, z: np.ndarray, rng: np.random.Generator) -> list:
+    """SCANVAE's classifier, ``encoder_z2_z1`` and ``decoder_z1_z2``: graphs, probes, references.
+
+    The references are scvi-tools' own modules run as ``SCANVAE.loss`` runs them: on the probe
+    z (S, N, L), each label broadcast with ``broadcast_labels`` (rows ``k * N + i``), regrouped
+    here to (S, N, K, L). z2 is drawn from the torch ``q(z2 | z1, y)`` with numpy noise.
+    """
+    from scvi.module._utils import broadcast_labels
+
+    m = model.module
+    n_s, n, n_lat = z.shape
+    k = int(config["n_labels"])
+    cls_graph = ClassifierGraph(m.classifier, n_lat)
+    z2e_graph = Z2EncoderGraph(m.encoder_z2_z1, n_lat, k)
+    z1d_graph = Z1DecoderGraph(m.decoder_z1_z2, n_lat, k)
+    eps = rng.standard_normal((n_s, n, k, n_lat)).astype(np.float32)
+    device = next(m.parameters()).device
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    ref: dict[str, list] = {}
+    # encoder_z2_z1 draws a sample: keep the user's (CUDA) RNG as found.
+    with _module_eval(m), torch.random.fork_rng(devices=cuda):
+        zt = torch.as_tensor(z, device=device)
+        probs = m.classifier(zt)
+        if m.classifier.logits:
+            probs = torch.softmax(probs, dim=-1)
+        for s in range(n_s):
+            ys, z1s = broadcast_labels(zt[s], n_broadcast=k)
+            qz2, _ = m.encoder_z2_z1(z1s, ys)
+
+            def regroup(v):  # (K * N, L) -> (N, K, L)
+                return v.reshape(k, n, n_lat).transpose(0, 1)
+
+            qm, qv = regroup(qz2.loc), regroup(qz2.scale.square())
+            z2 = qm + torch.as_tensor(eps[s], device=device) * qv.sqrt()
+            pm, pv = m.decoder_z1_z2(z2.transpose(0, 1).reshape(k * n, n_lat), ys)
+            for key, v in (
+                (B.OUT_QZ2_M, qm),
+                (B.OUT_QZ2_V, qv),
+                (B.IN_Z2, z2),
+                (B.OUT_PZ1_M, regroup(pm)),
+                (B.OUT_PZ1_V, regroup(pv)),
+            ):
+                ref.setdefault(key, []).append(v)
+    to_np = lambda v: np.ascontiguousarray(v.detach().cpu().numpy().astype(np.float32))  # noqa: E731
+    st = {key: to_np(torch.stack(v)) for key, v in ref.items()}
+    cls_spec = GraphSpec((B.IN_Z,), (B.OUT_PROBS,))
+    z2e_spec = GraphSpec((B.IN_Z,), (B.OUT_QZ2_M, B.OUT_QZ2_V))
+    z1d_spec = GraphSpec((B.IN_Z2,), (B.OUT_PZ1_M, B.OUT_PZ1_V))
+    p = B.SCANVI_GRAPHS
+    return [
+        (
+            "classifier",
+            B.CLASSIFIER_FILE,
+            cls_graph,
+            cls_spec,
+            {B.IN_Z: z},
+            {B.OUT_PROBS: to_np(probs)},
+            *p["classifier"],
+        ),
+        (
+            "z2_encoder",
+            B.Z2_ENCODER_FILE,
+            z2e_graph,
+            z2e_spec,
+            {B.IN_Z: z},
+            {B.OUT_QZ2_M: st[B.OUT_QZ2_M], B.OUT_QZ2_V: st[B.OUT_QZ2_V]},
+            *p["z2_encoder"],
+        ),
+        (
+            "z1_decoder",
+            B.Z1_DECODER_FILE,
+            z1d_graph,
+            z1d_spec,
+            {B.IN_Z2: st[B.IN_Z2]},
+            {B.OUT_PZ1_M: st[B.OUT_PZ1_M], B.OUT_PZ1_V: st[B.OUT_PZ1_V]},
+            *p["z1_decoder"],
+        ),
+    ]
+
+
 # ----------------------------------------------------------------------------- tracing
 def _trace(
     graph: torch.nn.Module,
@@ -371,6 +526,12 @@ def _dynamic_axes() -> dict[str, dict[int, str]]:
         B.OUT_PX_RATE: {0: "n_samples", 1: "n_cells"},
         B.OUT_PX_R: {0: "n_samples", 1: "n_cells"},
         B.OUT_PX_DROPOUT: {0: "n_samples", 1: "n_cells"},
+        B.OUT_PROBS: {0: "n_samples", 1: "n_cells"},
+        B.OUT_QZ2_M: {0: "n_samples", 1: "n_cells"},
+        B.OUT_QZ2_V: {0: "n_samples", 1: "n_cells"},
+        B.IN_Z2: {0: "n_samples", 1: "n_cells"},
+        B.OUT_PZ1_M: {0: "n_samples", 1: "n_cells"},
+        B.OUT_PZ1_V: {0: "n_samples", 1: "n_cells"},
     }
 
 
@@ -456,23 +617,37 @@ def _export(model, out: Path, *, adata, overwrite, atol, rtol, seed) -> Path:
     config = _config(model, registry)
     if len(genes) != config["n_input"]:
         raise UnsupportedModelError(f"{len(genes)} gene names for {config['n_input']} inputs")
+    module_class = config["module_class"]
     enc_spec, dec_spec = _specs(config)
     emb = _embedding_weight(model)
     enc_graph = EncoderGraph(model.module, enc_spec, emb_weight=emb)
-    dec_graph = DecoderGraph(model.module, dec_spec, emb_weight=emb)
+    if module_class == "LDVAE":
+        dec_graph = LinearDecoderGraph(model.module, dec_spec)
+    else:
+        dec_graph = DecoderGraph(model.module, dec_spec, emb_weight=emb)
     arrays = _arrays(model)
+    extra: dict[str, Any] = {}
+    if module_class == "LDVAE":
+        arrays[B.ARR_LOADINGS], extra["loadings"] = _loadings(model, genes)
 
     rng = np.random.default_rng(seed)
     t = _probe_tensors(model, registry, config, rng)
     enc_ref, dec_ref, z, library = _torch_reference(model, config, t, rng)
     enc_feeds = _feeds(enc_spec, t, {})
     dec_feeds = _feeds(dec_spec, t, {B.IN_Z: z, B.IN_LIBRARY: library})
+    # (manifest name, file, torch graph, spec, feeds, torch reference, probe prefixes)
+    graphs = [
+        ("encoder", B.ENCODER_FILE, enc_graph, enc_spec, enc_feeds, enc_ref, "enc_in.", "enc_out."),
+        ("decoder", B.DECODER_FILE, dec_graph, dec_spec, dec_feeds, dec_ref, "dec_in.", "dec_out."),
+    ]
+    if module_class == "SCANVAE":
+        graphs += _scanvi_graphs(model, config, z, rng)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _trace(enc_graph, enc_spec, enc_feeds, tmp / B.ENCODER_FILE, _dynamic_axes())
-        _trace(dec_graph, dec_spec, dec_feeds, tmp / B.DECODER_FILE, _dynamic_axes())
+        for _, file, graph, spec, feeds, *_ in graphs:
+            _trace(graph, spec, feeds, tmp / file, _dynamic_axes())
 
         # Validate: the graphs in onnxruntime against scvi-tools' modules in torch.
         from scvi_onnx.model import theta_from_arrays
@@ -480,29 +655,15 @@ def _export(model, out: Path, *, adata, overwrite, atol, rtol, seed) -> Path:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         reports = []
-        enc_sess = ort.InferenceSession(
-            str(tmp / B.ENCODER_FILE), so, providers=["CPUExecutionProvider"]
-        )
-        enc_got = dict(zip(enc_spec.outputs, enc_sess.run(None, enc_feeds), strict=True))
-        for k in enc_spec.outputs:
-            reports.append(compare(f"encoder.{k}", enc_got[k], enc_ref[k], atol, rtol))
-        dec_sess = ort.InferenceSession(
-            str(tmp / B.DECODER_FILE), so, providers=["CPUExecutionProvider"]
-        )
-        dec_got = dict(zip(dec_spec.outputs, dec_sess.run(None, dec_feeds), strict=True))
-        reports.append(
-            compare("decoder.px_rate", dec_got[B.OUT_PX_RATE], dec_ref[B.OUT_PX_RATE], atol, rtol)
-        )
-        if B.OUT_PX_DROPOUT in dec_got:
-            reports.append(
-                compare(
-                    "decoder.px_dropout",
-                    dec_got[B.OUT_PX_DROPOUT],
-                    dec_ref[B.OUT_PX_DROPOUT],
-                    atol,
-                    rtol,
-                )
-            )
+        dec_got: dict[str, np.ndarray] = {}
+        for name, file, _, spec, feeds, ref, *_ in graphs:
+            sess = ort.InferenceSession(str(tmp / file), so, providers=["CPUExecutionProvider"])
+            got = dict(zip(spec.outputs, sess.run(None, feeds), strict=True))
+            for k in spec.outputs:
+                if k in ref:
+                    reports.append(compare(f"{name}.{k}", got[k], ref[k], atol, rtol))
+            if name == "decoder":
+                dec_got = got
         if "theta" in dec_ref:
             theta = theta_from_arrays(
                 config, arrays, dec_got.get(B.OUT_PX_R), t["batch"], t["labels"]
@@ -524,15 +685,19 @@ def _export(model, out: Path, *, adata, overwrite, atol, rtol, seed) -> Path:
             )
 
         np.savez(tmp / B.ARRAYS_FILE, **arrays)
-        probes = {f"enc_in.{k}": v for k, v in enc_feeds.items()}
-        probes |= {f"enc_out.{k}": v for k, v in enc_ref.items()}
-        probes |= {f"dec_in.{k}": v for k, v in dec_feeds.items()}
-        probes |= {f"dec_out.{k}": v for k, v in dec_ref.items()}
+        probes: dict[str, np.ndarray] = {}
+        for _, _, _, _, feeds, ref, p_in, p_out in graphs:
+            probes |= {f"{p_in}{k}": v for k, v in feeds.items()}
+            probes |= {f"{p_out}{k}": v for k, v in ref.items()}
         probes |= {"probe.batch": t["batch"], "probe.labels": t["labels"]}
         np.savez_compressed(tmp / B.PROBES_FILE, **probes)
 
         from scvi_onnx import __version__
 
+        graph_entries: dict[str, Any] = {
+            name: {"file": file, "inputs": list(spec.inputs), "outputs": list(spec.outputs)}
+            for name, file, _, spec, *_ in graphs
+        }
         manifest = B.Manifest(
             schema_version=B.SCHEMA_VERSION,
             model_class=type(model).__name__,
@@ -540,16 +705,7 @@ def _export(model, out: Path, *, adata, overwrite, atol, rtol, seed) -> Path:
             genes=tuple(genes),
             registry=registry,
             graphs={
-                "encoder": {
-                    "file": B.ENCODER_FILE,
-                    "inputs": list(enc_spec.inputs),
-                    "outputs": list(enc_spec.outputs),
-                },
-                "decoder": {
-                    "file": B.DECODER_FILE,
-                    "inputs": list(dec_spec.inputs),
-                    "outputs": list(dec_spec.outputs),
-                },
+                **graph_entries,
                 "arrays": {"file": B.ARRAYS_FILE, "names": sorted(arrays)},
                 "probes": {"file": B.PROBES_FILE},
                 "opset": B.OPSET,
@@ -565,8 +721,9 @@ def _export(model, out: Path, *, adata, overwrite, atol, rtol, seed) -> Path:
             validation={"atol": atol, "rtol": rtol, "seed": seed, "reports": reports},
             files={
                 name: B.sha256_file(tmp / name)
-                for name in (B.ENCODER_FILE, B.DECODER_FILE, B.ARRAYS_FILE, B.PROBES_FILE)
+                for name in (*(g[1] for g in graphs), B.ARRAYS_FILE, B.PROBES_FILE)
             },
+            extra=extra,
         )
         (tmp / B.MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
         umask = os.umask(0)

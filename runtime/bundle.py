@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +60,51 @@ OUT_PX_RATE = "px_rate"
 OUT_PX_R = "px_r"
 OUT_PX_DROPOUT = "px_dropout"
 
+#: Files every bundle lists with their sha256: the runtime reads each of them, so none may be
+#: loaded unchecked (graph files named in ``graphs`` are required as well).
+REQUIRED_FILES = (ENCODER_FILE, DECODER_FILE, ARRAYS_FILE, PROBES_FILE)
+
+#: ``config`` entries the runtime's maths reads, and the values it implements. A bundle with
+#: another value is refused rather than computed with the wrong formula.
+CONFIG_CHOICES: dict[str, tuple] = {
+    "gene_likelihood": ("zinb", "nb", "poisson", "normal"),
+    "dispersion": ("gene", "gene-batch", "gene-label", "gene-cell"),
+    "latent_distribution": ("normal", "ln"),
+    "use_observed_lib_size": (True, False),
+    "use_size_factor_key": (True, False),
+}
+REQUIRED_CONFIG = ("n_latent", *CONFIG_CHOICES)
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
 # Arrays in arrays.npz
 ARR_PX_R = "px_r"
 ARR_LIB_MEANS = "library_log_means"
 ARR_LIB_VARS = "library_log_vars"
+
+# LinearSCVI: scvi-tools' own ``get_loadings()`` values (genes x n_latent), stored at export.
+ARR_LOADINGS = "loadings"
+
+# SCANVI: three more graphs (no randomness; the runtime draws z2) and the label prior.
+#   classifier.onnx  z (S, N, L) -> probs (S, N, K)          softmax of the classifier
+#   z2_encoder.onnx  z (S, N, L) -> qz2_m, qz2_v (S, N, K, L) q(z2 | z1, y) for every label y
+#   z1_decoder.onnx  z2 (S, N, K, L) -> pz1_m, pz1_v          p(z1 | z2, y), label y on axis 2
+CLASSIFIER_FILE = "classifier.onnx"
+Z2_ENCODER_FILE = "z2_encoder.onnx"
+Z1_DECODER_FILE = "z1_decoder.onnx"
+IN_Z2 = "z2"
+OUT_PROBS = "probs"
+OUT_QZ2_M = "qz2_m"
+OUT_QZ2_V = "qz2_v"
+OUT_PZ1_M = "pz1_m"
+OUT_PZ1_V = "pz1_v"
+ARR_Y_PRIOR = "y_prior"
+#: SCANVI graph name in ``manifest.graphs`` -> (probe input prefix, probe output prefix).
+SCANVI_GRAPHS = {
+    "classifier": ("cls_in.", "cls_out."),
+    "z2_encoder": ("z2e_in.", "z2e_out."),
+    "z1_decoder": ("z1d_in.", "z1d_out."),
+}
 
 # Numerical constants of scvi-tools 1.4.2 that the maths depends on.
 LIKELIHOOD_EPS = 1e-8  # scvi.distributions: eps inside logs
@@ -220,14 +263,30 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
             "export one with `scvi-onnx export` or `scvi_onnx.exporter.export_model`"
         )
     try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleIntegrityError(f"{mpath} is not valid JSON ({e}); the bundle is corrupt") from e
+        text = mpath.read_text(encoding="utf-8")
+    except OSError as e:
+        raise BundleError(f"cannot read {mpath}: {e.strerror or e}; check its permissions") from e
+    except UnicodeDecodeError as e:
+        raise BundleIntegrityError(
+            f"{mpath} is not valid JSON ({e}); the bundle is corrupt: restore it from the "
+            "original bundle or re-export the model"
+        ) from e
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BundleIntegrityError(
+            f"{mpath} is not valid JSON ({e}); the bundle is corrupt: restore it from the "
+            "original bundle or re-export the model"
+        ) from e
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
-        raise BundleError(f"{mpath} is not a scvi-onnx manifest (format != {FORMAT_NAME!r})")
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise BundleError(
+            f"{mpath} is not a scvi-onnx manifest (format {found!r}, expected "
+            f"{FORMAT_NAME!r}); pass a bundle folder written by `scvi-onnx export`"
+        )
     version = raw.get("schema_version")
-    if not isinstance(version, int):
-        raise BundleError(f"{mpath} has no integer schema_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise BundleError(f"{mpath} has no integer schema_version (got {version!r}); re-export")
     if version > SCHEMA_VERSION:
         raise BundleVersionError(
             f"bundle schema version {version} is newer than this runtime reads "
@@ -238,27 +297,100 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
             f"bundle schema version {version} is older than this runtime reads "
             f"(from {MIN_SCHEMA_VERSION}); re-export the model or use an older scvi-onnx"
         )
+    _check_manifest_fields(raw, mpath)
     try:
         manifest = Manifest.from_json(raw)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BundleIntegrityError(f"{mpath} lacks a required field ({e}); re-export") from e
     if check_files:
         verify_checksums(root, manifest)
     return manifest
 
 
+def _check_manifest_fields(raw: dict[str, Any], mpath: Path) -> None:
+    """Refuse a manifest whose fields the runtime would misread (before any maths runs)."""
+
+    def bad(what: str) -> BundleIntegrityError:
+        return BundleIntegrityError(
+            f"{mpath}: {what}; the manifest is corrupt: re-export the model"
+        )
+
+    for key, kind in (
+        ("config", dict),
+        ("registry", dict),
+        ("graphs", dict),
+        ("genes", list),
+        ("files", dict),
+    ):
+        if key in raw and not isinstance(raw[key], kind):
+            raise bad(f"{key!r} must be a JSON {'object' if kind is dict else 'array'}")
+    files = raw.get("files", {})
+    for name, digest in files.items():
+        _check_inside(name)
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise bad(f"the checksum of {name!r} is not a sha256 hex digest ({digest!r})")
+    config = raw.get("config")
+    if isinstance(config, dict):
+        absent = [k for k in REQUIRED_CONFIG if k not in config]
+        if absent:
+            raise bad(f"config lacks {', '.join(map(repr, absent))}")
+        for key, choices in CONFIG_CHOICES.items():
+            value = config[key]
+            if isinstance(value, bool) != isinstance(choices[0], bool) or value not in choices:
+                raise BundleError(
+                    f"{mpath}: config {key}={value!r} is not one this runtime implements "
+                    f"({', '.join(map(repr, choices))}); upgrade scvi-onnx or re-export"
+                )
+        n_latent = config["n_latent"]
+        if isinstance(n_latent, bool) or not isinstance(n_latent, int) or n_latent < 1:
+            raise bad(f"config n_latent must be a positive integer, got {n_latent!r}")
+
+
+def _check_inside(name: str) -> None:
+    p = Path(name)
+    if not name or p.is_absolute() or ".." in p.parts or p.drive:
+        raise BundleIntegrityError(
+            f"manifest lists a file outside the bundle: {name!r}; a bundle only refers to "
+            "files inside its own folder: re-export it"
+        )
+
+
 def verify_checksums(root: str | Path, manifest: Manifest) -> None:
-    """Check every file listed in the manifest against its sha256."""
+    """Check every file listed in the manifest against its sha256.
+
+    Every file the runtime reads (:data:`REQUIRED_FILES` and the graph files named in
+    ``graphs``) must be listed: an unlisted file would be loaded unchecked.
+    """
     root = Path(root)
     if not manifest.files:
         raise BundleIntegrityError(f"{root / MANIFEST_FILE} lists no file checksums")
+    for name in manifest.files:
+        _check_inside(name)
+    graph_files = [
+        g["file"] for g in manifest.graphs.values() if isinstance(g, dict) and "file" in g
+    ]
+    unlisted = [
+        n for n in dict.fromkeys([*REQUIRED_FILES, *graph_files]) if n not in manifest.files
+    ]
+    if unlisted:
+        raise BundleIntegrityError(
+            f"{root / MANIFEST_FILE} lists no checksum for {', '.join(map(repr, unlisted))}; "
+            "the file cannot be verified: re-export the bundle"
+        )
     for name, digest in manifest.files.items():
         p = root / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleIntegrityError(f"manifest lists a file outside the bundle: {name!r}")
         if not p.is_file():
-            raise BundleIntegrityError(f"bundle file missing: {name} (expected in {root})")
-        actual = sha256_file(p)
+            raise BundleIntegrityError(
+                f"bundle file missing: {name} (expected in {root}); restore it from the "
+                "original bundle"
+            )
+        try:
+            actual = sha256_file(p)
+        except OSError as e:
+            raise BundleError(
+                f"cannot read bundle file {name} in {root}: {e.strerror or e}; check its "
+                "permissions"
+            ) from e
         if actual != digest:
             raise BundleIntegrityError(
                 f"bundle file {name} is altered or truncated: sha256 {actual[:16]}... "
@@ -266,10 +398,32 @@ def verify_checksums(root: str | Path, manifest: Manifest) -> None:
             )
 
 
-def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Load an ``.npz`` without pickle (object arrays are refused)."""
+class NpzArrays(dict):
+    """The arrays of an ``.npz``; a missing name is a :class:`BundleIntegrityError`."""
+
+    def __init__(self, path: Path, arrays: Mapping[str, np.ndarray]):
+        super().__init__(arrays)
+        self.path = path
+
+    def __missing__(self, key: str) -> np.ndarray:
+        raise BundleIntegrityError(
+            f"{self.path.name} has no array {key!r} (it holds {sorted(self)}); the bundle is "
+            "incomplete: re-export it"
+        )
+
+
+def load_npz(path: str | Path) -> NpzArrays:
+    """Load an ``.npz`` without pickle (object arrays are refused).
+
+    Any failure to read (not a zip, truncated member, object array) is a
+    :class:`BundleIntegrityError`; so is looking up an array the file does not hold.
+    """
+    path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise BundleIntegrityError(f"cannot read {path}: {e}") from e
+            return NpzArrays(path, {k: f[k] for k in f.files})
+    except Exception as e:  # zipfile, zlib, numpy format errors: all mean a corrupt file
+        raise BundleIntegrityError(
+            f"cannot read {path.name} in {path.parent} ({type(e).__name__}: {e}); restore the "
+            "bundle from its original or re-export it"
+        ) from e

@@ -388,17 +388,31 @@ def _check_input(path: str) -> Path:
 
 
 def _read_h5ad(path: str, *, backed: bool):
-    """Read an AnnData; any failure to read is a one-line error."""
+    """Read an AnnData; any failure to read is a one-line error (and only that line)."""
     p = _check_input(path)
     import anndata
 
-    try:
-        with warnings.catch_warnings():
-            # anndata's own chatter about the file's encoding is not the user's problem
-            warnings.simplefilter("ignore", FutureWarning)
-            return anndata.read_h5ad(p, backed="r" if backed else None)
-    except Exception as e:
-        raise CLIError(f"cannot read {p} as an .h5ad file: {_error_message(e)}") from e
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # anndata's own chatter about the file's encoding is not the user's problem
+        warnings.simplefilter("ignore", FutureWarning)
+        # duplicated gene names are refused with a clearer error when the data is used
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        try:
+            adata = anndata.read_h5ad(p, backed="r" if backed else None)
+        except Exception as e:
+            # the warnings of a failed read are dropped: the error line says it all
+            raise CLIError(
+                f"cannot read {p} as an .h5ad file: {_error_message(e)}; pass an AnnData file "
+                "written by anndata (AnnData.write_h5ad)"
+            ) from e
+    seen = set()
+    for w in caught:  # re-emit once each, as the default warning filter would
+        key = (w.category, str(w.message))
+        if key not in seen:
+            seen.add(key)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return adata
 
 
 def _close(adata: Any) -> None:

@@ -515,7 +515,10 @@ class AnnDataSource:
                 f"min_gene_overlap must be a number in [0, 1], got {min_gene_overlap!r}"
             )
         if adata.n_obs == 0:
-            raise InputDataError("empty AnnData: it holds 0 cells; nothing to score")
+            raise InputDataError(
+                "empty AnnData: it holds 0 cells; nothing to score: pass an AnnData with at "
+                "least one cell"
+            )
 
         self._manifest = manifest
         self._obs_names = adata.obs_names

@@ -58,6 +58,13 @@ MAX_DEFAULT_THREADS = 8
 
 _LN_MEAN_CHUNK = 500
 
+#: Bundle ``model_class`` -> (runtime module, class); :func:`load` picks the class.
+MODEL_CLASSES = {
+    "SCVI": ("scvi_onnx.model", "OnnxSCVI"),
+    "LinearSCVI": ("scvi_onnx.linear", "OnnxLinearSCVI"),
+    "SCANVI": ("scvi_onnx.scanvi", "OnnxSCANVI"),
+}
+
 
 def theta_from_arrays(
     config: dict[str, Any],
@@ -115,9 +122,10 @@ class OnnxSCVI:
     ):
         self.path = Path(path)
         self.manifest = B.read_manifest(self.path, check_files=verify_checksums)
-        if self.manifest.model_class != "SCVI":
+        if self.manifest.model_class not in MODEL_CLASSES:
             raise B.BundleError(
-                f"bundle holds a {self.manifest.model_class} model; this runtime reads SCVI"
+                f"bundle holds a {self.manifest.model_class} model; this runtime reads "
+                f"{', '.join(MODEL_CLASSES)}"
             )
         self.config = self.manifest.config
         self.seed = int(seed)
@@ -588,7 +596,11 @@ def load(
     seed: int = 0,
     **kwargs: Any,
 ) -> OnnxSCVI:
-    """Load a scvi-onnx bundle.
+    """Load a scvi-onnx bundle as the runtime class of its model.
+
+    :class:`OnnxSCVI` for SCVI, :class:`~scvi_onnx.linear.OnnxLinearSCVI` (adds
+    ``get_loadings``) for LinearSCVI, :class:`~scvi_onnx.scanvi.OnnxSCANVI` (adds ``predict``
+    and SCANVI's ELBO) for SCANVI.
 
     Parameters
     ----------
@@ -613,4 +625,13 @@ def load(
     ProviderError
         ``device="cuda"`` cannot be honoured.
     """
-    return OnnxSCVI(path, adata, device=device, seed=seed, **kwargs)
+    import importlib
+
+    name = B.read_manifest(path, check_files=False).model_class
+    if name not in MODEL_CLASSES:
+        raise B.BundleError(
+            f"bundle holds a {name} model; this runtime reads {', '.join(MODEL_CLASSES)}"
+        )
+    module, cls = MODEL_CLASSES[name]
+    model_cls = getattr(importlib.import_module(module), cls)
+    return model_cls(path, adata, device=device, seed=seed, **kwargs)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bundle as B
+from .errors import BundleIntegrityError
 from .session import create_session
 
 
@@ -93,15 +94,28 @@ def verify(
     arrays = B.load_npz(root / B.ARRAYS_FILE)
     rows = []
     provider = None
-    for graph, prefix_in, prefix_out in (
-        ("encoder", "enc_in.", "enc_out."),
-        ("decoder", "dec_in.", "dec_out."),
-    ):
-        sess, provider = create_session(root / manifest.graphs[graph]["file"], device)
+    graphs = [("encoder", "enc_in.", "enc_out."), ("decoder", "dec_in.", "dec_out.")]
+    graphs += [(g, *pre) for g, pre in B.SCANVI_GRAPHS.items() if g in manifest.graphs]
+    for graph, prefix_in, prefix_out in graphs:
+        spec = manifest.graphs.get(graph)
+        fname = spec.get("file") if isinstance(spec, dict) else None
+        fname = fname or {"encoder": B.ENCODER_FILE, "decoder": B.DECODER_FILE}.get(graph)
+        if not isinstance(fname, str):
+            raise BundleIntegrityError(
+                f"{root / B.MANIFEST_FILE} names no file for the {graph} graph; re-export it"
+            )
+        sess, provider = create_session(root / fname, device)
         names_in = [i.name for i in sess.get_inputs()]
         names_out = [o.name for o in sess.get_outputs()]
         feeds = {n: probes[prefix_in + n] for n in names_in}
-        got = dict(zip(names_out, sess.run(None, feeds), strict=True))
+        try:
+            outputs = sess.run(None, feeds)
+        except Exception as e:  # onnxruntime's own exception types: probes do not fit
+            raise BundleIntegrityError(
+                f"the probe inputs in {B.PROBES_FILE} do not fit {fname} "
+                f"({type(e).__name__}: {e}); the bundle is inconsistent: re-export it"
+            ) from e
+        got = dict(zip(names_out, outputs, strict=True))
         for name in names_out:
             key = prefix_out + name
             if key in probes:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ProviderError
+from .errors import BundleIntegrityError, ProviderError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,18 @@ def _session_options(ort, intra_op_threads: int | None):
     return so
 
 
+def _new_session(ort, path, so, providers):
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if any(p == CUDA or (isinstance(p, tuple) and p[0] == CUDA) for p in providers):
+            raise
+        raise BundleIntegrityError(
+            f"{Path(path).name} is not a valid ONNX graph ({msg}); re-export the bundle"
+        ) from e
+
+
 def create_session(path: str | Path, device: str = "auto", *, intra_op_threads: int | None = None):
     """Create an ``InferenceSession`` on ``device`` ("auto", "cpu" or "cuda").
 
@@ -66,7 +78,7 @@ def create_session(path: str | Path, device: str = "auto", *, intra_op_threads: 
         if device == "cuda" and not _gpu_present():
             raise ProviderError("device='cuda' but no NVIDIA GPU is visible; use device='cpu'")
         try:
-            sess = ort.InferenceSession(str(path), so, providers=[(CUDA, CUDA_OPTIONS), CPU])
+            sess = _new_session(ort, path, so, [(CUDA, CUDA_OPTIONS), CPU])
         except Exception as e:  # onnxruntime raises its own exception types
             if device == "cuda":
                 raise ProviderError(f"cannot create a CUDA session: {e}") from e
@@ -80,4 +92,4 @@ def create_session(path: str | Path, device: str = "auto", *, intra_op_threads: 
                     "(check the CUDA/cuDNN libraries); use device='cpu'"
                 )
             logger.warning("CUDA provider did not load; using the CPU")
-    return ort.InferenceSession(str(path), so, providers=[CPU]), CPU
+    return _new_session(ort, path, so, [CPU]), CPU

@@ -27,6 +27,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import anndata as ad
     import scvi
+
     from scvi_onnx.exporter import export_model
 
     scvi.settings.seed = args.seed

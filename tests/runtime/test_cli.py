@@ -13,6 +13,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+
 import scvi_onnx
 from scvi_onnx import bundle as B
 from scvi_onnx.cli import main

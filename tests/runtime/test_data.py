@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+
 from scvi_onnx.bundle import CategoricalField, Manifest, Registry
 from scvi_onnx.data import (
     BATCH_KEY,

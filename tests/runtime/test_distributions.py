@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from scipy import stats
 from scipy.special import gammaln, log_expit
 from scipy.special import logsumexp as scipy_logsumexp
+
 from scvi_onnx import distributions as D
 from scvi_onnx.bundle import LIKELIHOOD_EPS
 

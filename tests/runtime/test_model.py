@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import anndata as ad
 import numpy as np
 import pytest
+
 import scvi_onnx
 from scvi_onnx.errors import InvalidArgumentError
 

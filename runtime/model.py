@@ -88,6 +88,13 @@ def theta_from_arrays(
     return np.exp(px_r.T[codes])
 
 
+def check_seed(seed: Any) -> int:
+    """A seed must be an integer (not a bool, float or string)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InvalidArgumentError(f"seed must be an integer, got {seed!r}")
+    return int(seed)
+
+
 def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
@@ -128,8 +135,9 @@ class OnnxSCVI:
                 f"{', '.join(MODEL_CLASSES)}"
             )
         self.config = self.manifest.config
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self._arrays = B.load_npz(self.path / B.ARRAYS_FILE)
+        self._check_arrays()
         self._enc, self.provider = create_session(
             self.path / B.ENCODER_FILE, device, intra_op_threads=intra_op_threads
         )
@@ -158,8 +166,33 @@ class OnnxSCVI:
                 TABLE_MAX_ENTRIES
             ):
                 self._theta_table = lgamma_table(self._theta)
+        if self._enc.get_inputs()[0].shape[-1] not in (len(self.genes), None, "n_genes"):
+            raise B.BundleIntegrityError(
+                f"{B.ENCODER_FILE} takes {self._enc.get_inputs()[0].shape[-1]} genes but the "
+                f"manifest lists {len(self.genes)}; re-export the bundle"
+            )
         self.adata = adata
         logger.info("loaded %s (%s) on %s", self.path, self.manifest.model_class, self.provider)
+
+    def _check_arrays(self) -> None:
+        """Required arrays present with the manifest's shapes (fail at load, not mid-call)."""
+        c, G = self.config, len(self.manifest.genes)
+        want: dict[str, tuple] = {}
+        if c["gene_likelihood"] != "poisson" and c["dispersion"] != "gene-cell":
+            want[B.ARR_PX_R] = {
+                "gene": (G,),
+                "gene-batch": (G, c["n_batch"]),
+                "gene-label": (G, c["n_labels"]),
+            }[c["dispersion"]]
+        if not c["use_observed_lib_size"]:
+            want[B.ARR_LIB_MEANS] = want[B.ARR_LIB_VARS] = (1, c["n_batch"])
+        for name, shape in want.items():
+            arr = self._arrays[name]  # a missing array is a BundleIntegrityError
+            if arr.shape != shape:
+                raise B.BundleIntegrityError(
+                    f"{B.ARRAYS_FILE}: {name} has shape {arr.shape}, expected {shape} for this "
+                    "model; re-export the bundle"
+                )
 
     # ------------------------------------------------------------------ description
     @property
@@ -381,7 +414,7 @@ class OnnxSCVI:
         -------
         ``(n_cells, n_latent)`` float32 array, or the tuple ``(mean, var)`` if ``return_dist``.
         """
-        seed = self.seed if seed is None else int(seed)
+        seed = self.seed if seed is None else check_seed(seed)
         if give_mean and self._ln and not return_dist:
             _check_positive_int("mc_samples", mc_samples)
         L = self.n_latent
@@ -442,7 +475,7 @@ class OnnxSCVI:
         -------
         The mean ELBO (float) if ``return_mean``, else a ``(n_cells,)`` array.
         """
-        seed = self.seed if seed is None else int(seed)
+        seed = self.seed if seed is None else check_seed(seed)
         mbs = self._minibatches(
             adata,
             indices,
@@ -477,7 +510,7 @@ class OnnxSCVI:
         is a negative log-likelihood: lower is better (scvi-tools' docstring says otherwise; the
         numbers are what we match).
         """
-        seed = self.seed if seed is None else int(seed)
+        seed = self.seed if seed is None else check_seed(seed)
         mbs = self._minibatches(
             adata,
             indices,
@@ -525,7 +558,7 @@ class OnnxSCVI:
         scvi-tools' reduction; minibatches of ``batch_size`` cells, default 128); else a
         ``(n_cells,)`` array.
         """
-        seed = self.seed if seed is None else int(seed)
+        seed = self.seed if seed is None else check_seed(seed)
         n_mc_samples = _check_positive_int("n_mc_samples", n_mc_samples)
         per_pass = _check_positive_int(
             "n_mc_samples_per_pass", n_mc_samples_per_pass, allow_none=True

@@ -35,7 +35,7 @@ from . import distributions as D
 from . import rng
 from .data import CELL_INDEX_KEY, resolve_indices
 from .errors import InvalidArgumentError
-from .model import OnnxSCVI
+from .model import OnnxSCVI, check_seed
 from .session import create_session
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ class OnnxSCANVI(OnnxSCVI):
         """
         import pandas as pd
 
-        seed = self.seed if seed is None else int(seed)
+        seed = self.seed if seed is None else check_seed(seed)
 
         def probs_of(mb):
             enc = self._encode(mb)

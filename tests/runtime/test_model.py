@@ -121,3 +121,32 @@ def test_lazy_public_api_is_stable():
     for _ in range(2):
         assert callable(scvi_onnx.verify) and callable(scvi_onnx.load)
     assert scvi_onnx.verify(SHIPPED_BUNDLE).ok
+
+
+@pytest.mark.parametrize("seed", [1.5, "3", True, None])
+def test_seed_must_be_an_integer(model, query, seed):
+    if seed is None:
+        assert model.get_elbo(query, seed=None) == model.get_elbo(query)  # None = model's seed
+        return
+    with pytest.raises(InvalidArgumentError, match="seed"):
+        model.get_elbo(query, seed=seed)
+    with pytest.raises(InvalidArgumentError, match="seed"):
+        scvi_onnx.load(SHIPPED_BUNDLE, device="cpu", seed=seed)
+
+
+def test_wrong_array_shape_refused_at_load(tmp_path):
+    import json
+    import shutil
+
+    from scvi_onnx import bundle as B
+
+    b = tmp_path / "b"
+    shutil.copytree(SHIPPED_BUNDLE, b)
+    arrays = dict(np.load(b / B.ARRAYS_FILE))
+    arrays[B.ARR_PX_R] = arrays[B.ARR_PX_R][:-1]
+    np.savez(b / B.ARRAYS_FILE, **arrays)
+    man = json.loads((b / B.MANIFEST_FILE).read_text())
+    man["files"][B.ARRAYS_FILE] = B.sha256_file(b / B.ARRAYS_FILE)
+    (b / B.MANIFEST_FILE).write_text(json.dumps(man))
+    with pytest.raises(scvi_onnx.BundleIntegrityError, match="px_r has shape"):
+        scvi_onnx.load(b, device="cpu")

@@ -57,7 +57,19 @@ def _error_message(exc: BaseException) -> str:
         # "[Errno 2] No such file or directory: 'x'" -> "x: No such file or directory"
         return f"{exc.filename}: {exc.strerror}"
     msg = _one_line(exc)
+    # The library's messages name Python keywords; say the command-line flags instead.
+    for kw, flag in _FLAG_NAMES:
+        msg = msg.replace(kw, flag)
     return msg or type(exc).__name__
+
+
+_FLAG_NAMES = (
+    ('missing_genes="zero"', "--missing-genes zero"),
+    ("min_gene_overlap=0", "--min-gene-overlap 0"),
+    ("min_gene_overlap", "--min-gene-overlap"),
+    ("batch_size", "--batch-size"),
+    ("n_mc_samples", "--n-mc-samples"),
+)
 
 
 def _preview(items: Any, n: int = _N_PREVIEW) -> str:
@@ -167,6 +179,14 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         choices=("error", "zero"),
         default="error",
         help="genes of the model absent from the input: fail (default) or fill with zeros",
+    )
+    g.add_argument(
+        "--min-gene-overlap",
+        type=float,
+        default=0.8,
+        metavar="F",
+        help="with --missing-genes zero: smallest fraction of the model's genes that must be "
+        "present (default 0.8, as scvi-tools; 0 accepts any overlap)",
     )
     g.add_argument(
         "--no-progress",
@@ -510,8 +530,21 @@ def _data_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "missing_genes": args.missing_genes,
+        "min_gene_overlap": args.min_gene_overlap,
         "progress_bar": _progress(args),
     }
+
+
+def _note_overlap(model, adata, args: argparse.Namespace) -> None:
+    """Report zero-filled genes (the data layer refuses below --min-gene-overlap)."""
+    if args.missing_genes != "zero":
+        return
+    ov = model.gene_overlap(adata)
+    if ov["fraction"] >= args.min_gene_overlap and ov["n_found"] < ov["n_model_genes"]:
+        sys.stderr.write(
+            f"{PROG}: note: {ov['n_found']} of {ov['n_model_genes']} model genes found "
+            f"({100 * ov['fraction']:.1f}%); {len(ov['missing'])} filled with zeros\n"
+        )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -553,6 +586,7 @@ def cmd_latent(args: argparse.Namespace) -> int:
         raise CLIError(f"--key must be a non-empty name without '/', got {args.key!r}")
     model = _load_model(args)
     adata = _read_h5ad(args.input, backed=suffix != ".h5ad")
+    _note_overlap(model, adata, args)
     try:
         res = model.get_latent_representation(
             adata,
@@ -631,6 +665,7 @@ def cmd_metric(args: argparse.Namespace) -> int:
         )
     model = _load_model(args)
     adata = _read_h5ad(args.input, backed=True)
+    _note_overlap(model, adata, args)
     try:
         value, cells = _metric_values(model, adata, args, per_cell=out is not None)
         n_cells = int(adata.n_obs)

@@ -212,6 +212,28 @@ class OnnxSCVI:
         )
 
     # ------------------------------------------------------------------ data
+    def gene_overlap(self, adata: Any) -> dict[str, Any]:
+        """How many of the model's genes ``adata`` has (matched by name).
+
+        Returns
+        -------
+        ``{"n_model_genes", "n_found", "fraction", "missing" (list, in model order),
+        "n_extra"}``.
+        """
+        var = getattr(adata, "var_names", None)
+        if var is None:
+            raise InvalidArgumentError(f"expected an AnnData, got {type(adata).__name__}")
+        present = set(map(str, var))
+        missing = [g for g in self.genes if g not in present]
+        n_found = len(self.genes) - len(missing)
+        return {
+            "n_model_genes": len(self.genes),
+            "n_found": n_found,
+            "fraction": n_found / len(self.genes),
+            "missing": missing,
+            "n_extra": len(present) - n_found,
+        }
+
     def _minibatches(
         self,
         adata: Any,
@@ -220,6 +242,7 @@ class OnnxSCVI:
         dataloader: Iterable[dict[str, Any]] | None,
         *,
         missing_genes: str = "error",
+        min_gene_overlap: float = 0.8,
         progress: bool = False,
     ) -> Iterator[dict[str, np.ndarray]]:
         batch_size = _check_positive_int("batch_size", batch_size, allow_none=True)
@@ -243,6 +266,7 @@ class OnnxSCVI:
                 adata,
                 self.manifest,
                 missing_genes=missing_genes,
+                min_gene_overlap=min_gene_overlap,
                 require_positive_library=need_lib,
                 count_data=count,
             )
@@ -380,6 +404,7 @@ class OnnxSCVI:
         *,
         seed: int | None = None,
         missing_genes: str = "error",
+        min_gene_overlap: float = 0.8,
         progress_bar: bool = False,
         **data_loader_kwargs: Any,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -406,7 +431,11 @@ class OnnxSCVI:
         seed
             Seed of the draws (default: the model's ``seed``).
         missing_genes
-            ``"error"`` (default) or ``"zero"`` to fill genes missing from ``adata`` with zeros.
+            ``"error"`` (default) or ``"zero"`` to fill genes missing from ``adata`` with zeros
+            (as scvi-tools' ``prepare_query_anndata``); see :meth:`gene_overlap`.
+        min_gene_overlap
+            With ``missing_genes="zero"``, the smallest fraction of the model's genes that must
+            be present (default 0.8, as scvi-tools); pass 0 to accept any overlap.
         progress_bar
             Show a progress bar over minibatches.
 
@@ -444,6 +473,7 @@ class OnnxSCVI:
             batch_size,
             dataloader,
             missing_genes=missing_genes,
+            min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
         )
         parts = list(self._pmap(one, mbs))
@@ -463,6 +493,7 @@ class OnnxSCVI:
         *,
         seed: int | None = None,
         missing_genes: str = "error",
+        min_gene_overlap: float = 0.8,
         progress_bar: bool = False,
         **kwargs: Any,
     ) -> float | np.ndarray:
@@ -482,6 +513,7 @@ class OnnxSCVI:
             batch_size,
             dataloader,
             missing_genes=missing_genes,
+            min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
         )
         vals = [-(rec + kl) for rec, kl in self._pmap(lambda mb: self._elbo_terms(mb, seed), mbs)]
@@ -499,6 +531,7 @@ class OnnxSCVI:
         *,
         seed: int | None = None,
         missing_genes: str = "error",
+        min_gene_overlap: float = 0.8,
         progress_bar: bool = False,
         **kwargs: Any,
     ) -> dict[str, float | np.ndarray]:
@@ -517,6 +550,7 @@ class OnnxSCVI:
             batch_size,
             dataloader,
             missing_genes=missing_genes,
+            min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
         )
         recs = [rec for rec, _ in self._pmap(lambda mb: self._elbo_terms(mb, seed), mbs)]
@@ -536,6 +570,7 @@ class OnnxSCVI:
         n_mc_samples_per_pass: int | None = None,
         seed: int | None = None,
         missing_genes: str = "error",
+        min_gene_overlap: float = 0.8,
         progress_bar: bool = False,
         **kwargs: Any,
     ) -> float | np.ndarray:
@@ -569,6 +604,7 @@ class OnnxSCVI:
             batch_size,
             dataloader,
             missing_genes=missing_genes,
+            min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
         )
         per_cell = list(self._marginal_ll_chunks(mbs, n_mc_samples, per_pass, seed))

@@ -193,13 +193,14 @@ class OnnxSCANVI(OnnxSCVI):
         *,
         seed: int | None = None,
         missing_genes: str = "error",
+        min_gene_overlap: float = 0.8,
         progress_bar: bool = False,
     ) -> np.ndarray | pd.DataFrame:
         """Cell label predictions, as ``scvi.model.SCANVI.predict``.
 
         Parameters
         ----------
-        adata, indices, batch_size, dataloader, missing_genes, progress_bar
+        adata, indices, batch_size, dataloader, missing_genes, min_gene_overlap, progress_bar
             As in :meth:`get_latent_representation`.
         soft
             Return the class probabilities instead of the most probable label.
@@ -234,6 +235,7 @@ class OnnxSCANVI(OnnxSCVI):
             batch_size,
             dataloader,
             missing_genes=missing_genes,
+            min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
         )
         probs = np.concatenate(list(self._pmap(probs_of, mbs)))

@@ -51,3 +51,19 @@ def test_marginal_ll_whole_method(pair):
     ours = om.get_marginal_ll(query[:64], n_mc_samples=50)
     spread = max(np.std(runs), 0.05)
     assert abs(ours - np.mean(runs)) < 6 * spread, (ours, runs)
+
+
+def test_zero_filled_missing_genes_match_prepare_query_anndata(pair):
+    """Missing genes: scvi-tools' prepare_query_anndata zero-fills; so does missing_genes="zero"."""
+    ref, om, query, _ = pair
+    drop = set(list(om.genes)[5:120])
+    partial = query[:, [g for g in query.var_names if g not in drop]].copy()
+    filled = partial.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scvi.model.SCVI.prepare_query_anndata(filled, ref)
+        scvi.model.SCVI.setup_anndata(filled, batch_key="batch")
+        z_ref = ref.get_latent_representation(filled)
+    z = om.get_latent_representation(partial, missing_genes="zero")
+    np.testing.assert_allclose(z, z_ref, atol=1e-4)
+    assert om.gene_overlap(partial)["n_found"] == len(om.genes) - len(drop)

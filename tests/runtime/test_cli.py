@@ -445,3 +445,62 @@ def test_export_without_extra_gives_pip_hint(tmp_path):
     assert "pip install 'scvi-onnx[export]'" in lines[0]
     assert res.stdout == ""
     assert not out.exists()
+
+
+def test_missing_genes_zero_fill_reports_overlap(tmp_path, capsys):
+    import anndata as ad
+
+    import scvi_onnx
+    from scvi_onnx.cli import main
+
+    from ..conftest import EXAMPLE_H5AD, SHIPPED_BUNDLE
+
+    a = ad.read_h5ad(EXAMPLE_H5AD)
+    m = scvi_onnx.load(SHIPPED_BUNDLE, device="cpu")
+    drop = set(list(m.genes)[:150])
+    b = a[:, [g for g in a.var_names if g not in drop]].copy()
+    path = tmp_path / "q.h5ad"
+    b.write_h5ad(path)
+    assert main(["elbo", str(SHIPPED_BUNDLE), str(path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "150 of the model's 2000 genes are missing" in err and "--missing-genes zero" in err
+    assert (
+        main(
+            [
+                "elbo",
+                str(SHIPPED_BUNDLE),
+                str(path),
+                "--device",
+                "cpu",
+                "--json",
+                "--missing-genes",
+                "zero",
+            ]
+        )
+        == 0
+    )
+    cap = capsys.readouterr()
+    assert "1850 of 2000 model genes found (92.5%); 150 filled with zeros" in cap.err
+    import json
+
+    want = m.get_elbo(b, missing_genes="zero")
+    assert json.loads(cap.out)["value"] == pytest.approx(want)
+    c = a[:, [g for g in a.var_names if g not in set(list(m.genes)[:600])]].copy()
+    c.write_h5ad(path)
+    assert main(["elbo", str(SHIPPED_BUNDLE), str(path), "--missing-genes", "zero"]) == 2
+    assert "below --min-gene-overlap 0.8" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "elbo",
+                str(SHIPPED_BUNDLE),
+                str(path),
+                "--missing-genes",
+                "zero",
+                "--min-gene-overlap",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert m.gene_overlap(c)["n_found"] == 1400

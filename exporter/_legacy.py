@@ -59,7 +59,7 @@ _LIBRARY_BUFFERS = ("library_log_means", "library_log_vars")
 
 @dataclass
 class SavedModel:
-    """The contents of a saved model folder, normalised to what scvi-tools 1.4 writes."""
+    """The contents of a saved model folder (rewritten in place by :func:`normalise`)."""
 
     path: Path
     prefix: str
@@ -103,7 +103,7 @@ def _read_var_names(file: Path) -> np.ndarray:
 
 
 def read_saved_model(path: str | os.PathLike, model_class: str | None = None) -> SavedModel:
-    """Read a saved model folder of any scvi-tools version and normalise its contents.
+    """Read a saved model folder of any scvi-tools version >= 0.8 (nothing is converted yet).
 
     Nothing is loaded into a model; the folder is not modified.
     """
@@ -145,9 +145,9 @@ def read_saved_model(path: str | os.PathLike, model_class: str | None = None) ->
                 attr_dict = dict(pd.read_pickle(f))
         except Exception as e:
             raise UnsupportedModelError(
-                f"cannot read the scvi-tools < 0.15 files in {path}: {e}. Convert the folder with "
-                "that scvi-tools version's model.save() after upgrading, or with "
-                "scvi.model.<Class>.convert_legacy_save()"
+                f"cannot read the scvi-tools < 0.15 files in {path}: {e}. Load the model with the "
+                "scvi-tools version that saved it and convert the folder there with "
+                "scvi.model.<Class>.convert_legacy_save(old_folder, new_folder)"
             ) from e
         var_names = _read_var_names(path / f"{prefix}{LEGACY_VAR_NAMES_FILE}")
         layout = "pre-0.15"
@@ -165,7 +165,7 @@ def read_saved_model(path: str | os.PathLike, model_class: str | None = None) ->
         name = model_class or registry.get("model_name")
         version = str(registry.get("scvi_version", "unknown"))
     elif setup_dict is not None:
-        name = model_class or _infer_class(path, state_dict, attr_dict)
+        name = model_class or _infer_class(path, state_dict)
         version = str(setup_dict.get("scvi_version", "< 0.15"))
     else:
         raise UnsupportedModelError(
@@ -173,7 +173,7 @@ def read_saved_model(path: str | os.PathLike, model_class: str | None = None) ->
             "dictionary (scvi_setup_dict_); it was not written by a scvi-tools model's save()"
         )
     if not name:
-        name = _infer_class(path, state_dict, attr_dict)
+        name = _infer_class(path, state_dict)
     return SavedModel(
         path=path,
         prefix=prefix,
@@ -189,7 +189,7 @@ def read_saved_model(path: str | os.PathLike, model_class: str | None = None) ->
     )
 
 
-def _infer_class(path: Path, state_dict: dict, attr_dict: dict) -> str:
+def _infer_class(path: Path, state_dict: dict) -> str:
     """The model class of a folder that does not record it (scvi-tools < 0.15)."""
     keys = set(state_dict)
     prefixes = {k.split(".", 1)[0] for k in keys}
@@ -318,10 +318,15 @@ def _normalise_init_params(cls, saved: SavedModel) -> None:
             saved.changes.append(f"dropped the saved attribute {name!r} (read-only here)")
 
 
-def _normalise_state_dict(saved: SavedModel) -> None:
-    # scvi-tools >= 1.3 stores pyro's global parameter store with every model. Non-pyro modules
-    # (VAE, LDVAE, SCANVAE) ignore it; scvi-tools 1.4 pops it in load() as well.
-    if "pyro_param_store" in saved.state_dict:
+def _normalise_state_dict(cls, saved: SavedModel) -> None:
+    # scvi-tools >= 1.3 stores pyro's global parameter store with every model (whatever pyro
+    # parameters the session held). Non-pyro modules (VAE, LDVAE, SCANVAE) ignore it; pyro
+    # modules need it in on_load, so it stays for them (scvi-tools' load pops it itself).
+    from scvi.module.base import PyroBaseModuleClass
+
+    module_cls = getattr(cls, "_module_cls", None)
+    is_pyro = inspect.isclass(module_cls) and issubclass(module_cls, PyroBaseModuleClass)
+    if "pyro_param_store" in saved.state_dict and not is_pyro:
         saved.state_dict.pop("pyro_param_store")
         saved.changes.append("removed pyro_param_store from the state dict")
 
@@ -468,7 +473,7 @@ def load_saved_model(
     if getattr(cls, "setup_anndata", None) is None:
         raise UnsupportedModelError(f"{saved.model_name} models cannot be loaded from AnnData")
     normalise(saved)
-    _normalise_state_dict(saved)
+    _normalise_state_dict(cls, saved)
 
     if adata is None:
         for name in (ADATA_FILE, MDATA_FILE):

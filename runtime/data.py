@@ -578,6 +578,9 @@ class AnnDataSource:
         self._src_cols = src_cols[found].astype(np.intp)
         self._n_genes = n_model
         self._all_found = n_missing == 0
+        # source column -> model gene position (-1: a gene the model does not use)
+        self._col_map = np.full(var_names.size, -1, dtype=np.intp)
+        self._col_map[self._src_cols] = self._model_pos
         self._identity_cols = self._all_found and np.array_equal(
             self._src_cols, np.arange(var_names.size)
         )
@@ -725,17 +728,54 @@ class AnnDataSource:
         out[:, self._model_pos] = dense
         return out
 
+    def _csr_rows(self, m: Any, rows: np.ndarray | slice) -> np.ndarray:
+        """Rows of an in-memory canonical CSR matrix -> dense float32 in model gene order.
+
+        Gathers the rows' stored entries and scatters them straight into the model's gene
+        columns (reorder, extra and missing genes at once). scipy's row indexing costs far
+        more here: it converts the whole matrix's index arrays on each call.
+        """
+        indptr = m.indptr
+        if isinstance(rows, slice):
+            n = rows.stop - rows.start
+            lo, hi = int(indptr[rows.start]), int(indptr[rows.stop])
+            pos = slice(lo, hi)
+            lengths = np.diff(indptr[rows.start : rows.stop + 1])
+        else:
+            n = rows.size
+            starts = indptr[rows]
+            lengths = indptr[rows + 1] - starts
+            first = np.cumsum(lengths) - lengths
+            pos = np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()))
+        row_id = np.repeat(np.arange(n), lengths)
+        cols = self._col_map[m.indices[pos]]
+        vals = m.data[pos]
+        out = np.zeros((n, self._n_genes), dtype=np.float32)
+        if self._identity_cols:
+            out[row_id, cols] = vals
+        else:
+            keep = cols >= 0
+            out[row_id[keep], cols[keep]] = vals[keep]
+        return out
+
     def _read_rows(self, rows: np.ndarray) -> np.ndarray:
         m = self._matrix
         if self._kind == "memory":
+            lo = int(rows[0])
+            if rows.size > 1 and rows[-1] - lo + 1 == rows.size and np.all(np.diff(rows) == 1):
+                rows = slice(lo, lo + rows.size)  # a contiguous range: slicing, not fancy indexing
             if isinstance(m, np.ndarray):
                 if self._identity_cols:
                     return np.ascontiguousarray(m[rows], dtype=np.float32)
+                if isinstance(rows, slice):
+                    return self._place(m[rows][:, self._src_cols])
                 return self._place(m[np.ix_(rows, self._src_cols)])
             if m.format == "csc":
                 # columns are the major axis of CSC: select them first, then the rows
                 block = m[:, self._src_cols] if not self._identity_cols else m
                 return self._place(block[rows, :].toarray())
+            if m.has_canonical_format:
+                return self._csr_rows(m, rows)
             return self._select_cols(m[rows])
         # lazy (backed): read increasing rows, then restore the requested order
         order = np.argsort(rows, kind="stable")

@@ -35,11 +35,11 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     n = args.n_cells
     pick = rng.integers(0, src.n_obs, n)
+    cat_cols = [c for c in src.obs.columns if isinstance(src.obs[c].dtype, pd.CategoricalDtype)]
     obs = pd.DataFrame(
         {
-            "batch": pd.Categorical(
-                src.obs["batch"].to_numpy()[pick], categories=src.obs["batch"].cat.categories
-            )
+            c: pd.Categorical(src.obs[c].to_numpy()[pick], categories=src.obs[c].cat.categories)
+            for c in cat_cols
         },
         index=[f"cell{i}" for i in range(n)],
     )

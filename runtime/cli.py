@@ -35,6 +35,7 @@ PROG = "scvi-onnx"
 EXPORT_HINT = "pip install 'scvi-onnx[export]'"
 DEVICES = ("auto", "cpu", "cuda")
 LATENT_SUFFIXES = (".h5ad", ".npy", ".csv")
+PREDICT_SUFFIXES = (".csv", ".h5ad")
 PER_CELL_SUFFIXES = (".csv", ".npy")
 _N_PREVIEW = 5
 
@@ -307,6 +308,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _data_options(p)
     p.set_defaults(func=cmd_latent)
+
+    # ------------------------------------------------------------------ predict (SCANVI)
+    p = sub.add_parser(
+        "predict",
+        parents=[common],
+        help="cell labels from a SCANVI bundle (to .csv or .h5ad)",
+        description=(
+            "Predict cell labels with a SCANVI bundle's classifier, as SCANVI.predict. "
+            ".csv = a table indexed by obs_names with the predicted label (and, with --soft, "
+            "one probability column per label); .h5ad = a copy of the input with "
+            "obs[KEY] (and, with --soft, obsm[KEY_probabilities])."
+        ),
+    )
+    p.add_argument("bundle", metavar="BUNDLE", help="SCANVI bundle folder")
+    p.add_argument("input", metavar="IN.h5ad", help="input AnnData (.h5ad)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output: .csv or .h5ad")
+    p.add_argument("--soft", action="store_true", help="also write the label probabilities")
+    p.add_argument(
+        "--key",
+        default="scanvi_prediction",
+        help="obs key of the labels in an .h5ad output (default: scanvi_prediction)",
+    )
+    _data_options(p)
+    p.set_defaults(func=cmd_predict)
 
     # ------------------------------------------------------------------ metrics
     metrics = (
@@ -616,6 +641,41 @@ def cmd_latent(args: argparse.Namespace) -> int:
                 cols += [f"latent_var_{i}" for i in range(n_latent)]
                 values = np.concatenate([mean, var], axis=1)
             write = _save_csv(_frame(values, adata.obs_names, cols))
+        _write_atomic(out, write, overwrite=args.overwrite)
+    finally:
+        _close(adata)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    out = _check_output(args.output, PREDICT_SUFFIXES, "output", overwrite=args.overwrite)
+    if out.suffix.lower() == ".h5ad" and (not args.key or "/" in args.key):
+        raise CLIError(f"--key must be a non-empty name without '/', got {args.key!r}")
+    model = _load_model(args)
+    if not hasattr(model, "predict"):
+        raise CLIError(
+            f"{args.bundle} holds a {model.manifest.model_class} model; predict needs a SCANVI "
+            "bundle (export a scvi.model.SCANVI)"
+        )
+    adata = _read_h5ad(args.input, backed=out.suffix.lower() != ".h5ad")
+    _note_overlap(model, adata, args)
+    try:
+        kw = {k: v for k, v in _data_kwargs(args).items() if k != "seed"}
+        probs = model.predict(adata, soft=True, **kw)
+        labels = probs.columns.to_numpy()[probs.to_numpy().argmax(1)]
+        if out.suffix.lower() == ".h5ad":
+            adata.obs[args.key] = labels
+            if args.soft:
+                adata.obsm[f"{args.key}_probabilities"] = probs.set_index(adata.obs_names)
+
+            def write(tmp: Path) -> None:
+                adata.write_h5ad(tmp)
+
+        else:
+            table = probs.copy() if args.soft else probs.iloc[:, :0].copy()
+            table.insert(0, "prediction", labels)
+            table.index = adata.obs_names
+            write = _save_csv(table)
         _write_atomic(out, write, overwrite=args.overwrite)
     finally:
         _close(adata)

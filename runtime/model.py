@@ -52,7 +52,10 @@ logger = logging.getLogger(__name__)
 #: ``get_marginal_ll(return_mean=True)`` (a mean of per-minibatch means, as in scvi-tools).
 DEFAULT_BATCH_SIZE = 128
 #: Upper bound on elements of one (samples x cells x genes) decoder output per session call.
-DECODER_CHUNK_ELEMENTS = 1 << 22
+DECODER_CHUNK_ELEMENTS = 1 << 21
+#: Cells x genes of one unit of work for the per-cell methods: minibatches are split into
+#: tasks of at most this many elements (memory; per-cell results do not change).
+TASK_ELEMENTS = 1 << 19
 #: Most worker threads by default (ONNX Runtime and numpy release the GIL).
 MAX_DEFAULT_THREADS = 8
 
@@ -356,6 +359,17 @@ class OnnxSCVI:
         theta = np.exp(dec[B.OUT_PX_R]) if B.OUT_PX_R in dec else None
         return scorer.score(dec[B.OUT_PX_RATE], dec.get(B.OUT_PX_DROPOUT), theta)
 
+    def _tasks(self, mbs: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        """Split minibatches into tasks of at most ``TASK_ELEMENTS`` cells x genes."""
+        step = max(1, TASK_ELEMENTS // len(self.genes))
+        for mb in mbs:
+            n = len(mb[CELL_INDEX_KEY])
+            if n <= step:
+                yield mb
+                continue
+            for start in range(0, n, step):
+                yield {k: v[start : start + step] for k, v in mb.items()}
+
     def _pmap(self, fn: Callable, items: Iterable) -> Iterator:
         """``map(fn, items)`` on worker threads, in order, with bounded work in flight."""
         if self._n_workers <= 1:
@@ -366,7 +380,7 @@ class OnnxSCVI:
             try:
                 for item in items:
                     pending.append(ex.submit(fn, item))
-                    if len(pending) >= 2 * self._n_workers:
+                    if len(pending) > self._n_workers:
                         yield pending.popleft().result()
                 while pending:
                     yield pending.popleft().result()
@@ -476,7 +490,7 @@ class OnnxSCVI:
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
         )
-        parts = list(self._pmap(one, mbs))
+        parts = list(self._pmap(one, self._tasks(mbs)))
         zs = [p[0] for p in parts]
         if return_dist:
             return np.concatenate(zs), np.concatenate([p[1] for p in parts])
@@ -516,7 +530,10 @@ class OnnxSCVI:
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
         )
-        vals = [-(rec + kl) for rec, kl in self._pmap(lambda mb: self._elbo_terms(mb, seed), mbs)]
+        vals = [
+            -(rec + kl)
+            for rec, kl in self._pmap(lambda mb: self._elbo_terms(mb, seed), self._tasks(mbs))
+        ]
         out = np.concatenate(vals)
         return float(out.mean()) if return_mean else out
 
@@ -553,7 +570,9 @@ class OnnxSCVI:
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
         )
-        recs = [rec for rec, _ in self._pmap(lambda mb: self._elbo_terms(mb, seed), mbs)]
+        recs = [
+            rec for rec, _ in self._pmap(lambda mb: self._elbo_terms(mb, seed), self._tasks(mbs))
+        ]
         out = np.concatenate(recs)
         return {"reconstruction_loss": float(out.mean()) if return_mean else out}
 

@@ -238,7 +238,7 @@ class OnnxSCANVI(OnnxSCVI):
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
         )
-        probs = np.concatenate(list(self._pmap(probs_of, mbs)))
+        probs = np.concatenate(list(self._pmap(probs_of, self._tasks(mbs))))
         if not soft:
             return np.array([self._labels[c] for c in probs.argmax(axis=1)])
         if dataloader is not None:

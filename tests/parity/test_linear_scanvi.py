@@ -335,3 +335,30 @@ def test_export_from_saved_folders(cells, tmp_path):
             assert list(om.get_loadings().columns) == list(ref.columns)
         else:
             assert (om.predict(adata) == model.predict(adata)).all()
+
+
+def test_predict_cli(trained, tmp_path, capsys):
+    """`scvi-onnx predict` writes scvi-tools' predictions (csv and h5ad), refuses non-SCANVI."""
+    import pandas as pd
+
+    from scvi_onnx.cli import main
+
+    name, model, adata, om, path = trained
+    query = tmp_path / "q.h5ad"
+    adata.write_h5ad(query)
+    if not isinstance(model, scvi.model.SCANVI):
+        assert main(["predict", str(path), str(query), "-o", str(tmp_path / "p.csv")]) == 2
+        assert "predict needs a SCANVI bundle" in capsys.readouterr().err
+        assert not (tmp_path / "p.csv").exists()
+        return
+    ref = model.predict(adata)
+    assert main(["predict", str(path), str(query), "-o", str(tmp_path / "p.csv"), "--soft"]) == 0
+    table = pd.read_csv(tmp_path / "p.csv", index_col=0)
+    assert (table["prediction"].astype(str).to_numpy() == ref.astype(str)).all()
+    soft = model.predict(adata, soft=True)
+    np.testing.assert_allclose(table[list(map(str, soft.columns))].to_numpy(), soft, atol=1e-5)
+    assert main(["predict", str(path), str(query), "-o", str(tmp_path / "p.h5ad")]) == 0
+    import anndata as ad
+
+    out = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert (out.obs["scanvi_prediction"].astype(str).to_numpy() == ref.astype(str)).all()

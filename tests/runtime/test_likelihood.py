@@ -83,3 +83,18 @@ def test_cell_sum_independent_of_other_rows(data):
         mu[:, rows], pi[:, rows]
     )
     assert np.array_equal(part, full[:, rows])
+
+
+@pytest.mark.parametrize("low", [-60.0, -200.0])
+def test_zinb_extreme_logits_take_a_safe_path(data, low):
+    """Dropout logits far below zero (exp(-pi) would overflow float32) stay exact and finite."""
+    rng, x, mu, pi = data
+    pi = pi.copy()
+    pi[:, 3, :50] = low
+    pi[:, 4, :50] = 60.0
+    theta = (rng.gamma(1, 2, G) + 0.01).astype(np.float32)
+    scorer = MinibatchScorer("zinb", x, theta, count_constant(x, theta))
+    got = scorer.score(mu, pi)
+    want = reference("zinb", x, mu, theta, pi)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-3)

@@ -520,6 +520,31 @@ class OnnxSCVI:
         -------
         The mean ELBO (float) if ``return_mean``, else a ``(n_cells,)`` array.
         """
+        rec, kl = self._per_cell_elbo_terms(
+            adata,
+            indices,
+            batch_size,
+            dataloader,
+            seed,
+            missing_genes,
+            min_gene_overlap,
+            progress_bar,
+        )
+        out = -(rec + kl)
+        return float(out.mean()) if return_mean else out
+
+    def _per_cell_elbo_terms(
+        self,
+        adata,
+        indices,
+        batch_size,
+        dataloader,
+        seed,
+        missing_genes,
+        min_gene_overlap,
+        progress_bar,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-cell (reconstruction loss, KL) over the input, one posterior draw per cell."""
         seed = self.seed if seed is None else check_seed(seed)
         mbs = self._minibatches(
             adata,
@@ -530,12 +555,8 @@ class OnnxSCVI:
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
         )
-        vals = [
-            -(rec + kl)
-            for rec, kl in self._pmap(lambda mb: self._elbo_terms(mb, seed), self._tasks(mbs))
-        ]
-        out = np.concatenate(vals)
-        return float(out.mean()) if return_mean else out
+        parts = list(self._pmap(lambda mb: self._elbo_terms(mb, seed), self._tasks(mbs)))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def get_reconstruction_error(
         self,
@@ -560,20 +581,16 @@ class OnnxSCVI:
         is a negative log-likelihood: lower is better (scvi-tools' docstring says otherwise; the
         numbers are what we match).
         """
-        seed = self.seed if seed is None else check_seed(seed)
-        mbs = self._minibatches(
+        out, _ = self._per_cell_elbo_terms(
             adata,
             indices,
             batch_size,
             dataloader,
-            missing_genes=missing_genes,
-            min_gene_overlap=min_gene_overlap,
-            progress=progress_bar,
+            seed,
+            missing_genes,
+            min_gene_overlap,
+            progress_bar,
         )
-        recs = [
-            rec for rec, _ in self._pmap(lambda mb: self._elbo_terms(mb, seed), self._tasks(mbs))
-        ]
-        out = np.concatenate(recs)
         return {"reconstruction_loss": float(out.mean()) if return_mean else out}
 
     def get_marginal_ll(

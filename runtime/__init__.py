@@ -17,10 +17,20 @@ from .errors import __all__ as _errors_all
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .linear import OnnxLinearSCVI
     from .model import OnnxSCVI, load
+    from .scanvi import OnnxSCANVI
     from .selfcheck import verify
 
-__all__ = ["load", "verify", "OnnxSCVI", "__version__", *_errors_all]
+__all__ = [
+    "load",
+    "verify",
+    "OnnxSCVI",
+    "OnnxLinearSCVI",
+    "OnnxSCANVI",
+    "__version__",
+    *_errors_all,
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -32,4 +42,12 @@ def __getattr__(name: str) -> Any:
         from .selfcheck import verify
 
         return verify
+    if name == "OnnxLinearSCVI":
+        from .linear import OnnxLinearSCVI
+
+        return OnnxLinearSCVI
+    if name == "OnnxSCANVI":
+        from .scanvi import OnnxSCANVI
+
+        return OnnxSCANVI
     raise AttributeError(f"module 'scvi_onnx' has no attribute {name!r}")

@@ -696,3 +696,47 @@ def test_real_pbmc_missing_and_extra_genes():
         assert not got[:, missing].any()
     finally:
         q.file.close()
+
+
+@pytest.mark.parametrize("backed", [False, True])
+@pytest.mark.parametrize("order", ["same", "shuffled"])
+def test_non_canonical_csr_duplicates_add_up(tmp_path, backed, order):
+    """Duplicated / unsorted CSR entries sum as in scipy, in memory and backed, any gene order."""
+    rng = np.random.default_rng(5)
+    genes = [f"g{i}" for i in range(30)]
+    n = 40
+    dense = rng.poisson(1.0, (n, 30)).astype(np.float32)
+    rows, cols = np.nonzero(dense)
+    vals = dense[rows, cols]
+    # split every entry in two halves stored twice, in reversed column order within rows
+    order_idx = np.lexsort((-cols, rows))
+    rows, cols, vals = rows[order_idx], cols[order_idx], vals[order_idx]
+    data = np.concatenate([vals / 2, vals / 2])
+    r2 = np.concatenate([rows, rows])
+    c2 = np.concatenate([cols, cols])
+    srt = np.argsort(r2, kind="stable")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(r2, minlength=n))])
+    X = sp.csr_matrix((data[srt], c2[srt], indptr), shape=(n, 30))
+    assert not X.has_canonical_format
+    var = genes if order == "same" else list(np.array(genes)[rng.permutation(30)])
+    perm = [genes.index(g) for g in var]
+    a = ad.AnnData(X=X[:, perm] if order == "shuffled" else X, var=pd.DataFrame(index=var))
+    a.obs_names = [f"c{i}" for i in range(n)]
+    if backed:
+        path = tmp_path / "nc.h5ad"
+        a.write_h5ad(path)
+        a = ad.read_h5ad(path, backed="r")
+    man = Manifest(
+        schema_version=1,
+        model_class="SCVI",
+        config={},
+        genes=tuple(genes),
+        registry=Registry(
+            layer=None, batch=CategoricalField(None, (0,)), labels=CategoricalField(None, (0,))
+        ),
+        graphs={},
+    )
+    src = AnnDataSource(a, man)
+    idx = np.array([3, 0, 39, 17, 18, 19, 5])
+    got = np.concatenate([mb["X"] for mb in src.minibatches(idx, 3)])
+    np.testing.assert_allclose(got, dense[idx], rtol=1e-6)

@@ -23,7 +23,7 @@ from scipy.special import gammaln
 from .bundle import LIKELIHOOD_EPS
 
 #: Integer counts below this use the lgamma table.
-TABLE_MAX_COUNT = 64
+TABLE_MAX_COUNT = 128
 #: Largest table (entries) built for gene-batch / gene-label dispersion.
 TABLE_MAX_ENTRIES = 1 << 23
 #: Rows (cells x samples) per block: keeps the float32 temporaries in L2 cache.
@@ -69,27 +69,23 @@ def count_constant(
         return np.zeros(n, dtype=np.float64)
     xv = flat[idx]
     rows, cols = np.divmod(idx, G)
-    vals = np.empty(idx.size, dtype=np.float64)
-    use = None
     if table is not None:
+        # every entry from the table (counts clamped into it), then the few that are not
+        # small integers recomputed exactly: no boolean-mask pass over all nonzeros
         K = table.shape[-1]
         k = xv.astype(np.int64)
-        use = k == xv
-        use &= k < K
-        if table.ndim == 2:
-            key = cols * K + k
-        else:
-            key = (codes[rows] * G + cols) * K + k
-        if use.all():
-            np.take(table.reshape(-1), key, out=vals)
-            return _row_sums(vals, rows, n)
-        vals[use] = table.reshape(-1)[key[use]]
-    rest = slice(None) if use is None else ~use
-    xr = xv[rest].astype(np.float64)
-    tr = (theta[cols[rest]] if theta.ndim == 1 else theta[rows[rest], cols[rest]]).astype(
-        np.float64
-    )
-    vals[rest] = gammaln(xr + tr) - gammaln(tr) - gammaln(xr + 1.0)
+        rest = np.flatnonzero((k != xv) | (k >= K))
+        np.minimum(k, K - 1, out=k)
+        key = cols * K + k if table.ndim == 2 else (codes[rows] * G + cols) * K + k
+        vals = np.take(table.reshape(-1), key)
+    else:
+        rest = np.arange(idx.size)
+        vals = np.empty(idx.size, dtype=np.float64)
+    if rest.size:
+        xr = xv[rest].astype(np.float64)
+        rr, cr = rows[rest], cols[rest]
+        tr = (theta[cr] if theta.ndim == 1 else theta[rr, cr]).astype(np.float64)
+        vals[rest] = gammaln(xr + tr) - gammaln(tr) - gammaln(xr + 1.0)
     return _row_sums(vals, rows, n)
 
 

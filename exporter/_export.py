@@ -330,7 +330,7 @@ def _feeds(spec: GraphSpec, t: dict[str, np.ndarray], extra: dict[str, np.ndarra
 
 @contextlib.contextmanager
 def _module_eval(module):
-    """Run the user's module in eval mode and leave it exactly as found (mode, RNG)."""
+    """Run the user's module in eval mode, then restore every submodule's train/eval flag."""
     modes = {name: sub.training for name, sub in module.named_modules()}
     with torch.inference_mode():
         module.eval()

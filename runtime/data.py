@@ -474,6 +474,9 @@ class AnnDataSource:
     min_gene_overlap
         With ``missing_genes="zero"``, the smallest fraction of the model's genes that must be
         present (default 0.8); ``0`` disables the check.
+    missing_labels_code
+        When the registered labels column is absent from ``adata.obs``, give every cell this
+        label code instead of raising (used by SCANVI for unlabeled query cells).
     require_positive_library
         Refuse cells whose total count over the model's genes is zero (needed when the model
         uses the observed library size).
@@ -495,6 +498,7 @@ class AnnDataSource:
         *,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        missing_labels_code: int | None = None,
         require_positive_library: bool = False,
         count_data: bool = True,
     ):
@@ -647,8 +651,11 @@ class AnnDataSource:
 
         # ---- obs columns --------------------------------------------------------------------
         obs = adata.obs
+        labels_absent = reg.labels.key is not None and reg.labels.key not in obs.columns
         for key, what in self._obs_requirements(reg):
             if key not in obs.columns:
+                if what == "labels_key" and missing_labels_code is not None:
+                    continue  # e.g. SCANVI query cells: all unlabeled
                 raise _missing_column_error(what, key, obs, manifest)
 
         def codes_for(f: CategoricalField, what: str) -> np.ndarray:
@@ -657,7 +664,15 @@ class AnnDataSource:
             return _encode_categorical(obs, f, what)
 
         self._batch = codes_for(reg.batch, "batch_key").reshape(-1, 1)
-        self._labels = codes_for(reg.labels, "labels_key").reshape(-1, 1)
+        if labels_absent and missing_labels_code is not None:
+            logger.info(
+                "adata.obs has no %r column: every cell gets label code %d",
+                reg.labels.key,
+                missing_labels_code,
+            )
+            self._labels = np.full((self._n_obs, 1), int(missing_labels_code), dtype=np.int64)
+        else:
+            self._labels = codes_for(reg.labels, "labels_key").reshape(-1, 1)
         if reg.categorical_covariates:
             self._cat = np.ascontiguousarray(
                 np.stack(

@@ -237,6 +237,10 @@ class OnnxSCVI:
             "n_extra": len(present) - n_found,
         }
 
+    def _source_options(self) -> dict[str, Any]:
+        """Extra :class:`~scvi_onnx.data.AnnDataSource` options of this model class."""
+        return {}
+
     def _minibatches(
         self,
         adata: Any,
@@ -271,6 +275,7 @@ class OnnxSCVI:
                 missing_genes=missing_genes,
                 min_gene_overlap=min_gene_overlap,
                 require_positive_library=need_lib,
+                **self._source_options(),
                 count_data=count,
             )
             idx = resolve_indices(indices, src.n_obs)

@@ -110,6 +110,14 @@ class OnnxSCANVI(OnnxSCVI):
         """The training ``unlabeled_category``."""
         return self.config.get("unlabeled_category")
 
+    def _source_options(self) -> dict[str, Any]:
+        # Query cells rarely come with a labels column. A cell's label does not enter any of
+        # SCANVI's four methods nor predict (scvi-tools 1.4.2), so an absent column means
+        # "every cell unlabeled" instead of an error.
+        cats = [str(c) for c in self.manifest.registry.labels.categories]
+        unlabeled = str(self.unlabeled_category)
+        return {"missing_labels_code": cats.index(unlabeled)} if unlabeled in cats else {}
+
     # ------------------------------------------------------------------ extra graphs
     def _run(self, name: str, x: np.ndarray) -> dict[str, np.ndarray]:
         sess, in_name, outs = self._extra_sessions[name]

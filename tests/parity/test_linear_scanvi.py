@@ -362,3 +362,24 @@ def test_predict_cli(trained, tmp_path, capsys):
 
     out = ad.read_h5ad(tmp_path / "p.h5ad")
     assert (out.obs["scanvi_prediction"].astype(str).to_numpy() == ref.astype(str)).all()
+
+
+def test_scanvi_query_without_labels_column(trained):
+    """Query cells without the labels column count as unlabeled: same numbers as with it."""
+    name, model, adata, om, _ = trained
+    if not isinstance(model, scvi.model.SCANVI):
+        pytest.skip("SCANVI only")
+    key = om.manifest.registry.labels.key
+    bare = adata.copy()
+    del bare.obs[key]
+    assert (om.predict(bare) == om.predict(adata)).all()
+    np.testing.assert_array_equal(
+        om.get_latent_representation(bare), om.get_latent_representation(adata)
+    )
+    np.testing.assert_array_equal(
+        om.get_elbo(bare, return_mean=False), om.get_elbo(adata, return_mean=False)
+    )
+    np.testing.assert_array_equal(
+        om.get_marginal_ll(bare[:40], n_mc_samples=5, return_mean=False),
+        om.get_marginal_ll(adata[:40], n_mc_samples=5, return_mean=False),
+    )

@@ -49,8 +49,14 @@ def count_constant(
     theta: np.ndarray,
     table: np.ndarray | None = None,
     codes: np.ndarray | None = None,
+    *,
+    likelihood: str = "zinb",
 ) -> np.ndarray:
-    """Per-cell ``sum_{g: x > eps} lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)`` (float64).
+    """Per-cell ``sum_g lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)`` (float64).
+
+    The sum runs where scvi-tools applies these terms: every non-zero count for NB (its formula
+    has no mask; the terms vanish at x = 0), counts ``x > eps`` for ZINB (its non-zero mask).
+    The two differ only for counts in ``(0, eps]``.
 
     Parameters
     ----------
@@ -61,10 +67,12 @@ def count_constant(
     table
         Optional :func:`lgamma_table` of ``theta`` (``(G, K)``) or of the per-category thetas
         (``(C, G, K)``, then ``codes`` gives each cell's category).
+    likelihood
+        ``"nb"`` or ``"zinb"``: which entries the sum runs over (see above).
     """
     n, G = x.shape
     flat = x.reshape(-1)
-    idx = np.flatnonzero(flat > LIKELIHOOD_EPS)
+    idx = np.flatnonzero(flat != 0 if likelihood == "nb" else flat > LIKELIHOOD_EPS)
     if idx.size == 0:
         return np.zeros(n, dtype=np.float64)
     xv = flat[idx]
@@ -172,7 +180,7 @@ class MinibatchScorer:
         if self.lik in ("nb", "zinb") and not fixed_theta:
             const = np.empty((S, n))
             for s in range(S):
-                const[s] = count_constant(self.x, theta[s])
+                const[s] = count_constant(self.x, theta[s], likelihood=self.lik)
         else:
             const = self.count_const
         buf = [np.empty((BLOCK_ELEMENTS // G + 1) * G, dtype=np.float32) for _ in range(4)]

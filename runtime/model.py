@@ -356,7 +356,7 @@ class OnnxSCVI:
                 codes = mb[key].reshape(-1)
                 theta = self._theta[codes]
             if self._lik in ("nb", "zinb"):
-                const = count_constant(x, theta, self._theta_table, codes)
+                const = count_constant(x, theta, self._theta_table, codes, likelihood=self._lik)
         return MinibatchScorer(self._lik, x, theta, const)
 
     def _log_px(self, scorer: MinibatchScorer, dec: dict[str, np.ndarray]) -> np.ndarray:

@@ -44,7 +44,7 @@ def test_scorer_equals_reference(data, lik, theta_shape):
     const = None
     if lik != "normal" and fixed:
         table = lgamma_table(theta) if theta_shape == "gene" else None
-        const = count_constant(x, theta, table)
+        const = count_constant(x, theta, table, likelihood=lik)
     scorer = MinibatchScorer(lik, x, theta if fixed else None, const)
     got = scorer.score(mu, pi if lik == "zinb" else None, None if fixed else theta)
     want = reference(lik, x, mu, theta, pi)
@@ -98,3 +98,74 @@ def test_zinb_extreme_logits_take_a_safe_path(data, low):
     want = reference("zinb", x, mu, theta, pi)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-3)
+
+
+def test_counts_below_eps_follow_scvi_masks():
+    """Counts in (0, eps]: NB applies its lgamma terms (no mask), ZINB does not (x > eps)."""
+    from scipy.special import gammaln
+
+    from scvi_onnx.bundle import LIKELIHOOD_EPS
+
+    rng = np.random.default_rng(11)
+    x = rng.poisson(2.0, (4, 30)).astype(np.float32)
+    x[0, :3] = [LIKELIHOOD_EPS / 2, LIKELIHOOD_EPS, 0.5]
+    theta = (rng.gamma(1, 2, 30) + 0.01).astype(np.float32)
+    theta[:3] = 1e-6  # |digamma(theta)| ~ 1e6: the lgamma terms at x <= eps are ~1e-2
+    x64, t64 = x.astype(np.float64), theta.astype(np.float64)
+    terms = gammaln(x64 + t64) - gammaln(t64) - gammaln(x64 + 1)
+    nb = count_constant(x, theta, likelihood="nb")
+    zinb = count_constant(x, theta, likelihood="zinb")
+    np.testing.assert_allclose(nb, terms.sum(1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        zinb, np.where(x64 > LIKELIHOOD_EPS, terms, 0).sum(1), rtol=1e-12, atol=1e-12
+    )
+    assert abs(nb[0] - zinb[0]) > 1e-3  # the test sees the two masks apart
+    mu = (rng.gamma(0.5, 3, (2, 4, 30)) + 1e-3).astype(np.float32)
+    pi = rng.normal(0, 2, (2, 4, 30)).astype(np.float32)
+    for lik, const in (("nb", nb), ("zinb", zinb)):
+        got = MinibatchScorer(lik, x, theta, const).score(mu, pi if lik == "zinb" else None)
+        np.testing.assert_allclose(got, reference(lik, x, mu, theta, pi), rtol=1e-6, atol=1e-4)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(
+    data=st.data(),
+    n_cells=st.integers(1, 5),
+    n_genes=st.integers(1, 40),
+    n_samples=st.integers(1, 3),
+    lik=st.sampled_from(["nb", "zinb", "poisson", "normal"]),
+)
+def test_scorer_property(data, n_cells, n_genes, n_samples, lik):
+    """float32 kernel vs the float64 reference over wide parameters: finite and close."""
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    log_lo = data.draw(st.floats(-6, 0))
+    log_hi = data.draw(st.floats(0, 6))
+    rng = np.random.default_rng(seed)
+    shape = (n_cells, n_genes)
+    x = np.floor(10 ** rng.uniform(0, data.draw(st.floats(0, 6)), shape)).astype(np.float32)
+    x[rng.random(shape) < 0.5] = 0.0
+    mu = (10 ** rng.uniform(log_lo, log_hi, (n_samples,) + shape)).astype(np.float32)
+    theta = (10 ** rng.uniform(log_lo, log_hi, n_genes)).astype(np.float32)
+    pi = rng.uniform(-30, 30, mu.shape).astype(np.float32)
+    const = None
+    if lik in ("nb", "zinb"):
+        const = count_constant(x, theta, lgamma_table(theta), likelihood=lik)
+    fixed = None if lik == "poisson" else theta
+    got = MinibatchScorer(lik, x, fixed, const).score(mu, pi if lik == "zinb" else None)
+    want = reference(lik, x, mu, theta, pi)
+    assert np.isfinite(got).all()
+    # float32 elementwise work: relative to the sum of the terms' magnitudes
+    x64, mu64, t64 = (a.astype(np.float64) for a in (x, mu, theta))
+    mag = (
+        np.abs(x64 * np.log(mu64 + 1e-8))
+        + mu64
+        + np.abs(t64 * np.log(t64 + 1e-8))
+        + x64 * np.abs(np.log(t64 + mu64 + 1e-8))
+        + np.abs(pi)
+        + 1.0
+    ).sum(-1)
+    np.testing.assert_array_less(np.abs(got - want), 1e-5 * mag + 1e-6 * np.abs(want))

@@ -11,6 +11,7 @@ import platform
 import shutil
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 
 from scvi_onnx import bundle as B
 from scvi_onnx.errors import ExportValidationError, UnsupportedModelError
+from scvi_onnx.selfcheck import deviation
 
 from ._graphs import (
     ClassifierGraph,
@@ -535,23 +537,6 @@ def _dynamic_axes() -> dict[str, dict[int, str]]:
     }
 
 
-def compare(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> dict:
-    """Max abs / rel deviation of ``got`` from ``want`` and whether it is within tolerance."""
-    if got.shape != want.shape:
-        return {"output": name, "ok": False, "reason": f"shape {got.shape} != {want.shape}"}
-    got64, want64 = got.astype(np.float64), want.astype(np.float64)
-    diff = np.abs(got64 - want64)
-    finite = np.isfinite(got64).all() and np.isfinite(want64).all()
-    ok = bool(finite and np.all(diff <= atol + rtol * np.abs(want64)))
-    rel = diff / np.maximum(np.abs(want64), 1e-30)
-    return {
-        "output": name,
-        "ok": ok,
-        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
-        "max_rel_diff": float(rel.max()) if rel.size else 0.0,
-    }
-
-
 # ----------------------------------------------------------------------------- public
 def export_model(
     model: Any,
@@ -661,7 +646,7 @@ def _export(model, out: Path, *, adata, overwrite, atol, rtol, seed) -> Path:
             got = dict(zip(spec.outputs, sess.run(None, feeds), strict=True))
             for k in spec.outputs:
                 if k in ref:
-                    reports.append(compare(f"{name}.{k}", got[k], ref[k], atol, rtol))
+                    reports.append(asdict(deviation(f"{name}.{k}", got[k], ref[k], atol, rtol)))
             if name == "decoder":
                 dec_got = got
         if "theta" in dec_ref:
@@ -669,7 +654,9 @@ def _export(model, out: Path, *, adata, overwrite, atol, rtol, seed) -> Path:
                 config, arrays, dec_got.get(B.OUT_PX_R), t["batch"], t["labels"]
             )
             theta = np.broadcast_to(theta, dec_ref["theta"].shape)
-            reports.append(compare("theta", theta.astype(np.float32), dec_ref["theta"], atol, rtol))
+            reports.append(
+                asdict(deviation("theta", theta.astype(np.float32), dec_ref["theta"], atol, rtol))
+            )
         failed = [r for r in reports if not r["ok"]]
         if failed:
             raise ExportValidationError(

@@ -25,6 +25,7 @@ class VerifyRow:
     atol: float
     rtol: float
     ok: bool
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,26 @@ class VerifyReport:
         }
 
 
-def _row(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> VerifyRow:
+def deviation(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> VerifyRow:
+    """Max abs / rel deviation of ``got`` from ``want``; ok when both are finite and
+    ``|got - want| <= atol + rtol * |want|`` everywhere. Used by the exporter's validation and
+    by :func:`verify`."""
     got64, want64 = np.asarray(got, np.float64), np.asarray(want, np.float64)
     if got64.shape != want64.shape:
-        return VerifyRow(name, float("inf"), float("inf"), atol, rtol, False)
+        reason = f"shape {got64.shape} != {want64.shape}"
+        return VerifyRow(name, float("inf"), float("inf"), atol, rtol, False, reason)
     diff = np.abs(got64 - want64)
     rel = diff / np.maximum(np.abs(want64), 1e-30)
-    ok = bool(np.isfinite(got64).all() and np.all(diff <= atol + rtol * np.abs(want64)))
+    finite = bool(np.isfinite(got64).all() and np.isfinite(want64).all())
+    ok = finite and bool(np.all(diff <= atol + rtol * np.abs(want64)))
     return VerifyRow(
-        name, float(diff.max(initial=0.0)), float(rel.max(initial=0.0)), atol, rtol, ok
+        name,
+        float(diff.max(initial=0.0)),
+        float(rel.max(initial=0.0)),
+        atol,
+        rtol,
+        ok,
+        "" if finite else "non-finite values",
     )
 
 
@@ -119,7 +131,7 @@ def verify(
         for name in names_out:
             key = prefix_out + name
             if key in probes:
-                rows.append(_row(f"{graph}.{name}", got[name], probes[key], atol, rtol))
+                rows.append(deviation(f"{graph}.{name}", got[name], probes[key], atol, rtol))
         if graph == "decoder" and prefix_out + "theta" in probes:
             theta = theta_from_arrays(
                 manifest.config,
@@ -129,5 +141,5 @@ def verify(
                 probes["probe.labels"],
             )
             want = probes[prefix_out + "theta"]
-            rows.append(_row("theta", np.broadcast_to(theta, want.shape), want, atol, rtol))
+            rows.append(deviation("theta", np.broadcast_to(theta, want.shape), want, atol, rtol))
     return VerifyReport(str(root), provider or "", tuple(rows))

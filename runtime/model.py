@@ -69,6 +69,18 @@ MODEL_CLASSES = {
 }
 
 
+def dispersion_table(config: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """``exp(px_r)``: ``(G,)`` for ``gene``, one row per batch / label ``(C, G)`` for
+    ``gene-batch`` / ``gene-label`` (not for ``gene-cell``, whose dispersion is a decoder head)."""
+    px_r = arrays[B.ARR_PX_R]
+    return np.exp(px_r) if px_r.ndim == 1 else np.ascontiguousarray(np.exp(px_r.T))
+
+
+def cell_codes(config: dict[str, Any], batch: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each cell's row of a ``(C, G)`` dispersion table: its batch or label code."""
+    return (batch if config["dispersion"] == "gene-batch" else labels).reshape(-1)
+
+
 def theta_from_arrays(
     config: dict[str, Any],
     arrays: dict[str, np.ndarray],
@@ -79,16 +91,14 @@ def theta_from_arrays(
     """Dispersion (NB inverse dispersion, or Normal scale) as scvi-tools' ``generative``.
 
     ``gene``: ``exp(px_r)`` (G,); ``gene-batch`` / ``gene-label``: the column of each cell's
-    batch / label, (N, G); ``gene-cell``: ``exp`` of the decoder head output.
+    batch / label, (N, G); ``gene-cell``: ``exp`` of the decoder head output. The same two
+    helpers (:func:`dispersion_table`, :func:`cell_codes`) serve :class:`OnnxSCVI`, so export
+    validation and ``verify`` check the runtime's own selection.
     """
-    disp = config["dispersion"]
-    if disp == "gene-cell":
+    if config["dispersion"] == "gene-cell":
         return np.exp(px_r_graph)
-    px_r = arrays[B.ARR_PX_R]
-    if disp == "gene":
-        return np.exp(px_r)
-    codes = (batch if disp == "gene-batch" else labels).reshape(-1)
-    return np.exp(px_r.T[codes])
+    table = dispersion_table(config, arrays)
+    return table if table.ndim == 1 else table[cell_codes(config, batch, labels)]
 
 
 def check_seed(seed: Any) -> int:
@@ -163,8 +173,7 @@ class OnnxSCVI:
         # (rows), and its lgamma table for the count terms. Immutable after load.
         self._theta = self._theta_table = None
         if self._lik != "poisson" and c["dispersion"] != "gene-cell":
-            px_r = self._arrays[B.ARR_PX_R]
-            self._theta = np.exp(px_r) if px_r.ndim == 1 else np.ascontiguousarray(np.exp(px_r.T))
+            self._theta = dispersion_table(c, self._arrays)
             if self._lik in ("nb", "zinb") and self._theta.size * TABLE_MAX_COUNT <= (
                 TABLE_MAX_ENTRIES
             ):
@@ -352,8 +361,7 @@ class OnnxSCVI:
             if self._theta.ndim == 1:
                 theta = self._theta
             else:
-                key = BATCH_KEY if self.config["dispersion"] == "gene-batch" else LABELS_KEY
-                codes = mb[key].reshape(-1)
+                codes = cell_codes(self.config, mb[BATCH_KEY], mb[LABELS_KEY])
                 theta = self._theta[codes]
             if self._lik in ("nb", "zinb"):
                 const = count_constant(x, theta, self._theta_table, codes, likelihood=self._lik)

@@ -268,16 +268,25 @@ class DecoderGraph(nn.Module):
             cov = feeds["cat_covs"]
             cats.extend(cov[:, k] for k in range(cov.shape[1]))
         px = self.fc(h, cats)
-        logits = self.scale(px)
+        # The gene-sized heads take their bias as one more input column (a constant 1): a
+        # separate bias Add would be one more pass over samples x cells x genes.
+        ones = torch.ones_like(px[..., :1])
+        px1 = torch.cat([px, ones], dim=-1)
+
+        def head(lin: nn.Linear) -> torch.Tensor:
+            w = lin.weight if lin.bias is None else torch.cat([lin.weight, lin.bias[:, None]], 1)
+            return px1[..., : w.shape[1]] @ w.T
+
+        logits = head(self.scale)
         if self.scale_act == "softmax":
             px_scale = torch.softmax(logits, dim=-1)
         else:
             px_scale = nn.functional.softplus(logits)
         out = [torch.exp(feeds["library"]) * px_scale]
         if self.want_r:
-            out.append(self.r(px))
+            out.append(head(self.r))
         if self.want_dropout:
-            out.append(self.dropout(px))
+            out.append(head(self.dropout))
         return tuple(out)
 
 

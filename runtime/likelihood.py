@@ -27,7 +27,7 @@ TABLE_MAX_COUNT = 128
 #: Largest table (entries) built for gene-batch / gene-label dispersion.
 TABLE_MAX_ENTRIES = 1 << 23
 #: Rows (cells x samples) per block: keeps the float32 temporaries in L2 cache.
-BLOCK_ELEMENTS = 1 << 15
+BLOCK_ELEMENTS = 1 << 16
 
 _HALF_LOG_2PI = 0.5 * np.log(2.0 * np.pi)
 #: Below this dropout logit, exp(-pi) could overflow float32: the block takes the stable path.
@@ -154,18 +154,26 @@ class MinibatchScorer:
     ):
         self.lik = likelihood
         self.x = np.ascontiguousarray(x, dtype=np.float32)
-        self.nz = self.x > LIKELIHOOD_EPS
         self.theta = None if theta is None else np.asarray(theta, dtype=np.float32)
         self.count_const = count_const
-        # theta + eps and log(theta + eps) do not change across samples: once per minibatch
-        self._theta_eps = self._log_theta_eps = None
+        eps = np.float32(LIKELIHOOD_EPS)
+        # Masks as float32 factors (a multiply is ~20x cheaper than np.copyto(where=)):
+        # ZINB takes the non-zero formula where x > eps, NB applies x * (...) to every count.
+        self._m1 = self._m0 = None
+        self._xm = self.x
+        if likelihood == "zinb":
+            self._m1 = (self.x > eps).astype(np.float32)
+            self._m0 = np.float32(1.0) - self._m1
+            self._xm = self.x * self._m1
+        # theta + eps does not change across samples: once per minibatch
+        self._theta_eps = None
         if self.theta is not None and likelihood in ("nb", "zinb"):
-            self._theta_eps = self.theta + np.float32(LIKELIHOOD_EPS)
-            self._log_theta_eps = np.log(self._theta_eps)
+            self._theta_eps = self.theta + eps
         if likelihood == "poisson":
             # -lgamma(x + 1) summed over the cell's genes: constant across samples
-            xs = self.x[self.nz].astype(np.float64)
-            rows = np.nonzero(self.nz)[0]
+            nz = self.x != 0
+            xs = self.x[nz].astype(np.float64)
+            rows = np.nonzero(nz)[0]
             self.count_const = -np.bincount(
                 rows, weights=gammaln(xs + 1.0), minlength=self.x.shape[0]
             )
@@ -183,38 +191,30 @@ class MinibatchScorer:
                 const[s] = count_constant(self.x, theta[s], likelihood=self.lik)
         else:
             const = self.count_const
-        buf = [np.empty((BLOCK_ELEMENTS // G + 1) * G, dtype=np.float32) for _ in range(4)]
+        rows = BLOCK_ELEMENTS // G + 1
+        buf = [np.empty(rows * G, dtype=np.float32) for _ in range(5 if fixed_theta else 6)]
         for s in range(S):
             for rs in _blocks(n, G):
                 r = rs.stop - rs.start
-                a, b, c, d = (t[: r * G].reshape(r, G) for t in buf)
+                tmp = [t[: r * G].reshape(r, G) for t in buf]
                 if fixed_theta:
-                    th, th_eps, log_th_eps = self.theta, self._theta_eps, self._log_theta_eps
+                    th, th_eps = self.theta, self._theta_eps
                     if th is not None and th.ndim == 2:
                         th = th[rs]
-                        if th_eps is not None:
-                            th_eps, log_th_eps = th_eps[rs], log_th_eps[rs]
-                else:
-                    th, th_eps, log_th_eps = theta[s, rs], None, None
+                        th_eps = None if th_eps is None else th_eps[rs]
+                else:  # dispersion per sample (gene-cell): the sixth buffer holds theta + eps
+                    th = theta[s, rs]
+                    th_eps = np.add(th, np.float32(LIKELIHOOD_EPS), out=tmp.pop())
                 out[s, rs] = self._block(
-                    mu[s, rs],
-                    None if pi is None else pi[s, rs],
-                    th,
-                    th_eps,
-                    log_th_eps,
-                    self.x[rs],
-                    self.nz[rs],
-                    a,
-                    b,
-                    c,
-                    d,
+                    mu[s, rs], None if pi is None else pi[s, rs], th, th_eps, rs, *tmp
                 )
         if const is not None:
             out += const
         return out
 
-    def _block(self, mu, pi, th, th_eps, log_th_eps, x, nz, a, b, c, d) -> np.ndarray:
+    def _block(self, mu, pi, th, th_eps, rs, a, b, c, d, e) -> np.ndarray:
         eps = np.float32(LIKELIHOOD_EPS)
+        x = self.x[rs]
         if self.lik == "poisson":
             # x * log(rate) - rate  (xlogy: 0 where x == 0)
             np.log(mu, out=a)
@@ -234,46 +234,52 @@ class MinibatchScorer:
             else:
                 total -= np.log(th.astype(np.float64)).sum()
             return total
-        # NB / ZINB. a = log(theta + mu + eps)
-        if th_eps is None:  # theta varies with the sample (gene-cell dispersion)
-            th_eps = th + eps
-            log_th_eps = np.log(th_eps)
+        # NB / ZINB, with A = theta + mu + eps:
+        #   b = theta * log((theta + eps) / A)      (log NB probability of a zero)
+        #   e = x * log((mu + eps) / A)             (0 where x == 0)
         np.add(th_eps, mu, out=a)
-        np.log(a, out=a)
-        # b = theta * (log(theta + eps) - a)    (log NB probability of a zero)
-        np.subtract(log_th_eps, a, out=b)
+        np.divide(th_eps, a, out=b)
+        np.log(b, out=b)
         b *= th
-        # c = x * (log(mu + eps) - a)            (0 where x == 0)
-        np.add(mu, eps, out=c)
-        np.log(c, out=c)
-        c -= a
-        c *= x
+        np.add(mu, eps, out=e)
+        e /= a
+        np.log(e, out=e)
+        e *= self._xm[rs]
         if self.lik == "nb":
-            b += c
+            b += e
             return b.sum(1, dtype=np.float64)
-        if pi.min() >= _FAST_PI_MIN:
-            # q = exp(-pi) is finite here, and exp(b) * q <= q since b <= 0:
-            #   zero case     softplus(b - pi) - softplus(-pi) = log1p(exp(b) q) - log1p(q)
-            #   non-zero case b - pi - softplus(-pi) + c
-            # (6 passes fewer than two stable softplus; same values to float32 rounding)
-            c += b
-            c -= pi
-            np.negative(pi, out=d)
-            np.exp(d, out=d)
-            np.exp(b, out=a)
-            a *= d
-            np.log1p(a, out=a)
-            np.log1p(d, out=d)
-            np.copyto(a, c, where=nz)
-            a -= d
-            return a.sum(1, dtype=np.float64)
-        # ZINB, stable for any logit: b -= pi gives pi_theta_log;
-        # result = -softplus(-pi) + where(nz, b + c, softplus(b))
+        if pi.min() < _FAST_PI_MIN:
+            return self._zinb_stable(pi, b, e, self._m1[rs] > 0, a, c, d)
+        # ZINB. With q = exp(-pi) (finite here) and exp(b) <= 1, scvi-tools' two cases are
+        #   zero      softplus(b - pi) - softplus(-pi) = log1p(q exp(b)) - log1p(q)
+        #   non-zero  b - pi - softplus(-pi) + e       = (b - pi) - log1p(q) + e
+        # blended with the 0/1 mask m (arithmetic: no np.copyto(where=) pass)
+        np.exp(b, out=c)
+        np.negative(pi, out=d)
+        np.exp(d, out=d)
+        c *= d
+        np.log1p(c, out=c)
+        c *= self._m0[rs]
+        np.log1p(d, out=d)
+        c -= d
+        b -= pi
+        b *= self._m1[rs]
+        c += b
+        c += e
+        return c.sum(1, dtype=np.float64)
+
+    @staticmethod
+    def _zinb_stable(pi, b, e, nz, a, c, d) -> np.ndarray:
+        """ZINB for any dropout logit (``exp(-pi)`` may overflow float32): stable softplus.
+
+        ``b``, ``e`` as in :meth:`_block`; result = -softplus(-pi) + where(nz, b - pi + e,
+        softplus(b - pi)).
+        """
         b -= pi
         np.negative(pi, out=a)
         sp_neg_pi = _softplus(a, d, a)  # d = softplus(-pi)
-        np.add(b, c, out=c)  # non-zero case (without -softplus(-pi) and counts const)
-        _softplus(b, a, b)  # a = softplus(pi_theta_log); b is scratch now
-        np.copyto(a, c, where=nz)
-        a -= sp_neg_pi
-        return a.sum(1, dtype=np.float64)
+        np.add(b, e, out=e)  # non-zero case (without -softplus(-pi) and counts const)
+        _softplus(b, c, b)  # c = softplus(b - pi); b is scratch now
+        np.copyto(c, e, where=nz)
+        c -= sp_neg_pi
+        return c.sum(1, dtype=np.float64)

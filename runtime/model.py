@@ -60,6 +60,8 @@ TASK_ELEMENTS = 1 << 19
 MAX_DEFAULT_THREADS = 8
 
 _LN_MEAN_CHUNK = 500
+#: Minibatch field added by :meth:`OnnxSCVI._with_constants`: log of the observed library.
+_LOG_LIBRARY = "_log_library"
 
 #: Bundle ``model_class`` -> (runtime module, class); :func:`load` picks the class.
 MODEL_CLASSES = {
@@ -342,12 +344,22 @@ class OnnxSCVI:
         if c["use_size_factor_key"]:
             return np.log(mb[SIZE_FACTOR_KEY].astype(np.float64))[None]
         if c["use_observed_lib_size"]:
-            return np.log(mb[X_KEY].sum(1, dtype=np.float64))[None, :, None]
+            log_lib = mb.get(_LOG_LIBRARY)
+            if log_lib is None:
+                log_lib = np.log(mb[X_KEY].sum(1, dtype=np.float64))
+            return log_lib[None, :, None]
         cells = mb[CELL_INDEX_KEY]
         eps = rng.normals(seed, rng.STREAM_L, cells, n, start=start).T[:, :, None]
         m = enc[B.OUT_QL_M].astype(np.float64)[None]
         s = np.sqrt(enc[B.OUT_QL_V].astype(np.float64))[None]
         return m + eps * s
+
+    def _with_constants(self, mb: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The minibatch plus what every sample chunk of it shares (the observed library)."""
+        c = self.config
+        if c["use_observed_lib_size"] and not c["use_size_factor_key"]:
+            return {**mb, _LOG_LIBRARY: np.log(mb[X_KEY].sum(1, dtype=np.float64))}
+        return mb
 
     def _library_prior(self, mb) -> tuple[np.ndarray, np.ndarray]:
         b = mb[BATCH_KEY].reshape(-1)
@@ -667,6 +679,7 @@ class OnnxSCVI:
 
         def tasks():
             for i, mb in enumerate(mbs):
+                mb = self._with_constants(mb)
                 n_cells = len(mb[CELL_INDEX_KEY])
                 step = per_pass or max(1, DECODER_CHUNK_ELEMENTS // (n_cells * len(self.genes)))
                 step = min(step, n_mc)

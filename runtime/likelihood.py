@@ -27,7 +27,7 @@ TABLE_MAX_COUNT = 128
 #: Largest table (entries) built for gene-batch / gene-label dispersion.
 TABLE_MAX_ENTRIES = 1 << 23
 #: Rows (cells x samples) per block: keeps the float32 temporaries in L2 cache.
-BLOCK_ELEMENTS = 1 << 16
+BLOCK_ELEMENTS = 1 << 17
 
 _HALF_LOG_2PI = 0.5 * np.log(2.0 * np.pi)
 #: Below this dropout logit, exp(-pi) could overflow float32: the block takes the stable path.
@@ -191,49 +191,57 @@ class MinibatchScorer:
                 const[s] = count_constant(self.x, theta[s], likelihood=self.lik)
         else:
             const = self.count_const
-        rows = BLOCK_ELEMENTS // G + 1
-        buf = [np.empty(rows * G, dtype=np.float32) for _ in range(5 if fixed_theta else 6)]
-        for s in range(S):
-            for rs in _blocks(n, G):
-                r = rs.stop - rs.start
-                tmp = [t[: r * G].reshape(r, G) for t in buf]
-                if fixed_theta:
-                    th, th_eps = self.theta, self._theta_eps
-                    if th is not None and th.ndim == 2:
-                        th = th[rs]
-                        th_eps = None if th_eps is None else th_eps[rs]
-                else:  # dispersion per sample (gene-cell): the sixth buffer holds theta + eps
-                    th = theta[s, rs]
+        # blocks of (samples, cells) of about BLOCK_ELEMENTS: cell rows outside, samples
+        # inside, so a block's counts and masks stay in cache across the samples
+        r_max = max(1, min(n, BLOCK_ELEMENTS // G))
+        k_max = max(1, min(S, BLOCK_ELEMENTS // (r_max * G)))
+        size = k_max * r_max * G
+        buf = [np.empty(size, dtype=np.float32) for _ in range(5 if fixed_theta else 6)]
+        for r0 in range(0, n, r_max):
+            rs = slice(r0, min(n, r0 + r_max))
+            r = rs.stop - rs.start
+            cells = (self.x[rs],) + tuple(
+                None if v is None else v[rs] for v in (self._xm, self._m0, self._m1)
+            )
+            th, th_eps = self.theta, self._theta_eps
+            if fixed_theta and th is not None and th.ndim == 2:
+                th = th[rs]
+                th_eps = None if th_eps is None else th_eps[rs]
+            for s0 in range(0, S, k_max):
+                ss = slice(s0, min(S, s0 + k_max))
+                k = ss.stop - ss.start
+                tmp = [t[: k * r * G].reshape(k, r, G) for t in buf]
+                if not fixed_theta:  # dispersion per sample (gene-cell): 6th buffer theta + eps
+                    th = theta[ss, rs]
                     th_eps = np.add(th, np.float32(LIKELIHOOD_EPS), out=tmp.pop())
-                out[s, rs] = self._block(
-                    mu[s, rs], None if pi is None else pi[s, rs], th, th_eps, rs, *tmp
+                out[ss, rs] = self._block(
+                    mu[ss, rs], None if pi is None else pi[ss, rs], th, th_eps, cells, *tmp
                 )
         if const is not None:
             out += const
         return out
 
-    def _block(self, mu, pi, th, th_eps, rs, a, b, c, d, e) -> np.ndarray:
+    def _block(self, mu, pi, th, th_eps, cells, a, b, c, d, e) -> np.ndarray:
+        """A ``(samples, cells, genes)`` block; ``cells`` = the cells' rows of (x, xm, m0, m1).
+
+        Returns the ``(samples, cells)`` sums over genes."""
         eps = np.float32(LIKELIHOOD_EPS)
-        x = self.x[rs]
+        x, xm, m0, m1 = cells
         if self.lik == "poisson":
             # x * log(rate) - rate  (xlogy: 0 where x == 0)
             np.log(mu, out=a)
             np.multiply(x, a, out=a)
-            a[x == 0] = 0.0
+            a[:, x == 0] = 0.0
             a -= mu
-            return a.sum(1, dtype=np.float64)
+            return a.sum(-1, dtype=np.float64)
         if self.lik == "normal":
             np.subtract(x, mu, out=a)
             np.divide(a, th, out=a)
             np.square(a, out=a)
             a *= -0.5
-            np.log(th, out=b) if th.ndim == 2 else None
-            total = a.sum(1, dtype=np.float64) - _HALF_LOG_2PI * mu.shape[1]
-            if th.ndim == 2:
-                total -= b.sum(1, dtype=np.float64)
-            else:
-                total -= np.log(th.astype(np.float64)).sum()
-            return total
+            # log(scale) summed over genes: per gene, per cell or per (sample, cell)
+            log_scale = np.log(th.astype(np.float64)).sum(-1)
+            return a.sum(-1, dtype=np.float64) - _HALF_LOG_2PI * mu.shape[-1] - log_scale
         # NB / ZINB, with A = theta + mu + eps:
         #   b = theta * log((theta + eps) / A)      (log NB probability of a zero)
         #   e = x * log((mu + eps) / A)             (0 where x == 0)
@@ -244,12 +252,12 @@ class MinibatchScorer:
         np.add(mu, eps, out=e)
         e /= a
         np.log(e, out=e)
-        e *= self._xm[rs]
+        e *= xm
         if self.lik == "nb":
             b += e
-            return b.sum(1, dtype=np.float64)
+            return b.sum(-1, dtype=np.float64)
         if pi.min() < _FAST_PI_MIN:
-            return self._zinb_stable(pi, b, e, self._m1[rs] > 0, a, c, d)
+            return self._zinb_stable(pi, b, e, m1 > 0, a, c, d)
         # ZINB. With q = exp(-pi) (finite here) and exp(b) <= 1, scvi-tools' two cases are
         #   zero      softplus(b - pi) - softplus(-pi) = log1p(q exp(b)) - log1p(q)
         #   non-zero  b - pi - softplus(-pi) + e       = (b - pi) - log1p(q) + e
@@ -259,14 +267,14 @@ class MinibatchScorer:
         np.exp(d, out=d)
         c *= d
         np.log1p(c, out=c)
-        c *= self._m0[rs]
+        c *= m0
         np.log1p(d, out=d)
         c -= d
         b -= pi
-        b *= self._m1[rs]
+        b *= m1
         c += b
         c += e
-        return c.sum(1, dtype=np.float64)
+        return c.sum(-1, dtype=np.float64)
 
     @staticmethod
     def _zinb_stable(pi, b, e, nz, a, c, d) -> np.ndarray:
@@ -282,4 +290,4 @@ class MinibatchScorer:
         _softplus(b, c, b)  # c = softplus(b - pi); b is scratch now
         np.copyto(c, e, where=nz)
         c -= sp_neg_pi
-        return c.sum(1, dtype=np.float64)
+        return c.sum(-1, dtype=np.float64)

@@ -56,6 +56,8 @@ DECODER_CHUNK_ELEMENTS = 1 << 21
 #: Cells x genes of one unit of work for the per-cell methods: minibatches are split into
 #: tasks of at most this many elements (memory; per-cell results do not change).
 TASK_ELEMENTS = 1 << 19
+#: Fewest Monte-Carlo samples per marginal-LL task (cells are split into groups to get them).
+MLL_MIN_SAMPLES = 32
 #: Most worker threads by default (ONNX Runtime and numpy release the GIL).
 MAX_DEFAULT_THREADS = 8
 
@@ -101,6 +103,11 @@ def theta_from_arrays(
         return np.exp(px_r_graph)
     table = dispersion_table(config, arrays)
     return table if table.ndim == 1 else table[cell_codes(config, batch, labels)]
+
+
+def _rows(arrays: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
+    """The same per-cell arrays for a slice of the cells."""
+    return {k: v[rows] for k, v in arrays.items()}
 
 
 def check_seed(seed: Any) -> int:
@@ -393,7 +400,7 @@ class OnnxSCVI:
                 yield mb
                 continue
             for start in range(0, n, step):
-                yield {k: v[start : start + step] for k, v in mb.items()}
+                yield _rows(mb, slice(start, start + step))
 
     def _pmap(self, fn: Callable, items: Iterable) -> Iterator:
         """``map(fn, items)`` on worker threads, in order, with bounded work in flight."""
@@ -675,30 +682,44 @@ class OnnxSCVI:
         return np.concatenate(per_cell)
 
     def _marginal_ll_chunks(self, mbs, n_mc: int, per_pass: int | None, seed: int):
-        """Per-minibatch marginal LL; (minibatch, sample chunk) tasks run on worker threads."""
+        """Per-minibatch marginal LL from (cell group, sample chunk) tasks on worker threads.
+
+        A task decodes ``samples x cells`` rows, at most ``DECODER_CHUNK_ELEMENTS`` elements,
+        with at least ``MLL_MIN_SAMPLES`` samples (cells split into groups): the group's counts
+        stay in cache while its samples are scored. Every quantity is per cell, so the groups
+        change no number.
+        """
+        G = len(self.genes)
 
         def tasks():
-            for i, mb in enumerate(mbs):
+            for mb in mbs:
                 mb = self._with_constants(mb)
                 n_cells = len(mb[CELL_INDEX_KEY])
-                step = per_pass or max(1, DECODER_CHUNK_ELEMENTS // (n_cells * len(self.genes)))
-                step = min(step, n_mc)
+                log_w = np.empty((n_mc, n_cells))
                 enc = self._encode(mb)
-                scorer = self._scorer(mb)
-                starts = range(0, n_mc, step)
-                for j, start in enumerate(starts):
-                    yield i, j == len(starts) - 1, mb, enc, scorer, start, min(step, n_mc - start)
+                group = max(1, min(n_cells, DECODER_CHUNK_ELEMENTS // (G * MLL_MIN_SAMPLES)))
+                step = per_pass or max(1, DECODER_CHUNK_ELEMENTS // (group * G))
+                step = min(step, n_mc)
+                parts = [
+                    (slice(c, min(n_cells, c + group)), s)
+                    for c in range(0, n_cells, group)
+                    for s in range(0, n_mc, step)
+                ]
+                for k, (cs, start) in enumerate(parts):
+                    sub = mb if cs.stop - cs.start == n_cells else _rows(mb, cs)
+                    sub_enc = enc if sub is mb else _rows(enc, cs)
+                    scorer = self._scorer(sub) if start == 0 else scorer
+                    n = min(step, n_mc - start)
+                    yield log_w, k == len(parts) - 1, sub, sub_enc, scorer, cs, start, n
 
         def run(task):
-            i, last, mb, enc, scorer, start, n = task
-            return i, last, self._log_weights(mb, enc, scorer, seed, start, n)
+            log_w, last, mb, enc, scorer, cs, start, n = task
+            log_w[start : start + n, cs] = self._log_weights(mb, enc, scorer, seed, start, n)
+            return log_w, last
 
-        chunks: list[np.ndarray] = []
-        for _, last, log_w in self._pmap(run, tasks()):
-            chunks.append(log_w)
+        for log_w, last in self._pmap(run, tasks()):
             if last:
-                yield _logsumexp(np.concatenate(chunks), axis=0) - np.log(n_mc)
-                chunks = []
+                yield _logsumexp(log_w, axis=0) - np.log(n_mc)
 
     def _log_weights(self, mb, enc, scorer, seed: int, start: int, n: int) -> np.ndarray:
         """Importance log-weights of draws start..start+n, shape (n, cells)."""

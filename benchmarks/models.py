@@ -38,6 +38,20 @@ def _train(adata, out: Path, epochs: int, **model_kw) -> None:
     export_model(model, out / "bundle", overwrite=True)
 
 
+def _reexport_if_stale(out: Path) -> None:
+    """Export the cached model again when its bundle came from another scvi-onnx version (the
+    graphs the exporter writes change with it)."""
+    import json
+
+    import scvi_onnx
+
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    if manifest["versions"].get("scvi_onnx") != scvi_onnx.__version__:
+        from scvi_onnx.exporter import export_model
+
+        export_model(out / "torch", out / "bundle", overwrite=True)
+
+
 def source_cells(name: str, work: Path) -> Path:
     """The real cells a model's benchmark data is drawn from."""
     if name == "census":
@@ -49,15 +63,17 @@ def build(name: str, work: Path) -> Path:
     """Return the model folder (with ``torch/`` and ``bundle/``), building it if needed."""
     if name == "pbmc_zinb":
         out = work / name
-        if not (out / "bundle").exists():
-            out.mkdir(parents=True, exist_ok=True)
-            import shutil
+        out.mkdir(parents=True, exist_ok=True)
+        import shutil
 
-            shutil.copytree(ROOT / "models" / "pbmc_scvi_torch", out / "torch", dirs_exist_ok=True)
-            shutil.copytree(ROOT / "models" / "pbmc_scvi", out / "bundle", dirs_exist_ok=True)
+        # always the shipped files (a few MB): a cached copy could be from an older export
+        for src, dst in (("pbmc_scvi_torch", "torch"), ("pbmc_scvi", "bundle")):
+            shutil.rmtree(out / dst, ignore_errors=True)
+            shutil.copytree(ROOT / "models" / src, out / dst)
         return out
     out = work / name
     if (out / "bundle" / "manifest.json").exists():
+        _reexport_if_stale(out)
         return out
     out.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore")

@@ -219,7 +219,7 @@ def _specs(config: dict[str, Any]) -> tuple[GraphSpec, GraphSpec]:
     )
     uses_cats = any(n > 1 for n in config["n_cats_per_cov"])
     uses_cont = config["n_continuous_cov"] > 0
-    enc_in = [B.IN_X]
+    enc_in = [B.IN_X_LOG1P if config["log_variational"] else B.IN_X]
     if config["encode_covariates"]:
         enc_in += [B.IN_CONT] * uses_cont + [B.IN_BATCH] * uses_batch + [B.IN_CAT] * uses_cats
     enc_out = [B.OUT_QZ_M, B.OUT_QZ_V]
@@ -322,6 +322,7 @@ def _to_torch(t: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
 def _feeds(spec: GraphSpec, t: dict[str, np.ndarray], extra: dict[str, np.ndarray]):
     src = {
         B.IN_X: t["X"],
+        B.IN_X_LOG1P: np.log1p(t["X"]) if B.IN_X_LOG1P in spec.inputs else None,
         B.IN_BATCH: t["batch"],
         B.IN_CAT: t.get("extra_categorical_covs"),
         B.IN_CONT: t.get("extra_continuous_covs"),
@@ -516,6 +517,7 @@ def _dynamic_axes() -> dict[str, dict[int, str]]:
     cells = {0: "n_cells"}
     return {
         B.IN_X: cells,
+        B.IN_X_LOG1P: cells,
         B.IN_CONT: cells,
         B.IN_BATCH: cells,
         B.IN_CAT: cells,

@@ -181,12 +181,12 @@ class GraphSpec:
 
 
 class EncoderGraph(nn.Module):
-    """x (N, G) counts [+ covariates] -> qz_m, qz_v [, ql_m, ql_v]."""
+    """x_log1p (N, G) = log1p(counts), or x (N, G) counts without ``log_variational``
+    [+ covariates] -> qz_m, qz_v [, ql_m, ql_v]."""
 
     def __init__(self, module, spec: GraphSpec, *, emb_weight=None):
         super().__init__()
         self.spec = spec
-        self.log_variational = bool(module.log_variational)
         self.encode_covariates = bool(module.encode_covariates)
         self.one_hot_batch = module.batch_representation == "one-hot"
         self.emb = (
@@ -203,8 +203,7 @@ class EncoderGraph(nn.Module):
 
     def forward(self, *args):
         feeds = dict(zip(self.spec.inputs, args, strict=True))
-        x = feeds["x"]
-        h = torch.log1p(x) if self.log_variational else x
+        h = feeds["x_log1p"] if "x_log1p" in feeds else feeds["x"]
         cats: list[torch.Tensor] = []
         if self.encode_covariates:
             if "cont_covs" in feeds:

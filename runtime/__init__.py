@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import *  # noqa: F403  (typed errors are part of the public API)
 from .errors import __all__ as _errors_all
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 if TYPE_CHECKING:
     from .linear import OnnxLinearSCVI

@@ -47,6 +47,11 @@ OPSET = 17
 
 # Graph input / output names: one home, used by exporter and runtime.
 IN_X = "x"
+#: Encoder input of models with ``log_variational`` (exporters from 0.2): ``log1p(counts)``,
+#: computed by the runtime in numpy (ONNX Runtime's CPU ``Log`` kernel is ~5x slower than
+#: numpy's ``log1p``, and was half the encoder's time). Bundles whose encoder takes ``x``
+#: apply ``log1p`` inside the graph; both load.
+IN_X_LOG1P = "x_log1p"
 IN_CONT = "cont_covs"
 IN_BATCH = "batch_index"
 IN_CAT = "cat_covs"

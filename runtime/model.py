@@ -310,6 +310,7 @@ class OnnxSCVI:
     def _feeds(self, names: Sequence[str], mb: dict[str, np.ndarray], **extra) -> dict:
         src = {
             B.IN_X: mb.get(X_KEY),
+            B.IN_X_LOG1P: np.log1p(mb[X_KEY]) if B.IN_X_LOG1P in names else None,
             B.IN_BATCH: mb.get(BATCH_KEY),
             B.IN_CAT: mb.get(CAT_COVS_KEY),
             B.IN_CONT: mb.get(CONT_COVS_KEY),

@@ -144,3 +144,51 @@ def test_dynamic_cell_and_sample_axes(small, tmp_path):
         assert om.get_marginal_ll(adata[idx].copy(), n_mc_samples=3, return_mean=False).shape == (
             n,
         )
+
+
+def _encoder_with_log1p_inside(path):
+    """Rewrite a bundle's encoder as exporters before 0.2 wrote it: input ``x`` (counts) and
+    ``Log(x + 1)`` in the graph, instead of the runtime-computed input ``x_log1p``."""
+    proto = onnx.load(str(path / B.ENCODER_FILE))
+    inp = proto.graph.input[0]
+    assert inp.name == B.IN_X_LOG1P
+    inp.name = B.IN_X
+    one = onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0])
+    proto.graph.initializer.append(one)
+    proto.graph.node.insert(0, onnx.helper.make_node("Log", ["x_plus_1"], [B.IN_X_LOG1P]))
+    proto.graph.node.insert(0, onnx.helper.make_node("Add", [B.IN_X, "one"], ["x_plus_1"]))
+    onnx.save(proto, str(path / B.ENCODER_FILE))
+    with np.load(path / B.PROBES_FILE, allow_pickle=False) as f:
+        probes = dict(f)
+    probes["enc_in." + B.IN_X] = np.expm1(probes.pop("enc_in." + B.IN_X_LOG1P))
+    np.savez_compressed(path / B.PROBES_FILE, **probes)
+    man = json.loads((path / B.MANIFEST_FILE).read_text())
+    man["graphs"]["encoder"]["inputs"][0] = B.IN_X
+    for name in (B.ENCODER_FILE, B.PROBES_FILE):
+        man["files"][name] = B.sha256_file(path / name)
+    (path / B.MANIFEST_FILE).write_text(json.dumps(man))
+
+
+def test_encoder_takes_log1p_from_the_runtime_and_old_bundles_still_load(small, tmp_path):
+    """The encoder's input is log1p(counts), computed in numpy (ONNX Runtime's Log kernel is
+    slow); a bundle whose encoder applies log1p itself gives the same numbers."""
+    import shutil
+
+    model, adata = small
+    new = export_model(model, tmp_path / "new")
+    proto = onnx.load(str(new / B.ENCODER_FILE))
+    assert [i.name for i in proto.graph.input][0] == B.IN_X_LOG1P
+    assert "Log" not in {n.op_type for n in proto.graph.node}
+    old = tmp_path / "old"
+    shutil.copytree(new, old)
+    _encoder_with_log1p_inside(old)
+    assert scvi_onnx.verify(old).ok
+    m_new, m_old = scvi_onnx.load(new), scvi_onnx.load(old)
+    np.testing.assert_allclose(
+        m_old.get_latent_representation(adata),
+        m_new.get_latent_representation(adata),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    want = model.get_latent_representation(adata)
+    np.testing.assert_allclose(m_new.get_latent_representation(adata), want, atol=1e-4)

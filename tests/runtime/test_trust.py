@@ -476,7 +476,8 @@ def test_verify_fails_on_probes_off_by_a_tenth_of_a_percent(capsys, tmp_path, ke
 def test_verify_refuses_probes_that_do_not_fit_the_graph(capsys, tmp_path):
     bundle = _copy_bundle(tmp_path)
     probes = dict(B.load_npz(bundle / B.PROBES_FILE))
-    probes["enc_in.x"] = probes["enc_in.x"][:, :1999]  # one gene short
+    key = "enc_in." + B.IN_X_LOG1P
+    probes[key] = probes[key][:, :1999]  # one gene short
     with open(bundle / B.PROBES_FILE, "wb") as f:
         np.savez_compressed(f, **probes)
     _reseal(bundle, B.PROBES_FILE)

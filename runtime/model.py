@@ -701,17 +701,16 @@ class OnnxSCVI:
                 group = max(1, min(n_cells, DECODER_CHUNK_ELEMENTS // (G * MLL_MIN_SAMPLES)))
                 step = per_pass or max(1, DECODER_CHUNK_ELEMENTS // (group * G))
                 step = min(step, n_mc)
-                parts = [
-                    (slice(c, min(n_cells, c + group)), s)
-                    for c in range(0, n_cells, group)
-                    for s in range(0, n_mc, step)
-                ]
-                for k, (cs, start) in enumerate(parts):
+                groups = range(0, n_cells, group)
+                for c in groups:
+                    cs = slice(c, min(n_cells, c + group))
                     sub = mb if cs.stop - cs.start == n_cells else _rows(mb, cs)
                     sub_enc = enc if sub is mb else _rows(enc, cs)
-                    scorer = self._scorer(sub) if start == 0 else scorer
-                    n = min(step, n_mc - start)
-                    yield log_w, k == len(parts) - 1, sub, sub_enc, scorer, cs, start, n
+                    scorer = self._scorer(sub)
+                    for start in range(0, n_mc, step):
+                        n = min(step, n_mc - start)
+                        last = c == groups[-1] and start + n == n_mc
+                        yield log_w, last, sub, sub_enc, scorer, cs, start, n
 
         def run(task):
             log_w, last, mb, enc, scorer, cs, start, n = task

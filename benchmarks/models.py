@@ -39,14 +39,19 @@ def _train(adata, out: Path, epochs: int, **model_kw) -> None:
 
 
 def _reexport_if_stale(out: Path) -> None:
-    """Export the cached model again when its bundle came from another scvi-onnx version (the
-    graphs the exporter writes change with it)."""
+    """Export the cached model again when its bundle is older than the exporter's code or came
+    from another scvi-onnx version (the graphs the exporter writes change with them)."""
     import json
 
     import scvi_onnx
 
-    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
-    if manifest["versions"].get("scvi_onnx") != scvi_onnx.__version__:
+    manifest_path = out / "bundle" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    code = max(p.stat().st_mtime for p in (ROOT / "exporter").glob("*.py"))
+    if (
+        manifest["versions"].get("scvi_onnx") != scvi_onnx.__version__
+        or code > manifest_path.stat().st_mtime
+    ):
         from scvi_onnx.exporter import export_model
 
         export_model(out / "torch", out / "bundle", overwrite=True)

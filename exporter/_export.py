@@ -28,6 +28,7 @@ from ._graphs import (
     EncoderGraph,
     GraphSpec,
     LinearDecoderGraph,
+    ScoreGraph,
     Z1DecoderGraph,
     Z2EncoderGraph,
 )
@@ -344,6 +345,42 @@ def _module_eval(module):
                 sub.train(modes[name])
 
 
+def _scorer_graph(dec_graph, dec_spec, dec_feeds, dec_ref, config, arrays, t):
+    """The scoring graph (decoder + log p(x | z) summed over genes, without count terms), its
+    feeds, and its reference: the float64 formulas of ``scvi_onnx.distributions`` on
+    scvi-tools' own decoder outputs, less the count terms."""
+    from scipy.special import gammaln
+
+    from scvi_onnx import distributions as D
+
+    lik = config["gene_likelihood"]
+    inputs = [*dec_spec.inputs, B.IN_COUNTS]
+    if config["dispersion"] == "gene-label" and config["n_labels"] > 1:
+        inputs.append(B.IN_LABELS)
+    spec = GraphSpec(tuple(inputs), (B.OUT_LOG_PX,))
+    graph = ScoreGraph(dec_graph, spec, config, arrays.get(B.ARR_PX_R))
+    feeds = {**dec_feeds, B.IN_COUNTS: t["X"]}
+    if B.IN_LABELS in inputs:
+        feeds[B.IN_LABELS] = t["labels"]
+    x = t["X"].astype(np.float64)
+    mu = dec_ref[B.OUT_PX_RATE].astype(np.float64)
+    if lik == "poisson":
+        full, counts = D.log_poisson(x, mu), -gammaln(x + 1.0)
+    elif lik == "normal":
+        full, counts = D.log_normal(x, mu, dec_ref["theta"].astype(np.float64)), 0.0
+    else:
+        theta = dec_ref["theta"].astype(np.float64)
+        if lik == "nb":
+            full = D.log_nb_positive(x, mu, theta)
+            mask = x != 0
+        else:
+            full = D.log_zinb_positive(x, mu, theta, dec_ref[B.OUT_PX_DROPOUT].astype(np.float64))
+            mask = x > B.LIKELIHOOD_EPS
+        counts = np.where(mask, gammaln(x + theta) - gammaln(theta) - gammaln(x + 1.0), 0.0)
+    ref = {B.OUT_LOG_PX: (full - counts).sum(-1)}
+    return ("scorer", B.SCORER_FILE, graph, spec, feeds, ref, "score_in.", "score_out.")
+
+
 def _torch_reference(model, config, t, rng):
     """scvi-tools' own modules on the probes: encoder outputs and decoder outputs."""
     m = model.module
@@ -518,6 +555,9 @@ def _dynamic_axes() -> dict[str, dict[int, str]]:
     return {
         B.IN_X: cells,
         B.IN_X_LOG1P: cells,
+        B.IN_COUNTS: cells,
+        B.IN_LABELS: cells,
+        B.OUT_LOG_PX: {0: "n_samples", 1: "n_cells"},
         B.IN_CONT: cells,
         B.IN_BATCH: cells,
         B.IN_CAT: cells,
@@ -629,6 +669,8 @@ def _export(model, out: Path, *, adata, overwrite, atol, rtol, seed) -> Path:
     ]
     if module_class == "SCANVAE":
         graphs += _scanvi_graphs(model, config, z, rng)
+    elif config["dispersion"] != "gene-cell":
+        graphs.append(_scorer_graph(dec_graph, dec_spec, dec_feeds, dec_ref, config, arrays, t))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

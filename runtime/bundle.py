@@ -82,6 +82,15 @@ REQUIRED_CONFIG = ("n_latent", *CONFIG_CHOICES)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
+# Optional scoring graph (exporters from 0.2; SCVI and LinearSCVI without gene-cell dispersion):
+#   scorer.onnx  decoder inputs + counts (N, G) [+ labels (N, 1)] -> log_px (S, N)
+# log p(x | z) summed over genes without the count terms, for execution providers where the
+# reduction should run beside the decoder (CUDA); the runtime adds the per-cell count terms.
+SCORER_FILE = "scorer.onnx"
+IN_COUNTS = "counts"
+IN_LABELS = "labels"
+OUT_LOG_PX = "log_px"
+
 # Arrays in arrays.npz
 ARR_PX_R = "px_r"
 ARR_LIB_MEANS = "library_log_means"

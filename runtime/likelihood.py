@@ -97,6 +97,13 @@ def count_constant(
     return _row_sums(vals, rows, n)
 
 
+def poisson_count_constant(x: np.ndarray) -> np.ndarray:
+    """Per-cell ``-sum_g lgamma(x + 1)`` (float64): Poisson's term that no sample changes."""
+    nz = x != 0
+    rows = np.nonzero(nz)[0]
+    return -np.bincount(rows, weights=gammaln(x[nz].astype(np.float64) + 1.0), minlength=x.shape[0])
+
+
 def _row_sums(vals: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
     """Sum ``vals`` per row; ``rows`` is sorted (row-major nonzeros).
 
@@ -169,14 +176,8 @@ class MinibatchScorer:
         self._theta_eps = None
         if self.theta is not None and likelihood in ("nb", "zinb"):
             self._theta_eps = self.theta + eps
-        if likelihood == "poisson":
-            # -lgamma(x + 1) summed over the cell's genes: constant across samples
-            nz = self.x != 0
-            xs = self.x[nz].astype(np.float64)
-            rows = np.nonzero(nz)[0]
-            self.count_const = -np.bincount(
-                rows, weights=gammaln(xs + 1.0), minlength=self.x.shape[0]
-            )
+        if likelihood == "poisson" and count_const is None:
+            self.count_const = poisson_count_constant(self.x)
 
     def score(
         self, mu: np.ndarray, pi: np.ndarray | None = None, theta: np.ndarray | None = None

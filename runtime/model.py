@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.special import logsumexp as _logsumexp
@@ -43,8 +43,9 @@ from .likelihood import (
     MinibatchScorer,
     count_constant,
     lgamma_table,
+    poisson_count_constant,
 )
-from .session import create_session
+from .session import CUDA, create_session
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ DECODER_CHUNK_ELEMENTS = 1 << 21
 #: Cells x genes of one unit of work for the per-cell methods: minibatches are split into
 #: tasks of at most this many elements (memory; per-cell results do not change).
 TASK_ELEMENTS = 1 << 19
+#: The same two bounds on CUDA, where one call must carry enough work to hide its launches.
+CUDA_DECODER_CHUNK_ELEMENTS = 1 << 26
+CUDA_TASK_ELEMENTS = 1 << 23
+#: ``scoring=`` choices: where log p(x | z) is reduced over genes.
+SCORING = ("auto", "host", "graph")
 #: Fewest Monte-Carlo samples per marginal-LL task (cells are split into groups to get them).
 MLL_MIN_SAMPLES = 32
 #: Most worker threads by default (ONNX Runtime and numpy release the GIL).
@@ -105,6 +111,13 @@ def theta_from_arrays(
     return table if table.ndim == 1 else table[cell_codes(config, batch, labels)]
 
 
+class _GraphCounts(NamedTuple):
+    """A minibatch's counts on the scoring graph's device, and its per-cell count terms."""
+
+    counts: Any  # onnxruntime.OrtValue
+    const: np.ndarray | None
+
+
 def _rows(arrays: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
     """The same per-cell arrays for a slice of the cells."""
     return {k: v[rows] for k, v in arrays.items()}
@@ -148,6 +161,7 @@ class OnnxSCVI:
         verify_checksums: bool = True,
         intra_op_threads: int | None = None,
         n_threads: int | None = None,
+        scoring: str = "auto",
     ):
         self.path = Path(path)
         self.manifest = B.read_manifest(self.path, check_files=verify_checksums)
@@ -170,6 +184,13 @@ class OnnxSCVI:
         self._enc_out = tuple(o.name for o in self._enc.get_outputs())
         self._dec_in = tuple(i.name for i in self._dec.get_inputs())
         self._dec_out = tuple(o.name for o in self._dec.get_outputs())
+        cuda = self.provider == CUDA
+        self._chunk = CUDA_DECODER_CHUNK_ELEMENTS if cuda else DECODER_CHUNK_ELEMENTS
+        self._task_elements = CUDA_TASK_ELEMENTS if cuda else TASK_ELEMENTS
+        self._score = self._score_session(scoring, device, intra_op_threads)
+        self._score_in = (
+            () if self._score is None else tuple(i.name for i in self._score.get_inputs())
+        )
         c = self.config
         self._learned_library = not c["use_observed_lib_size"]
         self._ln = c["latent_distribution"] == "ln"
@@ -194,6 +215,30 @@ class OnnxSCVI:
             )
         self.adata = adata
         logger.info("loaded %s (%s) on %s", self.path, self.manifest.model_class, self.provider)
+
+    def _score_session(self, scoring: str, device: str, intra_op_threads: int | None):
+        """The scoring graph's session when log p(x | z) is reduced beside the decoder.
+
+        ``"auto"``: on CUDA when the bundle has the graph (decoder outputs, samples x cells x
+        genes, never come back to the host); on the CPU numpy's kernel is faster than ONNX
+        Runtime's elementwise kernels. ``"host"``: never. ``"graph"``: always (an error if the
+        bundle has none).
+        """
+        if scoring not in SCORING:
+            raise InvalidArgumentError(f"scoring must be one of {SCORING}, got {scoring!r}")
+        has = "scorer" in self.manifest.graphs
+        if scoring == "graph" and not has:
+            raise InvalidArgumentError(
+                "scoring='graph' but this bundle has no scoring graph (SCANVI, gene-cell "
+                "dispersion, or exported before scvi-onnx 0.2); re-export it or use "
+                "scoring='host'"
+            )
+        if scoring == "host" or not has or (scoring == "auto" and self.provider != CUDA):
+            return None
+        sess, _ = create_session(
+            self.path / B.SCORER_FILE, device, intra_op_threads=intra_op_threads
+        )
+        return sess
 
     def _check_arrays(self) -> None:
         """Required arrays present with the manifest's shapes (fail at load, not mid-call)."""
@@ -373,8 +418,12 @@ class OnnxSCVI:
         b = mb[BATCH_KEY].reshape(-1)
         return self._lib_means[b][:, None], self._lib_vars[b][:, None]
 
-    def _scorer(self, mb) -> MinibatchScorer:
-        """Per-minibatch likelihood state: counts, fixed dispersion, lgamma count terms."""
+    def _scorer(self, mb) -> MinibatchScorer | _GraphCounts:
+        """Per-minibatch likelihood state: counts, fixed dispersion, lgamma count terms.
+
+        With the scoring graph: the counts as a session-device value (sent once, used by every
+        sample chunk) and the per-cell count terms the graph leaves out.
+        """
         x = mb[X_KEY]
         theta = const = codes = None
         if self._theta is not None:
@@ -385,7 +434,38 @@ class OnnxSCVI:
                 theta = self._theta[codes]
             if self._lik in ("nb", "zinb"):
                 const = count_constant(x, theta, self._theta_table, codes, likelihood=self._lik)
+        if self._lik == "poisson":
+            const = poisson_count_constant(x)
+        if self._score is not None:
+            import onnxruntime as ort
+
+            where = "cuda" if self.provider == CUDA else "cpu"
+            counts = np.ascontiguousarray(x, dtype=np.float32)
+            return _GraphCounts(ort.OrtValue.ortvalue_from_numpy(counts, where, 0), const)
         return MinibatchScorer(self._lik, x, theta, const)
+
+    def _log_px_at(self, mb, scorer, z: np.ndarray, library: np.ndarray) -> np.ndarray:
+        """log p(x | z, l) summed over genes, (samples, cells): the decoder's outputs scored
+        on the host, or the scoring graph's sums plus the per-cell count terms."""
+        if not isinstance(scorer, _GraphCounts):
+            return self._log_px(scorer, self._decode(mb, z, library))
+        binding = self._score.io_binding()
+        feeds = self._feeds(
+            [n for n in self._score_in if n != B.IN_COUNTS],
+            mb,
+            **{
+                B.IN_Z: np.ascontiguousarray(z, dtype=np.float32),
+                B.IN_LIBRARY: np.ascontiguousarray(library, dtype=np.float32),
+                B.IN_LABELS: mb.get(LABELS_KEY),
+            },
+        )
+        binding.bind_ortvalue_input(B.IN_COUNTS, scorer.counts)
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output(B.OUT_LOG_PX, "cpu")
+        self._score.run_with_iobinding(binding)
+        out = binding.copy_outputs_to_cpu()[0].astype(np.float64)
+        return out if scorer.const is None else out + scorer.const
 
     def _log_px(self, scorer: MinibatchScorer, dec: dict[str, np.ndarray]) -> np.ndarray:
         """log p(x | z, l) summed over genes, shape (samples, cells)."""
@@ -394,7 +474,7 @@ class OnnxSCVI:
 
     def _tasks(self, mbs: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
         """Split minibatches into tasks of at most ``TASK_ELEMENTS`` cells x genes."""
-        step = max(1, TASK_ELEMENTS // len(self.genes))
+        step = max(1, self._task_elements // len(self.genes))
         for mb in mbs:
             n = len(mb[CELL_INDEX_KEY])
             if n <= step:
@@ -426,8 +506,7 @@ class OnnxSCVI:
         enc = self._encode(mb)
         _, z = self._z_samples(mb, enc, seed, 0, 1)
         library = self._library(mb, enc, seed, 0, 1)
-        dec = self._decode(mb, z, library)
-        rec = -self._log_px(self._scorer(mb), dec)[0]
+        rec = -self._log_px_at(mb, self._scorer(mb), z, library)[0]
         kl = D.kl_normal_standard(
             enc[B.OUT_QZ_M].astype(np.float64), enc[B.OUT_QZ_V].astype(np.float64)
         ).sum(-1)
@@ -698,8 +777,8 @@ class OnnxSCVI:
                 n_cells = len(mb[CELL_INDEX_KEY])
                 log_w = np.empty((n_mc, n_cells))
                 enc = self._encode(mb)
-                group = max(1, min(n_cells, DECODER_CHUNK_ELEMENTS // (G * MLL_MIN_SAMPLES)))
-                step = per_pass or max(1, DECODER_CHUNK_ELEMENTS // (group * G))
+                group = max(1, min(n_cells, self._chunk // (G * MLL_MIN_SAMPLES)))
+                step = per_pass or max(1, self._chunk // (group * G))
                 step = min(step, n_mc)
                 groups = range(0, n_cells, group)
                 for c in groups:
@@ -725,12 +804,11 @@ class OnnxSCVI:
         """Importance log-weights of draws start..start+n, shape (n, cells)."""
         _, z = self._z_samples(mb, enc, seed, start, n)
         library = self._library(mb, enc, seed, start, n)
-        dec = self._decode(mb, z, library)
         qm = enc[B.OUT_QZ_M].astype(np.float64)[None]
         qs = np.sqrt(enc[B.OUT_QZ_V].astype(np.float64))[None]
         # scvi-tools evaluates p(z) and q(z|x) at the transformed z (softmax for "ln").
         log_w = D.log_normal(z, 0.0, 1.0).sum(-1)
-        log_w += self._log_px(scorer, dec)
+        log_w += self._log_px_at(mb, scorer, z, library)
         log_w -= D.log_normal(z, qm, qs).sum(-1)
         if self._learned_library:
             pm, pv = self._library_prior(mb)
@@ -768,7 +846,9 @@ def load(
     **kwargs
         ``verify_checksums`` (default True), ``intra_op_threads`` (per session, default 1),
         ``n_threads`` (worker threads over minibatches and sample chunks; default: the CPU
-        count, at most 8; results do not depend on it).
+        count, at most 8; results do not depend on it), ``scoring`` (where ``log p(x | z)`` is
+        summed over genes: ``"auto"`` = the bundle's scoring graph on CUDA, so decoder outputs
+        never come back to the host, numpy on the CPU; ``"host"``; ``"graph"``).
 
     Raises
     ------

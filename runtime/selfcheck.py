@@ -108,6 +108,8 @@ def verify(
     provider = None
     graphs = [("encoder", "enc_in.", "enc_out."), ("decoder", "dec_in.", "dec_out.")]
     graphs += [(g, *pre) for g, pre in B.SCANVI_GRAPHS.items() if g in manifest.graphs]
+    if "scorer" in manifest.graphs:
+        graphs.append(("scorer", "score_in.", "score_out."))
     for graph, prefix_in, prefix_out in graphs:
         spec = manifest.graphs.get(graph)
         fname = spec.get("file") if isinstance(spec, dict) else None

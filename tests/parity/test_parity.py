@@ -21,6 +21,7 @@ scvi = pytest.importorskip("scvi")
 
 import scvi_onnx  # noqa: E402
 from scvi_onnx import rng  # noqa: E402
+from scvi_onnx.errors import InvalidArgumentError  # noqa: E402
 from scvi_onnx.exporter import export_model  # noqa: E402
 
 SETUP_KEYS = (
@@ -221,6 +222,31 @@ def test_marginal_ll_same_noise(trained):
         ref = model.get_marginal_ll(sub, n_mc_samples=s, batch_size=n, return_mean=False)
     got = om.get_marginal_ll(sub, n_mc_samples=s, return_mean=False, n_mc_samples_per_pass=7)
     np.testing.assert_allclose(got, ref.numpy(), rtol=2e-5, atol=2e-3)
+
+
+def test_scoring_graph_same_noise(trained):
+    """The scoring graph (decoder + likelihood reduction in ONNX, used on CUDA) gives
+    scvi-tools' per-cell ELBO and marginal LL too; run here on the CPU provider."""
+    name, model, adata, om = trained
+    if "scorer" not in om.manifest.graphs:
+        assert om.config["dispersion"] == "gene-cell", name
+        with pytest.raises(InvalidArgumentError, match="no scoring graph"):
+            scvi_onnx.load(om.path, device="cpu", scoring="graph")
+        return
+    gm = scvi_onnx.load(om.path, device="cpu", seed=123, scoring="graph")
+    assert gm._score is not None and om._score is None  # "auto" on the CPU: numpy
+    n = adata.n_obs
+    with same_noise(model, gm, n, 1):
+        ref = model.get_elbo(adata, batch_size=n, return_mean=False).numpy()
+    np.testing.assert_allclose(gm.get_elbo(adata, return_mean=False), ref, rtol=2e-5, atol=2e-3)
+    n, s = 64, 20
+    sub = adata[:n].copy()
+    with same_noise(model, gm, n, s):
+        ref = model.get_marginal_ll(sub, n_mc_samples=s, batch_size=n, return_mean=False)
+    got = gm.get_marginal_ll(sub, n_mc_samples=s, return_mean=False, n_mc_samples_per_pass=7)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=2e-5, atol=2e-3)
+    host = om.get_marginal_ll(sub, n_mc_samples=s, return_mean=False)
+    np.testing.assert_allclose(got, host, rtol=1e-5, atol=1e-3)
 
 
 def test_stochastic_methods_within_scvi_spread(trained):

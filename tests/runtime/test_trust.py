@@ -1089,11 +1089,23 @@ def _cuda_usable() -> bool:
 def test_cpu_and_cuda_agree(model, query):
     gpu = scvi_onnx.load(SHIPPED_BUNDLE, device="cuda")
     assert gpu.provider == "CUDAExecutionProvider"
+    assert gpu._score is not None  # on CUDA the likelihood is reduced on the device
     np.testing.assert_allclose(
         gpu.get_latent_representation(query), model.get_latent_representation(query), atol=1e-4
     )
     np.testing.assert_allclose(
         gpu.get_elbo(query, return_mean=False, seed=5),
+        model.get_elbo(query, return_mean=False, seed=5),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        gpu.get_marginal_ll(query[:64], n_mc_samples=50, return_mean=False, seed=5),
+        model.get_marginal_ll(query[:64], n_mc_samples=50, return_mean=False, seed=5),
+        rtol=1e-5,
+    )
+    host = scvi_onnx.load(SHIPPED_BUNDLE, device="cuda", scoring="host")
+    np.testing.assert_allclose(
+        host.get_elbo(query, return_mean=False, seed=5),
         model.get_elbo(query, return_mean=False, seed=5),
         rtol=1e-5,
     )

@@ -26,7 +26,8 @@ from .bundle import LIKELIHOOD_EPS
 TABLE_MAX_COUNT = 128
 #: Largest table (entries) built for gene-batch / gene-label dispersion.
 TABLE_MAX_ENTRIES = 1 << 23
-#: Rows (cells x samples) per block: keeps the float32 temporaries in L2 cache.
+#: Elements (samples x cells x genes) per block: measured fastest here (2^12..2^19 swept;
+#: smaller blocks pay numpy per-call overhead, larger ones leave the cache).
 BLOCK_ELEMENTS = 1 << 17
 
 _HALF_LOG_2PI = 0.5 * np.log(2.0 * np.pi)

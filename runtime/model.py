@@ -118,6 +118,11 @@ class _GraphCounts(NamedTuple):
     const: np.ndarray | None
 
 
+def _observed_log_library(mb: dict[str, np.ndarray]) -> np.ndarray:
+    """Log of each cell's total count (the observed library size), float64."""
+    return np.log(mb[X_KEY].sum(1, dtype=np.float64))
+
+
 def _rows(arrays: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
     """The same per-cell arrays for a slice of the cells."""
     return {k: v[rows] for k, v in arrays.items()}
@@ -399,7 +404,7 @@ class OnnxSCVI:
         if c["use_observed_lib_size"]:
             log_lib = mb.get(_LOG_LIBRARY)
             if log_lib is None:
-                log_lib = np.log(mb[X_KEY].sum(1, dtype=np.float64))
+                log_lib = _observed_log_library(mb)
             return log_lib[None, :, None]
         cells = mb[CELL_INDEX_KEY]
         eps = rng.normals(seed, rng.STREAM_L, cells, n, start=start).T[:, :, None]
@@ -411,7 +416,7 @@ class OnnxSCVI:
         """The minibatch plus what every sample chunk of it shares (the observed library)."""
         c = self.config
         if c["use_observed_lib_size"] and not c["use_size_factor_key"]:
-            return {**mb, _LOG_LIBRARY: np.log(mb[X_KEY].sum(1, dtype=np.float64))}
+            return {**mb, _LOG_LIBRARY: _observed_log_library(mb)}
         return mb
 
     def _library_prior(self, mb) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,9 @@ A *normalized minibatch* is a ``dict`` keyed by scvi-tools' ``REGISTRY_KEYS`` na
 ``cell_index`` (:data:`CELL_INDEX_KEY`)
     ``int64`` ``(n,)``: the row position of each cell in the AnnData (or its running position in
     a user dataloader), used to seed per-cell random streams so results do not depend on batching.
+``nonzero`` (:data:`NONZERO_KEY`)
+    :class:`~scvi_onnx.entries.Entries`, X's non-zeros: only when the source is CSR and lists
+    them in the model's order (then no pass over the dense X is needed to find them).
 
 Validation that is cheap (genes, obs columns, categories, covariate values) happens once when
 an :class:`AnnDataSource` is built; expression values are checked per minibatch, so the whole
@@ -34,6 +37,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .bundle import CategoricalField, Manifest
+from .entries import Entries
 from .errors import (
     InputDataError,
     InvalidArgumentError,
@@ -53,6 +57,7 @@ __all__ = [
     "CONT_COVS_KEY",
     "SIZE_FACTOR_KEY",
     "CELL_INDEX_KEY",
+    "NONZERO_KEY",
     "MISSING_GENES_MODES",
     "resolve_indices",
     "AnnDataSource",
@@ -69,6 +74,7 @@ CAT_COVS_KEY = "extra_categorical_covs"
 CONT_COVS_KEY = "extra_continuous_covs"
 SIZE_FACTOR_KEY = "size_factor"
 CELL_INDEX_KEY = "cell_index"
+NONZERO_KEY = "nonzero"
 
 MISSING_GENES_MODES = ("error", "zero")
 
@@ -281,9 +287,21 @@ class _ValueChecker:
         self.nonint_values = 0
         self.nonint_cells = 0
 
-    def check(self, x: np.ndarray, names: Callable[[np.ndarray], list], integer_input: bool):
-        """Validate a dense float32 minibatch ``x``; ``names(rows)`` gives cell names."""
+    def check(
+        self,
+        x: np.ndarray,
+        names: Callable[[np.ndarray], list],
+        integer_input: bool,
+        entries: Entries | None = None,
+    ):
+        """Validate a dense float32 minibatch ``x``; ``names(rows)`` gives cell names.
+
+        With ``entries`` (x's non-zeros), the checks read those only; when one fails, the
+        dense pass below runs and words the error.
+        """
         if x.size == 0:
+            return
+        if entries is not None and self._check_entries(entries, integer_input):
             return
         lo = x.min()
         hi = x.max()
@@ -325,6 +343,24 @@ class _ValueChecker:
             if n_vals:
                 self.nonint_values += n_vals
                 self.nonint_cells += int(np.count_nonzero(frac.any(axis=1)))
+
+    def _check_entries(self, e: Entries, integer_input: bool) -> bool:
+        """The checks on the non-zero entries; False where the dense pass must word an error."""
+        v = e.vals
+        if v.size:
+            lo, hi = v.min(), v.max()
+            if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0:
+                return False
+        # entries are non-zero and non-negative: a cell's total is zero iff it has none
+        if self.require_positive_library and np.any(e.indptr[1:] == e.indptr[:-1]):
+            return False
+        if self.count_data and not integer_input:
+            frac = v != np.floor(v)
+            n_vals = int(np.count_nonzero(frac))
+            if n_vals:
+                self.nonint_values += n_vals
+                self.nonint_cells += int(np.count_nonzero(e.row_sums(frac)))
+        return True
 
     def finish(self) -> None:
         """Emit the single non-integer warning of an iteration, if any."""
@@ -594,6 +630,10 @@ class AnnDataSource:
         self._identity_cols = self._all_found and np.array_equal(
             self._src_cols, np.arange(var_names.size)
         )
+        # the model's genes appear in the source in the model's order (extra genes allowed):
+        # a sorted CSR row then lists its entries in model order too
+        by_source = np.argsort(self._src_cols)
+        self._order_kept = bool(np.all(np.diff(self._model_pos[by_source]) > 0))
 
         # ---- expression matrix --------------------------------------------------------------
         if reg.layer is None:
@@ -758,8 +798,8 @@ class AnnDataSource:
         out[:, self._model_pos] = dense
         return out
 
-    def _csr_rows(self, m: Any, rows: np.ndarray | slice) -> np.ndarray:
-        """Rows of an in-memory CSR matrix -> dense float32 in model gene order.
+    def _csr_rows(self, m: Any, rows: np.ndarray | slice) -> tuple[np.ndarray, Entries | None]:
+        """Rows of an in-memory CSR matrix -> dense float32 in model gene order (and entries).
 
         Gathers the rows' stored entries and scatters them straight into the model's gene
         columns (reorder, extra and missing genes at once). scipy's row indexing costs far
@@ -775,7 +815,7 @@ class AnnDataSource:
         pos = _segment_positions(starts, lengths)
         return self._scatter(lengths, m.indices[pos], m.data[pos])
 
-    def _h5csr_rows(self, sorted_rows: np.ndarray) -> np.ndarray:
+    def _h5csr_rows(self, sorted_rows: np.ndarray) -> tuple[np.ndarray, Entries | None]:
         """Increasing rows of a backed CSR matrix, read from h5py in one covering span."""
         data, indices, indptr = self._h5csr
         starts = indptr[sorted_rows]
@@ -796,8 +836,11 @@ class AnnDataSource:
             return self._scatter(lengths, np.empty(0, np.intp), np.empty(0, np.float32))
         return self._scatter(lengths, np.concatenate(parts_i), np.concatenate(parts_d))
 
-    def _scatter(self, lengths: np.ndarray, src_cols: np.ndarray, vals: np.ndarray) -> np.ndarray:
-        """Stored entries of consecutive rows (``lengths`` each) -> dense model-ordered rows.
+    def _scatter(
+        self, lengths: np.ndarray, src_cols: np.ndarray, vals: np.ndarray
+    ) -> tuple[np.ndarray, Entries | None]:
+        """Stored entries of consecutive rows (``lengths`` each) -> dense model-ordered rows,
+        and their non-zero :class:`Entries` when they come in model order.
 
         A small CSR matrix of just these rows, densified by scipy's C loop (which also adds up
         duplicated entries of a non-canonical matrix, as scipy does everywhere).
@@ -807,9 +850,29 @@ class AnnDataSource:
         block = sp.csr_matrix(
             (vals, src_cols, indptr), shape=(lengths.size, self._col_map.size), copy=False
         )
-        return self._select_cols(block)
+        return self._select_cols(block), self._entries_of(block)
 
-    def _read_rows(self, rows: np.ndarray) -> np.ndarray:
+    def _entries_of(self, block: sp.csr_matrix) -> Entries | None:
+        """The block's non-zeros in model gene order, exactly as a dense pass would list them;
+        None when the block does not hold them in that order (unsorted or duplicated entries,
+        genes reordered): then they are read from the dense rows when needed."""
+        if not self._order_kept or not block.has_canonical_format:
+            return None
+        vals = block.data.astype(np.float32, copy=False)  # the values the dense X holds
+        cols = block.indices if self._identity_cols else self._col_map[block.indices]
+        indptr = block.indptr.astype(np.int64, copy=False)
+        keep = vals != 0  # explicit zeros, and values that are zero in float32
+        if not self._identity_cols:
+            keep &= cols >= 0  # genes the model does not use
+        if not keep.all():
+            kept_before = np.zeros(keep.size + 1, dtype=np.int64)
+            np.cumsum(keep, out=kept_before[1:])
+            indptr, cols, vals = kept_before[indptr], cols[keep], vals[keep]
+        return Entries(indptr, cols, vals)
+
+    def _read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, Entries | None]:
+        """Rows (in the order given) -> dense float32 in model gene order, and their non-zero
+        entries when the source gives them cheaply (CSR), else None."""
         m = self._matrix
         if self._kind == "memory":
             lo = int(rows[0])
@@ -817,32 +880,39 @@ class AnnDataSource:
                 rows = slice(lo, lo + rows.size)  # a contiguous range: slicing, not fancy indexing
             if isinstance(m, np.ndarray):
                 if self._identity_cols:
-                    return np.ascontiguousarray(m[rows], dtype=np.float32)
+                    return np.ascontiguousarray(m[rows], dtype=np.float32), None
                 if isinstance(rows, slice):
-                    return self._place(m[rows][:, self._src_cols])
-                return self._place(m[np.ix_(rows, self._src_cols)])
+                    return self._place(m[rows][:, self._src_cols]), None
+                return self._place(m[np.ix_(rows, self._src_cols)]), None
             if m.format == "csc":
                 # columns are the major axis of CSC: select them first, then the rows
                 block = m[:, self._src_cols] if not self._identity_cols else m
-                return self._place(block[rows, :].toarray())
+                return self._place(block[rows, :].toarray()), None
             return self._csr_rows(m, rows)
         # lazy (backed): read increasing rows, then restore the requested order
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        if self._h5csr is not None:
-            dense = self._h5csr_rows(sorted_rows)
-            out = np.empty_like(dense)
-            out[order] = dense
-            return out
-        lo, hi = int(sorted_rows[0]), int(sorted_rows[-1])
-        if hi - lo + 1 == sorted_rows.size:
-            block = m[lo : hi + 1]
+        if rows.size > 1 and np.any(rows[1:] < rows[:-1]):
+            order = np.argsort(rows, kind="stable")
         else:
-            block = m[sorted_rows]
-        dense = self._select_cols(block)
+            order = None  # already increasing
+        sorted_rows = rows if order is None else rows[order]
+        if self._h5csr is not None:
+            dense, entries = self._h5csr_rows(sorted_rows)
+        else:
+            lo, hi = int(sorted_rows[0]), int(sorted_rows[-1])
+            if hi - lo + 1 == sorted_rows.size:
+                block = m[lo : hi + 1]
+            else:
+                block = m[sorted_rows]
+            dense, entries = self._select_cols(block), None
+        if order is None:
+            return dense, entries
         out = np.empty_like(dense)
         out[order] = dense
-        return out
+        if entries is not None:
+            back = np.empty_like(order)
+            back[order] = np.arange(order.size)
+            entries = entries.take(back)
+        return out, entries
 
     def minibatches(self, indices: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Yield normalized minibatches of the cells at ``indices``, in that order.
@@ -879,16 +949,19 @@ class AnnDataSource:
         )
         for start in range(0, idx.size, bs):
             rows = idx[start : start + bs]
-            x = self._read_rows(rows)
+            x, entries = self._read_rows(rows)
             checker.check(
                 x,
                 lambda r, rows=rows: [self._obs_names[i] for i in rows[r]],
                 self._integer_input,
+                entries,
             )
-            yield self._assemble(x, rows)
+            yield self._assemble(x, rows, entries)
         checker.finish()
 
-    def _assemble(self, x: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def _assemble(
+        self, x: np.ndarray, rows: np.ndarray, entries: Entries | None = None
+    ) -> dict[str, Any]:
         batch: dict[str, np.ndarray] = {
             X_KEY: x,
             BATCH_KEY: np.ascontiguousarray(self._batch[rows]),
@@ -901,6 +974,8 @@ class AnnDataSource:
         if self._size_factor is not None:
             batch[SIZE_FACTOR_KEY] = np.ascontiguousarray(self._size_factor[rows])
         batch[CELL_INDEX_KEY] = np.array(rows, dtype=np.int64)
+        if entries is not None:
+            batch[NONZERO_KEY] = entries
         return batch
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from scipy.special import gammaln
 
 from .bundle import LIKELIHOOD_EPS
+from .entries import Entries
 
 #: Integer counts below this use the lgamma table.
 TABLE_MAX_COUNT = 128
@@ -46,7 +47,7 @@ def lgamma_table(theta: np.ndarray, k_max: int = TABLE_MAX_COUNT) -> np.ndarray:
 
 
 def count_constant(
-    x: np.ndarray,
+    x: np.ndarray | Entries,
     theta: np.ndarray,
     table: np.ndarray | None = None,
     codes: np.ndarray | None = None,
@@ -62,7 +63,8 @@ def count_constant(
     Parameters
     ----------
     x
-        ``(n, G)`` counts.
+        ``(n, G)`` counts, or their non-zero :class:`~scvi_onnx.entries.Entries` (what a CSR
+        source gives without a pass over the dense minibatch).
     theta
         ``(G,)`` or ``(n, G)`` inverse dispersion.
     table
@@ -71,16 +73,16 @@ def count_constant(
     likelihood
         ``"nb"`` or ``"zinb"``: which entries the sum runs over (see above).
     """
-    n, G = x.shape
-    flat = x.reshape(-1)
-    idx = np.flatnonzero(flat != 0 if likelihood == "nb" else flat > LIKELIHOOD_EPS)
-    if idx.size == 0:
-        return np.zeros(n, dtype=np.float64)
-    xv = flat[idx]
-    rows, cols = np.divmod(idx, G)
+    e = x if isinstance(x, Entries) else Entries.from_dense(x)
+    xv, cols = e.vals, e.cols
+    if xv.size == 0:
+        return np.zeros(e.n_rows, dtype=np.float64)
+    G = theta.shape[-1]
+    per_cell = theta.ndim == 2 or (table is not None and table.ndim == 3)
+    rows = e.row_of_entry() if per_cell else None
     if table is not None:
         # every entry from the table (counts clamped into it), then the few that are not
-        # small integers recomputed exactly: no boolean-mask pass over all nonzeros
+        # small integers recomputed exactly: no boolean-mask pass over all entries
         K = table.shape[-1]
         k = xv.astype(np.int64)
         rest = np.flatnonzero((k != xv) | (k >= K))
@@ -88,36 +90,22 @@ def count_constant(
         key = cols * K + k if table.ndim == 2 else (codes[rows] * G + cols) * K + k
         vals = np.take(table.reshape(-1), key)
     else:
-        rest = np.arange(idx.size)
-        vals = np.empty(idx.size, dtype=np.float64)
+        rest = np.arange(xv.size)
+        vals = np.empty(xv.size, dtype=np.float64)
     if rest.size:
         xr = xv[rest].astype(np.float64)
-        rr, cr = rows[rest], cols[rest]
-        tr = (theta[cr] if theta.ndim == 1 else theta[rr, cr]).astype(np.float64)
+        cr = cols[rest]
+        tr = (theta[cr] if theta.ndim == 1 else theta[rows[rest], cr]).astype(np.float64)
         vals[rest] = gammaln(xr + tr) - gammaln(tr) - gammaln(xr + 1.0)
-    return _row_sums(vals, rows, n)
+    if likelihood != "nb":
+        vals[xv <= LIKELIHOOD_EPS] = 0.0  # ZINB: outside its non-zero mask (adds exact zeros)
+    return e.row_sums(vals)
 
 
-def poisson_count_constant(x: np.ndarray) -> np.ndarray:
+def poisson_count_constant(x: np.ndarray | Entries) -> np.ndarray:
     """Per-cell ``-sum_g lgamma(x + 1)`` (float64): Poisson's term that no sample changes."""
-    nz = x != 0
-    rows = np.nonzero(nz)[0]
-    return -np.bincount(rows, weights=gammaln(x[nz].astype(np.float64) + 1.0), minlength=x.shape[0])
-
-
-def _row_sums(vals: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
-    """Sum ``vals`` per row; ``rows`` is sorted (row-major nonzeros).
-
-    Each row is reduced on its own (``reduceat``), so a cell's sum does not depend on the other
-    cells of the minibatch (a running cumsum would: bit-identity across batch sizes).
-    """
-    bounds = np.searchsorted(rows, np.arange(n + 1))
-    starts = bounds[:-1]
-    nonempty = bounds[1:] > starts
-    out = np.zeros(n, dtype=np.float64)
-    if nonempty.any():
-        out[nonempty] = np.add.reduceat(vals, starts[nonempty])
-    return out
+    e = x if isinstance(x, Entries) else Entries.from_dense(x)
+    return -e.row_sums(gammaln(e.vals.astype(np.float64) + 1.0))
 
 
 def _softplus(v: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:

@@ -30,12 +30,14 @@ from .data import (
     CELL_INDEX_KEY,
     CONT_COVS_KEY,
     LABELS_KEY,
+    NONZERO_KEY,
     SIZE_FACTOR_KEY,
     X_KEY,
     AnnDataSource,
     normalize_dataloader,
     resolve_indices,
 )
+from .entries import Entries
 from .errors import InvalidArgumentError
 from .likelihood import (
     TABLE_MAX_COUNT,
@@ -118,14 +120,21 @@ class _GraphCounts(NamedTuple):
     const: np.ndarray | None
 
 
-def _observed_log_library(mb: dict[str, np.ndarray]) -> np.ndarray:
+def _entries(mb: dict[str, Any]) -> Entries:
+    """The minibatch's non-zero counts: as the source gave them, or read from the dense X."""
+    e = mb.get(NONZERO_KEY)
+    return Entries.from_dense(mb[X_KEY]) if e is None else e
+
+
+def _observed_log_library(mb: dict[str, Any]) -> np.ndarray:
     """Log of each cell's total count (the observed library size), float64."""
-    return np.log(mb[X_KEY].sum(1, dtype=np.float64))
+    e = _entries(mb)
+    return np.log(e.row_sums(e.vals))
 
 
-def _rows(arrays: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
-    """The same per-cell arrays for a slice of the cells."""
-    return {k: v[rows] for k, v in arrays.items()}
+def _rows(arrays: dict[str, Any], rows: slice) -> dict[str, Any]:
+    """The same per-cell arrays (and entries) for a slice of the cells."""
+    return {k: v.rows(rows) if isinstance(v, Entries) else v[rows] for k, v in arrays.items()}
 
 
 def check_seed(seed: Any) -> int:
@@ -412,12 +421,20 @@ class OnnxSCVI:
         s = np.sqrt(enc[B.OUT_QL_V].astype(np.float64))[None]
         return m + eps * s
 
-    def _with_constants(self, mb: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The minibatch plus what every sample chunk of it shares (the observed library)."""
+    def _with_constants(self, mb: dict[str, Any]) -> dict[str, Any]:
+        """The minibatch plus what is computed once from its counts and shared by every
+        sample: its non-zero entries and the observed library."""
         c = self.config
-        if c["use_observed_lib_size"] and not c["use_size_factor_key"]:
-            return {**mb, _LOG_LIBRARY: _observed_log_library(mb)}
-        return mb
+        need_lib = c["use_observed_lib_size"] and not c["use_size_factor_key"]
+        count_terms = self._lik == "poisson" or (
+            self._lik in ("nb", "zinb") and self._theta is not None
+        )
+        if not (need_lib or count_terms):
+            return mb
+        out = {**mb, NONZERO_KEY: _entries(mb)}
+        if need_lib:
+            out[_LOG_LIBRARY] = _observed_log_library(out)
+        return out
 
     def _library_prior(self, mb) -> tuple[np.ndarray, np.ndarray]:
         b = mb[BATCH_KEY].reshape(-1)
@@ -438,9 +455,11 @@ class OnnxSCVI:
                 codes = cell_codes(self.config, mb[BATCH_KEY], mb[LABELS_KEY])
                 theta = self._theta[codes]
             if self._lik in ("nb", "zinb"):
-                const = count_constant(x, theta, self._theta_table, codes, likelihood=self._lik)
+                const = count_constant(
+                    _entries(mb), theta, self._theta_table, codes, likelihood=self._lik
+                )
         if self._lik == "poisson":
-            const = poisson_count_constant(x)
+            const = poisson_count_constant(_entries(mb))
         if self._score is not None:
             import onnxruntime as ort
 
@@ -672,7 +691,11 @@ class OnnxSCVI:
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
         )
-        parts = list(self._pmap(lambda mb: self._elbo_terms(mb, seed), self._tasks(mbs)))
+
+        def one(mb):
+            return self._elbo_terms(self._with_constants(mb), seed)
+
+        parts = list(self._pmap(one, self._tasks(mbs)))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def get_reconstruction_error(

@@ -19,12 +19,14 @@ from scvi_onnx.data import (
     CELL_INDEX_KEY,
     CONT_COVS_KEY,
     LABELS_KEY,
+    NONZERO_KEY,
     SIZE_FACTOR_KEY,
     X_KEY,
     AnnDataSource,
     normalize_dataloader,
     resolve_indices,
 )
+from scvi_onnx.entries import Entries
 from scvi_onnx.errors import (
     InputDataError,
     InvalidArgumentError,
@@ -111,14 +113,30 @@ def make_adata(x=None, genes=GENES, obs=None) -> ad.AnnData:
     return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=list(genes)))
 
 
+def assert_entries_match(mb: dict) -> None:
+    """A minibatch's non-zero entries, when the source gave them, are exactly the dense X's."""
+    e = mb.get(NONZERO_KEY)
+    if e is None:
+        return
+    want = Entries.from_dense(mb[X_KEY])
+    for got_part, want_part in zip(e, want, strict=True):
+        np.testing.assert_array_equal(got_part, want_part)
+    assert e.vals.dtype == np.float32
+
+
 def collect(src: AnnDataSource, indices=None, batch_size=5) -> dict[str, np.ndarray]:
     mbs = list(src.minibatches(indices, batch_size))
-    return {k: np.concatenate([m[k] for m in mbs]) for k in mbs[0]}
+    for m in mbs:
+        assert_entries_match(m)
+    return {k: np.concatenate([m[k] for m in mbs]) for k in mbs[0] if k != NONZERO_KEY}
 
 
 def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
+    """Same minibatch fields and values; the non-zero entries, where given, match the X."""
+    assert_entries_match(a)
+    assert_entries_match(b)
+    assert a.keys() - {NONZERO_KEY} == b.keys() - {NONZERO_KEY}
+    for k in a.keys() - {NONZERO_KEY}:
         assert a[k].dtype == b[k].dtype, k
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
@@ -272,6 +290,53 @@ def test_missing_genes_zero_fill(caplog):
         assert src.n_genes_found == 6 and src.gene_overlap == pytest.approx(0.75)
         np.testing.assert_array_equal(collect(src)[X_KEY], expected)
     assert any("6 of the model's 8 genes" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("backed", [False, True], ids=["memory", "backed"])
+def test_csr_sources_give_their_non_zeros(tmp_path, backed):
+    """A CSR source hands over its non-zeros (no dense pass needed) exactly when its rows list
+    them in the model's gene order; they equal the dense X's non-zeros (checked in collect)."""
+    x = counts().astype(np.float32)
+    x[4] = 0
+    x[5, 3] = 0.5
+    rng = np.random.default_rng(2)
+    perm = rng.permutation(G)
+    with_zero = sp.csr_matrix(x)
+    with_zero.data[0] = 0.0  # an explicit zero, stored
+    unsorted = sp.csr_matrix(x)
+    for i in range(N):  # every row's entries in decreasing column order
+        lo, hi = unsorted.indptr[i], unsorted.indptr[i + 1]
+        unsorted.indices[lo:hi] = unsorted.indices[lo:hi][::-1].copy()
+        unsorted.data[lo:hi] = unsorted.data[lo:hi][::-1].copy()
+    unsorted.has_sorted_indices = False
+    assert not unsorted.has_canonical_format
+    keep = [0, 1, 3, 4, 5, 7]  # g2 and g6 missing, an extra gene between
+    extra = np.concatenate([x[:, keep[:3]], np.ones((N, 1), np.float32), x[:, keep[3:]]], axis=1)
+    extra_genes = [GENES[i] for i in keep[:3]] + ["extra"] + [GENES[i] for i in keep[3:]]
+    cases = {
+        "same order": (sp.csr_matrix(x), GENES, True),
+        "explicit zero": (with_zero, GENES, True),
+        "missing and extra genes": (sp.csr_matrix(extra), extra_genes, True),
+        "genes reordered": (sp.csr_matrix(x[:, perm]), [GENES[i] for i in perm], False),
+        "unsorted entries": (unsorted, GENES, False),
+        "dense": (x, GENES, False),
+    }
+    for name, (matrix, genes, given) in cases.items():
+        a = make_adata(matrix, genes)
+        if backed:
+            a.write_h5ad(tmp_path / "c.h5ad")
+            a = ad.read_h5ad(tmp_path / "c.h5ad", backed="r")
+        try:
+            src = AnnDataSource(a, make_manifest(), missing_genes="zero", min_gene_overlap=0.7)
+            for indices in (None, [9, 2, 4, 11, 0]):  # in order, and rows read out of order
+                mbs = list(src.minibatches(indices, 4))
+                for mb in mbs:
+                    assert (NONZERO_KEY in mb) == given, name
+                    assert_entries_match(mb)
+                    assert 0.0 not in mb.get(NONZERO_KEY, Entries.from_dense(x)).vals
+        finally:
+            if backed:
+                a.file.close()
 
 
 def test_bad_missing_genes_args():
@@ -487,16 +552,18 @@ def test_bad_expression_values(value, needle, build):
     assert needle in str(e.value) and "'cell7'" in str(e.value)
 
 
-def test_values_in_ignored_genes_are_not_checked():
+@pytest.mark.parametrize("build", [np.asarray, sp.csr_matrix])
+def test_values_in_ignored_genes_are_not_checked(build):
     x = np.concatenate([counts(), np.full((N, 1), np.nan)], axis=1)
-    src = AnnDataSource(make_adata(x, list(GENES) + ["junk"]), make_manifest())
+    src = AnnDataSource(make_adata(build(x), list(GENES) + ["junk"]), make_manifest())
     assert np.isfinite(collect(src)[X_KEY]).all()
 
 
-def test_zero_library():
+@pytest.mark.parametrize("build", [np.asarray, sp.csr_matrix])
+def test_zero_library(build):
     x = counts()
     x[[2, 9]] = 0
-    adata = make_adata(x)
+    adata = make_adata(build(x))
     collect(AnnDataSource(adata, make_manifest()))  # allowed by default
     src = AnnDataSource(adata, make_manifest(), require_positive_library=True)
     with pytest.raises(ZeroLibrarySizeError) as e:
@@ -505,12 +572,13 @@ def test_zero_library():
     assert "2 cells" in msg and "'cell9', 'cell2'" in msg and "filter_cells" in msg
 
 
-def test_single_non_integer_warning():
+@pytest.mark.parametrize("build", [np.asarray, sp.csr_matrix])
+def test_single_non_integer_warning(build):
     x = counts().astype(np.float32)
     x[1, 1] += 0.5
     x[1, 2] += 0.25
     x[10, 0] += 0.5
-    src = AnnDataSource(make_adata(x), make_manifest())
+    src = AnnDataSource(make_adata(build(x)), make_manifest())
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         mbs = list(src.minibatches(None, 3))

@@ -248,19 +248,20 @@ class MinibatchScorer:
             return b.sum(-1, dtype=np.float64)
         if pi.min() < _FAST_PI_MIN:
             return self._zinb_stable(pi, b, e, m1 > 0, a, c, d)
-        # ZINB. With q = exp(-pi) (finite here) and exp(b) <= 1, scvi-tools' two cases are
-        #   zero      softplus(b - pi) - softplus(-pi) = log1p(q exp(b)) - log1p(q)
-        #   non-zero  b - pi - softplus(-pi) + e       = (b - pi) - log1p(q) + e
-        # blended with the 0/1 mask m (arithmetic: no np.copyto(where=) pass)
+        # ZINB. With q = exp(-pi) (finite here) and t = b - pi <= -pi, scvi-tools' two cases
+        #   zero      softplus(t) - softplus(-pi) = log(1 + exp(t)) - log(1 + q)
+        #   non-zero  t - softplus(-pi) + e       = t - log(1 + q) + e
+        # are one expression with the 0/1 masks m0, m1 (arithmetic: no np.copyto(where=)):
+        #   log((1 + m0 exp(t)) / (1 + q)) + m1 t + e        (one log instead of two log1p)
+        b -= pi
         np.exp(b, out=c)
+        c *= m0
+        c += 1.0
         np.negative(pi, out=d)
         np.exp(d, out=d)
-        c *= d
-        np.log1p(c, out=c)
-        c *= m0
-        np.log1p(d, out=d)
-        c -= d
-        b -= pi
+        d += 1.0
+        c /= d
+        np.log(c, out=c)
         b *= m1
         c += b
         c += e

@@ -29,7 +29,9 @@ from __future__ import annotations
 import logging
 import numbers
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -278,7 +280,11 @@ def _check_batch_size(batch_size: Any) -> int:
 
 
 class _ValueChecker:
-    """Per-minibatch checks of X, plus the count of non-integer values over an iteration."""
+    """Per-minibatch checks of X, plus the count of non-integer values over an iteration.
+
+    :meth:`check` only reads (it may run on reader threads); :meth:`record` adds a
+    minibatch's non-integer counts, in minibatch order, on the iterating thread.
+    """
 
     def __init__(self, *, require_positive_library: bool, count_data: bool, source: str):
         self.require_positive_library = bool(require_positive_library)
@@ -293,16 +299,19 @@ class _ValueChecker:
         names: Callable[[np.ndarray], list],
         integer_input: bool,
         entries: Entries | None = None,
-    ):
+    ) -> tuple[int, int]:
         """Validate a dense float32 minibatch ``x``; ``names(rows)`` gives cell names.
 
+        Returns the minibatch's (non-integer values, cells holding them) for :meth:`record`.
         With ``entries`` (x's non-zeros), the checks read those only; when one fails, the
         dense pass below runs and words the error.
         """
         if x.size == 0:
-            return
-        if entries is not None and self._check_entries(entries, integer_input):
-            return
+            return 0, 0
+        if entries is not None:
+            counts = self._check_entries(entries, integer_input)
+            if counts is not None:
+                return counts
         lo = x.min()
         hi = x.max()
         if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -341,26 +350,30 @@ class _ValueChecker:
             frac = x != np.floor(x)
             n_vals = int(np.count_nonzero(frac))
             if n_vals:
-                self.nonint_values += n_vals
-                self.nonint_cells += int(np.count_nonzero(frac.any(axis=1)))
+                return n_vals, int(np.count_nonzero(frac.any(axis=1)))
+        return 0, 0
 
-    def _check_entries(self, e: Entries, integer_input: bool) -> bool:
-        """The checks on the non-zero entries; False where the dense pass must word an error."""
+    def _check_entries(self, e: Entries, integer_input: bool) -> tuple[int, int] | None:
+        """The checks on the non-zero entries; None where the dense pass must word an error."""
         v = e.vals
         if v.size:
             lo, hi = v.min(), v.max()
             if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0:
-                return False
+                return None
         # entries are non-zero and non-negative: a cell's total is zero iff it has none
         if self.require_positive_library and np.any(e.indptr[1:] == e.indptr[:-1]):
-            return False
+            return None
         if self.count_data and not integer_input:
             frac = v != np.floor(v)
             n_vals = int(np.count_nonzero(frac))
             if n_vals:
-                self.nonint_values += n_vals
-                self.nonint_cells += int(np.count_nonzero(e.row_sums(frac)))
-        return True
+                return n_vals, int(np.count_nonzero(e.row_sums(frac)))
+        return 0, 0
+
+    def record(self, counts: tuple[int, int]) -> None:
+        """Add one minibatch's non-integer (values, cells), as :meth:`check` returned them."""
+        self.nonint_values += counts[0]
+        self.nonint_cells += counts[1]
 
     def finish(self) -> None:
         """Emit the single non-integer warning of an iteration, if any."""
@@ -815,26 +828,27 @@ class AnnDataSource:
         pos = _segment_positions(starts, lengths)
         return self._scatter(lengths, m.indices[pos], m.data[pos])
 
-    def _h5csr_rows(self, sorted_rows: np.ndarray) -> tuple[np.ndarray, Entries | None]:
-        """Increasing rows of a backed CSR matrix, read from h5py in one covering span."""
+    def _h5csr_entries(self, sorted_rows: np.ndarray) -> tuple[np.ndarray, Any, Any]:
+        """Increasing rows of a backed CSR matrix, read from h5py in one covering span:
+        (row lengths, source columns, values), for :meth:`_scatter`."""
         data, indices, indptr = self._h5csr
         starts = indptr[sorted_rows]
         lengths = indptr[sorted_rows + 1] - starts
         lo, hi = int(starts[0]), int(indptr[sorted_rows[-1] + 1])
         if sorted_rows[-1] - sorted_rows[0] + 1 == sorted_rows.size:  # contiguous rows
-            return self._scatter(lengths, indices[lo:hi], data[lo:hi])
+            return lengths, indices[lo:hi], data[lo:hi]
         if hi - lo <= 4 * int(lengths.sum()) + (1 << 16):
             d, ix = data[lo:hi], indices[lo:hi]
             pos = _segment_positions(starts - lo, lengths)
-            return self._scatter(lengths, ix[pos], d[pos])
+            return lengths, ix[pos], d[pos]
         parts_d, parts_i = [], []
         for s0, n0 in zip(starts.tolist(), lengths.tolist(), strict=True):
             if n0:
                 parts_d.append(data[s0 : s0 + n0])
                 parts_i.append(indices[s0 : s0 + n0])
         if not parts_d:
-            return self._scatter(lengths, np.empty(0, np.intp), np.empty(0, np.float32))
-        return self._scatter(lengths, np.concatenate(parts_i), np.concatenate(parts_d))
+            return lengths, np.empty(0, np.intp), np.empty(0, np.float32)
+        return lengths, np.concatenate(parts_i), np.concatenate(parts_d)
 
     def _scatter(
         self, lengths: np.ndarray, src_cols: np.ndarray, vals: np.ndarray
@@ -870,25 +884,17 @@ class AnnDataSource:
             indptr, cols, vals = kept_before[indptr], cols[keep], vals[keep]
         return Entries(indptr, cols, vals)
 
-    def _read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, Entries | None]:
-        """Rows (in the order given) -> dense float32 in model gene order, and their non-zero
-        entries when the source gives them cheaply (CSR), else None."""
+    def _read(self, rows: np.ndarray) -> Callable[[], tuple[np.ndarray, Entries | None]]:
+        """Read rows (in the order given) from the file, and return what finishes them: a
+        function giving the dense float32 rows in model gene order and their non-zero entries
+        (when the source gives them cheaply, CSR; else None).
+
+        The file is only read here, on the iterating thread (h5py is not for concurrent use);
+        the returned function touches numpy and scipy only and may run on a reader thread.
+        """
         m = self._matrix
         if self._kind == "memory":
-            lo = int(rows[0])
-            if rows.size > 1 and rows[-1] - lo + 1 == rows.size and np.all(np.diff(rows) == 1):
-                rows = slice(lo, lo + rows.size)  # a contiguous range: slicing, not fancy indexing
-            if isinstance(m, np.ndarray):
-                if self._identity_cols:
-                    return np.ascontiguousarray(m[rows], dtype=np.float32), None
-                if isinstance(rows, slice):
-                    return self._place(m[rows][:, self._src_cols]), None
-                return self._place(m[np.ix_(rows, self._src_cols)]), None
-            if m.format == "csc":
-                # columns are the major axis of CSC: select them first, then the rows
-                block = m[:, self._src_cols] if not self._identity_cols else m
-                return self._place(block[rows, :].toarray()), None
-            return self._csr_rows(m, rows)
+            return lambda: self._memory_rows(m, rows)
         # lazy (backed): read increasing rows, then restore the requested order
         if rows.size > 1 and np.any(rows[1:] < rows[:-1]):
             order = np.argsort(rows, kind="stable")
@@ -896,25 +902,55 @@ class AnnDataSource:
             order = None  # already increasing
         sorted_rows = rows if order is None else rows[order]
         if self._h5csr is not None:
-            dense, entries = self._h5csr_rows(sorted_rows)
+            stored = self._h5csr_entries(sorted_rows)
+
+            def dense_rows():
+                return self._scatter(*stored)
         else:
             lo, hi = int(sorted_rows[0]), int(sorted_rows[-1])
             if hi - lo + 1 == sorted_rows.size:
                 block = m[lo : hi + 1]
             else:
                 block = m[sorted_rows]
-            dense, entries = self._select_cols(block), None
-        if order is None:
-            return dense, entries
-        out = np.empty_like(dense)
-        out[order] = dense
-        if entries is not None:
-            back = np.empty_like(order)
-            back[order] = np.arange(order.size)
-            entries = entries.take(back)
-        return out, entries
 
-    def minibatches(self, indices: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+            def dense_rows():
+                return self._select_cols(block), None
+
+        if order is None:
+            return dense_rows
+
+        def in_requested_order():
+            dense, entries = dense_rows()
+            out = np.empty_like(dense)
+            out[order] = dense
+            if entries is not None:
+                back = np.empty_like(order)
+                back[order] = np.arange(order.size)
+                entries = entries.take(back)
+            return out, entries
+
+        return in_requested_order
+
+    def _memory_rows(self, m: Any, rows: np.ndarray) -> tuple[np.ndarray, Entries | None]:
+        """Rows of an in-memory matrix, as :meth:`_read`'s function returns them."""
+        lo = int(rows[0])
+        if rows.size > 1 and rows[-1] - lo + 1 == rows.size and np.all(np.diff(rows) == 1):
+            rows = slice(lo, lo + rows.size)  # a contiguous range: slicing, not fancy indexing
+        if isinstance(m, np.ndarray):
+            if self._identity_cols:
+                return np.ascontiguousarray(m[rows], dtype=np.float32), None
+            if isinstance(rows, slice):
+                return self._place(m[rows][:, self._src_cols]), None
+            return self._place(m[np.ix_(rows, self._src_cols)]), None
+        if m.format == "csc":
+            # columns are the major axis of CSC: select them first, then the rows
+            block = m[:, self._src_cols] if not self._identity_cols else m
+            return self._place(block[rows, :].toarray()), None
+        return self._csr_rows(m, rows)
+
+    def minibatches(
+        self, indices: Any, batch_size: int, *, prefetch: int = 0
+    ) -> Iterator[dict[str, Any]]:
         """Yield normalized minibatches of the cells at ``indices``, in that order.
 
         Parameters
@@ -923,6 +959,10 @@ class AnnDataSource:
             Row positions (see :func:`resolve_indices`; ``None`` means all cells).
         batch_size
             Cells per minibatch; the last one may be smaller.
+        prefetch
+            Reader threads that densify and check the next minibatches while the caller works
+            on the current one (the file itself is read on the iterating thread). 0: none.
+            The minibatches, errors and warning are the same whatever the number.
 
         Raises
         ------
@@ -939,24 +979,54 @@ class AnnDataSource:
         """
         idx = resolve_indices(indices, self._n_obs)
         bs = _check_batch_size(batch_size)
-        return self._iterate(idx, bs)
+        prefetch = int(prefetch)
+        if prefetch < 0:
+            raise InvalidArgumentError(f"prefetch must be >= 0, got {prefetch}")
+        return self._iterate(idx, bs, prefetch)
 
-    def _iterate(self, idx: np.ndarray, bs: int) -> Iterator[dict[str, np.ndarray]]:
+    def _iterate(self, idx: np.ndarray, bs: int, prefetch: int) -> Iterator[dict[str, Any]]:
         checker = _ValueChecker(
             require_positive_library=self.require_positive_library,
             count_data=self.count_data,
             source=self._source_name,
         )
-        for start in range(0, idx.size, bs):
-            rows = idx[start : start + bs]
-            x, entries = self._read_rows(rows)
-            checker.check(
+
+        def finish(rows: np.ndarray, dense_rows: Callable) -> tuple[dict[str, Any], tuple]:
+            x, entries = dense_rows()
+            counts = checker.check(
                 x,
-                lambda r, rows=rows: [self._obs_names[i] for i in rows[r]],
+                lambda r: [self._obs_names[i] for i in rows[r]],
                 self._integer_input,
                 entries,
             )
-            yield self._assemble(x, rows, entries)
+            return self._assemble(x, rows, entries), counts
+
+        reads = (
+            (rows, self._read(rows))
+            for rows in (idx[start : start + bs] for start in range(0, idx.size, bs))
+        )
+        if prefetch == 0:
+            for rows, dense_rows in reads:
+                mb, counts = finish(rows, dense_rows)
+                checker.record(counts)
+                yield mb
+        else:
+            with ThreadPoolExecutor(prefetch, thread_name_prefix="scvi-onnx-read") as ex:
+                pending: deque[Future] = deque()
+                try:
+                    for rows, dense_rows in reads:
+                        pending.append(ex.submit(finish, rows, dense_rows))
+                        if len(pending) > prefetch:
+                            mb, counts = pending.popleft().result()
+                            checker.record(counts)
+                            yield mb
+                    while pending:
+                        mb, counts = pending.popleft().result()
+                        checker.record(counts)
+                        yield mb
+                finally:
+                    for f in pending:
+                        f.cancel()
         checker.finish()
 
     def _assemble(
@@ -1160,7 +1230,11 @@ def _normalize_iter(
         first = position
         integer_input = _dtype_is_integer(x.dtype)
         xf = np.ascontiguousarray(x, dtype=np.float32)
-        checker.check(xf, lambda r, first=first: [f"cell {first + k}" for k in r], integer_input)
+        checker.record(
+            checker.check(
+                xf, lambda r, first=first: [f"cell {first + k}" for k in r], integer_input
+            )
+        )
         out: dict[str, np.ndarray] = {X_KEY: xf}
 
         for key, f, reg_name in (

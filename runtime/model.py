@@ -213,6 +213,8 @@ class OnnxSCVI:
             self._lib_means = self._arrays[B.ARR_LIB_MEANS].reshape(-1).astype(np.float64)
             self._lib_vars = self._arrays[B.ARR_LIB_VARS].reshape(-1).astype(np.float64)
         self._n_workers = int(n_threads or min(os.cpu_count() or 1, MAX_DEFAULT_THREADS))
+        # reader threads that densify the next minibatches while the workers compute
+        self._prefetch = 0 if self._n_workers <= 1 else max(1, self._n_workers // 2)
         # Dispersion that does not depend on z: exp(px_r) per gene, or per batch / label
         # (rows), and its lgamma table for the count terms. Immutable after load.
         self._theta = self._theta_table = None
@@ -357,7 +359,7 @@ class OnnxSCVI:
             )
             idx = resolve_indices(indices, src.n_obs)
             bs = batch_size or DEFAULT_BATCH_SIZE
-            it = src.minibatches(idx, bs)
+            it = src.minibatches(idx, bs, prefetch=self._prefetch)
             total = math.ceil(len(idx) / bs)
         if progress:
             from tqdm.auto import tqdm

@@ -418,6 +418,40 @@ def test_formats_give_identical_minibatches(formats, indices):
             assert_same(a, b)
 
 
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_prefetch_gives_the_same_minibatches_errors_and_warning(formats, prefetch):
+    m = make_manifest(**FULL)
+    lm = make_manifest(**FULL, layer="counts")
+    for name, adata in formats.items():
+        src = AnnDataSource(adata, lm if name == "layer" else m)
+        for indices in (None, [7, 2, 11, 0, 5, 3]):
+            want = list(src.minibatches(indices, 4))
+            got = list(src.minibatches(indices, 4, prefetch=prefetch))
+            assert len(got) == len(want), name
+            for a, b in zip(got, want, strict=True):
+                assert_same(a, b)
+    # an error surfaces at its own minibatch, after the earlier ones were yielded
+    x = counts().astype(np.float64)
+    x[7, 3] = np.nan
+    it = AnnDataSource(make_adata(sp.csr_matrix(x)), make_manifest()).minibatches(
+        None, 2, prefetch=prefetch
+    )
+    assert [mb[CELL_INDEX_KEY][0] for mb in (next(it), next(it), next(it))] == [0, 2, 4]
+    with pytest.raises(InvalidValuesError, match="'cell7'"):
+        next(it)
+    # one warning, with the counts of every minibatch
+    x = counts().astype(np.float32)
+    x[[1, 10, 11], [1, 0, 5]] += 0.5
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        src = AnnDataSource(make_adata(sp.csr_matrix(x)), make_manifest())
+        list(src.minibatches(None, 3, prefetch=prefetch))
+    hits = [r for r in w if issubclass(r.category, NonIntegerCountsWarning)]
+    assert len(hits) == 1 and "3 non-integer value(s) in 3 cells" in str(hits[0].message)
+    with pytest.raises(InvalidArgumentError, match="prefetch"):
+        src.minibatches(None, 3, prefetch=-1)
+
+
 def test_backed_unsorted_scattered_rows(tmp_path):
     rng = np.random.default_rng(5)
     x = rng.poisson(3.0, size=(40, len(GENES))).astype(np.float32)

@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--n-mc", type=int, default=1000)
     p.add_argument("--per-pass", type=int, default=None)
     p.add_argument("--backed", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -48,12 +49,13 @@ def main() -> None:
         import torch
 
         adata = ad.read_h5ad(args.data)
-        model = scvi.model.SCVI.load(f"{args.model}/torch", adata=adata, accelerator="cpu")
+        accelerator = "gpu" if args.device == "cuda" else "cpu"
+        model = scvi.model.SCVI.load(f"{args.model}/torch", adata=adata, accelerator=accelerator)
         info = {
             "engine": f"scvi-tools {scvi.__version__}",
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "provider": "torch CPU",
+            "provider": f"torch {accelerator}",
         }
     else:
         import onnxruntime as ort
@@ -61,7 +63,7 @@ def main() -> None:
         import scvi_onnx
 
         adata = ad.read_h5ad(args.data, backed="r" if args.backed else None)
-        model = scvi_onnx.load(f"{args.model}/bundle", device="cpu")
+        model = scvi_onnx.load(f"{args.model}/bundle", device=args.device)
         info = {
             "engine": f"scvi-onnx {scvi_onnx.__version__}",
             "onnxruntime": ort.__version__,

@@ -27,7 +27,6 @@ import math
 import numpy as np
 import scipy.sparse as sp
 from numpy.typing import ArrayLike, NDArray
-from scipy.special import gammaln, xlogy
 
 from .bundle import LIKELIHOOD_EPS
 
@@ -67,6 +66,18 @@ def _float_dtype(*arrays: ArrayLike | sp.spmatrix) -> np.dtype:
     if not dtypes:
         return np.dtype(np.float64)
     return np.dtype(np.result_type(*dtypes))
+
+
+def _gammaln(x: NDArray) -> NDArray:
+    from scipy.special import gammaln  # on first use: scipy.special adds ~0.2 s to an import
+
+    return gammaln(x)
+
+
+def _xlogy(x: NDArray, y: NDArray) -> NDArray:
+    from scipy.special import xlogy
+
+    return xlogy(x, y)
 
 
 def _as(a: ArrayLike, dtype: np.dtype) -> NDArray:
@@ -114,9 +125,9 @@ def log_nb_positive(
     return (
         theta * (np.log(theta + eps) - log_theta_mu_eps)
         + x * (np.log(mu + eps) - log_theta_mu_eps)
-        + gammaln(x + theta)
-        - gammaln(theta)
-        - gammaln(x + 1)
+        + _gammaln(x + theta)
+        - _gammaln(theta)
+        - _gammaln(x + 1)
     )
 
 
@@ -166,9 +177,9 @@ def log_zinb_positive(
         -softplus_pi
         + pi_theta_log
         + x * (np.log(mu + eps) - log_theta_mu_eps)
-        + gammaln(x + theta)
-        - gammaln(theta)
-        - gammaln(x + 1)
+        + _gammaln(x + theta)
+        - _gammaln(theta)
+        - _gammaln(x + 1)
     )
     mul_case_non_zero = (x > eps).astype(dtype) * case_non_zero
     return mul_case_zero + mul_case_non_zero
@@ -194,7 +205,7 @@ def log_poisson(x: ArrayLike, rate: ArrayLike) -> NDArray:
     """
     dtype = _float_dtype(x, rate)
     x, rate = _as(x, dtype), _as(rate, dtype)
-    return xlogy(x, rate) - rate - gammaln(x + 1)
+    return _xlogy(x, rate) - rate - _gammaln(x + 1)
 
 
 def log_normal(x: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> NDArray:

@@ -18,7 +18,6 @@ formula, any other the zero formula.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import gammaln
 
 from .bundle import LIKELIHOOD_EPS
 from .entries import Entries
@@ -36,6 +35,12 @@ _HALF_LOG_2PI = 0.5 * np.log(2.0 * np.pi)
 _FAST_PI_MIN = np.float32(-80.0)
 
 
+def _gammaln(x: np.ndarray) -> np.ndarray:
+    from scipy.special import gammaln  # on first use: scipy.special adds ~0.2 s to an import
+
+    return gammaln(x)
+
+
 def lgamma_table(theta: np.ndarray, k_max: int = TABLE_MAX_COUNT) -> np.ndarray:
     """``T[..., g, k] = lgamma(k + theta_g) - lgamma(theta_g) - lgamma(k + 1)``, float64.
 
@@ -43,7 +48,7 @@ def lgamma_table(theta: np.ndarray, k_max: int = TABLE_MAX_COUNT) -> np.ndarray:
     """
     theta = np.asarray(theta, dtype=np.float64)
     k = np.arange(k_max, dtype=np.float64)  # noqa: E741
-    return gammaln(theta[..., None] + k) - gammaln(theta)[..., None] - gammaln(k + 1.0)
+    return _gammaln(theta[..., None] + k) - _gammaln(theta)[..., None] - _gammaln(k + 1.0)
 
 
 def count_constant(
@@ -96,7 +101,7 @@ def count_constant(
         xr = xv[rest].astype(np.float64)
         cr = cols[rest]
         tr = (theta[cr] if theta.ndim == 1 else theta[rows[rest], cr]).astype(np.float64)
-        vals[rest] = gammaln(xr + tr) - gammaln(tr) - gammaln(xr + 1.0)
+        vals[rest] = _gammaln(xr + tr) - _gammaln(tr) - _gammaln(xr + 1.0)
     if likelihood != "nb":
         vals[xv <= LIKELIHOOD_EPS] = 0.0  # ZINB: outside its non-zero mask (adds exact zeros)
     return e.row_sums(vals)
@@ -105,7 +110,7 @@ def count_constant(
 def poisson_count_constant(x: np.ndarray | Entries) -> np.ndarray:
     """Per-cell ``-sum_g lgamma(x + 1)`` (float64): Poisson's term that no sample changes."""
     e = x if isinstance(x, Entries) else Entries.from_dense(x)
-    return -e.row_sums(gammaln(e.vals.astype(np.float64) + 1.0))
+    return -e.row_sums(_gammaln(e.vals.astype(np.float64) + 1.0))
 
 
 def _softplus(v: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:

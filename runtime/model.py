@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy.special import logsumexp as _logsumexp
-from scipy.special import softmax
 
 from . import bundle as B
 from . import distributions as D
@@ -120,6 +118,18 @@ class _GraphCounts(NamedTuple):
     const: np.ndarray | None
 
 
+def _softmax(a: np.ndarray, axis: int) -> np.ndarray:
+    from scipy.special import softmax  # on first use: scipy.special adds ~0.2 s to an import
+
+    return softmax(a, axis=axis)
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    from scipy.special import logsumexp
+
+    return logsumexp(a, axis=axis)
+
+
 def _entries(mb: dict[str, Any]) -> Entries:
     """The minibatch's non-zero counts: as the source gave them, or read from the dense X."""
     e = mb.get(NONZERO_KEY)
@@ -216,14 +226,12 @@ class OnnxSCVI:
         # reader threads that densify the next minibatches while the workers compute
         self._prefetch = 0 if self._n_workers <= 1 else max(1, self._n_workers // 2)
         # Dispersion that does not depend on z: exp(px_r) per gene, or per batch / label
-        # (rows), and its lgamma table for the count terms. Immutable after load.
-        self._theta = self._theta_table = None
+        # (rows). Its lgamma table for the count terms is built on first use (the latent
+        # space needs none of it); both are never modified.
+        self._theta = None
+        self._table: list[np.ndarray | None] = []  # [] until built, then [table or None]
         if self._lik != "poisson" and c["dispersion"] != "gene-cell":
             self._theta = dispersion_table(c, self._arrays)
-            if self._lik in ("nb", "zinb") and self._theta.size * TABLE_MAX_COUNT <= (
-                TABLE_MAX_ENTRIES
-            ):
-                self._theta_table = lgamma_table(self._theta)
         if self._enc.get_inputs()[0].shape[-1] not in (len(self.genes), None, "n_genes"):
             raise B.BundleIntegrityError(
                 f"{B.ENCODER_FILE} takes {self._enc.get_inputs()[0].shape[-1]} genes but the "
@@ -231,6 +239,19 @@ class OnnxSCVI:
             )
         self.adata = adata
         logger.info("loaded %s (%s) on %s", self.path, self.manifest.model_class, self.provider)
+
+    def _theta_table(self) -> np.ndarray | None:
+        """The :func:`lgamma_table` of the fixed dispersion, if small enough; built once.
+
+        Threads that race here build the same table; the first one stored is kept."""
+        if not self._table:
+            table = None
+            if self._theta is not None and self._lik in ("nb", "zinb"):
+                if self._theta.size * TABLE_MAX_COUNT <= TABLE_MAX_ENTRIES:
+                    table = lgamma_table(self._theta)
+            if not self._table:
+                self._table.append(table)
+        return self._table[0]
 
     def _score_session(self, scoring: str, device: str, intra_op_threads: int | None):
         """The scoring graph's session when log p(x | z) is reduced beside the decoder.
@@ -405,7 +426,7 @@ class OnnxSCVI:
         m = enc[B.OUT_QZ_M].astype(np.float64)
         s = np.sqrt(enc[B.OUT_QZ_V].astype(np.float64))
         u = m[None] + eps * s[None]
-        return u, (softmax(u, axis=-1) if self._ln else u)
+        return u, (_softmax(u, axis=-1) if self._ln else u)
 
     def _library(self, mb, enc, seed: int, start: int, n: int) -> np.ndarray:
         """Library (log scale) fed to the decoder, shape (n or 1, cells, 1)."""
@@ -458,7 +479,7 @@ class OnnxSCVI:
                 theta = self._theta[codes]
             if self._lik in ("nb", "zinb"):
                 const = count_constant(
-                    _entries(mb), theta, self._theta_table, codes, likelihood=self._lik
+                    _entries(mb), theta, self._theta_table(), codes, likelihood=self._lik
                 )
         if self._lik == "poisson":
             const = poisson_count_constant(_entries(mb))
@@ -616,7 +637,7 @@ class OnnxSCVI:
                 eps = rng.normals(
                     seed, rng.STREAM_LN_MEAN, mb[CELL_INDEX_KEY], n * L, start=start * L
                 ).reshape(len(m), n, L)
-                acc += softmax(m[:, None] + eps * s[:, None], axis=-1).sum(1)
+                acc += _softmax(m[:, None] + eps * s[:, None], axis=-1).sum(1)
             return (acc / mc_samples).astype(np.float32), None
 
         mbs = self._minibatches(

@@ -15,7 +15,6 @@ plain integer arithmetic plus one float64 function, identical on every platform.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import ndtri
 
 __all__ = ["STREAM_Z", "STREAM_L", "STREAM_LN_MEAN", "normals"]
 
@@ -73,4 +72,6 @@ def normals(
         j = np.arange(start, start + n_per_cell, dtype=np.uint64).reshape(1, -1)
         bits = _mix((c + j * _GOLDEN) ^ key)
     u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+    from scipy.special import ndtri  # on first use: scipy.special adds ~0.2 s to an import
+
     return ndtri(u)

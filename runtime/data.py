@@ -949,7 +949,7 @@ class AnnDataSource:
         return self._csr_rows(m, rows)
 
     def minibatches(
-        self, indices: Any, batch_size: int, *, prefetch: int = 0
+        self, indices: Any, batch_size: int, *, prefetch: int = 0, entries: bool = True
     ) -> Iterator[dict[str, Any]]:
         """Yield normalized minibatches of the cells at ``indices``, in that order.
 
@@ -963,6 +963,9 @@ class AnnDataSource:
             Reader threads that densify and check the next minibatches while the caller works
             on the current one (the file itself is read on the iterating thread). 0: none.
             The minibatches, errors and warning are the same whatever the number.
+        entries
+            Attach the non-zero :class:`~scvi_onnx.entries.Entries` (``NONZERO_KEY``) where
+            the source has them; they serve the checks either way.
 
         Raises
         ------
@@ -982,9 +985,11 @@ class AnnDataSource:
         prefetch = int(prefetch)
         if prefetch < 0:
             raise InvalidArgumentError(f"prefetch must be >= 0, got {prefetch}")
-        return self._iterate(idx, bs, prefetch)
+        return self._iterate(idx, bs, prefetch, entries)
 
-    def _iterate(self, idx: np.ndarray, bs: int, prefetch: int) -> Iterator[dict[str, Any]]:
+    def _iterate(
+        self, idx: np.ndarray, bs: int, prefetch: int, keep_entries: bool
+    ) -> Iterator[dict[str, Any]]:
         checker = _ValueChecker(
             require_positive_library=self.require_positive_library,
             count_data=self.count_data,
@@ -999,7 +1004,7 @@ class AnnDataSource:
                 self._integer_input,
                 entries,
             )
-            return self._assemble(x, rows, entries), counts
+            return self._assemble(x, rows, entries if keep_entries else None), counts
 
         reads = (
             (rows, self._read(rows))

@@ -245,6 +245,7 @@ class OnnxSCANVI(OnnxSCVI):
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
+            scoring=False,
         )
         probs = np.concatenate(list(self._pmap(probs_of, self._tasks(mbs))))
         if not soft:

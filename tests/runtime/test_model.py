@@ -171,3 +171,21 @@ def test_scoring_graph_equals_host_scoring(model, query):
     )
     with pytest.raises(InvalidArgumentError, match="scoring must be one of"):
         scvi_onnx.load(SHIPPED_BUNDLE, device="cpu", scoring="gpu")
+
+
+def test_reader_threads_change_no_number(model, query):
+    """Reader threads (the CUDA default: n_threads // 2) give the CPU default's numbers, bit for
+    bit (backed files and other layouts: test_data's prefetch test)."""
+    assert model._prefetch == 0  # not on the CPU (memory; see OnnxSCVI.__init__)
+    threaded = scvi_onnx.load(SHIPPED_BUNDLE, device="cpu", n_threads=4)
+    threaded._prefetch = 3
+    for m, key in ((model, "want"), (threaded, "got")):
+        r = {
+            "latent": m.get_latent_representation(query, batch_size=7),
+            "elbo": m.get_elbo(query, return_mean=False, seed=3, batch_size=7),
+            "mll": m.get_marginal_ll(query[:30], n_mc_samples=20, return_mean=False, batch_size=7),
+        }
+        if key == "want":
+            want = r
+    for k in want:
+        np.testing.assert_array_equal(r[k], want[k], err_msg=k)

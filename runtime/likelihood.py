@@ -42,13 +42,15 @@ def _gammaln(x: np.ndarray) -> np.ndarray:
 
 
 def lgamma_table(theta: np.ndarray, k_max: int = TABLE_MAX_COUNT) -> np.ndarray:
-    """``T[..., g, k] = lgamma(k + theta_g) - lgamma(theta_g) - lgamma(k + 1)``, float64.
+    """``T[k, ..., g] = lgamma(k + theta_g) - lgamma(theta_g) - lgamma(k + 1)``, float64.
 
-    ``theta`` is ``(G,)`` or ``(C, G)`` (one row per batch / label).
+    ``theta`` is ``(G,)`` or ``(C, G)`` (one row per batch / label). Count-major: the entries
+    of a cell's small counts (mostly 1, 2, 3) are looked up from a few contiguous rows, which
+    stay in cache (gene-major was ~35% slower).
     """
     theta = np.asarray(theta, dtype=np.float64)
-    k = np.arange(k_max, dtype=np.float64)  # noqa: E741
-    return _gammaln(theta[..., None] + k) - _gammaln(theta)[..., None] - _gammaln(k + 1.0)
+    k = np.arange(k_max, dtype=np.float64).reshape((k_max,) + (1,) * theta.ndim)
+    return _gammaln(theta + k) - _gammaln(theta) - _gammaln(k + 1.0)
 
 
 def count_constant(
@@ -73,8 +75,8 @@ def count_constant(
     theta
         ``(G,)`` or ``(n, G)`` inverse dispersion.
     table
-        Optional :func:`lgamma_table` of ``theta`` (``(G, K)``) or of the per-category thetas
-        (``(C, G, K)``, then ``codes`` gives each cell's category).
+        Optional :func:`lgamma_table` of ``theta`` (``(K, G)``) or of the per-category thetas
+        (``(K, C, G)``, then ``codes`` gives each cell's category).
     likelihood
         ``"nb"`` or ``"zinb"``: which entries the sum runs over (see above).
     """
@@ -88,11 +90,16 @@ def count_constant(
     if table is not None:
         # every entry from the table (counts clamped into it), then the few that are not
         # small integers recomputed exactly: no boolean-mask pass over all entries
-        K = table.shape[-1]
-        k = xv.astype(np.int64)
-        rest = np.flatnonzero((k != xv) | (k >= K))
-        np.minimum(k, K - 1, out=k)
-        key = cols * K + k if table.ndim == 2 else (codes[rows] * G + cols) * K + k
+        K = table.shape[0]
+        itype = np.int32 if table.size < 2**31 else np.int64
+        with np.errstate(invalid="ignore"):  # counts past the integer range: in rest
+            key = xv.astype(itype)
+        rest = np.flatnonzero((key != xv) | (key >= K))
+        np.clip(key, 0, K - 1, out=key)
+        key *= itype(table[0].size)  # row k of the table
+        if table.ndim == 3:
+            key += codes[rows].astype(itype) * itype(G)
+        key += cols.astype(itype, copy=False)
         vals = np.take(table.reshape(-1), key)
     else:
         rest = np.arange(xv.size)

@@ -29,17 +29,16 @@ from __future__ import annotations
 import logging
 import numbers
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._threads import ordered_map
 from .bundle import CategoricalField, Manifest
-from .entries import Entries
+from .entries import Entries, segment_positions
 from .errors import (
     InputDataError,
     InvalidArgumentError,
@@ -89,12 +88,6 @@ _SHOW_GENES = 10
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _segment_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Flat positions of the segments ``[starts[i], starts[i] + lengths[i])``, in order."""
-    first = np.cumsum(lengths) - lengths
-    return np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()))
 
 
 def _preview(items: Sequence[Any] | np.ndarray, n: int = _SHOW) -> str:
@@ -825,7 +818,7 @@ class AnnDataSource:
             return self._scatter(lengths, m.indices[lo:hi], m.data[lo:hi])
         starts = indptr[rows]
         lengths = indptr[rows + 1] - starts
-        pos = _segment_positions(starts, lengths)
+        pos = segment_positions(starts, lengths)
         return self._scatter(lengths, m.indices[pos], m.data[pos])
 
     def _h5csr_entries(self, sorted_rows: np.ndarray) -> tuple[np.ndarray, Any, Any]:
@@ -839,7 +832,7 @@ class AnnDataSource:
             return lengths, indices[lo:hi], data[lo:hi]
         if hi - lo <= 4 * int(lengths.sum()) + (1 << 16):
             d, ix = data[lo:hi], indices[lo:hi]
-            pos = _segment_positions(starts - lo, lengths)
+            pos = segment_positions(starts - lo, lengths)
             return lengths, ix[pos], d[pos]
         parts_d, parts_i = [], []
         for s0, n0 in zip(starts.tolist(), lengths.tolist(), strict=True):
@@ -1006,32 +999,13 @@ class AnnDataSource:
             )
             return self._assemble(x, rows, entries if keep_entries else None), counts
 
-        reads = (
+        reads = (  # the file is read here, on the iterating thread
             (rows, self._read(rows))
             for rows in (idx[start : start + bs] for start in range(0, idx.size, bs))
         )
-        if prefetch == 0:
-            for rows, dense_rows in reads:
-                mb, counts = finish(rows, dense_rows)
-                checker.record(counts)
-                yield mb
-        else:
-            with ThreadPoolExecutor(prefetch, thread_name_prefix="scvi-onnx-read") as ex:
-                pending: deque[Future] = deque()
-                try:
-                    for rows, dense_rows in reads:
-                        pending.append(ex.submit(finish, rows, dense_rows))
-                        if len(pending) > prefetch:
-                            mb, counts = pending.popleft().result()
-                            checker.record(counts)
-                            yield mb
-                    while pending:
-                        mb, counts = pending.popleft().result()
-                        checker.record(counts)
-                        yield mb
-                finally:
-                    for f in pending:
-                        f.cancel()
+        for mb, counts in ordered_map(lambda r: finish(*r), reads, prefetch, "scvi-onnx-read"):
+            checker.record(counts)
+            yield mb
         checker.finish()
 
     def _assemble(

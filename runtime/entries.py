@@ -18,6 +18,12 @@ from typing import NamedTuple
 import numpy as np
 
 
+def segment_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat positions of the segments ``[starts[i], starts[i] + lengths[i])``, in order."""
+    first = np.cumsum(lengths) - lengths
+    return np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()))
+
+
 class Entries(NamedTuple):
     """Non-zero counts of ``n`` cells: row ``i`` is ``cols[indptr[i]:indptr[i+1]]`` (model gene
     positions, increasing) and ``vals`` (float32, as in the dense minibatch) at the same
@@ -55,8 +61,7 @@ class Entries(NamedTuple):
         lengths = self.indptr[order + 1] - starts
         indptr = np.zeros(order.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
-        first = indptr[:-1]
-        pos = np.repeat(starts - first, lengths) + np.arange(int(indptr[-1]))
+        pos = segment_positions(starts, lengths)
         return Entries(indptr, self.cols[pos], self.vals[pos])
 
     def row_of_entry(self) -> np.ndarray:

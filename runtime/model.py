@@ -8,12 +8,11 @@ give the same numbers as serial ones.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +21,7 @@ import numpy as np
 from . import bundle as B
 from . import distributions as D
 from . import rng
+from ._threads import ordered_map
 from .data import (
     BATCH_KEY,
     CAT_COVS_KEY,
@@ -235,7 +235,6 @@ class OnnxSCVI:
         # (rows). Its lgamma table for the count terms is built on first use (the latent
         # space needs none of it); both are never modified.
         self._theta = None
-        self._table: list[np.ndarray | None] = []  # [] until built, then [table or None]
         if self._lik != "poisson" and c["dispersion"] != "gene-cell":
             self._theta = dispersion_table(c, self._arrays)
         if self._enc.get_inputs()[0].shape[-1] not in (len(self.genes), None, "n_genes"):
@@ -246,18 +245,15 @@ class OnnxSCVI:
         self.adata = adata
         logger.info("loaded %s (%s) on %s", self.path, self.manifest.model_class, self.provider)
 
+    @functools.cached_property
     def _theta_table(self) -> np.ndarray | None:
-        """The :func:`lgamma_table` of the fixed dispersion, if small enough; built once.
-
-        Threads that race here build the same table; the first one stored is kept."""
-        if not self._table:
-            table = None
-            if self._theta is not None and self._lik in ("nb", "zinb"):
-                if self._theta.size * TABLE_MAX_COUNT <= TABLE_MAX_ENTRIES:
-                    table = lgamma_table(self._theta)
-            if not self._table:
-                self._table.append(table)
-        return self._table[0]
+        """The :func:`lgamma_table` of the fixed dispersion, if small enough; built on first
+        use (threads that race here build the same table)."""
+        if self._theta is None or self._lik not in ("nb", "zinb"):
+            return None
+        if self._theta.size * TABLE_MAX_COUNT > TABLE_MAX_ENTRIES:
+            return None
+        return lgamma_table(self._theta)
 
     def _score_session(self, scoring: str, device: str, intra_op_threads: int | None):
         """The scoring graph's session when log p(x | z) is reduced beside the decoder.
@@ -493,7 +489,7 @@ class OnnxSCVI:
                 theta = self._theta[codes]
             if self._lik in ("nb", "zinb"):
                 const = count_constant(
-                    _entries(mb), theta, self._theta_table(), codes, likelihood=self._lik
+                    _entries(mb), theta, self._theta_table, codes, likelihood=self._lik
                 )
         if self._lik == "poisson":
             const = poisson_count_constant(_entries(mb))
@@ -545,22 +541,8 @@ class OnnxSCVI:
                 yield _rows(mb, slice(start, start + step))
 
     def _pmap(self, fn: Callable, items: Iterable) -> Iterator:
-        """``map(fn, items)`` on worker threads, in order, with bounded work in flight."""
-        if self._n_workers <= 1:
-            yield from map(fn, items)
-            return
-        with ThreadPoolExecutor(self._n_workers, thread_name_prefix="scvi-onnx") as ex:
-            pending: deque = deque()
-            try:
-                for item in items:
-                    pending.append(ex.submit(fn, item))
-                    if len(pending) > self._n_workers:
-                        yield pending.popleft().result()
-                while pending:
-                    yield pending.popleft().result()
-            finally:
-                for f in pending:
-                    f.cancel()
+        """``map(fn, items)`` on the worker threads, in order, with bounded work in flight."""
+        return ordered_map(fn, items, self._n_workers if self._n_workers > 1 else 0, "scvi-onnx")
 
     def _elbo_terms(self, mb, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-cell (reconstruction loss, kl_z + kl_l) for one posterior draw."""

@@ -1,0 +1,32 @@
+"""``map`` on worker threads: results in order, a bounded number of items in flight."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+
+def ordered_map(fn: Callable, items: Iterable, threads: int, name: str) -> Iterator:
+    """``map(fn, items)`` with ``threads`` worker threads (0: on the calling thread).
+
+    Items are pulled from ``items`` on the calling thread, at most ``threads + 1`` ahead of
+    the result being yielded. An exception raised by ``fn`` surfaces when its result is
+    reached, after the earlier results were yielded; closing the generator cancels what has
+    not started.
+    """
+    if threads <= 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix=name) as ex:
+        pending: deque[Future] = deque()
+        try:
+            for item in items:
+                pending.append(ex.submit(fn, item))
+                if len(pending) > threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()

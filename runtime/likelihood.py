@@ -131,12 +131,6 @@ def _softplus(v: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
     return out
 
 
-def _blocks(n_rows: int, n_cols: int):
-    step = max(1, BLOCK_ELEMENTS // max(1, n_cols))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(n_rows, start + step))
-
-
 class MinibatchScorer:
     """``log p(x | z)`` per (sample, cell) for one minibatch, reusing per-cell constants.
 

@@ -460,7 +460,12 @@ def test_verify_fails_on_probes_off_by_a_tenth_of_a_percent(capsys, tmp_path, ke
     failed = [r.output for r in report.rows if not r.ok]
     assert failed == [output]
     row = next(r for r in report.rows if r.output == output)
-    assert row.max_abs_diff > row.atol and 5e-4 < row.max_rel_diff < 2e-3
+    # a 1e-3 change, on top of the graph's own deviation from torch (which is large, relative,
+    # on values near zero such as dropout logits)
+    base = next(
+        r for r in scvi_onnx.verify(SHIPPED_BUNDLE, device="cpu").rows if r.output == output
+    )
+    assert row.max_abs_diff > row.atol and 5e-4 < row.max_rel_diff < 1.5e-3 + base.max_rel_diff
 
     code, out, err = _cli(capsys, "verify", bundle, "--device", "cpu")
     assert code == 1, err

@@ -957,8 +957,11 @@ class AnnDataSource:
             on the current one (the file itself is read on the iterating thread). 0: none.
             The minibatches, errors and warning are the same whatever the number.
         entries
-            Attach the non-zero :class:`~scvi_onnx.entries.Entries` (``NONZERO_KEY``) where
-            the source has them; they serve the checks either way.
+            Attach the non-zero :class:`~scvi_onnx.entries.Entries` (``NONZERO_KEY``): a
+            canonical CSR source in the model's gene order hands over its own; other sources
+            list them from the dense rows (one pass). The value checks then read the non-zeros
+            only. ``False`` (what the latent space needs): no entries, the checks read the
+            dense rows, or the CSR's entries where it has them.
 
         Raises
         ------
@@ -991,6 +994,10 @@ class AnnDataSource:
 
         def finish(rows: np.ndarray, dense_rows: Callable) -> tuple[dict[str, Any], tuple]:
             x, entries = dense_rows()
+            if entries is None and keep_entries:
+                # the scoring methods need the non-zeros anyway: listing them once here
+                # (on a reader thread where there are some) lets the checks read them only
+                entries = Entries.from_dense(x)
             counts = checker.check(
                 x,
                 lambda r: [self._obs_names[i] for i in rows[r]],

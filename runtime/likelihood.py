@@ -94,7 +94,8 @@ def count_constant(
         itype = np.int32 if table.size < 2**31 else np.int64
         with np.errstate(invalid="ignore"):  # counts past the integer range: in rest
             key = xv.astype(itype)
-        rest = np.flatnonzero((key != xv) | (key >= K))
+        # compared as float32 (an int32 / float32 comparison runs in float64: 4x slower)
+        rest = np.flatnonzero((key.astype(xv.dtype) != xv) | (key >= K))
         np.clip(key, 0, K - 1, out=key)
         key *= itype(table[0].size)  # row k of the table
         if table.ndim == 3:
@@ -109,7 +110,7 @@ def count_constant(
         cr = cols[rest]
         tr = (theta[cr] if theta.ndim == 1 else theta[rows[rest], cr]).astype(np.float64)
         vals[rest] = _gammaln(xr + tr) - _gammaln(tr) - _gammaln(xr + 1.0)
-    if likelihood != "nb":
+    if likelihood != "nb" and xv.min() <= LIKELIHOOD_EPS:
         vals[xv <= LIKELIHOOD_EPS] = 0.0  # ZINB: outside its non-zero mask (adds exact zeros)
     return e.row_sums(vals)
 

@@ -306,7 +306,8 @@ class _ValueChecker:
             if counts is not None:
                 return counts
         lo = x.min()
-        hi = x.max()
+        row_max = x.max(axis=1)  # a row of non-negative values sums to 0 iff its max is 0
+        hi = row_max.max()
         if not (np.isfinite(lo) and np.isfinite(hi)):
             bad_rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
             kinds = []
@@ -329,8 +330,7 @@ class _ValueChecker:
                 "the data or pass the raw-count layer the model was trained on"
             )
         if self.require_positive_library:
-            lib = x.sum(axis=1, dtype=np.float64)
-            zero = np.flatnonzero(lib <= 0)
+            zero = np.flatnonzero(row_max <= 0)  # float32 row maxima: 4x cheaper than sums
             if zero.size:
                 raise ZeroLibrarySizeError(
                     f"{_cells_phrase(zero.size)} of this minibatch {_have(zero.size)} zero total "

@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--n-mc", type=int, default=1000)
     p.add_argument("--per-pass", type=int, default=None)
     p.add_argument("--backed", action="store_true")
+    p.add_argument("--dense", action="store_true", help="densify X after reading (in memory)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
@@ -49,6 +50,8 @@ def main() -> None:
         import torch
 
         adata = ad.read_h5ad(args.data)
+        if args.dense:
+            adata.X = adata.X.toarray()
         accelerator = "gpu" if args.device == "cuda" else "cpu"
         model = scvi.model.SCVI.load(f"{args.model}/torch", adata=adata, accelerator=accelerator)
         info = {
@@ -63,6 +66,8 @@ def main() -> None:
         import scvi_onnx
 
         adata = ad.read_h5ad(args.data, backed="r" if args.backed else None)
+        if args.dense:
+            adata.X = adata.X.toarray()
         model = scvi_onnx.load(f"{args.model}/bundle", device=args.device)
         info = {
             "engine": f"scvi-onnx {scvi_onnx.__version__}",

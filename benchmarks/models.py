@@ -60,7 +60,7 @@ def _reexport_if_stale(out: Path) -> None:
 def source_cells(name: str, work: Path) -> Path:
     """The real cells a model's benchmark data is drawn from."""
     if name == "census":
-        return build(name, work) / "source.h5ad"
+        return work / name / "source.h5ad"  # written by build()
     return ROOT / "models" / "example" / "pbmc_train.h5ad"
 
 
@@ -125,3 +125,11 @@ def build(name: str, work: Path) -> Path:
     else:
         raise ValueError(f"unknown benchmark model {name!r}")
     return out
+
+
+if __name__ == "__main__":
+    # python benchmarks/models.py NAME WORK: build in a process of its own (run.py does this,
+    # so that training / export never inflate the peak memory of the jobs it forks)
+    import sys
+
+    print(build(sys.argv[1], Path(sys.argv[2])))

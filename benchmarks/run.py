@@ -196,7 +196,10 @@ def main() -> None:
     env = environment()
     rows = []
     for name in args.models:
-        model_dir = models.build(name, work)
+        # built (trained / re-exported) in a child process: a child's ru_maxrss counts its
+        # parent's size at fork, so a heavy orchestrator would inflate the cold-start memory
+        subprocess.run([sys.executable, str(HERE / "models.py"), name, str(work)], check=True)
+        model_dir = work / name
         data = work / f"{name}_{args.n_cells}.h5ad"
         if not data.exists():
             subprocess.run(

@@ -3,8 +3,9 @@
 :mod:`scvi_onnx.distributions` holds the reference formulas (float64, tested against scipy).
 This module computes the same sums fast, for the runtime's hot path:
 
-- float32 elementwise work (as scvi-tools' torch), in cache-sized row blocks, with per-cell sums
-  accumulated in float64;
+- float32 elementwise work and float32 sums over genes (as scvi-tools' torch; numpy sums a row
+  pairwise: 2e-7 relative against the float64 formulas on PBMC, where float64 sums gave 4e-8,
+  and 13% faster for NB), in cache-sized row blocks;
 - no ``logaddexp`` (slow in numpy): softplus as ``max(v, 0) + log1p(exp(-|v|))``;
 - the count terms ``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)`` do not depend on the
   Monte-Carlo sample when the dispersion is per gene / batch / label, and vanish where x = 0:
@@ -252,7 +253,7 @@ class MinibatchScorer:
         e *= xm
         if self.lik == "nb":
             b += e
-            return b.sum(-1, dtype=np.float64)
+            return b.sum(-1).astype(np.float64)
         if pi.min() < _FAST_PI_MIN:
             return self._zinb_stable(pi, b, e, m1 > 0, a, c, d)
         # ZINB. With q = exp(-pi) (finite here) and t = b - pi <= -pi, scvi-tools' two cases
@@ -272,7 +273,7 @@ class MinibatchScorer:
         b *= m1
         c += b
         c += e
-        return c.sum(-1, dtype=np.float64)
+        return c.sum(-1).astype(np.float64)
 
     @staticmethod
     def _zinb_stable(pi, b, e, nz, a, c, d) -> np.ndarray:
@@ -288,4 +289,4 @@ class MinibatchScorer:
         _softplus(b, c, b)  # c = softplus(b - pi); b is scratch now
         np.copyto(c, e, where=nz)
         c -= sp_neg_pi
-        return c.sum(-1, dtype=np.float64)
+        return c.sum(-1).astype(np.float64)

@@ -351,7 +351,7 @@ def _scorer_graph(dec_graph, dec_spec, dec_feeds, dec_ref, config, arrays, t):
     scvi-tools' own decoder outputs, less the count terms."""
     from scipy.special import gammaln
 
-    from scvi_onnx import distributions as D
+    from scvi_onnx.maths import distributions as D
 
     lik = config["gene_likelihood"]
     inputs = [*dec_spec.inputs, B.IN_COUNTS]
@@ -478,7 +478,7 @@ def _scanvi_graphs(model, config: dict, z: np.ndarray, rng: np.random.Generator)
     cls_spec = GraphSpec((B.IN_Z,), (B.OUT_PROBS,))
     z2e_spec = GraphSpec((B.IN_Z,), (B.OUT_QZ2_M, B.OUT_QZ2_V))
     z1d_spec = GraphSpec((B.IN_Z2,), (B.OUT_PZ1_M, B.OUT_PZ1_V))
-    p = B.SCANVI_GRAPHS
+    p = {g: (B.probe_name(g, "in", ""), B.probe_name(g, "out", "")) for g in B.PROBE_PREFIXES}
     return [
         (
             "classifier",
@@ -679,7 +679,7 @@ def _export(model, out: Path, *, adata, overwrite, atol, rtol, seed) -> Path:
             _trace(graph, spec, feeds, tmp / file, _dynamic_axes())
 
         # Validate: the graphs in onnxruntime against scvi-tools' modules in torch.
-        from scvi_onnx.model import theta_from_arrays
+        from scvi_onnx.maths.dispersion import cell_dispersion
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -694,8 +694,12 @@ def _export(model, out: Path, *, adata, overwrite, atol, rtol, seed) -> Path:
             if name == "decoder":
                 dec_got = got
         if "theta" in dec_ref:
-            theta = theta_from_arrays(
-                config, arrays, dec_got.get(B.OUT_PX_R), t["batch"], t["labels"]
+            theta = cell_dispersion(
+                config["dispersion"],
+                arrays.get(B.ARR_PX_R),
+                dec_got.get(B.OUT_PX_R),
+                t["batch"],
+                t["labels"],
             )
             theta = np.broadcast_to(theta, dec_ref["theta"].shape)
             reports.append(

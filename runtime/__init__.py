@@ -7,47 +7,31 @@
 Importing this package does no work: onnxruntime and anndata are imported on first use.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
 from .errors import *  # noqa: F403  (typed errors are part of the public API)
 from .errors import __all__ as _errors_all
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
-if TYPE_CHECKING:
-    from .linear import OnnxLinearSCVI
-    from .model import OnnxSCVI, load
-    from .scanvi import OnnxSCANVI
-    from .selfcheck import verify
+#: Public name -> the module that defines it (imported on first use).
+_LAZY = {
+    "load": "scvi_onnx.api.base",
+    "OnnxVAEModel": "scvi_onnx.api.base",
+    "OnnxSCVI": "scvi_onnx.api.scvi",
+    "OnnxLinearSCVI": "scvi_onnx.api.linear",
+    "OnnxSCANVI": "scvi_onnx.api.scanvi",
+    "verify": "scvi_onnx.selfcheck",
+}
 
-__all__ = [
-    "load",
-    "verify",
-    "OnnxSCVI",
-    "OnnxLinearSCVI",
-    "OnnxSCANVI",
-    "__version__",
-    *_errors_all,
-]
+__all__ = [*_LAZY, "__version__", *_errors_all]
 
 
-def __getattr__(name: str) -> Any:
-    if name in ("load", "OnnxSCVI"):
-        from . import model
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
-        return getattr(model, name)
-    if name == "verify":
-        from .selfcheck import verify
-
-        return verify
-    if name == "OnnxLinearSCVI":
-        from .linear import OnnxLinearSCVI
-
-        return OnnxLinearSCVI
-    if name == "OnnxSCANVI":
-        from .scanvi import OnnxSCANVI
-
-        return OnnxSCANVI
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'scvi_onnx' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bundle as B
+from .bundle import format as F
+from .bundle import load_npz
 from .errors import BundleIntegrityError
-from .session import create_session
+from .maths.dispersion import cell_dispersion
+from .sessions import create_session
 
 
 @dataclass(frozen=True)
@@ -95,53 +97,43 @@ def verify(
     -------
     A :class:`VerifyReport`; ``report.ok`` is True only when every output passes.
     """
-    from .model import theta_from_arrays
+    from .models.registry import open_bundle
 
-    root = Path(path)
-    manifest = B.read_manifest(root)
+    _, contents = open_bundle(path)
+    root, manifest, arrays = contents.path, contents.manifest, contents.arrays
     val = manifest.validation
-    atol = float(val.get("atol", B.DEFAULT_ATOL) if atol is None else atol)
-    rtol = float(val.get("rtol", B.DEFAULT_RTOL) if rtol is None else rtol)
-    probes = B.load_npz(root / B.PROBES_FILE)
-    arrays = B.load_npz(root / B.ARRAYS_FILE)
+    atol = float(val.get("atol", F.DEFAULT_ATOL) if atol is None else atol)
+    rtol = float(val.get("rtol", F.DEFAULT_RTOL) if rtol is None else rtol)
+    probes = load_npz(root / F.PROBES_FILE)
     rows = []
     provider = None
-    graphs = [("encoder", "enc_in.", "enc_out."), ("decoder", "dec_in.", "dec_out.")]
-    graphs += [(g, *pre) for g, pre in B.SCANVI_GRAPHS.items() if g in manifest.graphs]
-    if "scorer" in manifest.graphs:
-        graphs.append(("scorer", "score_in.", "score_out."))
-    for graph, prefix_in, prefix_out in graphs:
-        spec = manifest.graphs.get(graph)
-        fname = spec.get("file") if isinstance(spec, dict) else None
-        fname = fname or {"encoder": B.ENCODER_FILE, "decoder": B.DECODER_FILE}.get(graph)
-        if not isinstance(fname, str):
-            raise BundleIntegrityError(
-                f"{root / B.MANIFEST_FILE} names no file for the {graph} graph; re-export it"
-            )
+    for graph in manifest.graph_names:
+        fname = manifest.graph_file(graph)
         sess, provider = create_session(root / fname, device)
         names_in = [i.name for i in sess.get_inputs()]
         names_out = [o.name for o in sess.get_outputs()]
-        feeds = {n: probes[prefix_in + n] for n in names_in}
+        feeds = {n: probes[F.probe_name(graph, "in", n)] for n in names_in}
         try:
             outputs = sess.run(None, feeds)
         except Exception as e:  # onnxruntime's own exception types: probes do not fit
             raise BundleIntegrityError(
-                f"the probe inputs in {B.PROBES_FILE} do not fit {fname} "
+                f"the probe inputs in {F.PROBES_FILE} do not fit {fname} "
                 f"({type(e).__name__}: {e}); the bundle is inconsistent: re-export it"
             ) from e
         got = dict(zip(names_out, outputs, strict=True))
         for name in names_out:
-            key = prefix_out + name
+            key = F.probe_name(graph, "out", name)
             if key in probes:
                 rows.append(deviation(f"{graph}.{name}", got[name], probes[key], atol, rtol))
-        if graph == "decoder" and prefix_out + "theta" in probes:
-            theta = theta_from_arrays(
-                manifest.config,
-                arrays,
-                got.get(B.OUT_PX_R),
-                probes["probe.batch"],
-                probes["probe.labels"],
+        theta_key = F.probe_name(graph, "out", F.PROBE_THETA)
+        if graph == "decoder" and theta_key in probes:
+            theta = cell_dispersion(
+                contents.config.dispersion,
+                arrays[F.ARR_PX_R] if F.ARR_PX_R in arrays else None,
+                got.get(F.OUT_PX_R),
+                probes[F.PROBE_BATCH],
+                probes[F.PROBE_LABELS],
             )
-            want = probes[prefix_out + "theta"]
+            want = probes[theta_key]
             rows.append(deviation("theta", np.broadcast_to(theta, want.shape), want, atol, rtol))
     return VerifyReport(str(root), provider or "", tuple(rows))

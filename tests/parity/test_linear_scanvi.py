@@ -23,10 +23,11 @@ scvi = pytest.importorskip("scvi")
 pd = pytest.importorskip("pandas")
 
 import scvi_onnx  # noqa: E402
-from scvi_onnx import rng  # noqa: E402
 from scvi_onnx.errors import UnsupportedModelError  # noqa: E402
 from scvi_onnx.exporter import export_model  # noqa: E402
-from scvi_onnx.scanvi import STREAM_Z2  # noqa: E402
+from scvi_onnx.maths import rng  # noqa: E402
+
+STREAM_Z2 = rng.STREAM_Z2
 
 TRAIN = dict(
     accelerator="cpu",

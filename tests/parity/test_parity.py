@@ -20,9 +20,9 @@ torch = pytest.importorskip("torch")
 scvi = pytest.importorskip("scvi")
 
 import scvi_onnx  # noqa: E402
-from scvi_onnx import rng  # noqa: E402
 from scvi_onnx.errors import InvalidArgumentError  # noqa: E402
 from scvi_onnx.exporter import export_model  # noqa: E402
+from scvi_onnx.maths import rng  # noqa: E402
 
 SETUP_KEYS = (
     "layer",
@@ -235,12 +235,12 @@ def test_scoring_graph_same_noise(trained):
     scvi-tools' per-cell ELBO and marginal LL too; run here on the CPU provider."""
     name, model, adata, om = trained
     if "scorer" not in om.manifest.graphs:
-        assert om.config["dispersion"] == "gene-cell", name
+        assert om.config.dispersion == "gene-cell", name
         with pytest.raises(InvalidArgumentError, match="no scoring graph"):
             scvi_onnx.load(om.path, device="cpu", scoring="graph")
         return
     gm = scvi_onnx.load(om.path, device="cpu", seed=123, scoring="graph")
-    assert gm._score is not None and om._score is None  # "auto" on the CPU: numpy
+    assert gm.module.scores_on_graph and not om.module.scores_on_graph  # "auto" on the CPU: numpy
     n = adata.n_obs
     with same_noise(model, gm, n, 1):
         ref = model.get_elbo(adata, batch_size=n, return_mean=False).numpy()

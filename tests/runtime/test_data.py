@@ -14,19 +14,21 @@ import scipy.sparse as sp
 
 from scvi_onnx.bundle import CategoricalField, Manifest, Registry
 from scvi_onnx.data import (
-    BATCH_KEY,
-    CAT_COVS_KEY,
-    CELL_INDEX_KEY,
-    CONT_COVS_KEY,
-    LABELS_KEY,
-    NONZERO_KEY,
-    SIZE_FACTOR_KEY,
-    X_KEY,
     AnnDataSource,
+    DataNeeds,
+    Minibatch,
     normalize_dataloader,
     resolve_indices,
 )
-from scvi_onnx.entries import Entries
+from scvi_onnx.data.dataloader import (
+    BATCH_KEY,
+    CAT_COVS_KEY,
+    CONT_COVS_KEY,
+    LABELS_KEY,
+    SIZE_FACTOR_KEY,
+    X_KEY,
+)
+from scvi_onnx.data.entries import Entries
 from scvi_onnx.errors import (
     InputDataError,
     InvalidArgumentError,
@@ -38,7 +40,7 @@ from scvi_onnx.errors import (
     ZeroLibrarySizeError,
 )
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 GENES = tuple(f"g{i}" for i in range(8))
 G = len(GENES)
 N = 12
@@ -113,32 +115,57 @@ def make_adata(x=None, genes=GENES, obs=None) -> ad.AnnData:
     return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=list(genes)))
 
 
-def assert_entries_match(mb: dict) -> None:
+ENTRIES = DataNeeds(entries=True)
+FIELDS = ("x", "cells", "batch", "labels", "cat_covs", "cont_covs", "size_factor")
+
+
+def assert_entries_match(mb: Minibatch) -> None:
     """A minibatch's non-zero entries, when the source gave them, are exactly the dense X's."""
-    e = mb.get(NONZERO_KEY)
+    e = mb.entries
     if e is None:
         return
-    want = Entries.from_dense(mb[X_KEY])
+    want = Entries.from_dense(mb.x)
     for got_part, want_part in zip(e, want, strict=True):
         np.testing.assert_array_equal(got_part, want_part)
     assert e.vals.dtype == np.float32
 
 
-def collect(src: AnnDataSource, indices=None, batch_size=5) -> dict[str, np.ndarray]:
-    mbs = list(src.minibatches(indices, batch_size))
+def collect(src: AnnDataSource, indices=None, batch_size=5, needs=ENTRIES) -> Minibatch:
+    """All the minibatches' fields concatenated (the non-zero entries checked on the way)."""
+    mbs = list(src.minibatches(indices, batch_size, needs=needs))
     for m in mbs:
         assert_entries_match(m)
-    return {k: np.concatenate([m[k] for m in mbs]) for k in mbs[0] if k != NONZERO_KEY}
+    return Minibatch(
+        **{
+            f: None if getattr(mbs[0], f) is None else np.concatenate([getattr(m, f) for m in mbs])
+            for f in FIELDS
+        }
+    )
 
 
-def assert_same(a: dict, b: dict) -> None:
+def assert_same(a: Minibatch, b: Minibatch) -> None:
     """Same minibatch fields and values; the non-zero entries, where given, match the X."""
     assert_entries_match(a)
     assert_entries_match(b)
-    assert a.keys() - {NONZERO_KEY} == b.keys() - {NONZERO_KEY}
-    for k in a.keys() - {NONZERO_KEY}:
-        assert a[k].dtype == b[k].dtype, k
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for k in FIELDS:
+        va, vb = getattr(a, k), getattr(b, k)
+        assert (va is None) == (vb is None), k
+        if va is not None:
+            assert va.dtype == vb.dtype, k
+            np.testing.assert_array_equal(va, vb, err_msg=k)
+
+
+def as_loader_dict(mb: Minibatch) -> dict:
+    """A minibatch as a user's dataloader hands it (scvi-tools' REGISTRY_KEYS names)."""
+    keys = {
+        "x": X_KEY,
+        "batch": BATCH_KEY,
+        "labels": LABELS_KEY,
+        "cat_covs": CAT_COVS_KEY,
+        "cont_covs": CONT_COVS_KEY,
+        "size_factor": SIZE_FACTOR_KEY,
+    }
+    return {k: getattr(mb, f) for f, k in keys.items() if getattr(mb, f) is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,37 +223,36 @@ def test_minibatch_layout_and_dtypes():
     src = AnnDataSource(make_adata(), m)
     assert src.n_obs == N and list(src.obs_names[:2]) == ["cell0", "cell1"]
     mbs = list(src.minibatches(None, 5))
-    assert [mb[X_KEY].shape[0] for mb in mbs] == [5, 5, 2]
+    assert [mb.x.shape[0] for mb in mbs] == [5, 5, 2]
     mb = mbs[0]
-    assert mb[X_KEY].dtype == np.float32 and mb[X_KEY].flags.c_contiguous
-    assert mb[X_KEY].shape == (5, len(GENES))
-    assert mb[BATCH_KEY].dtype == np.int64 and mb[BATCH_KEY].shape == (5, 1)
-    assert mb[LABELS_KEY].dtype == np.int64 and mb[LABELS_KEY].shape == (5, 1)
-    assert mb[CAT_COVS_KEY].dtype == np.int64 and mb[CAT_COVS_KEY].shape == (5, 1)
-    assert mb[CONT_COVS_KEY].dtype == np.float32 and mb[CONT_COVS_KEY].shape == (5, 2)
-    assert mb[SIZE_FACTOR_KEY].dtype == np.float32 and mb[SIZE_FACTOR_KEY].shape == (5, 1)
-    assert mb[CELL_INDEX_KEY].dtype == np.int64 and mb[CELL_INDEX_KEY].shape == (5,)
+    assert mb.x.dtype == np.float32 and mb.x.flags.c_contiguous
+    assert mb.x.shape == (5, len(GENES))
+    assert mb.batch.dtype == np.int64 and mb.batch.shape == (5, 1)
+    assert mb.labels.dtype == np.int64 and mb.labels.shape == (5, 1)
+    assert mb.cat_covs.dtype == np.int64 and mb.cat_covs.shape == (5, 1)
+    assert mb.cont_covs.dtype == np.float32 and mb.cont_covs.shape == (5, 2)
+    assert mb.size_factor.dtype == np.float32 and mb.size_factor.shape == (5, 1)
+    assert mb.cells.dtype == np.int64 and mb.cells.shape == (5,)
 
     obs = make_obs()
     allb = collect(src)
-    np.testing.assert_array_equal(allb[X_KEY], counts())
+    np.testing.assert_array_equal(allb.x, counts())
+    np.testing.assert_array_equal(allb.batch[:, 0], (obs["batch"].astype(str) == "b1").astype(int))
     np.testing.assert_array_equal(
-        allb[BATCH_KEY][:, 0], (obs["batch"].astype(str) == "b1").astype(int)
+        allb.labels[:, 0], obs["cell_type"].map({"B": 0, "T": 1, "NK": 2})
     )
-    np.testing.assert_array_equal(
-        allb[LABELS_KEY][:, 0], obs["cell_type"].map({"B": 0, "T": 1, "NK": 2})
-    )
-    np.testing.assert_array_equal(allb[CAT_COVS_KEY][:, 0], obs["donor"] - 1)
-    np.testing.assert_allclose(allb[CONT_COVS_KEY][:, 1], obs["n_counts"])
-    np.testing.assert_allclose(allb[SIZE_FACTOR_KEY][:, 0], obs["sf"], rtol=1e-6)
-    np.testing.assert_array_equal(allb[CELL_INDEX_KEY], np.arange(N))
+    np.testing.assert_array_equal(allb.cat_covs[:, 0], obs["donor"] - 1)
+    np.testing.assert_allclose(allb.cont_covs[:, 1], obs["n_counts"])
+    np.testing.assert_allclose(allb.size_factor[:, 0], obs["sf"], rtol=1e-6)
+    np.testing.assert_array_equal(allb.cells, np.arange(N))
 
 
 def test_unregistered_fields_are_absent_or_zero():
     src = AnnDataSource(make_adata(), make_manifest())
-    mb = next(iter(src.minibatches(None, 100, entries=False)))
-    assert set(mb) == {X_KEY, BATCH_KEY, LABELS_KEY, CELL_INDEX_KEY}
-    assert not mb[BATCH_KEY].any() and not mb[LABELS_KEY].any()
+    mb = next(iter(src.minibatches(None, 100)))
+    assert mb.cat_covs is None and mb.cont_covs is None and mb.size_factor is None
+    assert mb.entries is None and mb.log_library is None
+    assert not mb.batch.any() and not mb.labels.any()
 
 
 def test_reordered_and_extra_genes():
@@ -240,7 +266,7 @@ def test_reordered_and_extra_genes():
     genes = [GENES[p] for p in perm] + ["extraA", "extraB", "extraC"]
     for build in (np.asarray, sp.csr_matrix, sp.csc_matrix):
         src = AnnDataSource(make_adata(build(shuffled), genes), m)
-        assert src.gene_overlap == 1.0 and src.n_genes_found == len(GENES)
+        assert src.genes.overlap == 1.0 and src.genes.n_found == len(GENES)
         assert_same(collect(src), base)
 
 
@@ -287,8 +313,8 @@ def test_missing_genes_zero_fill(caplog):
                 missing_genes="zero",
                 min_gene_overlap=0.7,
             )
-        assert src.n_genes_found == 6 and src.gene_overlap == pytest.approx(0.75)
-        np.testing.assert_array_equal(collect(src)[X_KEY], expected)
+        assert src.genes.n_found == 6 and src.genes.overlap == pytest.approx(0.75)
+        np.testing.assert_array_equal(collect(src).x, expected)
     assert any("6 of the model's 8 genes" in r.getMessage() for r in caplog.records)
 
 
@@ -337,14 +363,12 @@ def test_csr_sources_give_their_non_zeros(tmp_path, backed, monkeypatch):
             src = AnnDataSource(a, make_manifest(), missing_genes="zero", min_gene_overlap=0.7)
             for indices in (None, [9, 2, 4, 11, 0]):  # in order, and rows read out of order
                 dense_passes.clear()
-                mbs = list(src.minibatches(indices, 4))
+                mbs = list(src.minibatches(indices, 4, needs=ENTRIES))
                 assert len(dense_passes) == (0 if given else len(mbs)), name
                 for mb in mbs:
                     assert_entries_match(mb)
-                    assert 0.0 not in mb[NONZERO_KEY].vals
-                assert all(
-                    NONZERO_KEY not in mb for mb in src.minibatches(indices, 4, entries=False)
-                )
+                    assert 0.0 not in mb.entries.vals
+                assert all(mb.entries is None for mb in src.minibatches(indices, 4))
         finally:
             if backed:
                 a.file.close()
@@ -419,10 +443,10 @@ def test_formats_give_identical_minibatches(formats, indices):
     results = {}
     for name, adata in formats.items():
         src = AnnDataSource(adata, lm if name == "layer" else m)
-        results[name] = list(src.minibatches(indices, 4))
+        results[name] = list(src.minibatches(indices, 4, needs=ENTRIES))
     ref = results["int"]
-    np.testing.assert_array_equal(np.concatenate([b[X_KEY] for b in ref]), x[ref_idx])
-    np.testing.assert_array_equal(np.concatenate([b[CELL_INDEX_KEY] for b in ref]), ref_idx)
+    np.testing.assert_array_equal(np.concatenate([b.x for b in ref]), x[ref_idx])
+    np.testing.assert_array_equal(np.concatenate([b.cells for b in ref]), ref_idx)
     for name, mbs in results.items():
         assert len(mbs) == len(ref), name
         for a, b in zip(mbs, ref, strict=True):
@@ -436,8 +460,8 @@ def test_prefetch_gives_the_same_minibatches_errors_and_warning(formats, prefetc
     for name, adata in formats.items():
         src = AnnDataSource(adata, lm if name == "layer" else m)
         for indices in (None, [7, 2, 11, 0, 5, 3]):
-            want = list(src.minibatches(indices, 4))
-            got = list(src.minibatches(indices, 4, prefetch=prefetch))
+            want = list(src.minibatches(indices, 4, needs=ENTRIES))
+            got = list(src.minibatches(indices, 4, needs=ENTRIES, prefetch=prefetch))
             assert len(got) == len(want), name
             for a, b in zip(got, want, strict=True):
                 assert_same(a, b)
@@ -447,7 +471,7 @@ def test_prefetch_gives_the_same_minibatches_errors_and_warning(formats, prefetc
     it = AnnDataSource(make_adata(sp.csr_matrix(x)), make_manifest()).minibatches(
         None, 2, prefetch=prefetch
     )
-    assert [mb[CELL_INDEX_KEY][0] for mb in (next(it), next(it), next(it))] == [0, 2, 4]
+    assert [mb.cells[0] for mb in (next(it), next(it), next(it))] == [0, 2, 4]
     with pytest.raises(InvalidValuesError, match="'cell7'"):
         next(it)
     # one warning, with the counts of every minibatch
@@ -478,8 +502,8 @@ def test_backed_unsorted_scattered_rows(tmp_path):
             got = collect(src, idx, 7)
         finally:
             a.file.close()
-        np.testing.assert_array_equal(got[X_KEY], x[idx])
-        np.testing.assert_array_equal(got[CELL_INDEX_KEY], idx)
+        np.testing.assert_array_equal(got.x, x[idx])
+        np.testing.assert_array_equal(got.cells, idx)
 
 
 def test_minibatches_refuses_bad_args():
@@ -521,8 +545,8 @@ def test_int_and_str_coded_categories_agree():
     a = collect(AnnDataSource(make_adata(obs=obs), m))
     assert_same(a, collect(AnnDataSource(make_adata(obs=obs_str), m)))
     assert_same(a, collect(AnnDataSource(make_adata(obs=obs_float), m)))
-    np.testing.assert_array_equal(a[LABELS_KEY][:, 0], np.arange(N) % 3)
-    np.testing.assert_array_equal(a[BATCH_KEY][:, 0], np.arange(N) % 2)
+    np.testing.assert_array_equal(a.labels[:, 0], np.arange(N) % 3)
+    np.testing.assert_array_equal(a.batch[:, 0], np.arange(N) % 2)
 
 
 def test_unknown_category():
@@ -601,7 +625,7 @@ def test_bad_expression_values(value, needle, build):
 def test_values_in_ignored_genes_are_not_checked(build):
     x = np.concatenate([counts(), np.full((N, 1), np.nan)], axis=1)
     src = AnnDataSource(make_adata(build(x), list(GENES) + ["junk"]), make_manifest())
-    assert np.isfinite(collect(src)[X_KEY]).all()
+    assert np.isfinite(collect(src).x).all()
 
 
 @pytest.mark.parametrize("build", [np.asarray, sp.csr_matrix])
@@ -610,9 +634,9 @@ def test_zero_library(build):
     x[[2, 9]] = 0
     adata = make_adata(build(x))
     collect(AnnDataSource(adata, make_manifest()))  # allowed by default
-    src = AnnDataSource(adata, make_manifest(), require_positive_library=True)
+    src = AnnDataSource(adata, make_manifest())
     with pytest.raises(ZeroLibrarySizeError) as e:
-        collect(src, [9, 2, 0], 3)
+        collect(src, [9, 2, 0], 3, DataNeeds(entries=True, positive_library=True))
     msg = str(e.value)
     assert "2 cells" in msg and "'cell9', 'cell2'" in msg and "filter_cells" in msg
 
@@ -634,14 +658,18 @@ def test_single_non_integer_warning(build):
     with warnings.catch_warnings():
         warnings.simplefilter("error", NonIntegerCountsWarning)
         list(AnnDataSource(make_adata(), make_manifest()).minibatches(None, 3))
-        list(AnnDataSource(make_adata(x), make_manifest(), count_data=False).minibatches(None, 3))
+        list(
+            AnnDataSource(make_adata(x), make_manifest()).minibatches(
+                None, 3, needs=DataNeeds(count_data=False)
+            )
+        )
 
 
 def test_layer_and_non_numeric_matrix():
     adata = make_adata()
     adata.layers["counts"] = sp.csr_matrix(counts(seed=4))
     got = collect(AnnDataSource(adata, make_manifest(layer="counts")))
-    np.testing.assert_array_equal(got[X_KEY], counts(seed=4))
+    np.testing.assert_array_equal(got.x, counts(seed=4))
     bad = make_adata(counts().astype(str).astype(object))
     with pytest.raises(InvalidValuesError, match="dtype"):
         AnnDataSource(bad, make_manifest())
@@ -667,7 +695,7 @@ def test_dataloader_matches_anndata_source():
     ref = list(AnnDataSource(make_adata(), m).minibatches(None, 5))
     loader = []
     for mb in ref:
-        d = {k: v for k, v in mb.items() if k != CELL_INDEX_KEY}
+        d = as_loader_dict(mb)
         # scvi-tools dataloaders hand float32 tensors for codes; lists and 1-D columns also fine
         d[X_KEY] = FakeTensor(d[X_KEY])
         d[BATCH_KEY] = FakeTensor(d[BATCH_KEY].astype(np.float32))
@@ -686,9 +714,9 @@ def test_dataloader_defaults_and_running_index():
     loader = [{X_KEY: x[:5]}, {X_KEY: x[5:5]}, {X_KEY: x[5:].tolist()}]
     got = list(normalize_dataloader(loader, make_manifest()))
     assert len(got) == 2
-    np.testing.assert_array_equal(np.concatenate([g[CELL_INDEX_KEY] for g in got]), np.arange(N))
-    assert got[1][X_KEY].dtype == np.float32 and got[1][BATCH_KEY].shape == (N - 5, 1)
-    assert not got[0][LABELS_KEY].any()
+    np.testing.assert_array_equal(np.concatenate([g.cells for g in got]), np.arange(N))
+    assert got[1].x.dtype == np.float32 and got[1].batch.shape == (N - 5, 1)
+    assert not got[0].labels.any()
 
 
 @pytest.mark.parametrize(
@@ -752,7 +780,7 @@ def test_dataloader_requires_registered_covariates():
         list(normalize_dataloader([mb], m))
     mb[CONT_COVS_KEY] = [[0.1, 5.0], [0.2, 6.0]]
     (out,) = normalize_dataloader([mb], m)
-    assert out[CAT_COVS_KEY].dtype == np.int64 and out[CONT_COVS_KEY].dtype == np.float32
+    assert out.cat_covs.dtype == np.int64 and out.cont_covs.dtype == np.float32
 
 
 def test_dataloader_zero_library_and_warning():
@@ -761,7 +789,11 @@ def test_dataloader_zero_library_and_warning():
     x[2] = 0
     m = make_manifest()
     with pytest.raises(ZeroLibrarySizeError, match="'cell 5'"):
-        list(normalize_dataloader([{X_KEY: ok}, {X_KEY: x}], m, require_positive_library=True))
+        list(
+            normalize_dataloader(
+                [{X_KEY: ok}, {X_KEY: x}], m, needs=DataNeeds(positive_library=True)
+            )
+        )
     x[0, 0] = 0.5
     with pytest.warns(NonIntegerCountsWarning, match="2 non-integer value"):
         list(normalize_dataloader([{X_KEY: x}, {X_KEY: x}], m))
@@ -798,9 +830,9 @@ def test_real_pbmc_missing_and_extra_genes():
             AnnDataSource(q, m)
         assert f"{n_missing} of the model's {len(genes)} genes" in str(e.value)
         src = AnnDataSource(q, m, missing_genes="zero")
-        assert src.n_genes_found == len(common)
+        assert src.genes.n_found == len(common)
         idx = [150, 3, 77, 120, 5]
-        got = collect(src, idx, 2)[X_KEY]
+        got = collect(src, idx, 2).x
         assert got.shape == (5, len(genes))
         dense = np.asarray(q.X[sorted(idx)])[np.argsort(np.argsort(idx))]
         pos = pd.Index(genes).get_indexer(common)
@@ -851,5 +883,5 @@ def test_non_canonical_csr_duplicates_add_up(tmp_path, backed, order):
     )
     src = AnnDataSource(a, man)
     idx = np.array([3, 0, 39, 17, 18, 19, 5])
-    got = np.concatenate([mb["X"] for mb in src.minibatches(idx, 3)])
+    got = np.concatenate([mb.x for mb in src.minibatches(idx, 3)])
     np.testing.assert_allclose(got, dense[idx], rtol=1e-6)

@@ -14,8 +14,8 @@ from scipy import stats
 from scipy.special import gammaln, log_expit
 from scipy.special import logsumexp as scipy_logsumexp
 
-from scvi_onnx import distributions as D
 from scvi_onnx.bundle import LIKELIHOOD_EPS
+from scvi_onnx.maths import distributions as D
 
 # An eps too small to change log(theta + eps) for theta >= 1e-6, but which keeps the
 # ``x < eps`` / ``x > eps`` masks of the ZINB meaningful for integer counts (eps=0 would not).
@@ -372,7 +372,7 @@ def test_float32_stays_float32_and_int_counts_do_not_promote():
 
 def test_module_does_not_import_torch():
     code = (
-        "import sys; import scvi_onnx.distributions; "
+        "import sys; import scvi_onnx.maths.distributions; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))

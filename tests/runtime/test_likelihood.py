@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scvi_onnx import distributions as D
-from scvi_onnx.likelihood import MinibatchScorer, count_constant, lgamma_table
+from scvi_onnx.data.entries import Entries
+from scvi_onnx.maths import distributions as D
+from scvi_onnx.maths.likelihood import MinibatchScorer, count_constant, lgamma_table
+
+
+def E(x):
+    """The non-zero entries of a dense minibatch, as the data layer gives them."""
+    return Entries.from_dense(np.ascontiguousarray(x, dtype=np.float32))
+
 
 N, G, S = 70, 300, 3
 
@@ -44,8 +51,8 @@ def test_scorer_equals_reference(data, lik, theta_shape):
     const = None
     if lik != "normal" and fixed:
         table = lgamma_table(theta) if theta_shape == "gene" else None
-        const = count_constant(x, theta, table, likelihood=lik)
-    scorer = MinibatchScorer(lik, x, theta if fixed else None, const)
+        const = count_constant(E(x), theta, table, likelihood=lik)
+    scorer = MinibatchScorer(lik, x, E(x), theta if fixed else None, const)
     got = scorer.score(mu, pi if lik == "zinb" else None, None if fixed else theta)
     want = reference(lik, x, mu, theta, pi)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-3)
@@ -53,7 +60,7 @@ def test_scorer_equals_reference(data, lik, theta_shape):
 
 def test_poisson(data):
     _, x, mu, _ = data
-    got = MinibatchScorer("poisson", x, None, None).score(mu)
+    got = MinibatchScorer("poisson", x, E(x), None, None).score(mu)
     np.testing.assert_allclose(got, reference("poisson", x, mu, mu, None), rtol=1e-6, atol=1e-3)
 
 
@@ -62,9 +69,9 @@ def test_count_constant_table_paths(data):
     thetas = (rng.gamma(1, 2, (4, G)) + 0.01).astype(np.float32)
     codes = rng.integers(0, 4, N)
     per_cell = thetas[codes]
-    plain = count_constant(x, per_cell)
+    plain = count_constant(E(x), per_cell)
     np.testing.assert_allclose(
-        count_constant(x, per_cell, lgamma_table(thetas), codes), plain, rtol=1e-12, atol=1e-9
+        count_constant(E(x), per_cell, lgamma_table(thetas), codes), plain, rtol=1e-12, atol=1e-9
     )
     from scipy.special import gammaln
 
@@ -77,11 +84,11 @@ def test_cell_sum_independent_of_other_rows(data):
     rng, x, mu, pi = data
     theta = (rng.gamma(1, 2, G) + 0.01).astype(np.float32)
     table = lgamma_table(theta)
-    full = MinibatchScorer("zinb", x, theta, count_constant(x, theta, table)).score(mu, pi)
+    full = MinibatchScorer("zinb", x, E(x), theta, count_constant(E(x), theta, table)).score(mu, pi)
     rows = np.array([5, 1, 40])
-    part = MinibatchScorer("zinb", x[rows], theta, count_constant(x[rows], theta, table)).score(
-        mu[:, rows], pi[:, rows]
-    )
+    part = MinibatchScorer(
+        "zinb", x[rows], E(x[rows]), theta, count_constant(E(x[rows]), theta, table)
+    ).score(mu[:, rows], pi[:, rows])
     assert np.array_equal(part, full[:, rows])
 
 
@@ -93,7 +100,7 @@ def test_zinb_extreme_logits_take_a_safe_path(data, low):
     pi[:, 3, :50] = low
     pi[:, 4, :50] = 60.0
     theta = (rng.gamma(1, 2, G) + 0.01).astype(np.float32)
-    scorer = MinibatchScorer("zinb", x, theta, count_constant(x, theta))
+    scorer = MinibatchScorer("zinb", x, E(x), theta, count_constant(E(x), theta))
     got = scorer.score(mu, pi)
     want = reference("zinb", x, mu, theta, pi)
     assert np.isfinite(got).all()
@@ -113,8 +120,8 @@ def test_counts_below_eps_follow_scvi_masks():
     theta[:3] = 1e-6  # |digamma(theta)| ~ 1e6: the lgamma terms at x <= eps are ~1e-2
     x64, t64 = x.astype(np.float64), theta.astype(np.float64)
     terms = gammaln(x64 + t64) - gammaln(t64) - gammaln(x64 + 1)
-    nb = count_constant(x, theta, likelihood="nb")
-    zinb = count_constant(x, theta, likelihood="zinb")
+    nb = count_constant(E(x), theta, likelihood="nb")
+    zinb = count_constant(E(x), theta, likelihood="zinb")
     np.testing.assert_allclose(nb, terms.sum(1), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(
         zinb, np.where(x64 > LIKELIHOOD_EPS, terms, 0).sum(1), rtol=1e-12, atol=1e-12
@@ -123,7 +130,7 @@ def test_counts_below_eps_follow_scvi_masks():
     mu = (rng.gamma(0.5, 3, (2, 4, 30)) + 1e-3).astype(np.float32)
     pi = rng.normal(0, 2, (2, 4, 30)).astype(np.float32)
     for lik, const in (("nb", nb), ("zinb", zinb)):
-        got = MinibatchScorer(lik, x, theta, const).score(mu, pi if lik == "zinb" else None)
+        got = MinibatchScorer(lik, x, E(x), theta, const).score(mu, pi if lik == "zinb" else None)
         np.testing.assert_allclose(got, reference(lik, x, mu, theta, pi), rtol=1e-6, atol=1e-4)
 
 
@@ -153,9 +160,9 @@ def test_scorer_property(data, n_cells, n_genes, n_samples, lik):
     pi = rng.uniform(-30, 30, mu.shape).astype(np.float32)
     const = None
     if lik in ("nb", "zinb"):
-        const = count_constant(x, theta, lgamma_table(theta), likelihood=lik)
+        const = count_constant(E(x), theta, lgamma_table(theta), likelihood=lik)
     fixed = None if lik == "poisson" else theta
-    got = MinibatchScorer(lik, x, fixed, const).score(mu, pi if lik == "zinb" else None)
+    got = MinibatchScorer(lik, x, E(x), fixed, const).score(mu, pi if lik == "zinb" else None)
     want = reference(lik, x, mu, theta, pi)
     assert np.isfinite(got).all()
     # float32 elementwise work: relative to the sum of the terms' magnitudes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 
 import anndata as ad
 import numpy as np
@@ -156,7 +157,7 @@ def test_scoring_graph_equals_host_scoring(model, query):
     """scoring="graph" (the device path: decoder + likelihood reduction in one ONNX graph)
     gives the numpy kernel's numbers, on the CPU provider here; results stay independent of
     the batch size."""
-    assert model._score is None  # "auto" on the CPU scores in numpy
+    assert not model.module.scores_on_graph  # "auto" on the CPU scores in numpy
     graph = scvi_onnx.load(SHIPPED_BUNDLE, device="cpu", scoring="graph")
     got = graph.get_elbo(query, return_mean=False, seed=3)
     np.testing.assert_allclose(got, model.get_elbo(query, return_mean=False, seed=3), rtol=1e-6)
@@ -177,10 +178,10 @@ def test_reader_threads_change_no_number(query):
     """Reader threads (n_threads // 2; the CPU latent space reads without them) change no
     number, bit for bit (backed files and other layouts: test_data's prefetch test)."""
     one = scvi_onnx.load(SHIPPED_BUNDLE, device="cpu", n_threads=1)
-    assert (one._prefetch, one._latent_prefetch) == (0, 0)
+    assert (one.engine.prefetch, one.engine.latent_prefetch) == (0, 0)
     threaded = scvi_onnx.load(SHIPPED_BUNDLE, device="cpu", n_threads=4)
-    assert (threaded._prefetch, threaded._latent_prefetch) == (2, 0)
-    threaded._prefetch = threaded._latent_prefetch = 3
+    assert (threaded.engine.prefetch, threaded.engine.latent_prefetch) == (2, 0)
+    threaded.engine = dataclasses.replace(threaded.engine, prefetch=3, latent_prefetch=3)
     results = []
     for m in (one, threaded):
         results.append(

@@ -27,6 +27,7 @@ import scipy.sparse as sp
 
 import scvi_onnx
 from scvi_onnx import bundle as B
+from scvi_onnx.bundle import format as F
 from scvi_onnx.cli import main
 from scvi_onnx.errors import (
     BundleError,
@@ -232,8 +233,8 @@ def test_older_schema_version_still_read(capsys, tmp_path, out_dir, monkeypatch,
     # Simulate a runtime that writes schema 2 and still reads schema 1: the shipped
     # (version-1) bundle keeps loading and giving the same numbers.
     assert model.manifest.schema_version == 1
-    monkeypatch.setattr(B, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(B, "MIN_SCHEMA_VERSION", 1)
+    monkeypatch.setattr(F, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(F, "MIN_SCHEMA_VERSION", 1)
     old = scvi_onnx.load(SHIPPED_BUNDLE, device="cpu")
     assert old.manifest.schema_version == 1
     np.testing.assert_array_equal(
@@ -248,7 +249,7 @@ def test_older_schema_version_still_read(capsys, tmp_path, out_dir, monkeypatch,
     (out_dir / "z.npy").unlink()
 
     # ... and once version 1 is dropped, it is refused, naming both versions.
-    monkeypatch.setattr(B, "MIN_SCHEMA_VERSION", 2)
+    monkeypatch.setattr(F, "MIN_SCHEMA_VERSION", 2)
     needles = ("schema version 1", "from 2", "re-export")
     _assert_bundle_refused(capsys, SHIPPED_BUNDLE, out_dir, BundleVersionError, *needles)
 
@@ -1031,7 +1032,7 @@ def test_cli_refuses_unreadable_input(capsys, out_dir, unreadable_inputs, name, 
         ["--batch-size", "0"],
         ["--batch-size", "-4"],
         ["--batch-size", "x"],
-        ["--seed", "-1"],
+        ["--seed", "1.5"],
         ["--n-mc-samples", "0"],
         ["--n-mc-samples", "-2"],
         ["--device", "tpu"],
@@ -1094,7 +1095,7 @@ def _cuda_usable() -> bool:
 def test_cpu_and_cuda_agree(model, query):
     gpu = scvi_onnx.load(SHIPPED_BUNDLE, device="cuda")
     assert gpu.provider == "CUDAExecutionProvider"
-    assert gpu._score is not None  # on CUDA the likelihood is reduced on the device
+    assert gpu.module.scores_on_graph  # on CUDA the likelihood is reduced on the device
     np.testing.assert_allclose(
         gpu.get_latent_representation(query), model.get_latent_representation(query), atol=1e-4
     )

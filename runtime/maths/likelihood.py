@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bundle import LIKELIHOOD_EPS
-from .entries import Entries
+from ..bundle.format import LIKELIHOOD_EPS
+from ..data.entries import Entries
 
 #: Integer counts below this use the lgamma table.
 TABLE_MAX_COUNT = 128
@@ -55,7 +55,7 @@ def lgamma_table(theta: np.ndarray, k_max: int = TABLE_MAX_COUNT) -> np.ndarray:
 
 
 def count_constant(
-    x: np.ndarray | Entries,
+    e: Entries,
     theta: np.ndarray,
     table: np.ndarray | None = None,
     codes: np.ndarray | None = None,
@@ -70,9 +70,8 @@ def count_constant(
 
     Parameters
     ----------
-    x
-        ``(n, G)`` counts, or their non-zero :class:`~scvi_onnx.entries.Entries` (what a CSR
-        source gives without a pass over the dense minibatch).
+    e
+        The minibatch's non-zero counts (:class:`~scvi_onnx.data.entries.Entries`).
     theta
         ``(G,)`` or ``(n, G)`` inverse dispersion.
     table
@@ -81,7 +80,6 @@ def count_constant(
     likelihood
         ``"nb"`` or ``"zinb"``: which entries the sum runs over (see above).
     """
-    e = x if isinstance(x, Entries) else Entries.from_dense(x)
     xv, cols = e.vals, e.cols
     if xv.size == 0:
         return np.zeros(e.n_rows, dtype=np.float64)
@@ -116,9 +114,8 @@ def count_constant(
     return e.row_sums(vals)
 
 
-def poisson_count_constant(x: np.ndarray | Entries) -> np.ndarray:
+def poisson_count_constant(e: Entries) -> np.ndarray:
     """Per-cell ``-sum_g lgamma(x + 1)`` (float64): Poisson's term that no sample changes."""
-    e = x if isinstance(x, Entries) else Entries.from_dense(x)
     return -e.row_sums(_gammaln(e.vals.astype(np.float64) + 1.0))
 
 
@@ -142,6 +139,8 @@ class MinibatchScorer:
         ``"zinb"``, ``"nb"``, ``"poisson"`` or ``"normal"``.
     x
         ``(n, G)`` float32 counts (dense minibatch).
+    entries
+        Their non-zero entries (count terms of a per-sample dispersion, Poisson's terms).
     theta
         Dispersion when it does not vary across samples: ``(G,)`` or ``(n, G)``; ``None`` for
         gene-cell dispersion (given per call) and Poisson.
@@ -153,11 +152,13 @@ class MinibatchScorer:
         self,
         likelihood: str,
         x: np.ndarray,
+        entries: Entries,
         theta: np.ndarray | None,
         count_const: np.ndarray | None,
     ):
         self.lik = likelihood
         self.x = np.ascontiguousarray(x, dtype=np.float32)
+        self.entries = entries
         self.theta = None if theta is None else np.asarray(theta, dtype=np.float32)
         self.count_const = count_const
         eps = np.float32(LIKELIHOOD_EPS)
@@ -174,7 +175,7 @@ class MinibatchScorer:
         if self.theta is not None and likelihood in ("nb", "zinb"):
             self._theta_eps = self.theta + eps
         if likelihood == "poisson" and count_const is None:
-            self.count_const = poisson_count_constant(self.x)
+            self.count_const = poisson_count_constant(entries)
 
     def score(
         self, mu: np.ndarray, pi: np.ndarray | None = None, theta: np.ndarray | None = None
@@ -186,7 +187,7 @@ class MinibatchScorer:
         if self.lik in ("nb", "zinb") and not fixed_theta:
             const = np.empty((S, n))
             for s in range(S):
-                const[s] = count_constant(self.x, theta[s], likelihood=self.lik)
+                const[s] = count_constant(self.entries, theta[s], likelihood=self.lik)
         else:
             const = self.count_const
         # blocks of (samples, cells) of about BLOCK_ELEMENTS: cell rows outside, samples

@@ -1,26 +1,21 @@
-"""LinearSCVI (scvi-tools' ``LDVAE``): the SCVI runtime plus ``get_loadings``.
-
-LDVAE differs from SCVI only in its decoder (``LinearDecoderSCVI``: a softmax of one linear
-layer of z, with optional batch norm folded at export), which the exporter traces to the same
-``decoder.onnx`` interface; so the four methods are :class:`~scvi_onnx.model.OnnxSCVI`'s.
-"""
+"""``scvi.model.LinearSCVI`` without torch: the four methods plus ``get_loadings``."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import bundle as B
-from .model import OnnxSCVI
+from ..bundle import format as F
+from .base import OnnxVAEModel
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
-class OnnxLinearSCVI(OnnxSCVI):
-    """A frozen ``scvi.model.LinearSCVI``; use :func:`scvi_onnx.load` to create one."""
+class OnnxLinearSCVI(OnnxVAEModel):
+    """A frozen ``scvi.model.LinearSCVI``; use :func:`scvi_onnx.load` to create one.
 
-    def __repr__(self) -> str:
-        return "OnnxLinearSCVI" + super().__repr__()[len("OnnxSCVI") :]
+    Its four methods are those of the ``LDVAE`` module (:mod:`scvi_onnx.models.ldvae`).
+    """
 
     def get_loadings(self) -> pd.DataFrame:
         """Per-gene weights of the linear decoder, as ``scvi.model.LinearSCVI.get_loadings()``.
@@ -35,7 +30,7 @@ class OnnxLinearSCVI(OnnxSCVI):
         import pandas as pd
 
         meta = self.manifest.extra.get("loadings", {})
-        values = self._arrays[B.ARR_LOADINGS].copy()
+        values = self.module.arrays[F.ARR_LOADINGS].copy()
         cols = meta.get("columns") or [f"Z_{i}" for i in range(values.shape[1])]
         index = pd.Index(list(self.genes), name=meta.get("index_name"))
         return pd.DataFrame(values, index=index, columns=list(cols))

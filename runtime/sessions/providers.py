@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleIntegrityError, ProviderError
+from ..errors import BundleIntegrityError, ProviderError
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +27,7 @@ CUDA_OPTIONS: dict[str, Any] = {"use_tf32": 0}
 
 def _gpu_present() -> bool:
     # onnxruntime-gpu lists CUDA even without a GPU (and prints errors when asked for it).
-    return Path("/proc/driver/nvidia/version").exists() or bool(
-        os.environ.get("SCVI_ONNX_ASSUME_GPU")
-    )
+    return Path("/proc/driver/nvidia/version").exists()
 
 
 def _session_options(ort, intra_op_threads: int | None):

@@ -11,7 +11,8 @@ Every function here is a numpy/scipy transcription of the torch code that scvi-t
 * :func:`log_poisson` and :func:`log_normal` follow ``torch.distributions.Poisson.log_prob`` and
   ``torch.distributions.Normal.log_prob`` (``scale`` is a standard deviation).
 * :func:`kl_normal` follows ``torch.distributions.kl_divergence(Normal, Normal)``, but takes
-  variances, as the scvi encoders output them.
+  variances, as the scvi encoders output them; :func:`kl_categorical` torch's
+  ``kl_divergence(Categorical, Categorical)`` (SCANVI).
 
 These are the float64-tested reference formulas. The runtime's hot path computes the same
 per-cell sums fast in :mod:`scvi_onnx.likelihood`, whose tests compare it with these.
@@ -28,9 +29,10 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.typing import ArrayLike, NDArray
 
-from .bundle import LIKELIHOOD_EPS
+from ..bundle.format import LIKELIHOOD_EPS
 
 __all__ = [
+    "kl_categorical",
     "kl_normal",
     "kl_normal_standard",
     "log_nb_positive",
@@ -38,10 +40,12 @@ __all__ = [
     "log_poisson",
     "log_zinb_positive",
     "logsumexp",
+    "softmax",
 ]
 
 #: ``log(sqrt(2 * pi))`` as torch's ``Normal.log_prob`` computes it.
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
+_F32_EPS = float(np.finfo(np.float32).eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +238,7 @@ def log_normal(x: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> NDArray:
 
 
 # ---------------------------------------------------------------------------------------------
-# KL divergences and logsumexp
+# KL divergences
 # ---------------------------------------------------------------------------------------------
 
 
@@ -289,31 +293,36 @@ def kl_normal_standard(m: ArrayLike, v: ArrayLike) -> NDArray:
     return dtype.type(0.5) * (var_ratio + m**2 - 1 - np.log(var_ratio))
 
 
-def logsumexp(a: ArrayLike, axis: int | tuple[int, ...] | None = 0) -> NDArray:
-    """``log(sum(exp(a), axis))``, computed stably in the dtype of ``a``.
+def kl_categorical(probs: NDArray, prior: NDArray) -> NDArray:
+    """``KL(Cat(probs) || Cat(prior))`` over the last axis, as torch's ``kl_divergence``.
 
-    Slices that are all ``-inf`` give ``-inf``; any ``+inf`` gives ``+inf``; NaN propagates.
-
-    Parameters
-    ----------
-    a
-        Input array.
-    axis
-        Axis or axes to reduce (``None``: all).
-
-    Returns
-    -------
-    numpy.ndarray
-        The reduced array.
+    torch normalises ``probs``, takes logs of probabilities clamped to ``[eps, 1 - eps]``
+    (float32 ``eps``), gives ``inf`` where the prior is 0 and 0 where ``probs`` is 0.
     """
-    a = np.asarray(a)
-    if not np.issubdtype(a.dtype, np.floating):
-        a = a.astype(np.float64)
-    a_max = np.max(a, axis=axis, keepdims=True)
-    a_max = np.where(np.isfinite(a_max), a_max, 0).astype(a.dtype, copy=False)
-    with np.errstate(divide="ignore"):
-        out = np.log(np.sum(np.exp(a - a_max), axis=axis, keepdims=True))
-    out += a_max
-    if axis is None:
-        return out.reshape(())
-    return np.squeeze(out, axis=axis)
+    p = probs / probs.sum(-1, keepdims=True)
+    q = prior / prior.sum(-1, keepdims=True)
+    lp = np.log(np.clip(p, _F32_EPS, 1 - _F32_EPS))
+    lq = np.log(np.clip(q, _F32_EPS, 1 - _F32_EPS))
+    t = p * (lp - lq)
+    t = np.where(np.broadcast_to(q == 0, t.shape), np.inf, t)
+    t = np.where(p == 0, 0.0, t)
+    return t.sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax and logsumexp (scipy's, imported on first use: scipy.special adds ~0.2 s to an import)
+# ---------------------------------------------------------------------------------------------
+
+
+def softmax(a: NDArray, axis: int = -1) -> NDArray:
+    """``scipy.special.softmax``: the logistic-normal transform of z."""
+    from scipy.special import softmax as _softmax
+
+    return _softmax(a, axis=axis)
+
+
+def logsumexp(a: NDArray, axis: int = 0) -> NDArray:
+    """``scipy.special.logsumexp``: the marginal-LL reduction over importance samples."""
+    from scipy.special import logsumexp as _logsumexp
+
+    return _logsumexp(a, axis=axis)

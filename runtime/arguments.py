@@ -1,0 +1,63 @@
+"""Checks of method arguments, one implementation each: the API and the CLI both call them.
+
+Each raises :class:`~scvi_onnx.errors.InvalidArgumentError` naming the argument, the value and
+what is accepted (the CLI turns it into a usage error).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+
+def check_seed(seed: Any) -> int:
+    """A seed is any integer (not a bool, float or string); negative seeds are valid."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InvalidArgumentError(f"seed must be an integer, got {seed!r}")
+    return int(seed)
+
+
+def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
+    """A positive integer (``None`` too when ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A number in ``[0, 1]``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0.0 <= float(value) <= 1.0
+    ):
+        raise InvalidArgumentError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> Any:
+    """One of ``choices``."""
+    if not isinstance(value, str | int | bool | None) or value not in choices:
+        raise InvalidArgumentError(f"{name} must be one of {choices!r}, got {value!r}")
+    return value
+
+
+def reject_unknown(method: str, kwargs: Mapping[str, Any], ignored: tuple[str, ...] = ()) -> None:
+    """Refuse keyword arguments a method does not take (a typo must not pass silently).
+
+    ``ignored`` names scvi-tools' keyword arguments that are accepted for signature
+    compatibility and have no effect here.
+    """
+    unknown = [k for k in kwargs if k not in ignored]
+    if unknown:
+        raise InvalidArgumentError(
+            f"{method}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"see help({method}) for the arguments it takes"
+        )

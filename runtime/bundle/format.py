@@ -1,0 +1,128 @@
+"""The bundle format: file names, graph IO names, array names, probe names, schema version.
+
+One home for every name both halves use: the exporter writes what is declared here, the
+runtime reads it. A bundle folder holds:
+
+``manifest.json``
+    schema version, model class, config, genes, registry, graph IO names, versions, sha256 of
+    every other file (see :mod:`scvi_onnx.bundle.manifest`).
+``encoder.onnx`` / ``decoder.onnx``
+    float32 graphs with a dynamic cell axis; no randomness, no BatchNormalization node.
+``scorer.onnx`` (optional)
+    the decoder followed by ``log p(x | z)`` summed over genes, for devices where decoder
+    outputs should stay on the device (CUDA).
+``classifier.onnx``, ``z2_encoder.onnx``, ``z1_decoder.onnx`` (SCANVI)
+    the classifier ``q(y | z1)``, ``q(z2 | z1, y)`` and ``p(z1 | z2, y)`` for every label.
+``arrays.npz``
+    parameters the numpy side needs (dispersion, library-size prior, label prior, loadings);
+    loaded with ``allow_pickle=False``.
+``probes.npz``
+    probe inputs and the exporter's torch outputs for them, for ``verify``
+    (names: :func:`probe_name`).
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+#: Oldest schema version this runtime still reads.
+MIN_SCHEMA_VERSION = 1
+FORMAT_NAME = "scvi-onnx-bundle"
+OPSET = 17
+
+MANIFEST_FILE = "manifest.json"
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+SCORER_FILE = "scorer.onnx"
+CLASSIFIER_FILE = "classifier.onnx"
+Z2_ENCODER_FILE = "z2_encoder.onnx"
+Z1_DECODER_FILE = "z1_decoder.onnx"
+ARRAYS_FILE = "arrays.npz"
+PROBES_FILE = "probes.npz"
+
+#: Files every bundle lists with their sha256: the runtime reads each of them, so none may be
+#: loaded unchecked (graph files named in ``graphs`` are required as well).
+REQUIRED_FILES = (ENCODER_FILE, DECODER_FILE, ARRAYS_FILE, PROBES_FILE)
+
+# ---- graph input / output names ---------------------------------------------------------
+IN_X = "x"
+#: Encoder input of models with ``log_variational`` (exporters from 0.2): ``log1p(counts)``,
+#: computed by the runtime in numpy (ONNX Runtime's CPU ``Log`` kernel is ~5x slower than
+#: numpy's ``log1p``). Bundles whose encoder takes ``x`` apply ``log1p`` inside the graph.
+IN_X_LOG1P = "x_log1p"
+IN_CONT = "cont_covs"
+IN_BATCH = "batch_index"
+IN_CAT = "cat_covs"
+IN_Z = "z"
+IN_LIBRARY = "library"
+OUT_QZ_M = "qz_m"
+OUT_QZ_V = "qz_v"
+OUT_QL_M = "ql_m"
+OUT_QL_V = "ql_v"
+OUT_PX_RATE = "px_rate"
+OUT_PX_R = "px_r"
+OUT_PX_DROPOUT = "px_dropout"
+# scorer.onnx: decoder inputs + counts (N, G) [+ labels (N, 1)] -> log_px (S, N), the sum of
+# log p(x | z) over genes without the count terms (the runtime adds their per-cell sums).
+IN_COUNTS = "counts"
+IN_LABELS = "labels"
+OUT_LOG_PX = "log_px"
+# SCANVI graphs (no randomness; the runtime draws z2):
+#   classifier.onnx  z (S, N, L) -> probs (S, N, K)          softmax of the classifier
+#   z2_encoder.onnx  z (S, N, L) -> qz2_m, qz2_v (S, N, K, L) q(z2 | z1, y) for every label y
+#   z1_decoder.onnx  z2 (S, N, K, L) -> pz1_m, pz1_v          p(z1 | z2, y), label y on axis 2
+IN_Z2 = "z2"
+OUT_PROBS = "probs"
+OUT_QZ2_M = "qz2_m"
+OUT_QZ2_V = "qz2_v"
+OUT_PZ1_M = "pz1_m"
+OUT_PZ1_V = "pz1_v"
+
+# ---- arrays.npz ----------------------------------------------------------------------------
+ARR_PX_R = "px_r"
+ARR_LIB_MEANS = "library_log_means"
+ARR_LIB_VARS = "library_log_vars"
+#: LinearSCVI: scvi-tools' own ``get_loadings()`` values (genes x n_latent), stored at export.
+ARR_LOADINGS = "loadings"
+ARR_Y_PRIOR = "y_prior"
+
+# ---- graphs: manifest name -> file, and probe names in probes.npz ------------------------
+#: Graph name in ``manifest.graphs`` -> its default file (bundles name the file themselves).
+GRAPH_FILES = {
+    "encoder": ENCODER_FILE,
+    "decoder": DECODER_FILE,
+    "scorer": SCORER_FILE,
+    "classifier": CLASSIFIER_FILE,
+    "z2_encoder": Z2_ENCODER_FILE,
+    "z1_decoder": Z1_DECODER_FILE,
+}
+#: Graph name -> prefix of its probe arrays in probes.npz (inputs ``<prefix>_in.<name>``,
+#: torch outputs ``<prefix>_out.<name>``).
+PROBE_PREFIXES = {
+    "encoder": "enc",
+    "decoder": "dec",
+    "scorer": "score",
+    "classifier": "cls",
+    "z2_encoder": "z2e",
+    "z1_decoder": "z1d",
+}
+#: Probe arrays that are not graph IO: each probe cell's batch and label codes, and the
+#: decoder's dispersion as scvi-tools computed it (``dec_out.theta``).
+PROBE_BATCH = "probe.batch"
+PROBE_LABELS = "probe.labels"
+PROBE_THETA = "theta"
+
+
+def probe_name(graph: str, io: str, name: str) -> str:
+    """The probes.npz name of graph input (``io="in"``) or torch output (``"out"``) ``name``."""
+    if io not in ("in", "out"):
+        raise ValueError(f"io must be 'in' or 'out', got {io!r}")
+    return f"{PROBE_PREFIXES[graph]}_{io}.{name}"
+
+
+# ---- numbers ---------------------------------------------------------------------------------
+#: Numerical constants of scvi-tools 1.4.2 that the maths depends on.
+LIKELIHOOD_EPS = 1e-8  # scvi.distributions: eps inside logs
+VAR_EPS = 1e-4  # scvi.nn.Encoder: q_v = exp(.) + var_eps
+#: Default export-validation tolerances (float32 graphs vs torch float32 modules).
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-4

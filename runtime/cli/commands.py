@@ -1,0 +1,266 @@
+"""The commands that run a bundle: export, latent, predict, the metrics, verify."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import EXPORT_HINT, PROG, CLIError, one_line, print_json
+from .io import check_output, close, frame, read_h5ad, save_csv, save_npy, write_atomic
+
+LATENT_SUFFIXES = (".h5ad", ".npy", ".csv")
+PREDICT_SUFFIXES = (".csv", ".h5ad")
+PER_CELL_SUFFIXES = (".csv", ".npy")
+
+
+def _load_model(args: argparse.Namespace):
+    from .. import load
+
+    return load(args.bundle, device=args.device, seed=args.seed)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    if args.no_progress:
+        return False
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _data_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "missing_genes": args.missing_genes,
+        "min_gene_overlap": args.min_gene_overlap,
+        "progress_bar": _progress(args),
+    }
+
+
+def _note_overlap(model, adata, args: argparse.Namespace) -> None:
+    """Report zero-filled genes (the data layer refuses below --min-gene-overlap)."""
+    if args.missing_genes != "zero":
+        return
+    ov = model.gene_overlap(adata)
+    if ov["fraction"] >= args.min_gene_overlap and ov["n_found"] < ov["n_model_genes"]:
+        sys.stderr.write(
+            f"{PROG}: note: {ov['n_found']} of {ov['n_model_genes']} model genes found "
+            f"({100 * ov['fraction']:.1f}%); {len(ov['missing'])} filled with zeros\n"
+        )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.bundle)
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{out} exists; pass --overwrite to replace it")
+    try:
+        from ..exporter import export_model
+    except ImportError as e:
+        msg = one_line(e)
+        if EXPORT_HINT not in msg:
+            msg = f"export needs torch, scvi-tools and onnx ({msg}): {EXPORT_HINT}"
+        raise CLIError(msg) from e
+    adata = read_h5ad(args.adata, backed=False) if args.adata else None
+    # scvi-tools and lightning print to stdout while loading; stdout is for results
+    with contextlib.redirect_stdout(sys.stderr):
+        path = export_model(
+            args.model_dir, out, adata=adata, overwrite=args.overwrite, seed=args.seed
+        )
+    from ..bundle import read_manifest
+
+    man = read_manifest(path, check_files=False)
+    print(
+        f"wrote bundle {path} ({man.model_class}, {man.n_genes} genes, "
+        f"n_latent={man.config.get('n_latent')}); validated at atol="
+        f"{man.validation.get('atol')}, rtol={man.validation.get('rtol')}"
+    )
+    return 0
+
+
+def cmd_latent(args: argparse.Namespace) -> int:
+    out = check_output(args.output, LATENT_SUFFIXES, "output", overwrite=args.overwrite)
+    suffix = out.suffix.lower()
+    if args.return_dist and suffix == ".npy":
+        raise CLIError(
+            "--return-dist gives two arrays (mean, variance); write them to an .h5ad or .csv output"
+        )
+    if suffix == ".h5ad" and (not args.key or "/" in args.key):
+        raise CLIError(f"--key must be a non-empty name without '/', got {args.key!r}")
+    model = _load_model(args)
+    adata = read_h5ad(args.input, backed=suffix != ".h5ad")
+    _note_overlap(model, adata, args)
+    try:
+        res = model.get_latent_representation(
+            adata,
+            give_mean=not args.sample,
+            mc_samples=args.mc_samples,
+            return_dist=args.return_dist,
+            **_data_kwargs(args),
+        )
+        mean, var = res if args.return_dist else (res, None)
+        n_latent = mean.shape[1]
+        if suffix == ".h5ad":
+            adata.obsm[args.key] = mean
+            if var is not None:
+                adata.obsm[args.key + "_var"] = var
+
+            def write(tmp: Path) -> None:
+                adata.write_h5ad(tmp)
+
+        elif suffix == ".npy":
+            write = save_npy(mean)
+        else:
+            import numpy as np
+
+            cols = [f"latent_{i}" for i in range(n_latent)]
+            values = mean
+            if var is not None:
+                cols += [f"latent_var_{i}" for i in range(n_latent)]
+                values = np.concatenate([mean, var], axis=1)
+            write = save_csv(frame(values, adata.obs_names, cols))
+        write_atomic(out, write, overwrite=args.overwrite)
+    finally:
+        close(adata)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    out = check_output(args.output, PREDICT_SUFFIXES, "output", overwrite=args.overwrite)
+    if out.suffix.lower() == ".h5ad" and (not args.key or "/" in args.key):
+        raise CLIError(f"--key must be a non-empty name without '/', got {args.key!r}")
+    model = _load_model(args)
+    if not hasattr(model, "predict"):
+        raise CLIError(
+            f"{args.bundle} holds a {model.manifest.model_class} model; predict needs a SCANVI "
+            "bundle (export a scvi.model.SCANVI)"
+        )
+    adata = read_h5ad(args.input, backed=out.suffix.lower() != ".h5ad")
+    _note_overlap(model, adata, args)
+    try:
+        kw = {k: v for k, v in _data_kwargs(args).items() if k != "seed"}
+        probs = model.predict(adata, soft=True, **kw)
+        labels = probs.columns.to_numpy()[probs.to_numpy().argmax(1)]
+        if out.suffix.lower() == ".h5ad":
+            adata.obs[args.key] = labels
+            if args.soft:
+                adata.obsm[f"{args.key}_probabilities"] = probs.set_index(adata.obs_names)
+
+            def write(tmp: Path) -> None:
+                adata.write_h5ad(tmp)
+
+        else:
+            table = probs.copy() if args.soft else probs.iloc[:, :0].copy()
+            table.insert(0, "prediction", labels)
+            table.index = adata.obs_names
+            write = save_csv(table)
+        write_atomic(out, write, overwrite=args.overwrite)
+    finally:
+        close(adata)
+    return 0
+
+
+_METRICS = {
+    "elbo": "elbo",
+    "reconstruction-error": "reconstruction_loss",
+    "marginal-ll": "marginal_ll",
+}
+
+
+def _metric_values(model, adata, args: argparse.Namespace, per_cell: bool):
+    """(mean value, per-cell array or None) of the command's metric."""
+    import numpy as np
+
+    kw = _data_kwargs(args)
+    command = args.metric_command
+    if command == "elbo":
+        if not per_cell:
+            return model.get_elbo(adata, **kw), None
+        cells = model.get_elbo(adata, return_mean=False, **kw)
+        return float(cells.mean()), cells
+    if command == "reconstruction-error":
+        res = model.get_reconstruction_error(adata, return_mean=not per_cell, **kw)
+        val = res["reconstruction_loss"]
+        return (float(val.mean()), val) if per_cell else (float(val), None)
+    # marginal-ll: the model's mean is a mean of per-minibatch means; reproduce it from the
+    # per-cell values (minibatches are consecutive runs of batch_size cells) to run once.
+    if not per_cell:
+        return model.get_marginal_ll(adata, n_mc_samples=args.n_mc_samples, **kw), None
+    from ..methods.engine import DEFAULT_BATCH_SIZE
+
+    cells = model.get_marginal_ll(adata, n_mc_samples=args.n_mc_samples, return_mean=False, **kw)
+    bs = args.batch_size or DEFAULT_BATCH_SIZE
+    means = [cells[i : i + bs].mean() for i in range(0, len(cells), bs)]
+    return float(np.mean(means)), cells
+
+
+def cmd_metric(args: argparse.Namespace) -> int:
+    metric = _METRICS[args.metric_command]
+    out = None
+    if args.per_cell:
+        out = check_output(args.per_cell, PER_CELL_SUFFIXES, "--per-cell", overwrite=args.overwrite)
+    model = _load_model(args)
+    adata = read_h5ad(args.input, backed=True)
+    _note_overlap(model, adata, args)
+    try:
+        value, cells = _metric_values(model, adata, args, per_cell=out is not None)
+        n_cells = int(adata.n_obs)
+        if out is not None:
+            if out.suffix.lower() == ".npy":
+                write = save_npy(cells)
+            else:
+                write = save_csv(frame(cells, adata.obs_names, [metric]))
+            write_atomic(out, write, overwrite=args.overwrite)
+    finally:
+        close(adata)
+    if args.json:
+        result = {
+            "metric": metric,
+            "value": float(value),
+            "n_cells": n_cells,
+            "bundle": str(args.bundle),
+            "provider": model.provider,
+            "seed": args.seed,
+        }
+        if args.metric_command == "marginal-ll":
+            result["n_mc_samples"] = args.n_mc_samples
+        if out is not None:
+            result["per_cell"] = str(out)
+        print_json(result)
+    else:
+        print(f"{metric}: {value:.4f}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    # not ``from . import verify``: once imported, the submodule shadows the function there
+    from ..selfcheck import verify
+
+    report = verify(args.bundle, device=args.device)
+    if args.json:
+        print_json(report.to_json())
+        return 0 if report.ok else 1
+    header = ("output", "max abs", "max rel", "tolerance", "result")
+    rows = [
+        (
+            r.output,
+            f"{r.max_abs_diff:.3g}",
+            f"{r.max_rel_diff:.3g}",
+            f"atol {r.atol:g} + rtol {r.rtol:g}",
+            "PASS" if r.ok else "FAIL",
+        )
+        for r in report.rows
+    ]
+    widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
+    print(f"bundle {report.path} on {report.provider}")
+    for row in [header, *rows]:
+        print("  ".join(f"{v:<{w}}" for v, w in zip(row, widths, strict=True)).rstrip())
+    n_fail = sum(not r.ok for r in report.rows)
+    if report.ok:
+        print(f"OK: all {len(report.rows)} outputs within tolerance")
+    elif not report.rows:
+        print("FAIL: the bundle holds no probe outputs to compare")
+    else:
+        print(f"FAIL: {n_fail} of {len(report.rows)} outputs out of tolerance")
+    return 0 if report.ok else 1

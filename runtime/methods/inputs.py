@@ -1,0 +1,63 @@
+"""Where a method's minibatches come from: an AnnData, or a user's dataloader."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from ..arguments import check_positive_int
+from ..bundle import Manifest
+from ..data import AnnDataSource, DataNeeds, Minibatch, normalize_dataloader, resolve_indices
+from ..errors import InvalidArgumentError
+from .engine import DEFAULT_BATCH_SIZE
+
+
+def minibatches(
+    manifest: Manifest,
+    adata: Any,
+    indices: Sequence[int] | None,
+    batch_size: int | None,
+    dataloader: Iterable[dict[str, Any]] | None,
+    *,
+    needs: DataNeeds,
+    prefetch: int = 0,
+    missing_genes: str = "error",
+    min_gene_overlap: float = 0.8,
+    missing_labels_code: int | None = None,
+    progress: bool = False,
+) -> Iterator[Minibatch]:
+    """Checked, completed minibatches of ``adata`` (or of a user's ``dataloader``).
+
+    ``adata`` is the AnnData to read (the caller resolves the model's bound default);
+    ``prefetch`` reader threads prepare the next minibatches; ``progress`` shows a bar over
+    minibatches.
+    """
+    batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
+    if dataloader is not None:
+        if adata is not None:
+            raise InvalidArgumentError("pass either adata or dataloader, not both")
+        it = normalize_dataloader(dataloader, manifest, needs=needs)
+        total = None
+    else:
+        if adata is None:
+            raise InvalidArgumentError(
+                "no data: pass adata= (or dataloader=), or bind an AnnData at "
+                "scvi_onnx.load(path, adata=...)"
+            )
+        src = AnnDataSource(
+            adata,
+            manifest,
+            missing_genes=missing_genes,
+            min_gene_overlap=min_gene_overlap,
+            missing_labels_code=missing_labels_code,
+        )
+        idx = resolve_indices(indices, src.n_obs)
+        bs = batch_size or DEFAULT_BATCH_SIZE
+        it = src.minibatches(idx, bs, needs=needs, prefetch=prefetch)
+        total = math.ceil(len(idx) / bs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=total, unit="batch", leave=False)
+    yield from it

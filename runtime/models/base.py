@@ -1,0 +1,137 @@
+"""What a model module gives the four methods: the interface every scvi-tools module implements.
+
+scvi-tools separates the *module* (the torch maths of one minibatch: ``VAE``, ``LDVAE``,
+``SCANVAE``, ...) from the *model* (the public class and its loops). So does scvi-onnx: a
+:class:`Module` computes one minibatch's terms over its ONNX graphs and numpy; the loops
+(:mod:`scvi_onnx.methods`: tasks, threads, Monte-Carlo chunks, reductions) are written once for
+every module; the public classes (:mod:`scvi_onnx.api`) hold the signatures and checks.
+
+A module gives:
+
+- :meth:`Module.encode`: the posterior ``q(z | x)`` of a minibatch (``qz_m``, ``qz_v``, and
+  whatever else its encoder outputs);
+- :meth:`Module.z_draws`: posterior draws of z (transformed for a logistic-normal latent);
+- :meth:`Module.prepare`: the per-group scoring state (counts, count terms, device buffers);
+- :meth:`Module.elbo_terms`: one draw's reconstruction losses (by scvi-tools' keys) and KL;
+- :meth:`Module.log_weights`: importance log-weights of ``get_marginal_ll``, for a chunk of
+  draws ``start .. start + n``.
+
+Every draw is a pure function of (seed, stream, cell key, draw index) (:mod:`~scvi_onnx.maths.rng`),
+so any split of cells or draws gives the same numbers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..bundle import Manifest, NpzArrays
+from ..bundle import format as F
+from ..data import DataNeeds, Minibatch
+from ..maths import distributions as D
+from ..maths import rng
+from ..sessions import Graph
+
+
+@dataclass(frozen=True)
+class ElboTerms:
+    """One posterior draw's per-cell terms of a module's loss, as ``get_elbo`` sums them.
+
+    ``reconstruction``: scvi-tools' ``reconstruction_loss`` entries by their keys (what
+    ``get_reconstruction_error`` returns); ``kl``: the sum of its ``kl_local`` entries.
+    """
+
+    reconstruction: dict[str, np.ndarray]
+    kl: np.ndarray
+
+    def elbo(self) -> np.ndarray:
+        rec = None
+        for value in self.reconstruction.values():
+            rec = value if rec is None else rec + value
+        return -(rec + self.kl)
+
+
+@dataclass(frozen=True)
+class BundleContents:
+    """What a module is built from: the bundle's manifest, its typed config, its arrays."""
+
+    path: Path
+    manifest: Manifest
+    config: Any
+    arrays: NpzArrays
+
+    def graph(self, name: str, device: str, intra_op_threads: int | None) -> Graph:
+        return Graph(
+            self.path / self.manifest.graph_file(name), device, intra_op_threads=intra_op_threads
+        )
+
+
+class Module(ABC):
+    """The per-minibatch maths of one scvi-tools module (see the module docstring)."""
+
+    #: The typed config this module reads from the manifest (a frozen dataclass).
+    Config: ClassVar[type]
+    #: ``get_reconstruction_error``'s keys, in scvi-tools' order.
+    reconstruction_keys: ClassVar[tuple[str, ...]] = ("reconstruction_loss",)
+
+    config: Any
+    #: The execution provider that runs the graphs.
+    provider: str
+    #: What the scoring methods need of each minibatch.
+    needs: DataNeeds
+
+    @property
+    @abstractmethod
+    def n_latent(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def n_features(self) -> int:
+        """Input columns per cell (the size of a cell's work in the decoder)."""
+
+    @property
+    def ln(self) -> bool:
+        """Whether z is logistic-normal (``softmax`` of a Gaussian draw)."""
+        return self.config.latent_distribution == "ln"
+
+    @abstractmethod
+    def encode(self, mb: Minibatch) -> dict[str, np.ndarray]:
+        """The encoder's outputs for a minibatch: at least ``qz_m`` and ``qz_v``."""
+
+    def z_draws(
+        self, mb: Minibatch, enc: Mapping[str, np.ndarray], seed: int, start: int, n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(untransformed, transformed) z of shape (n, cells, L) for draws start..start+n."""
+        cells = mb.cells
+        L = self.n_latent
+        eps = rng.normals(seed, rng.STREAM_Z, cells, n * L, start=start * L)
+        eps = eps.reshape(len(cells), n, L).transpose(1, 0, 2)
+        m = enc[F.OUT_QZ_M].astype(np.float64)
+        s = np.sqrt(enc[F.OUT_QZ_V].astype(np.float64))
+        u = m[None] + eps * s[None]
+        return u, (D.softmax(u, axis=-1) if self.ln else u)
+
+    @abstractmethod
+    def prepare(self, mb: Minibatch) -> Any:
+        """Per-group scoring state, shared by every chunk of draws of these cells."""
+
+    @abstractmethod
+    def elbo_terms(self, mb: Minibatch, seed: int) -> ElboTerms:
+        """One posterior draw's terms of the module's loss."""
+
+    @abstractmethod
+    def log_weights(
+        self,
+        mb: Minibatch,
+        enc: Mapping[str, np.ndarray],
+        state: Any,
+        seed: int,
+        start: int,
+        n: int,
+    ) -> np.ndarray:
+        """Importance log-weights of draws start..start+n, shape (n, cells) float64."""

@@ -72,7 +72,7 @@ def main() -> None:
         info = {
             "engine": f"scvi-onnx {scvi_onnx.__version__}",
             "onnxruntime": ort.__version__,
-            "threads": model._n_workers,
+            "threads": model.engine.n_workers,
             "provider": model.provider,
         }
     setup_s = time.perf_counter() - t0

@@ -15,7 +15,8 @@ onnx = pytest.importorskip("onnx")
 import scvi_onnx  # noqa: E402
 from scvi_onnx import bundle as B  # noqa: E402
 from scvi_onnx.errors import ExportValidationError, UnsupportedModelError  # noqa: E402
-from scvi_onnx.exporter import _graphs, export_model  # noqa: E402
+from scvi_onnx.exporter import export_model  # noqa: E402
+from scvi_onnx.exporter.graphs import layers as _graphs  # noqa: E402
 
 from ..conftest import MODELS, SHIPPED_BUNDLE  # noqa: E402
 

@@ -26,7 +26,7 @@ import scvi_onnx  # noqa: E402
 from scvi_onnx import bundle as B  # noqa: E402
 from scvi_onnx.errors import UnsupportedModelError  # noqa: E402
 from scvi_onnx.exporter import SUPPORTED_MODELS, export_model  # noqa: E402
-from scvi_onnx.exporter._legacy import load_saved_model  # noqa: E402
+from scvi_onnx.exporter.legacy import load_saved_model  # noqa: E402
 
 TRAIN = dict(
     max_epochs=1,

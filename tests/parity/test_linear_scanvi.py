@@ -288,7 +288,7 @@ def test_scanvi_elbo_ignores_labels(trained):
 
 def test_scanvi_graph_validation_can_fail(cells, tmp_path, monkeypatch):
     from scvi_onnx.errors import ExportValidationError
-    from scvi_onnx.exporter import _graphs
+    from scvi_onnx.exporter.graphs import scanvae as _graphs
 
     model, _ = _make("scanvi-zinb-from-scvi-2batch", cells)
     original = _graphs.Z1DecoderGraph.forward

@@ -1,0 +1,235 @@
+"""Export a trained scvi-tools model to a scvi-onnx bundle: the orchestration.
+
+load (a model or a saved folder, any scvi-tools version the legacy loader reaches) -> the
+model class's :class:`~scvi_onnx.exporter.specs.base.ExportSpec` (from the runtime's registry)
+-> refusals, config, arrays, graphs with probes and torch references -> trace -> validate in
+ONNX Runtime against torch -> write arrays, probes, manifest with checksums -> rename the folder
+into place. Nothing is written at ``path`` unless everything passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scvi_onnx.bundle import Manifest, read_config, sha256_file
+from scvi_onnx.bundle import format as F
+from scvi_onnx.errors import ExportValidationError, UnsupportedModelError
+from scvi_onnx.models.registry import MODELS, entry
+from scvi_onnx.selfcheck import deviation
+
+from .specs.base import ExportSpec
+from .trace import trace
+
+logger = logging.getLogger(__name__)
+
+
+def supported_models() -> dict[str, str]:
+    """Model classes the exporter handles, with their scvi-tools module classes."""
+    return {name: e.load("export_spec").module_class for name, e in MODELS.items()}
+
+
+def spec_for(model: Any) -> ExportSpec:
+    """The export spec of ``model``'s class (an :class:`UnsupportedModelError` for others)."""
+    cls = type(model).__name__
+    if cls not in MODELS:
+        raise UnsupportedModelError(
+            f"cannot export a {cls}: supported model classes are {sorted(MODELS)}"
+        )
+    return entry(cls).load("export_spec")(model)
+
+
+def _load_model(model: Any, adata: Any = None):
+    """A model instance, or a saved scvi-tools model folder of any scvi-tools version >= 0.8."""
+    if isinstance(model, (str, os.PathLike)):
+        from .legacy import load_saved_model
+
+        # model.pt / attr.pkl are pickles: export only trusted folders (see README).
+        return load_saved_model(model, adata, supported=tuple(MODELS))
+    return model
+
+
+def export_model(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    adata: Any = None,
+    overwrite: bool = False,
+    atol: float = F.DEFAULT_ATOL,
+    rtol: float = F.DEFAULT_RTOL,
+    seed: int = 0,
+) -> Path:
+    """Export a trained scvi-tools model to a scvi-onnx bundle folder.
+
+    Parameters
+    ----------
+    model
+        A trained scvi-tools model (SCVI, LinearSCVI, SCANVI), or the path of a folder written
+        by ``model.save()`` (``model.pt`` is a pickle: export only folders you trust).
+    path
+        Bundle folder to write. Written to a temporary folder first, then renamed.
+    adata
+        AnnData to load a saved folder with (optional; the saved registry is enough).
+    overwrite
+        Replace an existing bundle folder at ``path``.
+    atol, rtol
+        Validation tolerance of the ONNX graphs against the torch modules on probe cells:
+        every output must satisfy ``|onnx - torch| <= atol + rtol * |torch|``.
+    seed
+        Seed of the probe cells and noise (the export is deterministic for a given seed).
+
+    Returns
+    -------
+    The bundle path.
+
+    Raises
+    ------
+    UnsupportedModelError
+        The model uses an option the exporter cannot reproduce.
+    ExportValidationError
+        The exported graphs do not reproduce the torch modules within tolerance.
+    FileExistsError
+        ``path`` exists and ``overwrite`` is False.
+    """
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (or --overwrite) to replace it")
+    # Nothing here may advance the user's torch RNG (building nn.Linear modules would).
+    with torch.random.fork_rng(devices=[]):
+        return _export(model, out, adata=adata, atol=atol, rtol=rtol, seed=seed)
+
+
+def _export(model, out: Path, *, adata, atol, rtol, seed) -> Path:
+    model = _load_model(model, adata)
+    spec = spec_for(model)
+    spec.check()
+    if not getattr(model, "is_trained_", True):
+        warnings.warn("exporting a model that was never trained", UserWarning, stacklevel=3)
+    registry = spec.registry()
+    genes = spec.genes()
+    config = spec.config(registry)
+    if len(genes) != config["n_input"]:
+        raise UnsupportedModelError(f"{len(genes)} gene names for {config['n_input']} inputs")
+    arrays = spec.arrays(genes)
+    extra = spec.extra(genes)
+    graphs, probe_arrays = spec.graphs(registry, config, arrays, np.random.default_rng(seed))
+    manifest = Manifest(
+        schema_version=F.SCHEMA_VERSION,
+        model_class=spec.model_class,
+        config=config,
+        genes=tuple(genes),
+        registry=registry,
+        graphs={},
+    )
+    # the runtime must read this config: the same check as at load
+    read_config(manifest, entry(spec.model_class).load("module").Config)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for g in graphs:
+            trace(g.module, g.io, g.feeds, tmp / g.file)
+        reports = _validate(spec, tmp, config, arrays, graphs, probe_arrays, atol, rtol)
+        np.savez(tmp / F.ARRAYS_FILE, **arrays)
+        probes: dict[str, np.ndarray] = {}
+        for g in graphs:
+            probes |= g.probes()
+        np.savez_compressed(tmp / F.PROBES_FILE, **(probes | probe_arrays))
+        _write_manifest(tmp, manifest, graphs, arrays, extra, reports, atol, rtol, seed)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is a normal folder
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote bundle %s", out)
+    return out
+
+
+def _validate(spec, folder, config, arrays, graphs, probe_arrays, atol, rtol) -> list[dict]:
+    """Every graph in ONNX Runtime against scvi-tools' torch modules, and the spec's own
+    checks; an :class:`ExportValidationError` listing every failure."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    reports = []
+    outputs: dict[str, dict[str, np.ndarray]] = {}
+    for g in graphs:
+        sess = ort.InferenceSession(str(folder / g.file), so, providers=["CPUExecutionProvider"])
+        got = dict(zip(g.io.outputs, sess.run(None, g.feeds), strict=True))
+        outputs[g.name] = got
+        for k in g.io.outputs:
+            if k in g.reference:
+                reports.append(
+                    asdict(deviation(f"{g.name}.{k}", got[k], g.reference[k], atol, rtol))
+                )
+    for row in spec.checks(config, arrays, graphs, outputs, probe_arrays, atol, rtol):
+        reports.append(asdict(row))
+    failed = [r for r in reports if not r["ok"]]
+    if failed:
+        raise ExportValidationError(
+            "exported graphs do not reproduce the torch modules: "
+            + "; ".join(json.dumps(r) for r in failed)
+        )
+    for r in reports:
+        logger.info(
+            "validated %s: max abs %.3g, max rel %.3g",
+            r["output"],
+            r.get("max_abs_diff"),
+            r.get("max_rel_diff"),
+        )
+    return reports
+
+
+def _write_manifest(folder, manifest, graphs, arrays, extra, reports, atol, rtol, seed) -> None:
+    import onnx
+    import onnxruntime as ort
+    import scvi
+
+    from scvi_onnx import __version__
+
+    graph_entries: dict[str, Any] = {
+        g.name: {"file": g.file, "inputs": list(g.io.inputs), "outputs": list(g.io.outputs)}
+        for g in graphs
+    }
+    files = (*(g.file for g in graphs), F.ARRAYS_FILE, F.PROBES_FILE)
+    full = Manifest(
+        schema_version=manifest.schema_version,
+        model_class=manifest.model_class,
+        config=manifest.config,
+        genes=manifest.genes,
+        registry=manifest.registry,
+        graphs={
+            **graph_entries,
+            "arrays": {"file": F.ARRAYS_FILE, "names": sorted(arrays)},
+            "probes": {"file": F.PROBES_FILE},
+            "opset": F.OPSET,
+        },
+        versions={
+            "scvi_onnx": __version__,
+            "scvi_tools": scvi.__version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "python": platform.python_version(),
+        },
+        validation={"atol": atol, "rtol": rtol, "seed": seed, "reports": reports},
+        files={name: sha256_file(folder / name) for name in files},
+        extra=extra,
+    )
+    (folder / F.MANIFEST_FILE).write_text(json.dumps(full.to_json(), indent=1) + "\n")

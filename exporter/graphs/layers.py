@@ -1,0 +1,162 @@
+"""scvi-tools' ``FCLayers`` and ``Encoder`` in inference form, ready to trace.
+
+- BatchNorm1d (running statistics) is folded into the preceding Linear: no
+  ``BatchNormalization`` node reaches a graph (it fails on the CUDA EP at large batch).
+- One-hot covariate injection ``Linear(cat(x, one_hot(c)))`` becomes ``x @ W_x.T + W_c.T[c]``:
+  the same sum without the one-hot matrix, so ~10,000 batches cost a gather, not a matmul.
+- Dropout is the identity, and no sampling happens in a graph: the runtime draws all noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from scvi_onnx.errors import UnsupportedModelError
+
+
+@dataclass
+class LayerParts:
+    weight: torch.Tensor  # (out, n_dense) float64
+    bias: torch.Tensor  # (out,)
+    cat_tables: list[tuple[int, torch.Tensor]]  # (position in cat list, (n_cat, out))
+    layer_norm_eps: float | None
+    relu: bool
+
+
+def fold_fc_layers(fc, n_dense_in: list[int]) -> list[LayerParts]:
+    """Fold an ``scvi.nn.FCLayers`` into per-layer parts (float64 for exact folding)."""
+    n_cat_list = list(fc.n_cat_list)
+    n_cont = fc.n_cov - sum(n_cat_list)
+    if n_cont != 0:
+        raise UnsupportedModelError(
+            "FCLayers with n_cont > 0 (continuous covariates injected into every layer) "
+            "is not produced by SCVI and is not supported"
+        )
+    parts = []
+    for i, seq in enumerate(fc.fc_layers):
+        linear, bn, ln, act, _dropout = (list(seq) + [None] * 5)[:5]
+        if not isinstance(linear, nn.Linear):
+            raise UnsupportedModelError(f"FCLayers layer {i} does not start with nn.Linear")
+        w = linear.weight.detach().to("cpu", torch.float64).clone()
+        b = (
+            linear.bias.detach().to("cpu", torch.float64).clone()
+            if linear.bias is not None
+            else torch.zeros(w.shape[0], dtype=torch.float64)
+        )
+        if bn is not None:
+            if not isinstance(bn, nn.BatchNorm1d) or not bn.track_running_stats:
+                raise UnsupportedModelError(f"layer {i}: unsupported normalisation {bn!r}")
+            rm = bn.running_mean.detach().to("cpu", torch.float64)
+            rv = bn.running_var.detach().to("cpu", torch.float64)
+            gamma = (
+                bn.weight.detach().to("cpu", torch.float64) if bn.affine else torch.ones_like(rm)
+            )
+            beta = bn.bias.detach().to("cpu", torch.float64) if bn.affine else torch.zeros_like(rm)
+            s = gamma / torch.sqrt(rv + bn.eps)
+            w = w * s[:, None]
+            b = s * (b - rm) + beta
+        ln_eps = None
+        if ln is not None:
+            if not isinstance(ln, nn.LayerNorm) or ln.elementwise_affine:
+                raise UnsupportedModelError(f"layer {i}: unsupported layer norm {ln!r}")
+            ln_eps = float(ln.eps)
+        if act is not None and not isinstance(act, nn.ReLU):
+            raise UnsupportedModelError(
+                f"layer {i}: activation {type(act).__name__} is not supported (only ReLU)"
+            )
+        n_dense = n_dense_in[i]
+        inject = fc.inject_into_layer(i)
+        expected = n_dense + (sum(n_cat_list) if inject else 0)
+        if w.shape[1] != expected:
+            raise UnsupportedModelError(
+                f"layer {i}: Linear has {w.shape[1]} inputs, expected {expected}"
+            )
+        tables = []
+        col = n_dense
+        if inject:
+            for pos, n_cat in enumerate(n_cat_list):
+                if n_cat > 0:
+                    tables.append((pos, w[:, col : col + n_cat].T.contiguous()))
+                    col += n_cat
+        parts.append(LayerParts(w[:, :n_dense].contiguous(), b, tables, ln_eps, act is not None))
+    return parts
+
+
+class FoldedLayer(nn.Module):
+    """``relu?(layer_norm?(x @ W.T + b + sum_k T_k[c_k]))`` with batch norm folded in."""
+
+    def __init__(self, parts: LayerParts):
+        super().__init__()
+        self.weight_t = nn.Parameter(parts.weight.T.contiguous().float(), requires_grad=False)
+        self.bias = nn.Parameter(parts.bias.float(), requires_grad=False)
+        self.cat_pos = [p for p, _ in parts.cat_tables]
+        self.cat_tables = nn.ParameterList(
+            [nn.Parameter(t.float(), requires_grad=False) for _, t in parts.cat_tables]
+        )
+        self.ln_eps = parts.layer_norm_eps
+        self.relu = parts.relu
+        self.n_out = parts.weight.shape[0]
+
+    def forward(self, x: torch.Tensor, cats: list[torch.Tensor]) -> torch.Tensor:
+        y = torch.matmul(x, self.weight_t) + self.bias
+        for pos, table in zip(self.cat_pos, self.cat_tables, strict=True):
+            y = y + table[cats[pos]]  # (N, out), broadcasts over a leading sample axis
+        if self.ln_eps is not None:
+            y = nn.functional.layer_norm(y, (self.n_out,), eps=self.ln_eps)
+        if self.relu:
+            y = torch.relu(y)
+        return y
+
+
+class FoldedFC(nn.Module):
+    def __init__(self, fc, n_in: int):
+        super().__init__()
+        dims = [n_in] + [seq[0].out_features for seq in fc.fc_layers][:-1]
+        self.layers = nn.ModuleList([FoldedLayer(p) for p in fold_fc_layers(fc, dims)])
+
+    def forward(self, x: torch.Tensor, cats: list[torch.Tensor]) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, cats)
+        return x
+
+
+def copy_linear(lin: nn.Linear) -> nn.Linear:
+    out = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(lin.weight.detach().cpu())
+        if lin.bias is not None:
+            out.bias.copy_(lin.bias.detach().cpu())
+    out.requires_grad_(False)
+    return out
+
+
+def var_activation_name(encoder) -> str:
+    act = encoder.var_activation
+    if act is torch.exp:
+        return "exp"
+    if act is nn.functional.softplus or isinstance(act, nn.Softplus):
+        return "softplus"
+    raise UnsupportedModelError(
+        f"Encoder var_activation {act!r} is not supported (torch.exp or softplus only)"
+    )
+
+
+class GaussianHead(nn.Module):
+    """``scvi.nn.Encoder`` without the draw: returns (q_m, q_v)."""
+
+    def __init__(self, encoder, n_in: int):
+        super().__init__()
+        self.fc = FoldedFC(encoder.encoder, n_in)
+        self.mean = copy_linear(encoder.mean_encoder)
+        self.var = copy_linear(encoder.var_encoder)
+        self.var_eps = float(encoder.var_eps)
+        self.var_act = var_activation_name(encoder)
+
+    def forward(self, x, cats):
+        q = self.fc(x, cats)
+        v = self.var(q)
+        v = torch.exp(v) if self.var_act == "exp" else nn.functional.softplus(v)
+        return self.mean(q), v + self.var_eps

@@ -1,0 +1,69 @@
+"""What a trained scvi-tools model registered: its genes, obs columns and categories.
+
+scvi-tools keeps the AnnData setup in ``model.registry_["field_registries"]``; the manifest's
+:class:`~scvi_onnx.bundle.Registry` is the part of it the runtime needs to read new data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scvi_onnx.bundle import CategoricalField, Registry
+
+
+def field(registry: dict, key: str) -> dict:
+    return registry["field_registries"].get(key, {}) or {}
+
+
+def categories(values) -> list:
+    out = []
+    for v in list(values):
+        if isinstance(v, (np.generic,)):
+            v = v.item()
+        out.append(v if isinstance(v, (str, int, float, bool)) else str(v))
+    return out
+
+
+def registry(model) -> Registry:
+    reg = model.registry_
+    x = field(reg, "X")
+    layer = x.get("data_registry", {}).get("attr_key")
+
+    def catfield(key: str, internal: str) -> CategoricalField:
+        f = field(reg, key)
+        st = f.get("state_registry", {})
+        original = st.get("original_key")
+        mapping = st.get("categorical_mapping", [0])
+        user_key = None if original in (None, internal) else original
+        return CategoricalField(key=user_key, categories=tuple(categories(mapping)))
+
+    sf = field(reg, "size_factor").get("data_registry", {})
+    size_factor_key = sf.get("attr_key") if sf else None
+    cat_st = field(reg, "extra_categorical_covs").get("state_registry", {})
+    cats = tuple(
+        CategoricalField(key=k, categories=tuple(categories(cat_st["mappings"][k])))
+        for k in cat_st.get("field_keys", [])
+    )
+    cont_st = field(reg, "extra_continuous_covs").get("state_registry", {})
+    conts = tuple(str(c) for c in cont_st.get("columns", []))
+    return Registry(
+        layer=layer,
+        batch=catfield("batch", "_scvi_batch"),
+        labels=catfield("labels", "_scvi_labels"),
+        size_factor_key=size_factor_key,
+        categorical_covariates=cats,
+        continuous_covariates=conts,
+    )
+
+
+def genes(model) -> list[str]:
+    st = field(model.registry_, "X").get("state_registry", {})
+    names = st.get("column_names")
+    if names is None:
+        names = model.adata.var_names
+    return [str(g) for g in list(names)]
+
+
+def norm_placement(fc) -> dict[str, bool]:
+    seq = fc.fc_layers[0]
+    return {"batch_norm": seq[1] is not None, "layer_norm": seq[2] is not None}

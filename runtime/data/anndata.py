@@ -45,6 +45,9 @@ class AnnDataSource:
     missing_labels_code
         When the registered labels column is absent from ``adata.obs``, give every cell this
         label code instead of raising (used by SCANVI for unlabeled query cells).
+    first_key
+        The key of row 0 (default 0): a cell's noise is keyed by ``first_key + row``, so a
+        chunk of a larger input gives the numbers of its rows in the whole.
 
     Raises
     ------
@@ -61,6 +64,7 @@ class AnnDataSource:
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
         missing_labels_code: int | None = None,
+        first_key: int = 0,
     ):
         try:
             import anndata
@@ -80,6 +84,7 @@ class AnnDataSource:
                 "least one cell"
             )
         self._manifest = manifest
+        self._first_key = int(first_key)
         self._obs_names = adata.obs_names
         self._n_obs = int(adata.n_obs)
         self.genes = GeneMatch(
@@ -239,7 +244,7 @@ class AnnDataSource:
 
         return Minibatch(
             x=x,
-            cells=np.array(rows, dtype=np.int64),
+            cells=np.array(rows, dtype=np.int64) + self._first_key,
             batch=take(o.batch),
             labels=take(o.labels),
             cat_covs=take(o.cat_covs),
@@ -247,4 +252,5 @@ class AnnDataSource:
             size_factor=take(o.size_factor),
             entries=entries,
             obs_names=self._obs_names,
+            first_key=self._first_key,
         )

@@ -72,7 +72,11 @@ class Minibatch:
         ``(n,)`` float64 log of each cell's total count, where needed.
     obs_names
         The source's cell names (all of them, shared, not copied): cell ``i`` is
-        ``obs_names[cells[i]]``. ``None`` for a user's dataloader (cells are named by position).
+        ``obs_names[cells[i] - first_key]``. ``None`` for a user's dataloader (cells are named by
+        position).
+    first_key
+        The key of the source's first row (0, unless the source is one chunk of a larger
+        input whose global rows key the noise).
     """
 
     x: np.ndarray
@@ -85,6 +89,7 @@ class Minibatch:
     entries: Entries | None = None
     log_library: np.ndarray | None = None
     obs_names: Any = None
+    first_key: int = 0
 
     @property
     def n(self) -> int:
@@ -95,7 +100,7 @@ class Minibatch:
         keys = self.cells[rows]
         if self.obs_names is None:
             return [f"cell {int(c)}" for c in keys]
-        return [self.obs_names[int(c)] for c in keys]
+        return [self.obs_names[int(c) - self.first_key] for c in keys]
 
     def rows(self, sl: slice) -> Minibatch:
         """The same cells' data for a contiguous range of them (``sl`` without a step)."""
@@ -109,9 +114,10 @@ class Minibatch:
             **{
                 f.name: part(getattr(self, f.name))
                 for f in dataclasses.fields(self)
-                if f.name != "obs_names"
+                if f.name not in ("obs_names", "first_key")
             },
             obs_names=self.obs_names,
+            first_key=self.first_key,
         )
 
     def complete(self, needs: DataNeeds) -> Minibatch:

@@ -25,12 +25,14 @@ def minibatches(
     missing_genes: str = "error",
     min_gene_overlap: float = 0.8,
     missing_labels_code: int | None = None,
+    first_key: int = 0,
     progress: bool = False,
 ) -> Iterator[Minibatch]:
     """Checked, completed minibatches of ``adata`` (or of a user's ``dataloader``).
 
     ``adata`` is the AnnData to read (the caller resolves the model's bound default);
-    ``prefetch`` reader threads prepare the next minibatches; ``progress`` shows a bar over
+    ``prefetch`` reader threads prepare the next minibatches; ``first_key`` keys row 0's noise
+    (a chunk of a larger input passes its first global row); ``progress`` shows a bar over
     minibatches.
     """
     batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
@@ -51,6 +53,7 @@ def minibatches(
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
             missing_labels_code=missing_labels_code,
+            first_key=first_key,
         )
         idx = resolve_indices(indices, src.n_obs)
         bs = batch_size or DEFAULT_BATCH_SIZE

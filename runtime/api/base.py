@@ -13,7 +13,7 @@ the same numbers as serial ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 from ..arguments import check_positive_int, check_seed
 from ..bundle import Manifest
 from ..data import DataNeeds, Minibatch
+from ..data.obs import ObsUse
 from ..errors import InvalidArgumentError
 from ..methods import elbo as elbo_loop
 from ..methods import inputs
@@ -170,10 +171,16 @@ class OnnxVAEModel:
         min_gene_overlap: float,
         progress: bool,
         scoring: bool,
+        what: str,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
     ) -> Iterator[Minibatch]:
         """The checked minibatches of a call: ``scoring`` ones carry what the scoring
-        methods need (entries, observed library); the latent space needs neither."""
+        methods need (entries, observed library); the latent space needs neither. ``what``
+        names the result in messages ("the latent space")."""
         needs: DataNeeds = self.module.needs if scoring else self.module.needs.for_latent()
+        use = ObsUse(used=self.module.obs_use(scoring), unseen_as=dict(unseen_as or {}), what=what)
         return inputs.minibatches(
             self.manifest,
             self.adata if adata is None and dataloader is None else adata,
@@ -185,6 +192,9 @@ class OnnxVAEModel:
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
             missing_labels_code=getattr(self.module, "missing_labels_code", None),
+            use=use,
+            layer=layer,
+            gene_key=gene_key,
             progress=progress,
         )
 
@@ -205,6 +215,9 @@ class OnnxVAEModel:
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Latent representation of the cells, as scvi-tools' ``get_latent_representation``.
@@ -237,6 +250,18 @@ class OnnxVAEModel:
         min_gene_overlap
             With ``missing_genes="zero"``, the smallest fraction of the model's genes that must
             be present (default 0.8, as scvi-tools); pass 0 to accept any overlap.
+        layer
+            Read the counts from ``adata.layers[layer]`` (default: where the model was trained
+            to read them: ``X``, or the layer it registered).
+        gene_key
+            Match genes by the ``adata.var`` column ``gene_key`` (e.g. ``"feature_name"`` for
+            symbols, ``"gene_ids"`` for Ensembl IDs) instead of ``adata.var_names``.
+        unseen_as
+            ``{obs column: training category}``: compute cells whose category the model never
+            saw as that training category (an explicit, logged approximation). Without it,
+            such cells are refused where the result depends on the column; the latent space
+            of a model whose encoder does not take the column (``encode_covariates=False``)
+            does not depend on it, and needs no mapping (nor the column at all).
         progress_bar
             Show a progress bar over minibatches.
 
@@ -256,6 +281,10 @@ class OnnxVAEModel:
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
             scoring=False,
+            what="the latent space",
+            layer=layer,
+            gene_key=gene_key,
+            unseen_as=unseen_as,
         )
         return latent_loop.latent(
             self.module,
@@ -279,6 +308,9 @@ class OnnxVAEModel:
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
     ) -> float | np.ndarray:
         """Evidence lower bound per cell (or its mean), as scvi-tools' ``get_elbo``.
@@ -297,8 +329,10 @@ class OnnxVAEModel:
         seed
             Seed of the posterior draws (default: the model's ``seed``). A cell's draw
             depends on the seed and its row in ``adata`` only.
-        missing_genes, min_gene_overlap, progress_bar
-            As in :meth:`get_latent_representation`.
+        missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar
+            As in :meth:`get_latent_representation`: here the decoder's covariates (and the
+            categories of per-batch / per-label dispersion and library prior) are read too,
+            so their unseen categories need ``unseen_as`` (or a fine-tuned query model).
 
         Returns
         -------
@@ -311,9 +345,15 @@ class OnnxVAEModel:
             dataloader,
             data_loader_kwargs,
             seed,
-            missing_genes,
-            min_gene_overlap,
-            progress_bar,
+            "the ELBO",
+            {
+                "missing_genes": missing_genes,
+                "min_gene_overlap": min_gene_overlap,
+                "layer": layer,
+                "gene_key": gene_key,
+                "unseen_as": unseen_as,
+                "progress": progress_bar,
+            },
         )
         out = terms.elbo()
         return float(out.mean()) if return_mean else out
@@ -330,6 +370,9 @@ class OnnxVAEModel:
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
     ) -> dict[str, float | np.ndarray]:
         """Reconstruction loss for one posterior draw per cell, as scvi-tools'
@@ -348,8 +391,10 @@ class OnnxVAEModel:
             Accepted for scvi-tools' signature; must be empty.
         seed
             Seed of the posterior draws (default: the model's ``seed``).
-        missing_genes, min_gene_overlap, progress_bar
-            As in :meth:`get_latent_representation`.
+        missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar
+            As in :meth:`get_latent_representation`: here the decoder's covariates (and the
+            categories of per-batch / per-label dispersion and library prior) are read too,
+            so their unseen categories need ``unseen_as`` (or a fine-tuned query model).
 
         Returns
         -------
@@ -363,35 +408,25 @@ class OnnxVAEModel:
             dataloader,
             data_loader_kwargs,
             seed,
-            missing_genes,
-            min_gene_overlap,
-            progress_bar,
+            "the reconstruction error",
+            {
+                "missing_genes": missing_genes,
+                "min_gene_overlap": min_gene_overlap,
+                "layer": layer,
+                "gene_key": gene_key,
+                "unseen_as": unseen_as,
+                "progress": progress_bar,
+            },
         )
         return {k: float(v.mean()) if return_mean else v for k, v in terms.reconstruction.items()}
 
     def _elbo_terms(
-        self,
-        adata,
-        indices,
-        batch_size,
-        dataloader,
-        data_loader_kwargs,
-        seed,
-        missing_genes,
-        min_gene_overlap,
-        progress_bar,
+        self, adata, indices, batch_size, dataloader, data_loader_kwargs, seed, what, data
     ):
         _no_loader_kwargs(data_loader_kwargs)
         seed = self._seed(seed)
         mbs = self._minibatches(
-            adata,
-            indices,
-            batch_size,
-            dataloader,
-            missing_genes=missing_genes,
-            min_gene_overlap=min_gene_overlap,
-            progress=progress_bar,
-            scoring=True,
+            adata, indices, batch_size, dataloader, scoring=True, what=what, **data
         )
         return elbo_loop.elbo_terms(self.module, self.engine, mbs, seed)
 
@@ -409,6 +444,9 @@ class OnnxVAEModel:
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
     ) -> float | np.ndarray:
         """Importance-sampled marginal log-likelihood, as scvi-tools' ``get_marginal_ll``.
@@ -433,8 +471,10 @@ class OnnxVAEModel:
             do not depend on it.
         seed
             Seed of the posterior draws (default: the model's ``seed``).
-        missing_genes, min_gene_overlap, progress_bar
-            As in :meth:`get_latent_representation`.
+        missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar
+            As in :meth:`get_latent_representation`: here the decoder's covariates (and the
+            categories of per-batch / per-label dispersion and library prior) are read too,
+            so their unseen categories need ``unseen_as`` (or a fine-tuned query model).
 
         Returns
         -------
@@ -457,6 +497,10 @@ class OnnxVAEModel:
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
             scoring=True,
+            what="the marginal log-likelihood",
+            layer=layer,
+            gene_key=gene_key,
+            unseen_as=unseen_as,
         )
         per_minibatch = list(
             mll_loop.marginal_ll(self.module, self.engine, mbs, n_mc_samples, per_pass, seed)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,14 +52,20 @@ class OnnxSCANVI(OnnxVAEModel):
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
     ) -> np.ndarray | pd.DataFrame:
         """Cell label predictions, as ``scvi.model.SCANVI.predict``.
 
         Parameters
         ----------
-        adata, indices, batch_size, dataloader, missing_genes, min_gene_overlap, progress_bar
+        adata, indices, batch_size, dataloader, missing_genes, min_gene_overlap
             As in :meth:`get_latent_representation`.
+        layer, gene_key, unseen_as, progress_bar
+            As in :meth:`get_latent_representation` (the classifier takes the latent only,
+            so covariates the encoder does not take may be absent or unseen).
         soft
             Return the class probabilities instead of the most probable label.
         use_posterior_mean
@@ -87,6 +93,10 @@ class OnnxSCANVI(OnnxVAEModel):
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
             scoring=False,
+            what="the predicted labels",
+            layer=layer,
+            gene_key=gene_key,
+            unseen_as=unseen_as,
         )
         probs = latent_loop.class_probabilities(
             self.module, self.engine, mbs, use_posterior_mean=use_posterior_mean, seed=seed

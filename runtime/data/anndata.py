@@ -258,9 +258,9 @@ class AnnDataSource:
                 checker.record(counts)
                 yield mb
         else:
-            # Inline, the loop holds the last read's buffers until the next read: measured flat
-            # in memory over 1M backed cells, while freeing them at once (a plain map) let
-            # glibc's heap fragment and creep, 380 -> 456 MB peak.
+            # Inline, the loop holds the last read's buffers until the next read: memory stays
+            # flat over millions of backed cells, while freeing them at once (a plain map) let
+            # glibc's heap fragment and grow.
             for start, rows, dense_rows in reads:
                 mb, counts = finish(start, rows, dense_rows)
                 checker.record(counts)

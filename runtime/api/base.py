@@ -35,6 +35,25 @@ from ..models.registry import entry, open_bundle
 logger = logging.getLogger(__name__)
 
 
+def _read(
+    missing_genes: str,
+    min_gene_overlap: float,
+    layer: str | None,
+    gene_key: str | None,
+    unseen_as: Mapping[str, Any] | None,
+    progress_bar: bool,
+) -> dict[str, Any]:
+    """The data options every method takes, as :meth:`OnnxVAEModel._minibatches` reads them."""
+    return {
+        "missing_genes": missing_genes,
+        "min_gene_overlap": min_gene_overlap,
+        "layer": layer,
+        "gene_key": gene_key,
+        "unseen_as": unseen_as,
+        "progress": progress_bar,
+    }
+
+
 def _no_loader_kwargs(data_loader_kwargs: dict | None) -> None:
     if data_loader_kwargs:
         raise InvalidArgumentError(
@@ -277,14 +296,9 @@ class OnnxVAEModel:
             indices,
             batch_size,
             dataloader,
-            missing_genes=missing_genes,
-            min_gene_overlap=min_gene_overlap,
-            progress=progress_bar,
             scoring=False,
             what="the latent space",
-            layer=layer,
-            gene_key=gene_key,
-            unseen_as=unseen_as,
+            **_read(missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar),
         )
         return latent_loop.latent(
             self.module,
@@ -346,14 +360,7 @@ class OnnxVAEModel:
             data_loader_kwargs,
             seed,
             "the ELBO",
-            {
-                "missing_genes": missing_genes,
-                "min_gene_overlap": min_gene_overlap,
-                "layer": layer,
-                "gene_key": gene_key,
-                "unseen_as": unseen_as,
-                "progress": progress_bar,
-            },
+            _read(missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar),
         )
         out = terms.elbo()
         return float(out.mean()) if return_mean else out
@@ -409,14 +416,7 @@ class OnnxVAEModel:
             data_loader_kwargs,
             seed,
             "the reconstruction error",
-            {
-                "missing_genes": missing_genes,
-                "min_gene_overlap": min_gene_overlap,
-                "layer": layer,
-                "gene_key": gene_key,
-                "unseen_as": unseen_as,
-                "progress": progress_bar,
-            },
+            _read(missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar),
         )
         return {k: float(v.mean()) if return_mean else v for k, v in terms.reconstruction.items()}
 
@@ -493,14 +493,9 @@ class OnnxVAEModel:
             indices,
             batch_size,
             dataloader,
-            missing_genes=missing_genes,
-            min_gene_overlap=min_gene_overlap,
-            progress=progress_bar,
             scoring=True,
             what="the marginal log-likelihood",
-            layer=layer,
-            gene_key=gene_key,
-            unseen_as=unseen_as,
+            **_read(missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar),
         )
         per_minibatch = list(
             mll_loop.marginal_ll(self.module, self.engine, mbs, n_mc_samples, per_pass, seed)

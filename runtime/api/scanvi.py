@@ -9,7 +9,7 @@ import numpy as np
 
 from ..data import resolve_indices
 from ..methods import latent as latent_loop
-from .base import OnnxVAEModel
+from .base import OnnxVAEModel, _read
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -89,14 +89,9 @@ class OnnxSCANVI(OnnxVAEModel):
             indices,
             batch_size,
             dataloader,
-            missing_genes=missing_genes,
-            min_gene_overlap=min_gene_overlap,
-            progress=progress_bar,
             scoring=False,
             what="the predicted labels",
-            layer=layer,
-            gene_key=gene_key,
-            unseen_as=unseen_as,
+            **_read(missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar),
         )
         probs = latent_loop.class_probabilities(
             self.module, self.engine, mbs, use_posterior_mean=use_posterior_mean, seed=seed

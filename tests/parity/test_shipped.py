@@ -8,13 +8,12 @@ import anndata as ad
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-scvi = pytest.importorskip("scvi")
+from ..conftest import EXAMPLE_H5AD, SHIPPED_BUNDLE, SHIPPED_TORCH, require, same_noise
+
+torch = require("torch")
+scvi = require("scvi")
 
 import scvi_onnx  # noqa: E402
-
-from ..conftest import EXAMPLE_H5AD, MODELS, SHIPPED_BUNDLE  # noqa: E402
-from .test_parity import same_noise  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +24,7 @@ def pair():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scvi.model.SCVI.setup_anndata(ordered, batch_key="batch")
-        ref = scvi.model.SCVI.load(
-            str(MODELS / "pbmc_scvi_torch"), adata=ordered, accelerator="cpu"
-        )
+        ref = scvi.model.SCVI.load(str(SHIPPED_TORCH), adata=ordered, accelerator="cpu")
     return ref, om, query, ordered
 
 
@@ -67,3 +64,4 @@ def test_zero_filled_missing_genes_match_prepare_query_anndata(pair):
     z = om.get_latent_representation(partial, missing_genes="zero")
     np.testing.assert_allclose(z, z_ref, atol=1e-4)
     assert om.gene_overlap(partial)["n_found"] == len(om.genes) - len(drop)
+

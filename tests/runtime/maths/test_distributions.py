@@ -1,4 +1,4 @@
-"""Tests of scvi_onnx.distributions against scipy.stats, closed forms and scvi-tools' torch code."""
+"""scvi_onnx.maths.distributions against scipy.stats, closed forms and scvi-tools' torch code."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from scipy.special import logsumexp as scipy_logsumexp
 
 from scvi_onnx.bundle import LIKELIHOOD_EPS
 from scvi_onnx.maths import distributions as D
+
+from ...conftest import require
 
 # An eps too small to change log(theta + eps) for theta >= 1e-6, but which keeps the
 # ``x < eps`` / ``x > eps`` masks of the ZINB meaningful for integer counts (eps=0 would not).
@@ -275,8 +277,8 @@ def extreme_batch(seed, shape=(40, 100)):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_nb_zinb_match_scvi(dtype):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("scvi")
+    torch = require("torch")
+    require("scvi")
     from scvi.distributions._negative_binomial import log_nb_positive, log_zinb_positive
 
     x, mu, theta, logit = (a.astype(dtype) for a in extreme_batch(4))
@@ -299,8 +301,8 @@ def test_nb_zinb_match_scvi(dtype):
 
 
 def test_zinb_matches_scvi_with_vector_theta():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("scvi")
+    torch = require("torch")
+    require("scvi")
     from scvi.distributions._negative_binomial import log_zinb_positive
 
     rng = np.random.default_rng(5)
@@ -315,7 +317,7 @@ def test_zinb_matches_scvi_with_vector_theta():
 
 
 def test_poisson_normal_kl_match_torch():
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from torch.distributions import Normal, Poisson, kl_divergence
 
     rng = np.random.default_rng(6)

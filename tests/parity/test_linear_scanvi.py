@@ -63,6 +63,27 @@ def test_bundle_and_verify(trained):
         assert om.unlabeled_category == "Unknown"
 
 
+def test_every_listed_file_is_checked(trained, tmp_path):
+    """Every file the manifest lists (SCANVI's classifier and z graphs too) is refused when
+    altered, whether or not the CPU path runs it."""
+    import json
+    import shutil
+
+    from scvi_onnx.errors import BundleIntegrityError
+
+    name, model, adata, om, path = trained
+    listed = json.loads((path / "manifest.json").read_text())["files"]
+    assert set(listed) == {p.name for p in path.iterdir()} - {"manifest.json"}
+    for file in listed:
+        copy = tmp_path / file
+        shutil.copytree(path, copy)
+        data = bytearray((copy / file).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (copy / file).write_bytes(bytes(data))
+        with pytest.raises(BundleIntegrityError, match=file):
+            scvi_onnx.load(copy, device="cpu")
+
+
 def test_latent(trained):
     name, model, adata, om, _ = trained
     if model.module.latent_distribution != "ln":

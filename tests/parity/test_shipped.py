@@ -65,3 +65,24 @@ def test_zero_filled_missing_genes_match_prepare_query_anndata(pair):
     np.testing.assert_allclose(z, z_ref, atol=1e-4)
     assert om.gene_overlap(partial)["n_found"] == len(om.genes) - len(drop)
 
+
+def test_stored_reference_is_what_scvi_tools_computes():
+    """tests/data/shipped_reference.npz (the torch-free comparison's reference) is what the
+    recording script gets from scvi-tools here and now: not stale, not hand-edited."""
+    import importlib.util
+
+    from ..conftest import ROOT, SHIPPED_REFERENCE
+
+    path = ROOT / "scripts" / "record_shipped_reference.py"
+    spec = importlib.util.spec_from_file_location("record_shipped_reference", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fresh = script.record()
+    with np.load(SHIPPED_REFERENCE, allow_pickle=False) as f:
+        stored = {k: f[k] for k in f.files}
+    assert sorted(fresh) == sorted(stored)
+    for key, value in fresh.items():
+        if value.dtype.kind in "fi":
+            np.testing.assert_allclose(stored[key], value, rtol=1e-6, atol=0, err_msg=key)
+        elif key not in ("scvi_tools", "torch"):  # versions may move within the pins
+            assert stored[key] == value, key

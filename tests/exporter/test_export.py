@@ -8,9 +8,11 @@ import warnings
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-scvi = pytest.importorskip("scvi")
-onnx = pytest.importorskip("onnx")
+from ..conftest import require
+
+torch = require("torch")
+scvi = require("scvi")
+onnx = require("onnx")
 
 import scvi_onnx  # noqa: E402
 from scvi_onnx import bundle as B  # noqa: E402

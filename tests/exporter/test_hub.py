@@ -10,8 +10,10 @@ import anndata as ad
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-scvi = pytest.importorskip("scvi")
+from ..conftest import require
+
+torch = require("torch")
+scvi = require("scvi")
 
 import scvi_onnx  # noqa: E402
 from scvi_onnx.cli import main  # noqa: E402

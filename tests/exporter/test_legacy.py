@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-scvi = pytest.importorskip("scvi")
-pytest.importorskip("onnx")
+from ..conftest import require
+
+torch = require("torch")
+scvi = require("scvi")
+require("onnx")
 
 import scvi_onnx  # noqa: E402
 from scvi_onnx import bundle as B  # noqa: E402

@@ -1,6 +1,7 @@
 """Parity with scvi-tools 1.4.2 for LinearSCVI (LDVAE) and SCANVI (SCANVAE).
 
-As ``test_parity.py``: tiny models on real PBMC cells, exported, compared on
+As ``test_parity.py``: tiny models on real PBMC cells (tests/conftest.py: ``LINEAR_CONFIGS``,
+``SCANVI_CONFIGS``), exported, compared on
 - the latent mean and ``return_dist`` within 1e-4;
 - per-cell ELBO, reconstruction error and marginal log-likelihood *exactly* (float32 rounding)
   under the same noise: scvi-tools gets the runtime's draws through torch's patched
@@ -12,180 +13,35 @@ As ``test_parity.py``: tiny models on real PBMC cells, exported, compared on
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
-torch = pytest.importorskip("torch")
-scvi = pytest.importorskip("scvi")
-pd = pytest.importorskip("pandas")
+from ..conftest import LINEAR_CONFIGS, SCANVI_CONFIGS, require, same_noise
+from ..conftest import train_tiny as _make
+
+torch = require("torch")
+scvi = require("scvi")
 
 import scvi_onnx  # noqa: E402
 from scvi_onnx.errors import UnsupportedModelError  # noqa: E402
 from scvi_onnx.exporter import export_model  # noqa: E402
-from scvi_onnx.maths import rng  # noqa: E402
-
-STREAM_Z2 = rng.STREAM_Z2
-
-TRAIN = dict(
-    accelerator="cpu",
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    logger=False,
-    enable_checkpointing=False,
-)
-
-LINEAR = {
-    "linear-nb-bn-learnedlib-2batch": dict(setup=dict(batch_key="batch"), model=dict()),
-    "linear-zinb-nobn-bias-genebatch-observedlib": dict(
-        setup=dict(batch_key="batch", labels_key="cell_type", layer="counts"),
-        model=dict(
-            gene_likelihood="zinb",
-            use_batch_norm=False,
-            bias=True,
-            dispersion="gene-batch",
-            use_observed_lib_size=True,
-        ),
-    ),
-    "linear-poisson-ln-2layers-manybatches": dict(
-        setup=dict(batch_key="many"),
-        model=dict(gene_likelihood="poisson", latent_distribution="ln", n_layers=2),
-    ),
-}
-
-SCANVI = {
-    "scanvi-zinb-from-scvi-2batch": dict(
-        setup=dict(batch_key="batch"), model=dict(), from_scvi=True
-    ),
-    "scanvi-nb-covariates-learnedlib-2layers": dict(
-        setup=dict(
-            batch_key="batch",
-            categorical_covariate_keys=["donor"],
-            continuous_covariate_keys=["pct"],
-        ),
-        model=dict(
-            gene_likelihood="nb",
-            dispersion="gene-batch",
-            use_observed_lib_size=False,
-            encode_covariates=True,
-            n_layers=2,
-        ),
-    ),
-    "scanvi-zinb-ln-layernorm-linear-softmax-classifier": dict(
-        setup=dict(batch_key="batch"),
-        model=dict(
-            latent_distribution="ln",
-            linear_classifier=True,
-            classifier_parameters={"logits": False},
-            use_batch_norm="none",
-            use_layer_norm="both",
-        ),
-    ),
-}
 
 
 @pytest.fixture(scope="module")
-def cells(pbmc_small):
-    a = pbmc_small.copy()
-    lab = a.obs["cell_type"].astype(str).to_numpy().copy()
-    lab[np.random.default_rng(1).random(a.n_obs) < 0.3] = "Unknown"
-    a.obs["ct_unk"] = lab
-    return a
+def cells(tiny_cells):
+    """Real PBMC cells with ``ct_unk``: 30% of the labels "Unknown" (tests/conftest.py)."""
+    return tiny_cells
 
 
-def _fit(model, epochs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.train(max_epochs=epochs, **TRAIN)
-    return model
-
-
-_CACHE: dict = {}
-
-
-def _make(name, cells):
-    """Train (once per module) the model of one configuration."""
-    if name not in _CACHE:
-        _CACHE[name] = _train(name, cells)
-    return _CACHE[name]
-
-
-def _train(name, cells):
-    adata = cells.copy()
-    scvi.settings.seed = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if name in LINEAR:
-            cfg = LINEAR[name]
-            scvi.model.LinearSCVI.setup_anndata(adata, **cfg["setup"])
-            return _fit(
-                scvi.model.LinearSCVI(adata, n_hidden=16, n_latent=4, **cfg["model"]), 3
-            ), adata
-        cfg = SCANVI[name]
-        kw = dict(n_hidden=16, n_latent=4) | cfg["model"]
-        if cfg.get("from_scvi"):
-            scvi.model.SCVI.setup_anndata(adata, labels_key="ct_unk", **cfg["setup"])
-            vae = _fit(scvi.model.SCVI(adata, **kw), 2)
-            model = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category="Unknown")
-        else:
-            scvi.model.SCANVI.setup_anndata(
-                adata, labels_key="ct_unk", unlabeled_category="Unknown", **cfg["setup"]
-            )
-            model = scvi.model.SCANVI(adata, **kw)
-        return _fit(model, 2), adata
-
-
-@pytest.fixture(scope="module", params=sorted(LINEAR) + sorted(SCANVI))
-def trained(request, cells, tmp_path_factory):
-    model, adata = _make(request.param, cells)
-    path = export_model(model, tmp_path_factory.mktemp(request.param) / "bundle")
+@pytest.fixture(scope="module", params=sorted(LINEAR_CONFIGS) + sorted(SCANVI_CONFIGS))
+def trained(request, tiny_models):
+    model, adata = tiny_models.model(request.param)
+    path = tiny_models.bundle(request.param)
     om = scvi_onnx.load(path, device="cpu", seed=7)
     return request.param, model, adata, om, path
-
-
-@contextlib.contextmanager
-def same_noise(model, om, n_obs: int, n_samples: int, *, library=True, z2=True):
-    """scvi-tools' Normal.rsample gets the runtime's draws for cells 0..n_obs-1.
-
-    One minibatch of all cells; per forward pass scvi-tools draws z (N, L), then with a learned
-    library l (N, 1), then for SCANVI (in ``loss``) z2 (K * N, L), row ``k * N + i``.
-    """
-    import torch.distributions.normal as tdn
-
-    cells = np.arange(n_obs)
-    L = model.module.n_latent
-    seed = om.seed
-    ez = rng.normals(seed, rng.STREAM_Z, cells, n_samples * L).reshape(n_obs, n_samples, L)
-    el = rng.normals(seed, rng.STREAM_L, cells, n_samples)
-    learned = library and not model.module.use_observed_lib_size
-    scanvi = z2 and isinstance(model, scvi.model.SCANVI)
-    if scanvi:
-        K = model.module.n_labels
-        ez2 = rng.normals(seed, STREAM_Z2, cells, n_samples * K * L)
-        ez2 = ez2.reshape(n_obs, n_samples, K, L)
-    queue = []
-    for s in range(n_samples):
-        queue.append(ez[:, s])
-        if learned:
-            queue.append(el[:, s : s + 1])
-        if scanvi:
-            queue.append(ez2[:, s].transpose(1, 0, 2).reshape(K * n_obs, L))
-    queue.reverse()
-    original = tdn._standard_normal
-
-    def fake(shape, dtype, device):
-        arr = queue.pop()
-        assert tuple(shape) == arr.shape, (tuple(shape), arr.shape)
-        return torch.as_tensor(arr, dtype=dtype, device=device)
-
-    tdn._standard_normal = fake
-    try:
-        yield
-        assert not queue, f"{len(queue)} noise draws unused"
-    finally:
-        tdn._standard_normal = original
 
 
 def _close(got, ref, rtol=2e-5, atol=2e-3):
@@ -205,6 +61,27 @@ def test_bundle_and_verify(trained):
         assert {"classifier.probs", "z2_encoder.qz2_m", "z1_decoder.pz1_v"} <= outputs
         assert om.labels == tuple(model._label_mapping[: model.module.n_labels])
         assert om.unlabeled_category == "Unknown"
+
+
+def test_every_listed_file_is_checked(trained, tmp_path):
+    """Every file the manifest lists (SCANVI's classifier and z graphs too) is refused when
+    altered, whether or not the CPU path runs it."""
+    import json
+    import shutil
+
+    from scvi_onnx.errors import BundleIntegrityError
+
+    name, model, adata, om, path = trained
+    listed = json.loads((path / "manifest.json").read_text())["files"]
+    assert set(listed) == {p.name for p in path.iterdir()} - {"manifest.json"}
+    for file in listed:
+        copy = tmp_path / file
+        shutil.copytree(path, copy)
+        data = bytearray((copy / file).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (copy / file).write_bytes(bytes(data))
+        with pytest.raises(BundleIntegrityError, match=file):
+            scvi_onnx.load(copy, device="cpu")
 
 
 def test_latent(trained):

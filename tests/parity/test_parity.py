@@ -1,6 +1,7 @@
 """Parity with scvi-tools 1.4.2 over a matrix of SCVI configurations.
 
-Each configuration trains a tiny model on real PBMC cells, exports it, and compares:
+Each configuration (tests/conftest.py: ``SCVI_CONFIGS``) is a tiny model trained on real PBMC
+cells, exported, and compared:
 - the latent mean and ``return_dist`` within 1e-4 absolute;
 - per-cell ELBO, reconstruction error and marginal log-likelihood *exactly* (float32 rounding),
   by feeding scvi-tools the same standard-normal noise the runtime draws (torch's
@@ -10,160 +11,24 @@ Each configuration trains a tiny model on real PBMC cells, exports it, and compa
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-scvi = pytest.importorskip("scvi")
+from ..conftest import SCVI_CONFIGS, require, same_noise
+
+torch = require("torch")
+scvi = require("scvi")
 
 import scvi_onnx  # noqa: E402
 from scvi_onnx.errors import InvalidArgumentError  # noqa: E402
-from scvi_onnx.exporter import export_model  # noqa: E402
-from scvi_onnx.maths import rng  # noqa: E402
-
-SETUP_KEYS = (
-    "layer",
-    "batch_key",
-    "labels_key",
-    "size_factor_key",
-    "categorical_covariate_keys",
-    "continuous_covariate_keys",
-)
-
-CONFIGS = {
-    "zinb-default-2batch": dict(setup=dict(batch_key="batch"), model=dict()),
-    "nb-genebatch-learnedlib-2layers": dict(
-        setup=dict(batch_key="batch", labels_key="cell_type", layer="counts"),
-        model=dict(
-            gene_likelihood="nb", dispersion="gene-batch", n_layers=2, use_observed_lib_size=False
-        ),
-    ),
-    "poisson-ln-layernorm-3layers-shallow": dict(
-        setup=dict(batch_key="batch"),
-        model=dict(
-            gene_likelihood="poisson",
-            latent_distribution="ln",
-            n_layers=3,
-            use_batch_norm="none",
-            use_layer_norm="both",
-            deeply_inject_covariates=False,
-        ),
-    ),
-    "normal-genelabel-nolog": dict(
-        setup=dict(labels_key="cell_type"),
-        model=dict(gene_likelihood="normal", dispersion="gene-label", log_variational=False),
-    ),
-    "zinb-genecell-covariates-encoded": dict(
-        setup=dict(
-            batch_key="batch",
-            categorical_covariate_keys=["donor", "single"],
-            continuous_covariate_keys=["pct", "depth"],
-        ),
-        model=dict(
-            dispersion="gene-cell",
-            encode_covariates=True,
-            n_layers=2,
-            use_batch_norm="encoder",
-            use_layer_norm="decoder",
-        ),
-    ),
-    "nb-sizefactor-nobatch": dict(
-        setup=dict(size_factor_key="sf"),
-        model=dict(gene_likelihood="nb"),
-    ),
-    "zinb-embedding-encoded-ln": dict(
-        setup=dict(batch_key="batch", categorical_covariate_keys=["donor"]),
-        model=dict(
-            batch_representation="embedding",
-            encode_covariates=True,
-            latent_distribution="ln",
-            use_observed_lib_size=False,
-        ),
-    ),
-    "nb-embedding-decoder-only-2layers": dict(
-        setup=dict(batch_key="batch", labels_key="cell_type"),
-        model=dict(
-            gene_likelihood="nb",
-            batch_representation="embedding",
-            n_layers=2,
-            dispersion="gene-label",
-        ),
-    ),
-    "nb-many-batches-learnedlib-decoderbn": dict(
-        setup=dict(batch_key="many", continuous_covariate_keys=["pct"]),
-        model=dict(
-            gene_likelihood="nb",
-            dispersion="gene-batch",
-            use_observed_lib_size=False,
-            use_batch_norm="decoder",
-            n_layers=2,
-            n_hidden=24,
-            n_latent=7,
-        ),
-    ),
-}
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def trained(request, pbmc_small, tmp_path_factory):
-    cfg = CONFIGS[request.param]
-    adata = pbmc_small.copy()
-    scvi.model.SCVI.setup_anndata(adata, **cfg["setup"])
-    scvi.settings.seed = 0
-    kw = dict(n_hidden=16, n_latent=5) | cfg["model"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = scvi.model.SCVI(adata, **kw)
-        model.train(
-            max_epochs=3,
-            accelerator="cpu",
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            logger=False,
-            enable_checkpointing=False,
-        )
-    path = export_model(model, tmp_path_factory.mktemp(request.param) / "bundle")
-    onnx_model = scvi_onnx.load(path, device="cpu", seed=123)
+@pytest.fixture(scope="module", params=sorted(SCVI_CONFIGS))
+def trained(request, tiny_models):
+    """One tiny SCVI of the matrix (tests/conftest.py: SCVI_CONFIGS), exported, loaded."""
+    model, adata = tiny_models.model(request.param)
+    onnx_model = scvi_onnx.load(tiny_models.bundle(request.param), device="cpu", seed=123)
     return request.param, model, adata, onnx_model
-
-
-@contextlib.contextmanager
-def same_noise(model, onnx_model, n_obs: int, n_samples: int):
-    """Make scvi-tools' Normal.rsample use the runtime's draws for cells 0..n_obs-1.
-
-    scvi-tools runs one minibatch of all cells (batch_size=n_obs). Per forward pass it draws
-    z (n_obs, n_latent), then, with a learned library, l (n_obs, 1).
-    """
-    import torch.distributions.normal as tdn
-
-    cells = np.arange(n_obs)
-    L = model.module.n_latent
-    seed = onnx_model.seed
-    ez = rng.normals(seed, rng.STREAM_Z, cells, n_samples * L).reshape(n_obs, n_samples, L)
-    el = rng.normals(seed, rng.STREAM_L, cells, n_samples)
-    learned = not model.module.use_observed_lib_size
-    queue = []
-    for s in range(n_samples):
-        queue.append(ez[:, s])
-        if learned:
-            queue.append(el[:, s : s + 1])
-    queue.reverse()
-    original = tdn._standard_normal
-
-    def fake(shape, dtype, device):
-        arr = queue.pop()
-        assert tuple(shape) == arr.shape, (tuple(shape), arr.shape)
-        return torch.as_tensor(arr, dtype=dtype, device=device)
-
-    tdn._standard_normal = fake
-    try:
-        yield
-        assert not queue, f"{len(queue)} noise draws unused"
-    finally:
-        tdn._standard_normal = original
 
 
 def test_latent_mean_and_dist(trained):

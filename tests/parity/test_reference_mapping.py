@@ -19,23 +19,18 @@ import anndata as ad
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-scvi = pytest.importorskip("scvi")
+from ..conftest import require, same_noise
+
+torch = require("torch")
+scvi = require("scvi")
 
 import scvi_onnx  # noqa: E402
 from scvi_onnx.errors import MissingColumnError, UnknownCategoryError  # noqa: E402
 from scvi_onnx.exporter import export_model  # noqa: E402
 
-from ..conftest import EXAMPLE_H5AD, MODELS, SHIPPED_BUNDLE  # noqa: E402
+from ..conftest import EXAMPLE_H5AD, MODELS, SHIPPED_BUNDLE, TRAIN_KW  # noqa: E402
 
 REFERENCE = MODELS / "pbmc_scvi_torch"
-TRAIN = dict(
-    accelerator="cpu",
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    logger=False,
-    enable_checkpointing=False,
-)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +117,7 @@ def encoded(pbmc_small, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = scvi.model.SCVI(adata, n_hidden=16, n_latent=4, encode_covariates=True)
-        model.train(max_epochs=2, **TRAIN)
+        model.train(max_epochs=2, **TRAIN_KW)
     path = export_model(model, tmp_path_factory.mktemp("encoded") / "bundle")
     return model, adata, scvi_onnx.load(path, device="cpu", seed=3)
 
@@ -141,8 +136,6 @@ def test_encoder_covariate_refuses_unseen_latent_naming_the_way_out(encoded):
 def test_fine_tuned_query_model_exports_and_matches(encoded, tmp_path):
     """scArches: the reference's query model, trained a little on the new sample, exports;
     its latent space and per-cell ELBO equal scvi-tools' (the ELBO under the same noise)."""
-    from .test_parity import same_noise
-
     model, adata, _ = encoded
     ref_dir = tmp_path / "ref"
     model.save(str(ref_dir), save_anndata=False)
@@ -152,7 +145,7 @@ def test_fine_tuned_query_model_exports_and_matches(encoded, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qm = scvi.model.SCVI.load_query_data(q, str(ref_dir), accelerator="cpu")
-        qm.train(max_epochs=2, plan_kwargs={"weight_decay": 0.0}, **TRAIN)
+        qm.train(max_epochs=2, plan_kwargs={"weight_decay": 0.0}, **TRAIN_KW)
     om = scvi_onnx.load(export_model(qm, tmp_path / "query_bundle"), device="cpu", seed=5)
     assert "new_sample" in om.manifest.registry.batch.categories
     np.testing.assert_allclose(
@@ -178,7 +171,7 @@ def test_scanvi_predict_of_unseen_batch_equals_zero_shot_query_model(pbmc_small,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = scvi.model.SCANVI(adata, n_hidden=16, n_latent=4)
-        model.train(max_epochs=2, **TRAIN)
+        model.train(max_epochs=2, **TRAIN_KW)
     ref_dir = tmp_path / "ref"
     model.save(str(ref_dir), save_anndata=False)
     om = scvi_onnx.load(export_model(model, tmp_path / "bundle"), device="cpu")

@@ -8,13 +8,12 @@ import anndata as ad
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-scvi = pytest.importorskip("scvi")
+from ..conftest import EXAMPLE_H5AD, SHIPPED_BUNDLE, SHIPPED_TORCH, require, same_noise
+
+torch = require("torch")
+scvi = require("scvi")
 
 import scvi_onnx  # noqa: E402
-
-from ..conftest import EXAMPLE_H5AD, MODELS, SHIPPED_BUNDLE  # noqa: E402
-from .test_parity import same_noise  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +24,7 @@ def pair():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scvi.model.SCVI.setup_anndata(ordered, batch_key="batch")
-        ref = scvi.model.SCVI.load(
-            str(MODELS / "pbmc_scvi_torch"), adata=ordered, accelerator="cpu"
-        )
+        ref = scvi.model.SCVI.load(str(SHIPPED_TORCH), adata=ordered, accelerator="cpu")
     return ref, om, query, ordered
 
 
@@ -67,3 +64,25 @@ def test_zero_filled_missing_genes_match_prepare_query_anndata(pair):
     z = om.get_latent_representation(partial, missing_genes="zero")
     np.testing.assert_allclose(z, z_ref, atol=1e-4)
     assert om.gene_overlap(partial)["n_found"] == len(om.genes) - len(drop)
+
+
+def test_stored_reference_is_what_scvi_tools_computes():
+    """tests/data/shipped_reference.npz (the torch-free comparison's reference) is what the
+    recording script gets from scvi-tools here and now: not stale, not hand-edited."""
+    import importlib.util
+
+    from ..conftest import ROOT, SHIPPED_REFERENCE
+
+    path = ROOT / "scripts" / "record_shipped_reference.py"
+    spec = importlib.util.spec_from_file_location("record_shipped_reference", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fresh = script.record()
+    with np.load(SHIPPED_REFERENCE, allow_pickle=False) as f:
+        stored = {k: f[k] for k in f.files}
+    assert sorted(fresh) == sorted(stored)
+    for key, value in fresh.items():
+        if value.dtype.kind in "fi":
+            np.testing.assert_allclose(stored[key], value, rtol=1e-6, atol=0, err_msg=key)
+        elif key not in ("scvi_tools", "torch"):  # versions may move within the pins
+            assert stored[key] == value, key

@@ -1,4 +1,4 @@
-"""Tests of scvi_onnx.distributions against scipy.stats, closed forms and scvi-tools' torch code."""
+"""scvi_onnx.maths.distributions against scipy.stats, closed forms and scvi-tools' torch code."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy import stats
-from scipy.special import gammaln, log_expit
+from scipy import integrate, stats
+from scipy.special import gammaln, log_expit, rel_entr
 from scipy.special import logsumexp as scipy_logsumexp
 
 from scvi_onnx.bundle import LIKELIHOOD_EPS
 from scvi_onnx.maths import distributions as D
+
+from ...conftest import require
 
 # An eps too small to change log(theta + eps) for theta >= 1e-6, but which keeps the
 # ``x < eps`` / ``x > eps`` masks of the ZINB meaningful for integer counts (eps=0 would not).
@@ -236,6 +238,88 @@ def test_kl_normal_zero_for_equal_distributions():
     np.testing.assert_allclose(D.kl_normal(m, v, m, v), 0.0, atol=1e-14)
 
 
+def _kl_by_quadrature(m1, v1, m2, v2):
+    """KL(N(m1, v1) || N(m2, v2)) as the integral of p log(p / q) (scipy.integrate.quad): no
+    closed form shared with the code under test."""
+    s1, s2 = np.sqrt(v1), np.sqrt(v2)
+
+    def integrand(x):
+        return stats.norm.pdf(x, m1, s1) * (
+            stats.norm.logpdf(x, m1, s1) - stats.norm.logpdf(x, m2, s2)
+        )
+
+    value, _ = integrate.quad(integrand, m1 - 40 * s1, m1 + 40 * s1, points=[m1], limit=200)
+    return value
+
+
+@pytest.mark.parametrize(
+    ("m1", "v1", "m2", "v2"),
+    [
+        (0.0, 1.0, 0.0, 1.0),
+        (1.5, 0.2, 0.0, 1.0),
+        (-3.0, 4.0, 0.0, 1.0),
+        (0.3, 1e-3, 0.0, 1.0),
+        (2.0, 0.5, -1.0, 3.0),
+        (-0.7, 2.5, 0.4, 0.1),
+        (10.0, 0.05, 9.0, 0.2),
+    ],
+)
+def test_kl_normal_vs_quadrature(m1, v1, m2, v2):
+    ref = _kl_by_quadrature(m1, v1, m2, v2)
+    assert D.kl_normal(m1, v1, m2, v2) == pytest.approx(ref, rel=1e-8, abs=1e-10)
+    if (m2, v2) == (0.0, 1.0):
+        assert D.kl_normal_standard(m1, v1) == pytest.approx(ref, rel=1e-8, abs=1e-10)
+
+
+def test_kl_normal_standard_sums_over_the_latent_as_the_elbo_does():
+    """Per cell, the ELBO's KL is the sum over latent dimensions of the elementwise KL:
+    0.5 * sum(v + m^2 - 1 - log v) (the VAE paper's closed form)."""
+    rng = np.random.default_rng(8)
+    m = rng.normal(size=(30, 10)) * 2
+    v = random_params(rng, (30, 10), -3, 1)
+    got = D.kl_normal_standard(m, v).sum(-1)
+    want = 0.5 * (v + m**2 - 1.0 - np.log(v)).sum(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    m32, v32 = m.astype(np.float32), v.astype(np.float32)
+    assert D.kl_normal_standard(m32, v32).dtype == np.float32
+
+
+def _random_probs(rng, shape):
+    p = rng.gamma(0.7, 1.0, size=shape) + 1e-3
+    return p / p.sum(-1, keepdims=True)
+
+
+def test_kl_categorical_vs_scipy():
+    rng = np.random.default_rng(9)
+    p = _random_probs(rng, (200, 6))
+    q = _random_probs(rng, (6,))
+    want = stats.entropy(p, np.broadcast_to(q, p.shape), axis=-1)
+    np.testing.assert_allclose(D.kl_categorical(p, q), want, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(D.kl_categorical(p, q), rel_entr(p, q).sum(-1), rtol=1e-12)
+    # unnormalised weights are normalised first, as torch's Categorical(probs=...) does
+    np.testing.assert_allclose(D.kl_categorical(3.0 * p, 0.5 * q), want, rtol=1e-12, atol=1e-14)
+    # leading axes (samples, cells) broadcast against one prior
+    p3 = _random_probs(rng, (4, 5, 6))
+    want3 = rel_entr(p3, q).sum(-1)
+    np.testing.assert_allclose(D.kl_categorical(p3, q), want3, rtol=1e-12, atol=1e-14)
+    assert D.kl_categorical(p3, q).shape == (4, 5)
+
+
+def test_kl_categorical_edge_cases():
+    q = np.array([0.25, 0.25, 0.5])
+    # equal distributions: 0; non-negative otherwise
+    assert D.kl_categorical(q, q) == pytest.approx(0.0, abs=1e-15)
+    rng = np.random.default_rng(10)
+    assert (D.kl_categorical(_random_probs(rng, (100, 3)), q) >= -1e-15).all()
+    # a zero probability contributes 0 (0 log 0 = 0), as scipy's rel_entr
+    p = np.array([0.0, 0.5, 0.5])
+    assert D.kl_categorical(p, q) == pytest.approx(rel_entr(p, q).sum(), rel=1e-12)
+    # a class the prior rules out but probs allows: infinite, as scipy and torch
+    assert D.kl_categorical(np.array([0.2, 0.3, 0.5]), np.array([0.0, 0.5, 0.5])) == np.inf
+    # a point mass: -log q of its class
+    assert D.kl_categorical(np.array([0.0, 0.0, 1.0]), q) == pytest.approx(-np.log(0.5), rel=1e-6)
+
+
 def test_logsumexp_vs_scipy():
     rng = np.random.default_rng(3)
     a = rng.normal(size=(5, 4, 3)) * 300
@@ -275,8 +359,8 @@ def extreme_batch(seed, shape=(40, 100)):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_nb_zinb_match_scvi(dtype):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("scvi")
+    torch = require("torch")
+    require("scvi")
     from scvi.distributions._negative_binomial import log_nb_positive, log_zinb_positive
 
     x, mu, theta, logit = (a.astype(dtype) for a in extreme_batch(4))
@@ -299,8 +383,8 @@ def test_nb_zinb_match_scvi(dtype):
 
 
 def test_zinb_matches_scvi_with_vector_theta():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("scvi")
+    torch = require("torch")
+    require("scvi")
     from scvi.distributions._negative_binomial import log_zinb_positive
 
     rng = np.random.default_rng(5)
@@ -315,7 +399,7 @@ def test_zinb_matches_scvi_with_vector_theta():
 
 
 def test_poisson_normal_kl_match_torch():
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from torch.distributions import Normal, Poisson, kl_divergence
 
     rng = np.random.default_rng(6)
@@ -348,6 +432,31 @@ def test_poisson_normal_kl_match_torch():
     ref = kl_divergence(p, std).numpy()
     mag = np.abs(np.log(v1)) + v1 + m1**2 + 1.0
     np.testing.assert_array_less(np.abs(ours - ref), RTOL * mag)
+
+
+def test_kl_categorical_matches_torch():
+    """torch's ``kl_divergence`` of two ``Categorical(probs=...)``: in float64 where no
+    probability is clamped; in float32 (SCANVI's dtype, whose eps the runtime clamps with)
+    also for tiny and near-one probabilities."""
+    torch = require("torch")
+    from torch.distributions import Categorical, kl_divergence
+
+    rng = np.random.default_rng(11)
+    p = _random_probs(rng, (300, 5))
+    p[:40, 0] = 1e-12  # below float32 eps: clamped
+    p[40:60] = [1.0 - 4e-9, 1e-9, 1e-9, 1e-9, 1e-9]  # near one: clamped
+    p /= p.sum(-1, keepdims=True)
+    q = _random_probs(rng, (5,))
+    ours = D.kl_categorical(p, q)
+
+    def torch_kl(dtype):
+        def cat(a):
+            return Categorical(probs=torch.tensor(np.broadcast_to(a, p.shape), dtype=dtype))
+
+        return kl_divergence(cat(p), cat(q)).double().numpy()
+
+    np.testing.assert_allclose(ours[60:], torch_kl(torch.float64)[60:], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ours, torch_kl(torch.float32), rtol=1e-6, atol=5e-7)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ TORCH_FREE_ENV = "SCVI_ONNX_TORCH_FREE"
 TORCH_FREE = os.environ.get(TORCH_FREE_ENV, "").strip() not in ("", "0")
 #: What the export and test extras bring and the runtime must never need.
 TORCH_STACK = ("torch", "scvi", "lightning", "pytorch_lightning", "onnx")
-INSTALL_HINT = "pip install -c constraints.txt -e '.[export,test]'"
+INSTALL_HINT = "pip install -c constraints.txt -e '.[cpu,export,test]'"
 
 
 class _BlockTorchStack(importlib.abc.MetaPathFinder):

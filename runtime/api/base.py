@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..arguments import check_positive_int, check_seed
+from ..arguments import check_first_key, check_positive_int, check_seed
 from ..bundle import Manifest
 from ..data import DataNeeds, Minibatch
 from ..errors import InvalidArgumentError
@@ -69,6 +69,8 @@ class OnnxVAEModel:
         Where ``log p(x | z)`` is summed over genes: ``"auto"`` (the bundle's scoring graph
         on CUDA, so decoder outputs never come back to the host; numpy on the CPU),
         ``"host"`` or ``"graph"``.
+    expected_digest
+        Refuse any bundle whose digest (:attr:`digest`) is not this one.
 
     Attributes
     ----------
@@ -93,9 +95,12 @@ class OnnxVAEModel:
         intra_op_threads: int | None = None,
         n_threads: int | None = None,
         scoring: str = "auto",
+        expected_digest: str | None = None,
     ):
         self.path = Path(path)
-        model_entry, contents = open_bundle(self.path, check_files=verify_checksums)
+        model_entry, contents = open_bundle(
+            self.path, check_files=verify_checksums, expected_digest=expected_digest
+        )
         self.manifest: Manifest = contents.manifest
         self.config = contents.config
         self.seed = check_seed(seed)
@@ -118,6 +123,12 @@ class OnnxVAEModel:
     @property
     def n_latent(self) -> int:
         return self.module.n_latent
+
+    @property
+    def digest(self) -> str:
+        """The bundle's digest, ``sha256:`` of its manifest.json (which lists every other
+        file's sha256): pin it with ``load(..., expected_digest=...)``."""
+        return self.manifest.digest
 
     def __repr__(self) -> str:
         c = self.config
@@ -170,6 +181,7 @@ class OnnxVAEModel:
         min_gene_overlap: float,
         progress: bool,
         scoring: bool,
+        first_key: int = 0,
     ) -> Iterator[Minibatch]:
         """The checked minibatches of a call: ``scoring`` ones carry what the scoring
         methods need (entries, observed library); the latent space needs neither."""
@@ -185,6 +197,7 @@ class OnnxVAEModel:
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
             missing_labels_code=getattr(self.module, "missing_labels_code", None),
+            first_key=check_first_key(first_key),
             progress=progress,
         )
 
@@ -206,6 +219,7 @@ class OnnxVAEModel:
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
         progress_bar: bool = False,
+        first_key: int = 0,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Latent representation of the cells, as scvi-tools' ``get_latent_representation``.
 
@@ -239,6 +253,11 @@ class OnnxVAEModel:
             be present (default 0.8, as scvi-tools); pass 0 to accept any overlap.
         progress_bar
             Show a progress bar over minibatches.
+        first_key
+            The noise key of the first cell (default 0): a cell's draws are keyed by
+            ``first_key`` + its row in ``adata``, so a chunk of a larger AnnData given the row
+            of its first cell gets the numbers of its cells in the whole (this is how
+            :func:`scvi_onnx.connect` sends an AnnData to a server in bounded requests).
 
         Returns
         -------
@@ -256,6 +275,7 @@ class OnnxVAEModel:
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
             scoring=False,
+            first_key=first_key,
         )
         return latent_loop.latent(
             self.module,
@@ -280,6 +300,7 @@ class OnnxVAEModel:
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
         progress_bar: bool = False,
+        first_key: int = 0,
     ) -> float | np.ndarray:
         """Evidence lower bound per cell (or its mean), as scvi-tools' ``get_elbo``.
 
@@ -297,7 +318,7 @@ class OnnxVAEModel:
         seed
             Seed of the posterior draws (default: the model's ``seed``). A cell's draw
             depends on the seed and its row in ``adata`` only.
-        missing_genes, min_gene_overlap, progress_bar
+        missing_genes, min_gene_overlap, progress_bar, first_key
             As in :meth:`get_latent_representation`.
 
         Returns
@@ -314,6 +335,7 @@ class OnnxVAEModel:
             missing_genes,
             min_gene_overlap,
             progress_bar,
+            first_key,
         )
         out = terms.elbo()
         return float(out.mean()) if return_mean else out
@@ -331,6 +353,7 @@ class OnnxVAEModel:
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
         progress_bar: bool = False,
+        first_key: int = 0,
     ) -> dict[str, float | np.ndarray]:
         """Reconstruction loss for one posterior draw per cell, as scvi-tools'
         ``get_reconstruction_error``.
@@ -348,7 +371,7 @@ class OnnxVAEModel:
             Accepted for scvi-tools' signature; must be empty.
         seed
             Seed of the posterior draws (default: the model's ``seed``).
-        missing_genes, min_gene_overlap, progress_bar
+        missing_genes, min_gene_overlap, progress_bar, first_key
             As in :meth:`get_latent_representation`.
 
         Returns
@@ -366,6 +389,7 @@ class OnnxVAEModel:
             missing_genes,
             min_gene_overlap,
             progress_bar,
+            first_key,
         )
         return {k: float(v.mean()) if return_mean else v for k, v in terms.reconstruction.items()}
 
@@ -380,6 +404,7 @@ class OnnxVAEModel:
         missing_genes,
         min_gene_overlap,
         progress_bar,
+        first_key=0,
     ):
         _no_loader_kwargs(data_loader_kwargs)
         seed = self._seed(seed)
@@ -392,6 +417,7 @@ class OnnxVAEModel:
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
             scoring=True,
+            first_key=first_key,
         )
         return elbo_loop.elbo_terms(self.module, self.engine, mbs, seed)
 
@@ -410,6 +436,7 @@ class OnnxVAEModel:
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
         progress_bar: bool = False,
+        first_key: int = 0,
     ) -> float | np.ndarray:
         """Importance-sampled marginal log-likelihood, as scvi-tools' ``get_marginal_ll``.
 
@@ -433,7 +460,7 @@ class OnnxVAEModel:
             do not depend on it.
         seed
             Seed of the posterior draws (default: the model's ``seed``).
-        missing_genes, min_gene_overlap, progress_bar
+        missing_genes, min_gene_overlap, progress_bar, first_key
             As in :meth:`get_latent_representation`.
 
         Returns
@@ -457,6 +484,7 @@ class OnnxVAEModel:
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
             scoring=True,
+            first_key=first_key,
         )
         per_minibatch = list(
             mll_loop.marginal_ll(self.module, self.engine, mbs, n_mc_samples, per_pass, seed)
@@ -476,6 +504,7 @@ def load(
     intra_op_threads: int | None = None,
     n_threads: int | None = None,
     scoring: str = "auto",
+    expected_digest: str | None = None,
 ) -> OnnxVAEModel:
     """Load a scvi-onnx bundle as the runtime class of its model.
 
@@ -504,17 +533,25 @@ def load(
     scoring
         Where ``log p(x | z)`` is summed over genes: ``"auto"`` (the bundle's scoring graph on
         CUDA, numpy on the CPU), ``"host"`` or ``"graph"``.
+    expected_digest
+        The bundle's pinned digest (``sha256:...``, as ``scvi-onnx info`` shows it): any
+        other bundle is refused, as container images are pinned by digest. The checksums
+        inside a bundle prove it is whole, not that it is the one that was validated.
 
     Raises
     ------
     BundleError
         The folder is not a readable scvi-onnx bundle (missing, tampered, too new).
+    BundleIntegrityError
+        A file is altered, or the digest is not ``expected_digest``.
     ProviderError
         ``device="cuda"`` cannot be honoured.
     """
     from ..bundle import read_manifest
 
-    model_class = read_manifest(path, check_files=False).model_class
+    model_class = read_manifest(
+        path, check_files=False, expected_digest=expected_digest
+    ).model_class
     cls = entry(model_class).load("api")
     return cls(
         path,
@@ -525,4 +562,5 @@ def load(
         intra_op_threads=intra_op_threads,
         n_threads=n_threads,
         scoring=scoring,
+        expected_digest=expected_digest,
     )

@@ -53,12 +53,14 @@ class OnnxSCANVI(OnnxVAEModel):
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
         progress_bar: bool = False,
+        first_key: int = 0,
     ) -> np.ndarray | pd.DataFrame:
         """Cell label predictions, as ``scvi.model.SCANVI.predict``.
 
         Parameters
         ----------
         adata, indices, batch_size, dataloader, missing_genes, min_gene_overlap, progress_bar
+        first_key
             As in :meth:`get_latent_representation`.
         soft
             Return the class probabilities instead of the most probable label.
@@ -87,6 +89,7 @@ class OnnxSCANVI(OnnxVAEModel):
             min_gene_overlap=min_gene_overlap,
             progress=progress_bar,
             scoring=False,
+            first_key=first_key,
         )
         probs = latent_loop.class_probabilities(
             self.module, self.engine, mbs, use_posterior_mean=use_posterior_mean, seed=seed

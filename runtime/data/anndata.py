@@ -89,7 +89,7 @@ class AnnDataSource:
         self._n_obs = int(adata.n_obs)
         self.genes = GeneMatch(
             adata.var_names,
-            manifest.genes,
+            manifest.gene_index,
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
         )

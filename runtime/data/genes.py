@@ -25,7 +25,8 @@ class GeneMatch:
     var_names
         The input's gene names (must be unique).
     model_genes
-        The model's genes, in the model's order.
+        The model's genes, in the model's order (a ``pd.Index`` of names is used as is, e.g.
+        :attr:`~scvi_onnx.bundle.Manifest.gene_index`).
     missing_genes
         ``"error"``: refuse an input that lacks some of the model's genes; ``"zero"``: fill
         them with zeros (as scvi-tools' ``prepare_query_anndata``).
@@ -51,7 +52,13 @@ class GeneMatch:
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
     ):
-        names = pd.Index(np.asarray(var_names).astype(str))
+        if isinstance(var_names, pd.Index) and var_names.inferred_type == "string":
+            # already names (pandas caches inferred_type and uniqueness on the Index, so a
+            # caller scoring the same AnnData again, or a server reusing one gene Index,
+            # matches in microseconds instead of re-converting thousands of strings)
+            names = var_names
+        else:
+            names = pd.Index(np.asarray(var_names).astype(str))
         if not names.is_unique:
             dup = pd.unique(names[names.duplicated()])
             raise InputDataError(
@@ -59,7 +66,11 @@ class GeneMatch:
                 f"{preview(dup)}; genes are matched to the model by name, so names must be "
                 "unique: call adata.var_names_make_unique() or deduplicate the genes"
             )
-        model = pd.Index([str(g) for g in model_genes])
+        model = (
+            model_genes
+            if isinstance(model_genes, pd.Index)
+            else pd.Index([str(g) for g in model_genes])
+        )
         src_cols = names.get_indexer(model)
         found = src_cols >= 0
         n_model = model.size

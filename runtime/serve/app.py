@@ -312,6 +312,9 @@ class InferenceServer:
             logger.error("request %s failed", rec.request_id, exc_info=e)
             return _error(500, f"internal error (request {rec.request_id}); see the server log")
         rec.n_cells, rec.outputs = result.n_cells, result.outputs
+        if await request.is_disconnected():  # computed for nobody: say so in the audit log
+            rec.error = "ClientDisconnect"
+            return Response(status_code=CLIENT_CLOSED)
         headers = {}
         if result.header_length is not None:
             headers[HEADER_LENGTH] = str(result.header_length)

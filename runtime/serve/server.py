@@ -201,6 +201,11 @@ class _Server:
                     state.ready = False
                     _note(f"signal {sig}: draining in-flight requests, then stopping")
                 super().handle_exit(sig, frame)
+                # uvicorn re-raises a captured signal once drained (the process would then die
+                # by SIGTERM); a drained server exits 0 instead
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list):
+                    captured.clear()
 
         return Server(config)
 

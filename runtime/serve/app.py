@@ -204,9 +204,13 @@ class InferenceServer:
         return JSONResponse({"name": served.name, "ready": True})
 
     # ------------------------------------------------------------------ inference
-    async def _body(self, request: Request) -> bytes | bytearray:
+    async def _body(self, request: Request, header_length: int | None) -> memoryview:
         """The request body, refused with 413 past the limit: from Content-Length before
-        anything is read, and while it streams (chunked or compressed bodies)."""
+        anything is read, and while it streams (chunked or compressed bodies).
+
+        With a known length the body is read into one buffer placed so that the binary
+        tensors after the JSON header start 16-byte aligned: numpy reads them in place
+        (unaligned float32 made the library ~25% slower on 1,000-cell requests)."""
         limit = self.options.max_request_bytes
         too_big = (
             f"request body larger than this server accepts ({limit} bytes, "
@@ -224,6 +228,8 @@ class InferenceServer:
         inflate = None
         if encoding != "identity":
             inflate = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        elif length is not None:
+            return await self._body_into(request, int(length), header_length or 0)
         buf = bytearray()
         try:
             async for chunk in request.stream():
@@ -238,7 +244,22 @@ class InferenceServer:
                     raise _Refusal(413, too_big, {"Connection": "close"})
         except zlib.error as e:
             raise _Refusal(400, f"the body is not valid {encoding} data ({e})") from None
-        return buf
+        return memoryview(buf)
+
+    async def _body_into(self, request: Request, length: int, header_length: int) -> memoryview:
+        pad = -header_length % 16
+        buf = bytearray(pad + length)
+        view = memoryview(buf)
+        pos = pad
+        async for chunk in request.stream():
+            end = pos + len(chunk)
+            if end > pad + length:
+                raise _Refusal(400, f"the body is longer than its Content-Length ({length})")
+            view[pos:end] = chunk
+            pos = end
+        if pos != pad + length:
+            raise _Refusal(400, f"the body ended after {pos - pad} of {length} bytes")
+        return view[pad:]
 
     async def infer(self, request: Request) -> Response:
         rec = self._record(request, "infer")
@@ -258,12 +279,12 @@ class InferenceServer:
             deadline = loop.time() + opts.request_timeout
             self.metrics.queued += 1
             try:
-                body = await self._body(request)
                 header_length = request.headers.get(HEADER_LENGTH.lower())
                 if header_length is not None:
                     if not header_length.isdigit():
                         raise _Refusal(400, f"invalid {HEADER_LENGTH} {header_length[:40]!r}")
                     header_length = int(header_length)
+                body = await self._body(request, header_length)
                 if self._slots is None:
                     self._slots = asyncio.Semaphore(opts.max_concurrency)
                 try:
@@ -327,7 +348,7 @@ class InferenceServer:
             self.audit.close()
 
 
-def _run(served: ServedModel, body: bytes | bytearray, header_length: int | None):
+def _run(served: ServedModel, body: memoryview, header_length: int | None):
     """On a worker thread: decode the request and compute it with the library."""
     return served.infer(parse_request(body, header_length))
 

@@ -167,10 +167,13 @@ def _binary_tensor(name: str, datatype: str, shape: tuple[int, ...], buf: memory
             f"input {name!r}: binary_data_size {len(buf)} does not match shape {list(shape)} "
             f"of {datatype} ({n * dtype.itemsize} bytes)"
         )
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    # numpy reads unaligned data through slow paths: copy what is not aligned (the server
+    # aligns the binary part of request bodies it buffers, so this is rare)
+    return arr if arr.flags.aligned else arr.copy()
 
 
-def parse_request(body: bytes | bytearray, header_length: int | None) -> InferRequest:
+def parse_request(body: bytes | bytearray | memoryview, header_length: int | None) -> InferRequest:
     """Decode an inference request body (JSON, optionally followed by binary tensor data).
 
     Raises

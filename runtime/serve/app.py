@@ -191,7 +191,7 @@ class InferenceServer:
             served = self._model(request, rec)
         except _Refusal as r:
             return _error(r.status, str(r))
-        return JSONResponse(served.metadata())
+        return Response(served.metadata_json, media_type="application/json")
 
     async def model_ready(self, request: Request) -> Response:
         rec = self._record(request, "model_ready")

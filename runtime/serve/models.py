@@ -16,7 +16,9 @@ cells in the whole (this is what :func:`scvi_onnx.connect` does).
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,6 +220,11 @@ class ServedModel:
             )
         return specs
 
+    @functools.cached_property
+    def metadata_json(self) -> bytes:
+        """:meth:`metadata` as JSON, built once (it lists every gene)."""
+        return json.dumps(self.metadata(), separators=(",", ":")).encode()
+
     def metadata(self) -> dict[str, Any]:
         """The model metadata response (``GET /v2/models/{name}``)."""
         reg = self.registry
@@ -266,6 +273,23 @@ class ServedModel:
                 return list(f.categories)
         return None
 
+    def warm_up(self) -> None:
+        """One tiny request through the library before the server listens, so the first
+        client does not pay the lazy imports and tables (scipy, the lgamma table)."""
+        import pandas as pd
+
+        obs = {}
+        for key, _ in self.registry.obs_columns():
+            cats = self._categories(key)
+            obs[key] = [str(cats[0])] * 2 if cats else [1.0, 1.0]
+        if self.is_scanvi and self.registry.labels.key in obs:
+            del obs[self.registry.labels.key]
+        adata = self._adata_from(
+            np.ones((2, len(self.genes)), np.float32), self._var, pd.DataFrame(obs), 0
+        )
+        want = {"latent", "elbo", "marginal_ll", *(("label",) if self.is_scanvi else ())}
+        self.compute(adata, want, {"n_mc_samples": 2})
+
     # ------------------------------------------------------------------ inference
     def _kwargs(self, params: dict[str, Any]) -> dict[str, Any]:
         """Request parameters -> the library's keyword arguments (types checked here, values
@@ -298,7 +322,6 @@ class ServedModel:
 
     def _adata(self, req: InferRequest, first_key: int) -> Any:
         """The request's cells as an AnnData, where the library reads them."""
-        import anndata as ad
         import pandas as pd
 
         inputs = dict(req.inputs)
@@ -363,12 +386,21 @@ class ServedModel:
                     "cell)"
                 )
             obs[key] = arr.reshape(n)
-        index = pd.Index([f"cell {first_key + i}" for i in range(n)], dtype=object)
-        obs_df = pd.DataFrame(obs, index=index)
+        return self._adata_from(counts, var, pd.DataFrame(obs), first_key)
+
+    def _adata_from(self, counts: np.ndarray, var: Any, obs: Any, first_key: int) -> Any:
+        """The AnnData the library reads: counts in X (or in the registered layer)."""
+        import anndata as ad
+        import pandas as pd
+
+        n = counts.shape[0]
+        # cells are named by their key, so a message about cell k names row k of the client's
+        # AnnData when the client sent first_key (the request never holds cell names)
+        obs.index = pd.Index([f"cell {first_key + i}" for i in range(n)], dtype=object)
         layer = self.registry.layer
         if layer is None:
-            return ad.AnnData(X=counts, obs=obs_df, var=var)
-        return ad.AnnData(obs=obs_df, var=var, layers={layer: counts})
+            return ad.AnnData(X=counts, obs=obs, var=var)
+        return ad.AnnData(obs=obs, var=var, layers={layer: counts})
 
     def _outputs(self, requested: list[RequestedOutput] | None, binary: bool):
         if requested is None:

@@ -69,6 +69,10 @@ def load_models(specs: list[BundleSpec], *, device: str, n_threads: int | None, 
                 "the numbers)"
             )
         served[spec.name] = ServedModel(spec.name, model, limits)
+        try:
+            served[spec.name].warm_up()
+        except ScviOnnxError as e:  # not fatal: the first request pays the lazy imports
+            logger.warning("warm-up of %s failed (%s)", spec.name, e)
     return served
 
 

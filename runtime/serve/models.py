@@ -360,6 +360,8 @@ class ServedModel:
                 )
             var = self._var
         else:
+            if names.ndim == 2 and names.shape[0] == 1:  # [1, n_genes]: one row of names
+                names = names.reshape(-1)
             if req.datatypes[GENE_NAMES] != "BYTES" or names.ndim != 1 or names.size != n_cols:
                 raise InvalidArgumentError(
                     f"input {GENE_NAMES!r} must be BYTES of shape [{n_cols}] (one name per "

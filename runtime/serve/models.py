@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ScviOnnxError
 from .protocol import InferRequest, ProtocolError, RequestedOutput, encode_response
 
 logger = logging.getLogger(__name__)
@@ -427,6 +427,88 @@ class ServedModel:
         tensors = [(o.name, self.outputs[o.name][0], values[o.name], o.binary) for o in outputs]
         body, hlen = encode_response(self.name, self.version, req.id, tensors)
         return Result(body, hlen, adata.n_obs, [o.name for o in outputs])
+
+    # ------------------------------------------------------------------ dynamic batching
+    def batch_key(self, req: InferRequest) -> tuple | None:
+        """What concurrent requests must share to be computed in one library call, or None
+        when ``req`` cannot be batched.
+
+        Only outputs that are pure functions of each cell's data are batched: the posterior
+        mean and variance of a normal latent, SCANVI's labels at the posterior mean. The
+        library gives a cell the same bits whatever the other cells of its call (one ONNX
+        Runtime thread per session; tested), and these outputs draw no noise, so a batched
+        request gets exactly what it would alone. Anything else (noise, gene names, an
+        unknown parameter, a malformed input) takes the single-request path.
+        """
+        allowed = {"latent_variance", "qz_mean"}
+        if not self.ln:
+            allowed.add("latent")
+        if self.is_scanvi:
+            allowed |= {"label", "label_probabilities"}
+        names = ["latent"] if req.outputs is None else [o.name for o in req.outputs]
+        if not names or not set(names) <= allowed:
+            return None
+        params = {k: v for k, v in req.parameters.items() if k not in PROTOCOL_PARAMETERS}
+        if not set(params) <= {"seed", "first_key"} or GENE_NAMES in req.inputs:
+            return None  # (seed and first_key only key noise, which these outputs never draw)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in params.values()):
+            return None
+        counts = req.inputs.get(COUNTS)
+        if counts is None or counts.ndim != 2 or counts.shape[1] != len(self.genes):
+            return None
+        if req.datatypes[COUNTS] not in COUNT_DATATYPES:
+            return None
+        n = counts.shape[0]
+        for key, arr in req.inputs.items():
+            if key != COUNTS and (key not in self.obs_inputs or arr.shape not in ((n,), (n, 1))):
+                return None
+        return tuple(sorted(req.datatypes.items()))
+
+    def infer_batch(self, reqs: list[InferRequest]) -> list[Result | Exception]:
+        """Requests of one :meth:`batch_key`, in one library call; each gets its own response
+        (its outputs, encodings and id). Should the joint call fail (one request's bad data),
+        each request is run alone, so every error names its own request's cells."""
+        if len(reqs) == 1:
+            return [self._alone(reqs[0])]
+        try:
+            sizes = [r.inputs[COUNTS].shape[0] for r in reqs]
+            joint = InferRequest(
+                None,
+                {
+                    k: np.concatenate(
+                        [r.inputs[k].reshape(n, -1) for r, n in zip(reqs, sizes, strict=True)]
+                    )
+                    for k in reqs[0].inputs
+                },
+                dict(reqs[0].datatypes),
+                {},
+                None,
+            )
+            for k in joint.inputs:
+                if k != COUNTS:
+                    joint.inputs[k] = joint.inputs[k].reshape(-1)
+            outputs = [self._outputs(r.outputs, r.binary_output) for r in reqs]
+            want = {o.name for outs in outputs for o in outs}
+            values = self.compute(self._adata(joint, 0), want, {})
+        except (ScviOnnxError, ProtocolError):
+            return [self._alone(r) for r in reqs]
+        results: list[Result | Exception] = []
+        start = 0
+        for r, n, outs in zip(reqs, sizes, outputs, strict=True):
+            tensors = [
+                (o.name, self.outputs[o.name][0], values[o.name][start : start + n], o.binary)
+                for o in outs
+            ]
+            body, hlen = encode_response(self.name, self.version, r.id, tensors)
+            results.append(Result(body, hlen, n, [o.name for o in outs]))
+            start += n
+        return results
+
+    def _alone(self, req: InferRequest) -> Result | Exception:
+        try:
+            return self.infer(req)
+        except Exception as e:  # handed to the request's own handler, which maps it
+            return e
 
     def compute(self, adata: Any, want: set[str], kw: dict[str, Any]) -> dict[str, np.ndarray]:
         """The outputs ``want`` of the cells of ``adata``, each from the library's method."""

@@ -92,6 +92,8 @@ class Metrics:
         self.hist: dict[tuple, list[float]] = {}  # (route, model) -> bucket counts + sum
         self.in_flight = 0
         self.queued = 0
+        self.batches = 0
+        self.batched_requests = 0
         self.started = time.time()
 
     def observe(self, rec: RequestRecord) -> None:
@@ -153,6 +155,14 @@ class Metrics:
         out.append(f"scvi_onnx_inference_in_flight {self.in_flight}")
         metric("scvi_onnx_inference_queued", "gauge", "Inference requests waiting for a slot.")
         out.append(f"scvi_onnx_inference_queued {self.queued}")
+        metric(
+            "scvi_onnx_batches_total",
+            "counter",
+            "Library calls that computed concurrent small requests together.",
+        )
+        out.append(f"scvi_onnx_batches_total {self.batches}")
+        metric("scvi_onnx_batched_requests_total", "counter", "Requests computed in those calls.")
+        out.append(f"scvi_onnx_batched_requests_total {self.batched_requests}")
         metric("scvi_onnx_model_ready", "gauge", "1 when the model is loaded and verified.")
         for name, version, ready in models:
             out.append(f"scvi_onnx_model_ready{_labels(model=name, version=version)} {int(ready)}")

@@ -263,3 +263,52 @@ def test_tls(tmp_path, shipped, query):
         remote.close()
     finally:
         assert s.stop() == 0
+
+
+def test_dynamic_batching_gives_each_request_its_own_numbers(shipped, query, cells):
+    """Small latent requests waiting for a worker are computed together in one library call;
+    each gets exactly the library's numbers for its cells, and one request's bad cell is
+    reported to that request alone (the batch is then run request by request)."""
+    x, batch = cells
+    s = ServerProcess(
+        [
+            str(SHIPPED),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--max-concurrency",
+            "1",
+            "--max-queue",
+            "32",
+        ]
+    )
+    try:
+        port = s.port
+        bad = x[7:8].copy()
+        bad[0, 3] = np.nan
+        with ThreadPoolExecutor(12) as ex:
+            slow = ex.submit(post, port, doc_for(x[:100], batch[:100], **SLOW))
+            wait_for(port, "scvi_onnx_inference_in_flight", 1)
+            small = [
+                ex.submit(post, port, doc_for(x[i : i + 2], batch[i : i + 2]))
+                for i in range(0, 20, 2)
+            ]
+            wrong = ex.submit(post, port, doc_for(bad, batch[7:8]))
+            wait_for(port, "scvi_onnx_inference_queued", 11)
+            assert slow.result()[0] == 200
+            for i, f in zip(range(0, 20, 2), small, strict=True):
+                status, _, data = f.result()
+                assert status == 200
+                got = np.array(json.loads(data)["outputs"][0]["data"], np.float32).reshape(2, 10)
+                np.testing.assert_array_equal(
+                    got, shipped.get_latent_representation(query[i : i + 2])
+                )
+            status, _, data = wrong.result()
+            assert status == 400 and "NaN" in json.loads(data)["error"]
+            assert "cell 0" in json.loads(data)["error"]
+        batches = gauge(port, "scvi_onnx_batches_total")[0]
+        batched = gauge(port, "scvi_onnx_batched_requests_total")[0]
+        assert batched == 11 and batches < batched
+    finally:
+        assert s.stop() == 0

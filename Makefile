@@ -1,9 +1,15 @@
-# Two commands for a newcomer (each installs what it needs into .venv first):
+# Two commands for a newcomer (each installs what it needs first):
 #   make demo   run the four methods on the shipped example bundle, write a latent h5ad
-#   make test   run the test suite (installs the export + test extras, pinned by constraints.txt)
+#               (runtime only, in .venv: numpy, scipy, anndata, onnxruntime; no torch)
+#   make test   run the test suite (in a separate .venv-test with the export and test extras,
+#               pinned by constraints.txt; the runtime's .venv stays torch-free)
 PYTHON ?= python3
 VENV ?= .venv
+TEST_VENV ?= .venv-test
 BIN := $(VENV)/bin
+TBIN := $(TEST_VENV)/bin
+# The extras the test environment installs (the optional features' tests need theirs).
+TEST_EXTRAS ?= cpu,export,test
 
 .PHONY: demo test lint bench clean
 
@@ -11,25 +17,29 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Runtime only: numpy, scipy, anndata, onnxruntime(-gpu). No torch.
+$(TBIN)/python:
+	$(PYTHON) -m venv $(TEST_VENV)
+	$(TBIN)/python -m pip install -q --upgrade pip
+
+# Runtime only, CPU ONNX Runtime ("scvi-onnx[gpu]" for CUDA). No torch.
 $(VENV)/.runtime-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e ".[cpu]"
 	touch $@
 
 # Export + test extras; constraints pin torch to the local CPU build and scvi-tools to 1.4.2.
-$(VENV)/.test-installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(BIN)/pip install -q -c constraints.txt -e ".[export,test]"
-	touch $@ $(VENV)/.runtime-installed
+$(TEST_VENV)/.test-installed: pyproject.toml constraints.txt | $(TBIN)/python
+	$(TBIN)/pip install -q -c constraints.txt -e ".[$(TEST_EXTRAS)]"
+	touch $@
 
 demo: $(VENV)/.runtime-installed
 	PATH="$(BIN):$$PATH" bash scripts/demo.sh
 
-test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q
+test: $(TEST_VENV)/.test-installed
+	$(TBIN)/python -m pytest -q
 
-lint: $(VENV)/.test-installed
-	$(BIN)/ruff check runtime exporter tests scripts benchmarks
-	$(BIN)/ruff format --check runtime exporter tests scripts benchmarks
+lint: $(TEST_VENV)/.test-installed
+	$(TBIN)/ruff check runtime exporter tests scripts benchmarks
+	$(TBIN)/ruff format --check runtime exporter tests scripts benchmarks
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(TEST_VENV) out .pytest_cache

@@ -29,6 +29,7 @@ from scvi_onnx.errors import ExportValidationError, UnsupportedModelError
 from scvi_onnx.models.registry import MODELS, entry
 from scvi_onnx.selfcheck import deviation
 
+from .provenance import folder_provenance, model_provenance
 from .specs.base import ExportSpec
 from .trace import trace
 
@@ -75,8 +76,11 @@ def export_model(
     Parameters
     ----------
     model
-        A trained scvi-tools model (SCVI, LinearSCVI, SCANVI), or the path of a folder written
-        by ``model.save()`` (``model.pt`` is a pickle: export only folders you trust).
+        A trained scvi-tools model (see :func:`supported_models`), or the path of a folder
+        written by ``model.save()`` or laid out as a scvi-tools model hub folder (``model.pt``,
+        optional ``adata.h5ad``, ``_scvi_required_metadata.json``, model card ``README.md``):
+        its metadata and model card are kept in the bundle (``model.pt`` is a pickle: export
+        only folders you trust).
     path
         Bundle folder to write. Written to a temporary folder first, then renamed.
     adata
@@ -111,6 +115,7 @@ def export_model(
 
 
 def _export(model, out: Path, *, adata, atol, rtol, seed) -> Path:
+    folder = Path(model) if isinstance(model, (str, os.PathLike)) else None
     model = _load_model(model, adata)
     spec = spec_for(model)
     spec.check()
@@ -122,7 +127,9 @@ def _export(model, out: Path, *, adata, atol, rtol, seed) -> Path:
     if len(genes) != config["n_input"]:
         raise UnsupportedModelError(f"{len(genes)} gene names for {config['n_input']} inputs")
     arrays = spec.arrays(genes)
-    extra = spec.extra(genes)
+    version = model_provenance(model).get("trained_with", "").removeprefix("scvi-tools ") or None
+    provenance = folder_provenance(folder, version) if folder else model_provenance(model)
+    extra = {**spec.extra(genes), "provenance": provenance}
     graphs, probe_arrays = spec.graphs(registry, config, arrays, np.random.default_rng(seed))
     manifest = Manifest(
         schema_version=F.SCHEMA_VERSION,

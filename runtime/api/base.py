@@ -13,7 +13,7 @@ the same numbers as serial ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 from ..arguments import check_first_key, check_positive_int, check_seed
 from ..bundle import Manifest
 from ..data import DataNeeds, Minibatch
+from ..data.obs import ObsUse
 from ..errors import InvalidArgumentError
 from ..methods import elbo as elbo_loop
 from ..methods import inputs
@@ -32,6 +33,27 @@ from ..models.base import Module
 from ..models.registry import entry, open_bundle
 
 logger = logging.getLogger(__name__)
+
+
+def _read(
+    missing_genes: str,
+    min_gene_overlap: float,
+    layer: str | None,
+    gene_key: str | None,
+    unseen_as: Mapping[str, Any] | None,
+    progress_bar: bool,
+    first_key: int = 0,
+) -> dict[str, Any]:
+    """The data options every method takes, as :meth:`OnnxVAEModel._minibatches` reads them."""
+    return {
+        "first_key": first_key,
+        "missing_genes": missing_genes,
+        "min_gene_overlap": min_gene_overlap,
+        "layer": layer,
+        "gene_key": gene_key,
+        "unseen_as": unseen_as,
+        "progress": progress_bar,
+    }
 
 
 def _no_loader_kwargs(data_loader_kwargs: dict | None) -> None:
@@ -181,11 +203,17 @@ class OnnxVAEModel:
         min_gene_overlap: float,
         progress: bool,
         scoring: bool,
+        what: str,
         first_key: int = 0,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
     ) -> Iterator[Minibatch]:
         """The checked minibatches of a call: ``scoring`` ones carry what the scoring
-        methods need (entries, observed library); the latent space needs neither."""
+        methods need (entries, observed library); the latent space needs neither. ``what``
+        names the result in messages ("the latent space")."""
         needs: DataNeeds = self.module.needs if scoring else self.module.needs.for_latent()
+        use = ObsUse(used=self.module.obs_use(scoring), unseen_as=dict(unseen_as or {}), what=what)
         return inputs.minibatches(
             self.manifest,
             self.adata if adata is None and dataloader is None else adata,
@@ -197,6 +225,9 @@ class OnnxVAEModel:
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
             missing_labels_code=getattr(self.module, "missing_labels_code", None),
+            use=use,
+            layer=layer,
+            gene_key=gene_key,
             first_key=check_first_key(first_key),
             progress=progress,
         )
@@ -218,6 +249,9 @@ class OnnxVAEModel:
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
         first_key: int = 0,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -251,6 +285,18 @@ class OnnxVAEModel:
         min_gene_overlap
             With ``missing_genes="zero"``, the smallest fraction of the model's genes that must
             be present (default 0.8, as scvi-tools); pass 0 to accept any overlap.
+        layer
+            Read the counts from ``adata.layers[layer]`` (default: where the model was trained
+            to read them: ``X``, or the layer it registered).
+        gene_key
+            Match genes by the ``adata.var`` column ``gene_key`` (e.g. ``"feature_name"`` for
+            symbols, ``"gene_ids"`` for Ensembl IDs) instead of ``adata.var_names``.
+        unseen_as
+            ``{obs column: training category}``: compute cells whose category the model never
+            saw as that training category (an explicit, logged approximation). Without it,
+            such cells are refused where the result depends on the column; the latent space
+            of a model whose encoder does not take the column (``encode_covariates=False``)
+            does not depend on it, and needs no mapping (nor the column at all).
         progress_bar
             Show a progress bar over minibatches.
         first_key
@@ -271,11 +317,11 @@ class OnnxVAEModel:
             indices,
             batch_size,
             dataloader,
-            missing_genes=missing_genes,
-            min_gene_overlap=min_gene_overlap,
-            progress=progress_bar,
             scoring=False,
-            first_key=first_key,
+            what="the latent space",
+            **_read(
+                missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
+            ),
         )
         return latent_loop.latent(
             self.module,
@@ -299,6 +345,9 @@ class OnnxVAEModel:
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
         first_key: int = 0,
     ) -> float | np.ndarray:
@@ -318,8 +367,10 @@ class OnnxVAEModel:
         seed
             Seed of the posterior draws (default: the model's ``seed``). A cell's draw
             depends on the seed and its row in ``adata`` only.
-        missing_genes, min_gene_overlap, progress_bar, first_key
-            As in :meth:`get_latent_representation`.
+        missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
+            As in :meth:`get_latent_representation`: here the decoder's covariates (and the
+            categories of per-batch / per-label dispersion and library prior) are read too,
+            so their unseen categories need ``unseen_as`` (or a fine-tuned query model).
 
         Returns
         -------
@@ -332,10 +383,10 @@ class OnnxVAEModel:
             dataloader,
             data_loader_kwargs,
             seed,
-            missing_genes,
-            min_gene_overlap,
-            progress_bar,
-            first_key,
+            "the ELBO",
+            _read(
+                missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
+            ),
         )
         out = terms.elbo()
         return float(out.mean()) if return_mean else out
@@ -352,6 +403,9 @@ class OnnxVAEModel:
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
         first_key: int = 0,
     ) -> dict[str, float | np.ndarray]:
@@ -371,8 +425,10 @@ class OnnxVAEModel:
             Accepted for scvi-tools' signature; must be empty.
         seed
             Seed of the posterior draws (default: the model's ``seed``).
-        missing_genes, min_gene_overlap, progress_bar, first_key
-            As in :meth:`get_latent_representation`.
+        missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
+            As in :meth:`get_latent_representation`: here the decoder's covariates (and the
+            categories of per-batch / per-label dispersion and library prior) are read too,
+            so their unseen categories need ``unseen_as`` (or a fine-tuned query model).
 
         Returns
         -------
@@ -386,38 +442,20 @@ class OnnxVAEModel:
             dataloader,
             data_loader_kwargs,
             seed,
-            missing_genes,
-            min_gene_overlap,
-            progress_bar,
-            first_key,
+            "the reconstruction error",
+            _read(
+                missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
+            ),
         )
         return {k: float(v.mean()) if return_mean else v for k, v in terms.reconstruction.items()}
 
     def _elbo_terms(
-        self,
-        adata,
-        indices,
-        batch_size,
-        dataloader,
-        data_loader_kwargs,
-        seed,
-        missing_genes,
-        min_gene_overlap,
-        progress_bar,
-        first_key=0,
+        self, adata, indices, batch_size, dataloader, data_loader_kwargs, seed, what, data
     ):
         _no_loader_kwargs(data_loader_kwargs)
         seed = self._seed(seed)
         mbs = self._minibatches(
-            adata,
-            indices,
-            batch_size,
-            dataloader,
-            missing_genes=missing_genes,
-            min_gene_overlap=min_gene_overlap,
-            progress=progress_bar,
-            scoring=True,
-            first_key=first_key,
+            adata, indices, batch_size, dataloader, scoring=True, what=what, **data
         )
         return elbo_loop.elbo_terms(self.module, self.engine, mbs, seed)
 
@@ -435,6 +473,9 @@ class OnnxVAEModel:
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
         first_key: int = 0,
     ) -> float | np.ndarray:
@@ -460,8 +501,10 @@ class OnnxVAEModel:
             do not depend on it.
         seed
             Seed of the posterior draws (default: the model's ``seed``).
-        missing_genes, min_gene_overlap, progress_bar, first_key
-            As in :meth:`get_latent_representation`.
+        missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
+            As in :meth:`get_latent_representation`: here the decoder's covariates (and the
+            categories of per-batch / per-label dispersion and library prior) are read too,
+            so their unseen categories need ``unseen_as`` (or a fine-tuned query model).
 
         Returns
         -------
@@ -480,11 +523,11 @@ class OnnxVAEModel:
             indices,
             batch_size,
             dataloader,
-            missing_genes=missing_genes,
-            min_gene_overlap=min_gene_overlap,
-            progress=progress_bar,
             scoring=True,
-            first_key=first_key,
+            what="the marginal log-likelihood",
+            **_read(
+                missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
+            ),
         )
         per_minibatch = list(
             mll_loop.marginal_ll(self.module, self.engine, mbs, n_mc_samples, per_pass, seed)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..data import resolve_indices
 from ..methods import latent as latent_loop
-from .base import OnnxVAEModel
+from .base import OnnxVAEModel, _read
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,6 +52,9 @@ class OnnxSCANVI(OnnxVAEModel):
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
         first_key: int = 0,
     ) -> np.ndarray | pd.DataFrame:
@@ -59,9 +62,11 @@ class OnnxSCANVI(OnnxVAEModel):
 
         Parameters
         ----------
-        adata, indices, batch_size, dataloader, missing_genes, min_gene_overlap, progress_bar
-        first_key
+        adata, indices, batch_size, dataloader, missing_genes, min_gene_overlap
             As in :meth:`get_latent_representation`.
+        layer, gene_key, unseen_as, progress_bar, first_key
+            As in :meth:`get_latent_representation` (the classifier takes the latent only,
+            so covariates the encoder does not take may be absent or unseen).
         soft
             Return the class probabilities instead of the most probable label.
         use_posterior_mean
@@ -85,11 +90,11 @@ class OnnxSCANVI(OnnxVAEModel):
             indices,
             batch_size,
             dataloader,
-            missing_genes=missing_genes,
-            min_gene_overlap=min_gene_overlap,
-            progress=progress_bar,
             scoring=False,
-            first_key=first_key,
+            what="the predicted labels",
+            **_read(
+                missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
+            ),
         )
         probs = latent_loop.class_probabilities(
             self.module, self.engine, mbs, use_posterior_mean=use_posterior_mean, seed=seed

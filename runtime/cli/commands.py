@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,83 @@ def _data_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "missing_genes": args.missing_genes,
         "min_gene_overlap": args.min_gene_overlap,
+        "layer": args.layer,
+        "gene_key": args.gene_key,
+        "unseen_as": dict(args.unseen_as) or None,
         "progress_bar": _progress(args),
+    }
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that shaped the numbers, for outputs and JSON (provenance)."""
+    out: dict[str, Any] = {"seed": args.seed}
+    for key in ("layer", "gene_key", "missing_genes"):
+        value = getattr(args, key, None)
+        if value not in (None, "error"):
+            out[key] = value
+    if args.unseen_as:
+        out["unseen_as"] = dict(args.unseen_as)
+    if args.obs:
+        out["obs"] = dict(args.obs)
+    return out
+
+
+def _set_obs(model, adata, assignments: list[tuple[str, str]]) -> None:
+    """``--obs COLUMN=VALUE``: the column set to VALUE for every cell (numeric for continuous
+    covariates and size factors)."""
+    if not assignments:
+        return
+    reg = model.manifest.registry
+    numeric = set(reg.continuous_covariates) | {reg.size_factor_key}
+    registered = {k for k, _ in reg.obs_columns()}
+    for column, value in assignments:
+        if column not in registered:
+            raise CLIError(
+                f"--obs {column}={value}: the model registered no obs column {column!r}; its "
+                f"obs columns: {', '.join(sorted(registered)) or 'none'}"
+            )
+        if column in numeric:
+            try:
+                v: Any = float(value)
+            except ValueError:
+                raise CLIError(
+                    f"--obs {column}={value}: {column!r} is numeric in the model; pass a number"
+                ) from None
+        else:
+            v = value
+        adata.obs[column] = v
+
+
+def _check_not_input(out: Path, args: argparse.Namespace) -> None:
+    inp = Path(args.input)
+    if inp.exists() and out.resolve() == inp.resolve():
+        raise CLIError(
+            f"output {out} is the input file; write the results to another file (the input is "
+            "read while the output is written)"
+        )
+
+
+def _summary(args: argparse.Namespace, what: str, n_cells: int, started: float) -> None:
+    """The one line a successful command ends with (stderr: stdout carries results only)."""
+    line = f"{PROG}: {what} of {n_cells} cells in {time.perf_counter() - started:.1f} s"
+    notes = getattr(args, "notes", [])
+    if notes:
+        line += "; note: " + "; ".join(notes)
+    sys.stderr.write(line + "\n")
+
+
+def _provenance(model, args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """What an .h5ad output records in ``uns["scvi_onnx"]``."""
+    from .. import __version__
+
+    return {
+        "command": command,
+        "bundle": str(args.bundle),
+        "model_class": model.manifest.model_class,
+        "scvi_onnx": __version__,
+        "provider": model.provider,
+        **_options(args),
+        **({"notes": list(args.notes)} if getattr(args, "notes", None) else {}),
     }
 
 
@@ -80,6 +157,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_latent(args: argparse.Namespace) -> int:
+    _check_not_input(Path(args.output), args)
     out = check_output(args.output, LATENT_SUFFIXES, "output", overwrite=args.overwrite)
     suffix = out.suffix.lower()
     if args.return_dist and suffix == ".npy":
@@ -88,10 +166,12 @@ def cmd_latent(args: argparse.Namespace) -> int:
         )
     if suffix == ".h5ad" and (not args.key or "/" in args.key):
         raise CLIError(f"--key must be a non-empty name without '/', got {args.key!r}")
+    started = time.perf_counter()
     model = _load_model(args)
     adata = read_h5ad(args.input, backed=suffix != ".h5ad")
-    _note_overlap(model, adata, args)
     try:
+        _set_obs(model, adata, args.obs)
+        _note_overlap(model, adata, args)
         res = model.get_latent_representation(
             adata,
             give_mean=not args.sample,
@@ -105,6 +185,7 @@ def cmd_latent(args: argparse.Namespace) -> int:
             adata.obsm[args.key] = mean
             if var is not None:
                 adata.obsm[args.key + "_var"] = var
+            adata.uns["scvi_onnx"] = _provenance(model, args, "latent")
 
             def write(tmp: Path) -> None:
                 adata.write_h5ad(tmp)
@@ -121,15 +202,19 @@ def cmd_latent(args: argparse.Namespace) -> int:
                 values = np.concatenate([mean, var], axis=1)
             write = save_csv(frame(values, adata.obs_names, cols))
         write_atomic(out, write, overwrite=args.overwrite)
+        n_cells = int(adata.n_obs)
     finally:
         close(adata)
+    _summary(args, f"wrote {out}: the latent space ({n_latent} dimensions)", n_cells, started)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    _check_not_input(Path(args.output), args)
     out = check_output(args.output, PREDICT_SUFFIXES, "output", overwrite=args.overwrite)
     if out.suffix.lower() == ".h5ad" and (not args.key or "/" in args.key):
         raise CLIError(f"--key must be a non-empty name without '/', got {args.key!r}")
+    started = time.perf_counter()
     model = _load_model(args)
     if not hasattr(model, "predict"):
         raise CLIError(
@@ -137,8 +222,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "bundle (export a scvi.model.SCANVI)"
         )
     adata = read_h5ad(args.input, backed=out.suffix.lower() != ".h5ad")
-    _note_overlap(model, adata, args)
     try:
+        _set_obs(model, adata, args.obs)
+        _note_overlap(model, adata, args)
         kw = {k: v for k, v in _data_kwargs(args).items() if k != "seed"}
         probs = model.predict(adata, soft=True, **kw)
         labels = probs.columns.to_numpy()[probs.to_numpy().argmax(1)]
@@ -146,6 +232,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             adata.obs[args.key] = labels
             if args.soft:
                 adata.obsm[f"{args.key}_probabilities"] = probs.set_index(adata.obs_names)
+            adata.uns["scvi_onnx"] = _provenance(model, args, "predict")
 
             def write(tmp: Path) -> None:
                 adata.write_h5ad(tmp)
@@ -156,8 +243,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             table.index = adata.obs_names
             write = save_csv(table)
         write_atomic(out, write, overwrite=args.overwrite)
+        n_cells = int(adata.n_obs)
     finally:
         close(adata)
+    _summary(args, f"wrote {out}: predicted labels", n_cells, started)
     return 0
 
 
@@ -199,11 +288,14 @@ def cmd_metric(args: argparse.Namespace) -> int:
     metric = _METRICS[args.metric_command]
     out = None
     if args.per_cell:
+        _check_not_input(Path(args.per_cell), args)
         out = check_output(args.per_cell, PER_CELL_SUFFIXES, "--per-cell", overwrite=args.overwrite)
+    started = time.perf_counter()
     model = _load_model(args)
     adata = read_h5ad(args.input, backed=True)
-    _note_overlap(model, adata, args)
     try:
+        _set_obs(model, adata, args.obs)
+        _note_overlap(model, adata, args)
         value, cells = _metric_values(model, adata, args, per_cell=out is not None)
         n_cells = int(adata.n_obs)
         if out is not None:
@@ -221,15 +313,19 @@ def cmd_metric(args: argparse.Namespace) -> int:
             "n_cells": n_cells,
             "bundle": str(args.bundle),
             "provider": model.provider,
-            "seed": args.seed,
+            **_options(args),
         }
         if args.metric_command == "marginal-ll":
             result["n_mc_samples"] = args.n_mc_samples
         if out is not None:
             result["per_cell"] = str(out)
+        if args.notes:
+            result["notes"] = list(args.notes)
         print_json(result)
     else:
         print(f"{metric}: {value:.4f}")
+    what = f"{metric} (mean {value:.4f})" + (f", per cell in {out}" if out is not None else "")
+    _summary(args, what, n_cells, started)
     return 0
 
 

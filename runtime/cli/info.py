@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .common import human_size, preview, print_json
+from .common import human_size, one_line, preview, print_json
 
 logger = logging.getLogger("scvi_onnx.cli")
 
@@ -31,6 +31,85 @@ def _file_rows(root: Path, files: dict[str, str]) -> list[dict[str, Any]]:
             continue
         rows.append({"name": name, "size": p.stat().st_size, "ok": sha256_file(p) == digest})
     return rows
+
+
+def _obs_inputs(man) -> dict[str, Any] | None:
+    """Which registered obs columns the encoder takes, which only the scoring methods read,
+    and which nothing reads (None where the config cannot be read)."""
+    from ..bundle import read_config
+    from ..errors import ScviOnnxError
+    from ..models.registry import entry
+
+    try:
+        module = entry(man.model_class).load("module")
+        config = read_config(man, module.Config)
+    except ScviOnnxError:
+        return None
+    inputs = {
+        name: tuple(g.get("inputs", ())) for name, g in man.graphs.items() if isinstance(g, dict)
+    }
+    latent = module.obs_usage(config, inputs, scoring=False)
+    scoring = module.obs_usage(config, inputs, scoring=True)
+    reg = man.registry
+    columns = {
+        "batch": [reg.batch.key],
+        "labels": [reg.labels.key],
+        "cat_covs": [f.key for f in reg.categorical_covariates],
+        "cont_covs": list(reg.continuous_covariates),
+        "size_factor": [reg.size_factor_key],
+    }
+
+    def cols(kinds) -> dict[str, str]:
+        return {c: why for k, why in kinds.items() for c in columns[k] if c is not None}
+
+    enc = cols(latent)
+    more = {c: why for c, why in cols(scoring).items() if c not in enc}
+    registered = [k for k, _ in reg.obs_columns()]
+    return {
+        "latent": enc,
+        "scoring_only": more,
+        "not_read": [c for c in registered if c not in enc and c not in more],
+    }
+
+
+def _obs_lines(obs: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """What a new sample needs: the encoder's columns, the scoring methods' other columns."""
+    if obs is None:
+        return [("new samples", "unknown (the config cannot be read)")]
+
+    def listing(d: dict[str, str]) -> str:
+        return "; ".join(f"obs[{c!r}] ({why})" for c, why in d.items()) or "no obs column"
+
+    return [
+        ("latent space reads", listing(obs["latent"])),
+        ("scoring also reads", listing(obs["scoring_only"])),
+        (
+            "new samples",
+            "columns not read by the latent space may be absent or hold categories never seen "
+            "in training; the scoring methods need training categories for theirs (or "
+            "--unseen-as COLUMN=CATEGORY)",
+        ),
+    ]
+
+
+def _provenance_lines(prov: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Where the model came from (a model hub folder's metadata and model card)."""
+    if not prov:
+        return []
+    lines = []
+    for key, label in (
+        ("source", "source"),
+        ("description", "description"),
+        ("license", "license"),
+        ("training_data_url", "training data"),
+        ("training_code_url", "training code"),
+        ("trained_with", "trained with"),
+        ("citation", "citation"),
+    ):
+        value = prov.get(key)
+        if value:
+            lines.append((label, one_line(value) if isinstance(value, str) else str(value)))
+    return lines
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -68,6 +147,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "categorical_covariates": [cat(f) for f in reg.categorical_covariates],
         "continuous_covariates": list(reg.continuous_covariates),
         "size_factor_key": reg.size_factor_key,
+        "obs_inputs": _obs_inputs(man),
+        "provenance": man.extra.get("provenance"),
         "versions": {**versions, "opset": opset},
         "runtime_version": __version__,
         "validation": {k: man.validation.get(k) for k in ("atol", "rtol", "seed")},
@@ -123,6 +204,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("categorical covariates", cat_covs),
         ("continuous covariates", cont_covs),
         ("size factor key", f"obs[{reg.size_factor_key!r}]" if reg.size_factor_key else "none"),
+        *_obs_lines(info["obs_inputs"]),
+        *_provenance_lines(info["provenance"]),
         ("exported with", f"{ver}; ONNX opset {opset}" if ver else f"ONNX opset {opset}"),
         ("this runtime", f"scvi-onnx {__version__}"),
         (

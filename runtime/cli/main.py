@@ -32,9 +32,23 @@ class _Formatter(logging.Formatter):
         return f"{PROG}: {record.levelname.lower()}: {one_line(record.getMessage())}"
 
 
+class _Notes(logging.Handler):
+    """Collects the library's notes (records with ``scvi_onnx_note``) for the summary line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.notes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        note = getattr(record, "scvi_onnx_note", None)
+        if note is not None and note not in self.notes:
+            self.notes.append(note)
+
+
 @contextlib.contextmanager
-def _cli_environment(verbose: int) -> Iterator[None]:
-    """Logging to stderr and one-line warnings, restored on exit (main is callable in-process)."""
+def _cli_environment(verbose: int) -> Iterator[list[str]]:
+    """Logging to stderr and one-line warnings, restored on exit (main is callable in-process).
+    Yields the list the library's notes are collected into."""
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
@@ -43,6 +57,11 @@ def _cli_environment(verbose: int) -> Iterator[None]:
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(level)
+    package = logging.getLogger("scvi_onnx")
+    notes = _Notes()
+    old_package_level = package.level
+    package.addHandler(notes)
+    package.setLevel(logging.INFO)  # notes are INFO records; the stderr handler still filters
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
         sys.stderr.write(f"{PROG}: warning: {one_line(message)}\n")
@@ -50,10 +69,12 @@ def _cli_environment(verbose: int) -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = showwarning
-            yield
+            yield notes.notes
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
+        package.removeHandler(notes)
+        package.setLevel(old_package_level)
 
 
 _USER_ERRORS: tuple[type[BaseException], ...] = (CLIError, OSError)
@@ -68,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    with _cli_environment(args.verbose):
+    with _cli_environment(args.verbose) as notes:
+        args.notes = notes
         try:
             return int(args.func(args))
         except (ScviOnnxError, *_USER_ERRORS) as e:

@@ -7,6 +7,7 @@ from typing import Any, NoReturn
 
 from ..arguments import check_positive_int, check_seed
 from ..errors import InvalidArgumentError
+from ..models.registry import MODELS
 from ..sessions import DEVICES
 from . import commands, info
 from .common import EXPORT_HINT, PROG, one_line
@@ -37,6 +38,14 @@ def _positive_int(text: str) -> int:
 
 def _seed(text: str) -> int:
     return _library_check(check_seed, text)
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    """``COLUMN=VALUE`` (the value may contain '=')."""
+    column, sep, value = text.partition("=")
+    if not sep or not column:
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE, got {text!r}")
+    return column, value
 
 
 def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
@@ -106,6 +115,38 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
     )
     _digest_option(g)
     g.add_argument(
+        "--layer",
+        metavar="NAME",
+        help="read the counts from adata.layers[NAME] (default: where the model was trained to "
+        "read them: X or its registered layer)",
+    )
+    g.add_argument(
+        "--var-column",
+        dest="gene_key",
+        metavar="COLUMN",
+        help="match genes by adata.var[COLUMN] (e.g. feature_name for symbols, gene_ids for "
+        "Ensembl IDs) instead of var_names",
+    )
+    g.add_argument(
+        "--obs",
+        action="append",
+        default=[],
+        type=_assignment,
+        metavar="COLUMN=VALUE",
+        help="set obs column COLUMN to VALUE for every cell (a file that is one sample: "
+        "--obs batch=pbmc_10k); repeatable",
+    )
+    g.add_argument(
+        "--unseen-as",
+        action="append",
+        default=[],
+        type=_assignment,
+        metavar="COLUMN=CATEGORY",
+        help="compute cells whose COLUMN category the model never saw as training category "
+        "CATEGORY (an explicit approximation, recorded in the output); repeatable. The latent "
+        "space of a model whose encoder does not take COLUMN needs none",
+    )
+    g.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bar (it is shown on stderr only when stderr is a terminal)",
@@ -121,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description=(
-            "Run trained scvi-tools SCVI models without torch: export a model to an ONNX "
-            "bundle, then embed and score cells with onnxruntime + numpy."
+            f"Run trained scvi-tools models ({', '.join(MODELS)}) without torch: export a model "
+            "to an ONNX bundle, then embed and score cells with onnxruntime + numpy."
         ),
         epilog=(
             "examples:\n"
@@ -153,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="export a saved scvi-tools model folder to a bundle",
         description=(
-            "Export a saved scvi-tools SCVI model (the folder written by model.save(), holding "
-            "model.pt) to a scvi-onnx bundle folder. The graphs are validated against the "
+            f"Export a saved scvi-tools model ({', '.join(MODELS)}: the folder written by "
+            "model.save(), holding model.pt, or a model hub folder with its model card) to a "
+            "scvi-onnx bundle folder. The graphs are validated against the "
             f"torch modules before the bundle is written. Needs the export extra: {EXPORT_HINT}. "
             "model.pt is a pickle: export only folders you trust."
         ),

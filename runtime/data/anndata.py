@@ -12,12 +12,12 @@ from ..arguments import check_choice, check_fraction, check_positive_int
 from ..bundle import Manifest
 from ..errors import InputDataError, InvalidArgumentError, InvalidValuesError, MissingColumnError
 from ..threads import ordered_map
-from .checks import ValueChecker, dtype_is_integer, dtype_is_numeric
+from .checks import ValueChecker, dtype_is_integer, dtype_is_numeric, where_phrase
 from .entries import Entries
-from .genes import MISSING_GENES_MODES, GeneMatch
+from .genes import MISSING_GENES_MODES, GeneMatch, gene_names
 from .indices import resolve_indices
 from .minibatch import NO_NEEDS, DataNeeds, Minibatch
-from .obs import read_obs
+from .obs import ObsUse, read_obs
 from .readers import MatrixReader
 from .text import preview
 
@@ -48,6 +48,14 @@ class AnnDataSource:
     first_key
         The key of row 0 (default 0): a cell's noise is keyed by ``first_key + row``, so a
         chunk of a larger input gives the numbers of its rows in the whole.
+    use
+        Which registered obs columns the computation reads (:class:`~scvi_onnx.data.obs.ObsUse`;
+        default: all of them, with training categories).
+    layer
+        Read the counts from ``adata.layers[layer]`` (default: where the model was trained
+        to read them, ``X`` or its registered layer).
+    gene_key
+        Match genes by ``adata.var[gene_key]`` instead of ``adata.var_names``.
 
     Raises
     ------
@@ -65,6 +73,9 @@ class AnnDataSource:
         min_gene_overlap: float = 0.8,
         missing_labels_code: int | None = None,
         first_key: int = 0,
+        use: ObsUse | None = None,
+        layer: str | None = None,
+        gene_key: str | None = None,
     ):
         try:
             import anndata
@@ -87,17 +98,26 @@ class AnnDataSource:
         self._first_key = int(first_key)
         self._obs_names = adata.obs_names
         self._n_obs = int(adata.n_obs)
+        names, names_where = gene_names(adata, gene_key)
         self.genes = GeneMatch(
-            adata.var_names,
+            names,
             manifest.gene_index,
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
+            where=names_where,
+            var=adata.var,
         )
-        matrix, where = self._expression(adata, manifest.registry.layer)
+        if layer is not None and not isinstance(layer, str):
+            raise InvalidArgumentError(f"layer must be a layer name (str), got {layer!r}")
+        self._layer_given = layer is not None
+        matrix, where = self._expression(adata, manifest.registry.layer if layer is None else layer)
+        self._adata = adata
         self._source_name = where
         self._integer_input = dtype_is_integer(matrix.dtype)
         self._reader = MatrixReader(matrix, self.genes, where)
-        self._obs = read_obs(adata.obs, manifest.registry, missing_labels_code=missing_labels_code)
+        self._obs = read_obs(
+            adata.obs, manifest.registry, use, missing_labels_code=missing_labels_code
+        )
 
     def _expression(self, adata: Any, layer: str | None) -> tuple[Any, str]:
         """The registered expression matrix, checked for a numeric dtype and its shape."""
@@ -111,11 +131,16 @@ class AnnDataSource:
         else:
             if layer not in adata.layers:
                 present = list(adata.layers.keys())
+                why = (
+                    "given as layer="
+                    if self._layer_given
+                    else "where the model reads its counts, registered at training"
+                )
                 raise MissingColumnError(
-                    f"adata.layers has no layer {layer!r}, where the model reads its counts "
-                    f"(registered at training); layers present: "
+                    f"adata.layers has no layer {layer!r} ({why}); layers present: "
                     f"{preview(present, 10) if present else 'none'}. Put the raw counts in "
-                    f"adata.layers[{layer!r}]"
+                    f"adata.layers[{layer!r}], or name the layer that holds them with "
+                    "layer=... (CLI: --layer)"
                 )
             matrix, where = adata.layers[layer], f"adata.layers[{layer!r}]"
         dtype = getattr(matrix, "dtype", None)
@@ -143,6 +168,11 @@ class AnnDataSource:
     def obs_names(self) -> pd.Index:
         """The AnnData's cell names."""
         return self._obs_names
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What was read differently from training (unseen categories, absent columns)."""
+        return self._obs.notes
 
     @property
     def n_genes(self) -> int:
@@ -207,19 +237,20 @@ class AnnDataSource:
         )
         keep_entries = needs.entries or needs.log_library
 
-        def finish(rows: np.ndarray, dense_rows: Callable) -> tuple[Minibatch, tuple]:
+        def finish(start: int, rows: np.ndarray, dense_rows: Callable) -> tuple[Minibatch, tuple]:
             x, entries = dense_rows()
             if entries is None and keep_entries:
                 # the scoring methods need the non-zeros anyway: listing them once here
                 # (on a reader thread where there are some) lets the checks read them only
                 entries = Entries.from_dense(x)
             mb = self._assemble(x, rows, entries if keep_entries else None)
-            counts = checker.check(x, mb.cell_names, self._integer_input, entries)
+            where = where_phrase(start, rows.size, idx.size)
+            counts = checker.check(x, mb.cell_names, self._integer_input, entries, where)
             return mb.complete(needs), counts
 
         reads = (  # the file is read here, on the iterating thread
-            (rows, self._reader.read(rows))
-            for rows in (idx[start : start + bs] for start in range(0, idx.size, bs))
+            (start, rows, self._reader.read(rows))
+            for start, rows in ((s, idx[s : s + bs]) for s in range(0, idx.size, bs))
         )
         if prefetch:
             done = ordered_map(lambda r: finish(*r), reads, prefetch, "scvi-onnx-read")
@@ -227,14 +258,37 @@ class AnnDataSource:
                 checker.record(counts)
                 yield mb
         else:
-            # Inline, the loop holds the last read's buffers until the next read: measured flat
-            # in memory over 1M backed cells, while freeing them at once (a plain map) let
-            # glibc's heap fragment and creep, 380 -> 456 MB peak.
-            for rows, dense_rows in reads:
-                mb, counts = finish(rows, dense_rows)
+            # Inline, the loop holds the last read's buffers until the next read: memory stays
+            # flat over millions of backed cells, while freeing them at once (a plain map) let
+            # glibc's heap fragment and grow.
+            for start, rows, dense_rows in reads:
+                mb, counts = finish(start, rows, dense_rows)
                 checker.record(counts)
                 yield mb
-        checker.finish()
+        checker.finish(self._integer_layers_hint)
+
+    def _integer_layers_hint(self) -> str:
+        """Where raw counts may be instead: layers of integer values (their first cells)."""
+        found = []
+        for name in self._adata.layers.keys():
+            if f"adata.layers[{name!r}]" == self._source_name:
+                continue
+            try:
+                m = self._adata.layers[name]
+                if not dtype_is_numeric(m.dtype):
+                    continue
+                head = m[: min(50, self._n_obs)]
+                head = head.toarray() if hasattr(head, "toarray") else np.asarray(head)
+            except Exception:  # a layer that cannot be read cheaply is not a hint
+                continue
+            if head.size and np.all(head >= 0) and np.all(head == np.floor(head)):
+                found.append(name)
+        if not found:
+            return ""
+        return (
+            f"; adata.layers[{found[0]!r}] holds integers: read the counts from it with "
+            f"layer={found[0]!r} (CLI: --layer {found[0]})"
+        )
 
     def _assemble(self, x: np.ndarray, rows: np.ndarray, entries: Any) -> Minibatch:
         o = self._obs

@@ -37,8 +37,10 @@ class ValueChecker:
         names: Callable[[np.ndarray], list],
         integer_input: bool,
         entries: Entries | None = None,
+        where: str = "",
     ) -> tuple[int, int]:
-        """Validate a dense float32 minibatch ``x``; ``names(rows)`` gives cell names.
+        """Validate a dense float32 minibatch ``x``; ``names(rows)`` gives cell names and
+        ``where`` (:func:`where_phrase`) says which cells the minibatch holds.
 
         Returns the minibatch's (non-integer values, cells holding them) for :meth:`record`.
         With ``entries`` (x's non-zeros), the checks read those only; when one fails, the
@@ -62,7 +64,7 @@ class ValueChecker:
                 kinds.append("infinite")
             raise InvalidValuesError(
                 f"{self.source} holds {' and '.join(kinds)} values in "
-                f"{cells_phrase(bad_rows.size)} of this minibatch, e.g. "
+                f"{cells_phrase(bad_rows.size)}{where}, e.g. "
                 f"{preview(names(bad_rows))}; clean the data (e.g. replace or drop those "
                 "cells) before scoring: the model needs finite counts"
             )
@@ -70,17 +72,16 @@ class ValueChecker:
             bad_rows = np.flatnonzero((x < 0).any(axis=1))
             raise InvalidValuesError(
                 f"{self.source} holds negative values (min {float(lo):g}) in "
-                f"{cells_phrase(bad_rows.size)} of this minibatch, e.g. "
+                f"{cells_phrase(bad_rows.size)}{where}, e.g. "
                 f"{preview(names(bad_rows))}; the model needs raw non-negative counts: clean "
-                "the data or pass the raw-count layer the model was trained on"
+                "the data or read the raw counts from their layer (layer=..., CLI --layer)"
             )
         if self.require_positive_library:
             zero = np.flatnonzero(row_max <= 0)  # float32 row maxima: 4x cheaper than sums
             if zero.size:
                 raise ZeroLibrarySizeError(
-                    f"{cells_phrase(zero.size)} of this minibatch {have(zero.size)} zero total "
-                    f"counts over the model's genes, e.g. {preview(names(zero))}; these cells "
-                    "cannot be "
+                    f"{cells_phrase(zero.size)} {have(zero.size)} zero total counts over the "
+                    f"model's genes{where}, e.g. {preview(names(zero))}; these cells cannot be "
                     "scored with the observed library size: filter them first, e.g. "
                     "scanpy.pp.filter_cells(adata, min_counts=1)"
                 )
@@ -113,14 +114,16 @@ class ValueChecker:
         self.nonint_values += counts[0]
         self.nonint_cells += counts[1]
 
-    def finish(self) -> None:
-        """Emit the single non-integer warning of an iteration, if any."""
+    def finish(self, hint: Callable[[], str] | None = None) -> None:
+        """Emit the single non-integer warning of an iteration, if any (``hint()`` adds where
+        raw counts may be)."""
         if self.nonint_values:
+            more = hint() if hint is not None else ""
             warnings.warn(
                 f"{self.source} holds {self.nonint_values} non-integer value(s) in "
                 f"{cells_phrase(self.nonint_cells)}; the model's likelihood expects counts. "
                 "They are accepted as in scvi-tools, but results on non-count data (e.g. "
-                "normalized or log-transformed values) are not meaningful: pass raw counts",
+                "normalized or log-transformed values) are not meaningful: pass raw counts" + more,
                 NonIntegerCountsWarning,
                 stacklevel=3,
             )
@@ -140,3 +143,15 @@ def dtype_is_integer(dtype: Any) -> bool:
     except TypeError:
         return False
     return dt.kind == "b" or np.issubdtype(dt, np.integer)
+
+
+def where_phrase(done: int, n: int, total: int | None) -> str:
+    """Which cells a minibatch holds, for an error found in it: ``done`` cells came before it,
+    ``n`` are in it, of ``total`` (``None``: unknown, a user's dataloader)."""
+    if total is not None and done == 0 and n >= total:
+        return f" (of all {total} cells)"
+    of = f" of {total}" if total is not None else ""
+    return (
+        f" (found among cells {done + 1}-{done + n}{of}, in the order they are read; "
+        "the cells after them were not checked yet)"
+    )

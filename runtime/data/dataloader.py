@@ -18,7 +18,7 @@ from ..errors import (
     MissingColumnError,
     UnknownCategoryError,
 )
-from .checks import ValueChecker, dtype_is_integer, dtype_is_numeric
+from .checks import ValueChecker, dtype_is_integer, dtype_is_numeric, where_phrase
 from .minibatch import NO_NEEDS, DataNeeds, Minibatch
 from .text import cells_phrase, have, preview
 
@@ -202,7 +202,10 @@ def _normalize_iter(it: Iterator[Any], manifest: Manifest, needs: DataNeeds) -> 
         xf = np.ascontiguousarray(x, dtype=np.float32)
         checker.record(
             checker.check(
-                xf, lambda r, first=first: [f"cell {first + k}" for k in r], integer_input
+                xf,
+                lambda r, first=first: [f"cell {first + k}" for k in r],
+                integer_input,
+                where=where_phrase(first, n, None),
             )
         )
         out: dict[str, np.ndarray] = {X_KEY: xf}

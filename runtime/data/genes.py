@@ -1,4 +1,8 @@
-"""Match the input's genes to the model's by name: reorder, fill missing genes, drop extras."""
+"""Match the input's genes to the model's by name: reorder, fill missing genes, drop extras.
+
+Genes are matched by ``var_names``, or by a ``var`` column (``gene_key``: atlases name genes by
+Ensembl ID, clinics by symbol; an AnnData often holds both).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import InputDataError, MissingGenesError
+from ..errors import InputDataError, MissingColumnError, MissingGenesError
 from .text import SHOW_GENES, preview
 
 logger = logging.getLogger(__name__)
@@ -17,13 +21,59 @@ logger = logging.getLogger(__name__)
 MISSING_GENES_MODES = ("error", "zero")
 
 
+def gene_names(adata: Any, gene_key: str | None = None) -> tuple[pd.Index, str]:
+    """The input's gene names (``var_names`` or ``var[gene_key]``) and how to name them."""
+    if gene_key is None:
+        names = adata.var_names
+        if not (isinstance(names, pd.Index) and names.inferred_type == "string"):
+            names = pd.Index(np.asarray(names).astype(str))
+        # an all-string Index is kept as is: pandas caches its uniqueness and hash table, so
+        # scoring the same AnnData again (or a server's requests sharing one gene Index)
+        # matches genes in microseconds
+        return names, "adata.var_names"
+    var = adata.var
+    if gene_key not in var.columns:
+        cols = [str(c) for c in var.columns]
+        raise MissingColumnError(
+            f"adata.var has no column {gene_key!r} to match genes by (gene_key); its columns: "
+            f"{preview(cols, 10) if cols else 'none'}. Pass one of them, or leave gene_key out "
+            "to match by adata.var_names"
+        )
+    col = var[gene_key]
+    if col.isna().any():
+        raise InputDataError(
+            f"adata.var[{gene_key!r}] holds missing values ({int(col.isna().sum())} genes); "
+            "genes are matched by it, so every gene needs a name"
+        )
+    return pd.Index(np.asarray(col).astype(str)), f"adata.var[{gene_key!r}]"
+
+
+def _columns_naming(var: pd.DataFrame | None, model: pd.Index) -> list[tuple[str, int]]:
+    """``var`` columns (and their counts) that name some of the model's genes, best first."""
+    if var is None:
+        return []
+    found = []
+    for c in var.columns:
+        col = var[c]
+        if not (
+            pd.api.types.is_object_dtype(col)
+            or isinstance(col.dtype, pd.CategoricalDtype)
+            or pd.api.types.is_string_dtype(col)
+        ):
+            continue
+        hits = int(model.isin(pd.Index(np.asarray(col).astype(str))).sum())
+        if hits:
+            found.append((str(c), hits))
+    return sorted(found, key=lambda t: -t[1])
+
+
 class GeneMatch:
-    """Where each of the model's genes is in the input (``var_names``), or that it is missing.
+    """Where each of the model's genes is in the input, or that it is missing.
 
     Parameters
     ----------
-    var_names
-        The input's gene names (must be unique).
+    names
+        The input's gene names (must be unique): ``var_names`` or a ``var`` column.
     model_genes
         The model's genes, in the model's order (a ``pd.Index`` of names is used as is, e.g.
         :attr:`~scvi_onnx.bundle.Manifest.gene_index`).
@@ -32,6 +82,11 @@ class GeneMatch:
         them with zeros (as scvi-tools' ``prepare_query_anndata``).
     min_gene_overlap
         With ``"zero"``, the smallest fraction of the model's genes that must be present.
+    where
+        How the names are called in messages (``"adata.var_names"``).
+    var
+        The input's ``var`` table: when genes do not match, its columns that name the model's
+        genes are suggested (``gene_key``).
 
     Attributes
     ----------
@@ -46,23 +101,25 @@ class GeneMatch:
 
     def __init__(
         self,
-        var_names: Any,
+        names: Any,
         model_genes: Sequence[str],
         *,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        where: str = "adata.var_names",
+        var: pd.DataFrame | None = None,
     ):
-        if isinstance(var_names, pd.Index) and var_names.inferred_type == "string":
+        if isinstance(names, pd.Index) and names.inferred_type == "string":
             # already names (pandas caches inferred_type and uniqueness on the Index, so a
             # caller scoring the same AnnData again, or a server reusing one gene Index,
             # matches in microseconds instead of re-converting thousands of strings)
-            names = var_names
+            pass
         else:
-            names = pd.Index(np.asarray(var_names).astype(str))
+            names = pd.Index(np.asarray(names).astype(str))
         if not names.is_unique:
             dup = pd.unique(names[names.duplicated()])
             raise InputDataError(
-                f"adata.var_names has {len(dup)} duplicated gene name(s), e.g. "
+                f"{where} has {len(dup)} duplicated gene name(s), e.g. "
                 f"{preview(dup)}; genes are matched to the model by name, so names must be "
                 "unique: call adata.var_names_make_unique() or deduplicate the genes"
             )
@@ -81,22 +138,29 @@ class GeneMatch:
         n_missing = n_model - self.n_found
         if n_missing:
             missing = model[~found]
+            if self.n_found == 0:
+                raise MissingGenesError(
+                    f"none of the model's {n_model} genes is in {where}: the gene identifiers "
+                    f"may differ (symbols vs Ensembl IDs): the model's genes look like "
+                    f"{preview(model, 3)}, the data's like {preview(names, 3)}. "
+                    + self._hint(var, model, where)
+                )
             if missing_genes == "error":
                 raise MissingGenesError(
-                    f"{n_missing} of the model's {n_model} genes are missing from adata.var_names"
+                    f"{n_missing} of the model's {n_model} genes are missing from {where}"
                     f" ({self.overlap:.1%} found), e.g. {preview(missing, SHOW_GENES)}. "
                     "Pass the genes the model was trained on, or opt in to filling missing "
                     'genes with zeros with missing_genes="zero" (as scvi-tools\' '
-                    "prepare_query_anndata does)"
+                    "prepare_query_anndata does)" + self._hint(var, model, where, lead="; ")
                 )
             if self.overlap < min_gene_overlap:
                 raise MissingGenesError(
                     f"only {self.n_found} of the model's {n_model} genes are in "
-                    f"adata.var_names ({self.overlap:.1%} overlap, below "
+                    f"{where} ({self.overlap:.1%} overlap, below "
                     f"min_gene_overlap={min_gene_overlap:g}); missing e.g. "
                     f"{preview(missing, SHOW_GENES)}. Check that the data uses the same gene "
                     "identifiers as the model (symbols vs Ensembl IDs); to score anyway pass "
-                    "min_gene_overlap=0"
+                    "min_gene_overlap=0" + self._hint(var, model, where, lead="; ")
                 )
         if missing_genes == "zero":
             logger.info(
@@ -117,6 +181,22 @@ class GeneMatch:
         # a sorted CSR row then lists its entries in model order too
         by_source = np.argsort(self.src_cols)
         self.order_kept = bool(np.all(np.diff(self.model_pos[by_source]) > 0))
+
+    def _hint(self, var, model: pd.Index, where: str, lead: str = "") -> str:
+        """Suggest the var columns that name more of the model's genes than ``where`` does."""
+        better = [(c, k) for c, k in _columns_naming(var, model) if k > self.n_found]
+        if better:
+            cols = ", ".join(f"{c!r} ({k} of {model.size})" for c, k in better[:3])
+            return (
+                f"{lead}adata.var columns that name the model's genes: {cols}: match by one "
+                f"with gene_key={better[0][0]!r} (CLI: --var-column {better[0][0]})"
+            )
+        if self.n_found == 0:
+            return (
+                f"{lead}Match by a var column holding the model's gene identifiers with "
+                "gene_key=... (CLI: --var-column ...), or map the identifiers first"
+            )
+        return ""
 
     def place(self, dense: np.ndarray) -> np.ndarray:
         """Model-ordered found genes -> full ``(n, n_model)`` float32, zeros where missing."""

@@ -37,10 +37,10 @@ class Engine:
         Reader threads that densify and check the next minibatches while the workers compute
         (the scoring methods).
     latent_prefetch
-        The same for the latent space and predictions: none on the CPU (with a reader thread
-        the latent space was ~20% faster, but its memory crept up with the number of cells,
-        glibc arenas: 340 -> 470 MB over 1M backed cells, flat without); on CUDA the host's
-        data path bounds the latent space, so the readers run there too.
+        The same for the latent space and predictions: none on the CPU (a reader thread made
+        it a little faster, but its memory grew with the number of cells: one more thread's
+        glibc arenas; flat without); on CUDA the host's data path bounds the latent space, so
+        the readers run there too.
     task_elements, chunk_elements
         Cells x genes of a per-cell task; elements of one decoder call.
     """
@@ -54,7 +54,8 @@ class Engine:
     @classmethod
     def for_provider(cls, provider: str, n_threads: int | None = None) -> Engine:
         n = int(n_threads or min(os.cpu_count() or 1, MAX_DEFAULT_THREADS))
-        # Measured over 1M backed cells on 2 CPUs: ELBO 23.7 -> 15.7 s with the readers.
+        # the readers prepare the next minibatches while the workers compute (ELBO ~1.5x on
+        # 2 CPUs over 1M backed cells)
         prefetch = max(1, n // 2) if n > 1 else 0
         cuda = provider == CUDA
         return cls(

@@ -9,6 +9,7 @@ from typing import Any
 from ..arguments import check_positive_int
 from ..bundle import Manifest
 from ..data import AnnDataSource, DataNeeds, Minibatch, normalize_dataloader, resolve_indices
+from ..data.obs import ObsUse
 from ..errors import InvalidArgumentError
 from .engine import DEFAULT_BATCH_SIZE
 
@@ -26,6 +27,9 @@ def minibatches(
     min_gene_overlap: float = 0.8,
     missing_labels_code: int | None = None,
     first_key: int = 0,
+    use: ObsUse | None = None,
+    layer: str | None = None,
+    gene_key: str | None = None,
     progress: bool = False,
 ) -> Iterator[Minibatch]:
     """Checked, completed minibatches of ``adata`` (or of a user's ``dataloader``).
@@ -33,7 +37,8 @@ def minibatches(
     ``adata`` is the AnnData to read (the caller resolves the model's bound default);
     ``prefetch`` reader threads prepare the next minibatches; ``first_key`` keys row 0's noise
     (a chunk of a larger input passes its first global row); ``progress`` shows a bar over
-    minibatches.
+    minibatches; ``use``, ``layer``, ``gene_key``: see
+    :class:`~scvi_onnx.data.anndata.AnnDataSource`.
     """
     batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
     if dataloader is not None:
@@ -59,6 +64,9 @@ def minibatches(
             min_gene_overlap=min_gene_overlap,
             missing_labels_code=missing_labels_code,
             first_key=first_key,
+            use=use,
+            layer=layer,
+            gene_key=gene_key,
         )
         idx = resolve_indices(indices, src.n_obs)
         bs = batch_size or DEFAULT_BATCH_SIZE

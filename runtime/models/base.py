@@ -23,7 +23,7 @@ so any split of cells or draws gives the same numbers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -98,6 +98,21 @@ class Module(ABC):
     def ln(self) -> bool:
         """Whether z is logistic-normal (``softmax`` of a Gaussian draw)."""
         return self.config.latent_distribution == "ln"
+
+    @abstractmethod
+    def obs_use(self, scoring: bool) -> dict[str, str]:
+        """Which registered obs inputs (``batch``, ``labels``, ``cat_covs``, ``cont_covs``,
+        ``size_factor``) the latent space (``scoring=False``) or the scoring methods read, and
+        why (for refusals): the others change no number, so their columns may be absent or
+        hold categories never seen in training."""
+
+    @staticmethod
+    @abstractmethod
+    def obs_usage(
+        config: Any, graph_inputs: Mapping[str, Sequence[str]], scoring: bool
+    ) -> dict[str, str]:
+        """:meth:`obs_use` from a config and each graph's input names (as the manifest lists
+        them), without sessions: what ``scvi-onnx info`` shows."""
 
     @abstractmethod
     def encode(self, mb: Minibatch) -> dict[str, np.ndarray]:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..bundle import format as F
 from ..bundle import load_npz, read_config, read_manifest
 from ..errors import BundleError
-from .base import BundleContents
+
+if TYPE_CHECKING:
+    from .base import BundleContents
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ def open_bundle(
         The bundle is unreadable, tampered, too new, of an unknown model class, or its config
         holds a value this runtime does not implement.
     """
+    from .base import BundleContents
+
     manifest = read_manifest(path, check_files=check_files, expected_digest=expected_digest)
     e = entry(manifest.model_class)
     config = read_config(manifest, e.load("module").Config)

@@ -15,7 +15,7 @@ the transformed z: reproduced as it is).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +156,39 @@ class VAE(Module):
     def scores_on_graph(self) -> bool:
         """Whether log p(x | z) is reduced in the scoring graph (else on the host)."""
         return self.genes.score_graph is not None
+
+    def obs_use(self, scoring: bool) -> dict[str, str]:
+        graphs = {"encoder": self.encoder.inputs, "decoder": self.decoder.inputs}
+        return self.obs_usage(self.config, graphs, scoring)
+
+    @staticmethod
+    def obs_usage(
+        config: VAEConfig, graph_inputs: Mapping[str, Sequence[str]], scoring: bool
+    ) -> dict[str, str]:
+        """Which registered obs inputs the latent space (``scoring=False``) or the scoring
+        methods read, and why: the covariates the graphs take (``graph_inputs``: each graph's
+        input names, from its session or the manifest), the dispersion's and the library
+        prior's categories, the size factors."""
+        used: dict[str, str] = {}
+        graphs = [("encoder", "the encoder takes it")]
+        if scoring:
+            graphs.append(("decoder", "the decoder takes it"))
+        covariates = ((F.IN_BATCH, "batch"), (F.IN_CAT, "cat_covs"), (F.IN_CONT, "cont_covs"))
+        for graph, why in graphs:
+            for name, kind in covariates:
+                if name in graph_inputs.get(graph, ()):
+                    used.setdefault(kind, why)
+        if scoring:
+            c = config
+            if c.gene_likelihood != "poisson" and c.dispersion == "gene-batch":
+                used.setdefault("batch", "the gene dispersion is per batch")
+            if c.gene_likelihood != "poisson" and c.dispersion == "gene-label":
+                used.setdefault("labels", "the gene dispersion is per label")
+            if not c.use_observed_lib_size:
+                used.setdefault("batch", "the library size prior is per batch")
+            if c.use_size_factor_key:
+                used.setdefault("size_factor", "the model scales expression by size factors")
+        return used
 
     # ------------------------------------------------------------------ pieces
     @staticmethod

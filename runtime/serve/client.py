@@ -27,7 +27,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
@@ -309,8 +309,11 @@ class RemoteModel:
 
         return OnnxVAEModel.gene_overlap(self, adata)
 
-    def _expression(self, adata: Any) -> Any:
-        layer = self.registry.layer
+    def _expression(self, adata: Any, layer: str | None = None) -> Any:
+        """The counts as the library reads them: ``layer``, else the registered layer or X."""
+        if layer is not None and not isinstance(layer, str):
+            raise InvalidArgumentError(f"layer must be a layer name (str), got {layer!r}")
+        layer = self.registry.layer if layer is None else layer
         if layer is None:
             if adata.X is None:
                 raise E.InputDataError(
@@ -320,8 +323,8 @@ class RemoteModel:
             return adata.X
         if layer not in adata.layers:
             raise E.MissingColumnError(
-                f"adata.layers has no layer {layer!r}, where the model reads its counts "
-                "(registered at training)"
+                f"adata.layers has no layer {layer!r} to read the counts from; layers present: "
+                f"{', '.join(map(repr, adata.layers.keys())) or 'none'}"
             )
         return adata.layers[layer]
 
@@ -343,17 +346,6 @@ class RemoteModel:
                 out.append((key, "BYTES", values))
         return out
 
-    def _check_obs(self, obs: Any) -> None:
-        """A registered column absent from ``adata.obs``: the library's own error, before any
-        request (SCANVI's labels may be absent: every cell is then unlabeled)."""
-        from ..data.obs import missing_column_error
-
-        for key, what in self.registry.obs_columns():
-            if key not in obs.columns and not (what == "labels_key" and self._labels_optional):
-                raise missing_column_error(what, key, obs, self.registry)
-
-    _labels_optional = False
-
     def _run(
         self,
         adata: Any,
@@ -363,6 +355,9 @@ class RemoteModel:
         *,
         missing_genes: str,
         min_gene_overlap: float,
+        layer: str | None,
+        gene_key: str | None,
+        unseen_as: Mapping[str, Any] | None,
         progress_bar: bool,
         first_key: int,
         dataloader: Any = None,
@@ -372,7 +367,7 @@ class RemoteModel:
 
         from ..arguments import check_choice, check_fraction
         from ..data import GeneMatch, resolve_indices
-        from ..data.genes import MISSING_GENES_MODES
+        from ..data.genes import MISSING_GENES_MODES, gene_names
         from ..data.readers import MatrixReader
 
         if dataloader is not None:
@@ -399,14 +394,23 @@ class RemoteModel:
                 "least one cell"
             )
         idx = resolve_indices(indices, data.n_obs)
+        names, where = gene_names(data, gene_key)
         genes = GeneMatch(
-            data.var_names,
+            names,
             self.genes,
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
+            where=where,
+            var=data.var,
         )
-        self._check_obs(data.obs)
-        reader = MatrixReader(self._expression(data), genes)
+        if unseen_as:
+            if not isinstance(unseen_as, Mapping):
+                raise InvalidArgumentError(
+                    f"unseen_as must be a mapping of obs column -> training category, got "
+                    f"{unseen_as!r}"
+                )
+            params = {**params, "unseen_as": {str(k): str(v) for k, v in unseen_as.items()}}
+        reader = MatrixReader(self._expression(data, layer), genes)
         order = np.argsort(idx, kind="stable")
         rows_sorted = idx[order]
         results: dict[str, np.ndarray] = {}
@@ -463,6 +467,9 @@ class RemoteModel:
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
         first_key: int = 0,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -484,6 +491,9 @@ class RemoteModel:
             params,
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
+            layer=layer,
+            gene_key=gene_key,
+            unseen_as=unseen_as,
             progress_bar=progress_bar,
             first_key=first_key,
             dataloader=dataloader,
@@ -504,6 +514,9 @@ class RemoteModel:
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
         first_key: int = 0,
     ) -> float | np.ndarray:
@@ -519,6 +532,9 @@ class RemoteModel:
             {"seed": self._seed(seed)},
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
+            layer=layer,
+            gene_key=gene_key,
+            unseen_as=unseen_as,
             progress_bar=progress_bar,
             first_key=first_key,
             dataloader=dataloader,
@@ -538,6 +554,9 @@ class RemoteModel:
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
         first_key: int = 0,
     ) -> dict[str, float | np.ndarray]:
@@ -553,6 +572,9 @@ class RemoteModel:
             {"seed": self._seed(seed)},
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
+            layer=layer,
+            gene_key=gene_key,
+            unseen_as=unseen_as,
             progress_bar=progress_bar,
             first_key=first_key,
             dataloader=dataloader,
@@ -573,6 +595,9 @@ class RemoteModel:
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
         first_key: int = 0,
     ) -> float | np.ndarray:
@@ -593,6 +618,9 @@ class RemoteModel:
             {"seed": self._seed(seed), "n_mc_samples": n_mc_samples},
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
+            layer=layer,
+            gene_key=gene_key,
+            unseen_as=unseen_as,
             progress_bar=progress_bar,
             first_key=first_key,
             dataloader=dataloader,
@@ -606,8 +634,6 @@ class RemoteModel:
 
 class RemoteSCANVI(RemoteModel):
     """A served SCANVI model: :class:`RemoteModel` plus ``predict`` and ``labels``."""
-
-    _labels_optional = True
 
     @property
     def labels(self) -> tuple:
@@ -634,6 +660,9 @@ class RemoteSCANVI(RemoteModel):
         seed: int | None = None,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
         first_key: int = 0,
     ) -> np.ndarray | pd.DataFrame:
@@ -648,6 +677,9 @@ class RemoteSCANVI(RemoteModel):
             {"seed": self._seed(seed), "use_posterior_mean": bool(use_posterior_mean)},
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
+            layer=layer,
+            gene_key=gene_key,
+            unseen_as=unseen_as,
             progress_bar=progress_bar,
             first_key=first_key,
             dataloader=dataloader,

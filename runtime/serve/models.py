@@ -57,6 +57,16 @@ def _str(name: str, v: Any) -> str:
     return v
 
 
+def _mapping(name: str, v: Any) -> dict[str, str]:
+    if not isinstance(v, dict) or not all(
+        isinstance(k, str) and isinstance(x, str) for k, x in v.items()
+    ):
+        raise InvalidArgumentError(
+            f"parameter {name} must be an object of obs column -> training category, got {v!r}"
+        )
+    return v
+
+
 def _bool(name: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise InvalidArgumentError(f"parameter {name} must be a boolean, got {v!r}")
@@ -75,6 +85,7 @@ PARAMETERS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "missing_genes": ("missing_genes", _str),
     "min_gene_overlap": ("min_gene_overlap", _number),
     "use_posterior_mean": ("use_posterior_mean", _bool),
+    "unseen_as": ("unseen_as", _mapping),
 }
 #: Parameters of the protocol itself (or of Triton's client) that are not model options.
 PROTOCOL_PARAMETERS = ("binary_data_output", "timeout", "priority")

@@ -48,7 +48,9 @@ class Graph:
 
     def to_device(self, array: np.ndarray) -> Any:
         """``array`` as an ``OrtValue`` on the session's device (sent once, bound many times)."""
-        import onnxruntime as ort
+        from .providers import import_onnxruntime
+
+        ort = import_onnxruntime()
 
         where = "cuda" if self.on_cuda else "cpu"
         return ort.OrtValue.ortvalue_from_numpy(array, where, 0)

@@ -25,6 +25,19 @@ DEFAULT_INTRA_OP_THREADS = 1
 CUDA_OPTIONS: dict[str, Any] = {"use_tf32": 0}
 
 
+def import_onnxruntime():
+    """``onnxruntime``, or a :class:`ProviderError` saying which extra installs it."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ProviderError(
+            "onnxruntime is not installed: install scvi-onnx with an ONNX Runtime, "
+            "pip install 'scvi-onnx[cpu]' (CPU) or 'scvi-onnx[gpu]' (CUDA; never both in one "
+            "environment)"
+        ) from e
+    return onnxruntime
+
+
 def _gpu_present() -> bool:
     # onnxruntime-gpu lists CUDA even without a GPU (and prints errors when asked for it).
     return Path("/proc/driver/nvidia/version").exists()
@@ -59,8 +72,7 @@ def create_session(path: str | Path, device: str = "auto", *, intra_op_threads: 
     ProviderError
         ``device="cuda"`` but CUDA cannot be used here (the message lists what is available).
     """
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     if device not in DEVICES:
         raise ProviderError(f"device must be one of {DEVICES}, got {device!r}")
     available = ort.get_available_providers()

@@ -129,10 +129,36 @@ def test_typed_errors(remote, query):
     data problems come back from the server as the library's typed errors."""
     with pytest.raises(MissingGenesError, match="missing_genes"):
         remote.get_latent_representation(query[:, :1000])
-    bad = query[:10].copy()
-    bad.obs["batch"] = "somewhere_else"
+    new = query[:10].copy()
+    new.obs["batch"] = "somewhere_else"
     with pytest.raises(UnknownCategoryError, match="somewhere_else"):
-        remote.get_latent_representation(bad)
+        remote.get_elbo(new)  # the decoder has no weights for an unseen batch
+
+
+def test_reference_mapping_options(remote, shipped, query):
+    """The library's reference-mapping options work remotely as locally: the latent space of
+    an unseen batch (this encoder does not take the batch), ``unseen_as`` for the scoring
+    methods, counts in a layer, genes matched by a var column."""
+    new = query[:30].copy()
+    new.obs["batch"] = "clinic_sample_1"
+    np.testing.assert_array_equal(
+        remote.get_latent_representation(new), shipped.get_latent_representation(new)
+    )
+    mapping = {"batch": "pbmc_10k"}
+    np.testing.assert_array_equal(
+        remote.get_elbo(new, unseen_as=mapping, return_mean=False),
+        shipped.get_elbo(new, unseen_as=mapping, return_mean=False),
+    )
+    moved = query[:30].copy()
+    moved.layers["raw"] = moved.X.copy()
+    moved.X = moved.X * 0
+    moved.var["symbol"] = moved.var_names.to_numpy()
+    moved.var_names = [f"ENSG{i:05d}" for i in range(moved.n_vars)]
+    kw = {"layer": "raw", "gene_key": "symbol", "return_mean": False}
+    np.testing.assert_array_equal(remote.get_elbo(moved, **kw), shipped.get_elbo(moved, **kw))
+    np.testing.assert_array_equal(
+        remote.get_elbo(moved, **kw), shipped.get_elbo(query[:30], return_mean=False)
+    )
     with pytest.raises(InvalidArgumentError, match="dataloader"):
         remote.get_elbo(dataloader=[{"X": np.zeros((1, 2000))}])
     with pytest.raises(InvalidArgumentError, match="no data"):

@@ -208,7 +208,7 @@ def test_audit_log_records_requests_never_data(server, query, cells, shipped):
     x, batch = cells
     before = server.audit.read_text().splitlines()
     post(server.port, doc_for(x[:7], batch[:7], outputs=("latent", "elbo")), token=server.token)
-    post(server.port, doc_for(x[:2], ["nowhere", "pbmc_5k"]), token=server.token)
+    post(server.port, doc_for(x[:2], ["nowhere", "pbmc_5k"], ("elbo",)), token=server.token)
     post(server.port, doc_for(x[:2], batch[:2]))  # no token
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("GET", "/v2/health/live")  # health checks are not audited

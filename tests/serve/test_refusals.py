@@ -105,14 +105,28 @@ def test_bad_inputs_get_the_library_typed_message(server, cells, shipped, query)
     xn[2, 7] = np.nan
     err = refused(server, json.dumps(request_doc(xn, batch)).encode())
     assert "NaN" in err and "cell 2" in err
-    # unseen category
-    err = refused(server, request_doc(x, ["pbmc_5k", "pbmc_5k", "pbmc_99k", "pbmc_5k"]))
-    assert "never seen in training: 'pbmc_99k'" in err and "pbmc_10k" in err
-    # missing input (the registered batch column)
-    doc = request_doc(x, batch)
+    # unseen category, where the result depends on it (the ELBO: the decoder takes the batch)
+    unseen = ["pbmc_5k", "pbmc_5k", "pbmc_99k", "pbmc_5k"]
+    err = refused(server, request_doc(x, unseen, outputs=["elbo"]))
+    assert "pbmc_99k" in err and "pbmc_10k" in err and "unseen_as" in err
+    # ... and mapped to a training category with the library's unseen_as
+    status, _, data = post(
+        server,
+        json.dumps(
+            request_doc(
+                x, unseen, outputs=["elbo"], parameters={"unseen_as": {"batch": "pbmc_10k"}}
+            )
+        ),
+    )
+    assert status == 200, data
+    assert "unseen_as" in refused(
+        server, request_doc(x, unseen, outputs=["elbo"], parameters={"unseen_as": "pbmc_10k"})
+    )
+    # missing input (the registered batch column, for the ELBO, which depends on it)
+    doc = request_doc(x, batch, outputs=["elbo"])
     del doc["inputs"][1]
     err = refused(server, doc)
-    assert "no column 'batch'" in err
+    assert "'batch'" in err
     doc = request_doc(x, batch)
     del doc["inputs"][0]
     assert "missing input 'counts'" in refused(server, doc)

@@ -20,6 +20,7 @@ _LAZY = {
     "OnnxLinearSCVI": "scvi_onnx.api.linear",
     "OnnxSCANVI": "scvi_onnx.api.scanvi",
     "verify": "scvi_onnx.selfcheck",
+    "connect": "scvi_onnx.serve.client",
 }
 
 __all__ = [*_LAZY, "__version__", *_errors_all]

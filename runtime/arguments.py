@@ -22,6 +22,13 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
+def check_first_key(value: Any) -> int:
+    """A cell key offset: an integer >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 0:
+        raise InvalidArgumentError(f"first_key must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
     """A positive integer (``None`` too when ``allow_none``)."""
     if value is None and allow_none:

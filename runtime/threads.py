@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain
+
+_END = object()
 
 
 def ordered_map(fn: Callable, items: Iterable, threads: int, name: str) -> Iterator:
@@ -18,10 +21,19 @@ def ordered_map(fn: Callable, items: Iterable, threads: int, name: str) -> Itera
     if threads <= 0:
         yield from map(fn, items)
         return
+    it = iter(items)
+    first = next(it, _END)
+    if first is _END:
+        return
+    second = next(it, _END)
+    if second is _END:
+        # one item (a small call: a few cells): no pool to start and join, ~0.3 ms saved
+        yield fn(first)
+        return
     with ThreadPoolExecutor(threads, thread_name_prefix=name) as ex:
         pending: deque[Future] = deque()
         try:
-            for item in items:
+            for item in chain((first, second), it):
                 pending.append(ex.submit(fn, item))
                 if len(pending) > threads:
                     yield pending.popleft().result()

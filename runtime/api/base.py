@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..arguments import check_positive_int, check_seed
+from ..arguments import check_first_key, check_positive_int, check_seed
 from ..bundle import Manifest
 from ..data import DataNeeds, Minibatch
 from ..data.obs import ObsUse
@@ -42,9 +42,11 @@ def _read(
     gene_key: str | None,
     unseen_as: Mapping[str, Any] | None,
     progress_bar: bool,
+    first_key: int = 0,
 ) -> dict[str, Any]:
     """The data options every method takes, as :meth:`OnnxVAEModel._minibatches` reads them."""
     return {
+        "first_key": first_key,
         "missing_genes": missing_genes,
         "min_gene_overlap": min_gene_overlap,
         "layer": layer,
@@ -89,6 +91,8 @@ class OnnxVAEModel:
         Where ``log p(x | z)`` is summed over genes: ``"auto"`` (the bundle's scoring graph
         on CUDA, so decoder outputs never come back to the host; numpy on the CPU),
         ``"host"`` or ``"graph"``.
+    expected_digest
+        Refuse any bundle whose digest (:attr:`digest`) is not this one.
 
     Attributes
     ----------
@@ -113,9 +117,12 @@ class OnnxVAEModel:
         intra_op_threads: int | None = None,
         n_threads: int | None = None,
         scoring: str = "auto",
+        expected_digest: str | None = None,
     ):
         self.path = Path(path)
-        model_entry, contents = open_bundle(self.path, check_files=verify_checksums)
+        model_entry, contents = open_bundle(
+            self.path, check_files=verify_checksums, expected_digest=expected_digest
+        )
         self.manifest: Manifest = contents.manifest
         self.config = contents.config
         self.seed = check_seed(seed)
@@ -138,6 +145,12 @@ class OnnxVAEModel:
     @property
     def n_latent(self) -> int:
         return self.module.n_latent
+
+    @property
+    def digest(self) -> str:
+        """The bundle's digest, ``sha256:`` of its manifest.json (which lists every other
+        file's sha256): pin it with ``load(..., expected_digest=...)``."""
+        return self.manifest.digest
 
     def __repr__(self) -> str:
         c = self.config
@@ -191,6 +204,7 @@ class OnnxVAEModel:
         progress: bool,
         scoring: bool,
         what: str,
+        first_key: int = 0,
         layer: str | None = None,
         gene_key: str | None = None,
         unseen_as: Mapping[str, Any] | None = None,
@@ -214,6 +228,7 @@ class OnnxVAEModel:
             use=use,
             layer=layer,
             gene_key=gene_key,
+            first_key=check_first_key(first_key),
             progress=progress,
         )
 
@@ -238,6 +253,7 @@ class OnnxVAEModel:
         gene_key: str | None = None,
         unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
+        first_key: int = 0,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Latent representation of the cells, as scvi-tools' ``get_latent_representation``.
 
@@ -283,6 +299,11 @@ class OnnxVAEModel:
             does not depend on it, and needs no mapping (nor the column at all).
         progress_bar
             Show a progress bar over minibatches.
+        first_key
+            The noise key of the first cell (default 0): a cell's draws are keyed by
+            ``first_key`` + its row in ``adata``, so a chunk of a larger AnnData given the row
+            of its first cell gets the numbers of its cells in the whole (this is how
+            :func:`scvi_onnx.connect` sends an AnnData to a server in bounded requests).
 
         Returns
         -------
@@ -298,7 +319,9 @@ class OnnxVAEModel:
             dataloader,
             scoring=False,
             what="the latent space",
-            **_read(missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar),
+            **_read(
+                missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
+            ),
         )
         return latent_loop.latent(
             self.module,
@@ -326,6 +349,7 @@ class OnnxVAEModel:
         gene_key: str | None = None,
         unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
+        first_key: int = 0,
     ) -> float | np.ndarray:
         """Evidence lower bound per cell (or its mean), as scvi-tools' ``get_elbo``.
 
@@ -343,7 +367,7 @@ class OnnxVAEModel:
         seed
             Seed of the posterior draws (default: the model's ``seed``). A cell's draw
             depends on the seed and its row in ``adata`` only.
-        missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar
+        missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
             As in :meth:`get_latent_representation`: here the decoder's covariates (and the
             categories of per-batch / per-label dispersion and library prior) are read too,
             so their unseen categories need ``unseen_as`` (or a fine-tuned query model).
@@ -360,7 +384,9 @@ class OnnxVAEModel:
             data_loader_kwargs,
             seed,
             "the ELBO",
-            _read(missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar),
+            _read(
+                missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
+            ),
         )
         out = terms.elbo()
         return float(out.mean()) if return_mean else out
@@ -381,6 +407,7 @@ class OnnxVAEModel:
         gene_key: str | None = None,
         unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
+        first_key: int = 0,
     ) -> dict[str, float | np.ndarray]:
         """Reconstruction loss for one posterior draw per cell, as scvi-tools'
         ``get_reconstruction_error``.
@@ -398,7 +425,7 @@ class OnnxVAEModel:
             Accepted for scvi-tools' signature; must be empty.
         seed
             Seed of the posterior draws (default: the model's ``seed``).
-        missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar
+        missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
             As in :meth:`get_latent_representation`: here the decoder's covariates (and the
             categories of per-batch / per-label dispersion and library prior) are read too,
             so their unseen categories need ``unseen_as`` (or a fine-tuned query model).
@@ -416,7 +443,9 @@ class OnnxVAEModel:
             data_loader_kwargs,
             seed,
             "the reconstruction error",
-            _read(missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar),
+            _read(
+                missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
+            ),
         )
         return {k: float(v.mean()) if return_mean else v for k, v in terms.reconstruction.items()}
 
@@ -448,6 +477,7 @@ class OnnxVAEModel:
         gene_key: str | None = None,
         unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
+        first_key: int = 0,
     ) -> float | np.ndarray:
         """Importance-sampled marginal log-likelihood, as scvi-tools' ``get_marginal_ll``.
 
@@ -471,7 +501,7 @@ class OnnxVAEModel:
             do not depend on it.
         seed
             Seed of the posterior draws (default: the model's ``seed``).
-        missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar
+        missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
             As in :meth:`get_latent_representation`: here the decoder's covariates (and the
             categories of per-batch / per-label dispersion and library prior) are read too,
             so their unseen categories need ``unseen_as`` (or a fine-tuned query model).
@@ -495,7 +525,9 @@ class OnnxVAEModel:
             dataloader,
             scoring=True,
             what="the marginal log-likelihood",
-            **_read(missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar),
+            **_read(
+                missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
+            ),
         )
         per_minibatch = list(
             mll_loop.marginal_ll(self.module, self.engine, mbs, n_mc_samples, per_pass, seed)
@@ -515,6 +547,7 @@ def load(
     intra_op_threads: int | None = None,
     n_threads: int | None = None,
     scoring: str = "auto",
+    expected_digest: str | None = None,
 ) -> OnnxVAEModel:
     """Load a scvi-onnx bundle as the runtime class of its model.
 
@@ -543,17 +576,25 @@ def load(
     scoring
         Where ``log p(x | z)`` is summed over genes: ``"auto"`` (the bundle's scoring graph on
         CUDA, numpy on the CPU), ``"host"`` or ``"graph"``.
+    expected_digest
+        The bundle's pinned digest (``sha256:...``, as ``scvi-onnx info`` shows it): any
+        other bundle is refused, as container images are pinned by digest. The checksums
+        inside a bundle prove it is whole, not that it is the one that was validated.
 
     Raises
     ------
     BundleError
         The folder is not a readable scvi-onnx bundle (missing, tampered, too new).
+    BundleIntegrityError
+        A file is altered, or the digest is not ``expected_digest``.
     ProviderError
         ``device="cuda"`` cannot be honoured.
     """
     from ..bundle import read_manifest
 
-    model_class = read_manifest(path, check_files=False).model_class
+    model_class = read_manifest(
+        path, check_files=False, expected_digest=expected_digest
+    ).model_class
     cls = entry(model_class).load("api")
     return cls(
         path,
@@ -564,4 +605,5 @@ def load(
         intra_op_threads=intra_op_threads,
         n_threads=n_threads,
         scoring=scoring,
+        expected_digest=expected_digest,
     )

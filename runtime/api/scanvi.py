@@ -56,6 +56,7 @@ class OnnxSCANVI(OnnxVAEModel):
         gene_key: str | None = None,
         unseen_as: Mapping[str, Any] | None = None,
         progress_bar: bool = False,
+        first_key: int = 0,
     ) -> np.ndarray | pd.DataFrame:
         """Cell label predictions, as ``scvi.model.SCANVI.predict``.
 
@@ -63,7 +64,7 @@ class OnnxSCANVI(OnnxVAEModel):
         ----------
         adata, indices, batch_size, dataloader, missing_genes, min_gene_overlap
             As in :meth:`get_latent_representation`.
-        layer, gene_key, unseen_as, progress_bar
+        layer, gene_key, unseen_as, progress_bar, first_key
             As in :meth:`get_latent_representation` (the classifier takes the latent only,
             so covariates the encoder does not take may be absent or unseen).
         soft
@@ -91,7 +92,9 @@ class OnnxSCANVI(OnnxVAEModel):
             dataloader,
             scoring=False,
             what="the predicted labels",
-            **_read(missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar),
+            **_read(
+                missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
+            ),
         )
         probs = latent_loop.class_probabilities(
             self.module, self.engine, mbs, use_posterior_mean=use_posterior_mean, seed=seed

@@ -12,6 +12,8 @@ reads the entries its maths depends on into a frozen dataclass of its own with
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from . import format as F
 from .files import check_inside, verify_checksums
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: A bundle digest as written by ``info`` (``sha256:<hex>``); the bare hex is accepted too.
+DIGEST_PREFIX = "sha256:"
 _C = TypeVar("_C")
 
 
@@ -109,10 +113,21 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     #: The folder it was read from (``None`` for a manifest being written).
     root: Path | None = field(default=None, compare=False)
+    #: ``sha256:<hex>`` of the manifest.json bytes read (``""`` for one being written). The
+    #: manifest lists every other file's sha256, so this one digest pins the whole bundle.
+    digest: str = field(default="", compare=False)
 
     @property
     def n_genes(self) -> int:
         return len(self.genes)
+
+    @functools.cached_property
+    def gene_index(self) -> Any:
+        """The genes as a ``pandas.Index`` of ``str``, built once per manifest (gene matching
+        reads it on every call)."""
+        import pandas as pd
+
+        return pd.Index([str(g) for g in self.genes])
 
     @property
     def graph_names(self) -> tuple[str, ...]:
@@ -152,7 +167,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], root: Path | None = None) -> Manifest:
+    def from_json(cls, d: dict[str, Any], root: Path | None = None, digest: str = "") -> Manifest:
         return cls(
             schema_version=int(d["schema_version"]),
             model_class=d["model_class"],
@@ -165,6 +180,7 @@ class Manifest:
             files=d.get("files", {}),
             extra=d.get("extra", {}),
             root=root,
+            digest=digest,
         )
 
 
@@ -172,7 +188,29 @@ def _has_file(entry: Any) -> bool:
     return isinstance(entry, dict) and "file" in entry
 
 
-def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
+def normalize_digest(digest: Any) -> str:
+    """``sha256:<64 hex>`` from a digest written with or without the ``sha256:`` prefix.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Not a sha256 digest.
+    """
+    from ..errors import InvalidArgumentError
+
+    text = digest.strip().lower() if isinstance(digest, str) else ""
+    hexpart = text[len(DIGEST_PREFIX) :] if text.startswith(DIGEST_PREFIX) else text
+    if not _SHA256.fullmatch(hexpart):
+        raise InvalidArgumentError(
+            f"expected_digest must be a bundle digest 'sha256:<64 hex digits>' (as "
+            f"`scvi-onnx info` shows it), got {digest!r}"
+        )
+    return DIGEST_PREFIX + hexpart
+
+
+def read_manifest(
+    path: str | Path, *, check_files: bool = True, expected_digest: str | None = None
+) -> Manifest:
     """Read and check a bundle's manifest.
 
     Parameters
@@ -182,6 +220,10 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
     check_files
         Verify the sha256 of every file listed in the manifest (default). Loading never
         executes code from the bundle.
+    expected_digest
+        Refuse any bundle whose digest (``sha256:`` of its manifest.json bytes, shown by
+        ``scvi-onnx info``) is not this one. Checksums prove a bundle is whole; the digest
+        proves it is the one that was validated (anyone can rewrite a manifest).
 
     Raises
     ------
@@ -190,8 +232,10 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
     BundleVersionError
         The schema version is newer (or older) than this runtime reads.
     BundleIntegrityError
-        A listed file is missing or its checksum differs.
+        A listed file is missing or its checksum differs, or the digest is not
+        ``expected_digest``.
     """
+    expected = None if expected_digest is None else normalize_digest(expected_digest)
     root = Path(path)
     if not root.exists():
         raise BundleError(f"bundle not found: {root} does not exist")
@@ -207,9 +251,19 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
             "export one with `scvi-onnx export` or `scvi_onnx.exporter.export_model`"
         )
     try:
-        text = mpath.read_text(encoding="utf-8")
+        data = mpath.read_bytes()
     except OSError as e:
         raise BundleError(f"cannot read {mpath}: {e.strerror or e}; check its permissions") from e
+    # the digest of the very bytes parsed below (no second read that could differ)
+    digest = DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
+    if expected is not None and digest != expected:
+        raise BundleIntegrityError(
+            f"{mpath} has digest {digest}, not the expected {expected}: this is not the "
+            "bundle that was pinned; use the validated bundle, or pin this one's digest if it "
+            "was validated"
+        )
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _not_json(mpath, e) from e
     try:
@@ -237,7 +291,7 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
         )
     _check_fields(raw, mpath)
     try:
-        manifest = Manifest.from_json(raw, root)
+        manifest = Manifest.from_json(raw, root, digest)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BundleIntegrityError(f"{mpath} lacks a required field ({e}); re-export") from e
     if check_files:

@@ -20,7 +20,7 @@ PER_CELL_SUFFIXES = (".csv", ".npy")
 def _load_model(args: argparse.Namespace):
     from .. import load
 
-    return load(args.bundle, device=args.device, seed=args.seed)
+    return load(args.bundle, device=args.device, seed=args.seed, expected_digest=args.expect_digest)
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -333,6 +333,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     # not ``from . import verify``: once imported, the submodule shadows the function there
     from ..selfcheck import verify
 
+    if args.expect_digest:
+        from ..bundle import read_manifest
+
+        read_manifest(args.bundle, check_files=False, expected_digest=args.expect_digest)
     report = verify(args.bundle, device=args.device)
     if args.json:
         print_json(report.to_json())

@@ -73,6 +73,15 @@ def _device_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _digest_option(parser: Any) -> None:
+    parser.add_argument(
+        "--expect-digest",
+        metavar="DIGEST",
+        default=None,
+        help="refuse the bundle unless its digest (sha256:..., shown by `info`) is DIGEST",
+    )
+
+
 def _data_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and data options")
     _device_option(g)
@@ -104,6 +113,7 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         help="with --missing-genes zero: smallest fraction of the model's genes that must be "
         "present (default 0.8, as scvi-tools; 0 accepts any overlap)",
     )
+    _digest_option(g)
     g.add_argument(
         "--layer",
         metavar="NAME",
@@ -163,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  scvi-onnx verify my_bundle/\n"
             "  scvi-onnx latent my_bundle/ query.h5ad -o query_latent.h5ad\n"
             "  scvi-onnx elbo my_bundle/ query.h5ad --json\n"
+            "  scvi-onnx serve my_bundle/ --port 8000            (needs "
+            "pip install 'scvi-onnx[serve]')\n"
             "\nRun 'scvi-onnx COMMAND --help' for the options of a command."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -363,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("bundle", metavar="BUNDLE", help="bundle folder")
     _device_option(p)
+    _digest_option(p)
     p.add_argument("--json", action="store_true", help="print the report as a JSON object")
     p.set_defaults(func=commands.cmd_verify)
+
+    # ------------------------------------------------------------------ serve
+    from ..serve.cli import add_serve_parser
+
+    add_serve_parser(sub, [common])
     return parser

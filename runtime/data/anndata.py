@@ -101,7 +101,7 @@ class AnnDataSource:
         names, names_where = gene_names(adata, gene_key)
         self.genes = GeneMatch(
             names,
-            manifest.genes,
+            manifest.gene_index,
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
             where=names_where,

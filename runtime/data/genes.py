@@ -24,7 +24,13 @@ MISSING_GENES_MODES = ("error", "zero")
 def gene_names(adata: Any, gene_key: str | None = None) -> tuple[pd.Index, str]:
     """The input's gene names (``var_names`` or ``var[gene_key]``) and how to name them."""
     if gene_key is None:
-        return pd.Index(np.asarray(adata.var_names).astype(str)), "adata.var_names"
+        names = adata.var_names
+        if not (isinstance(names, pd.Index) and names.inferred_type == "string"):
+            names = pd.Index(np.asarray(names).astype(str))
+        # an all-string Index is kept as is: pandas caches its uniqueness and hash table, so
+        # scoring the same AnnData again (or a server's requests sharing one gene Index)
+        # matches genes in microseconds
+        return names, "adata.var_names"
     var = adata.var
     if gene_key not in var.columns:
         cols = [str(c) for c in var.columns]
@@ -69,7 +75,8 @@ class GeneMatch:
     names
         The input's gene names (must be unique): ``var_names`` or a ``var`` column.
     model_genes
-        The model's genes, in the model's order.
+        The model's genes, in the model's order (a ``pd.Index`` of names is used as is, e.g.
+        :attr:`~scvi_onnx.bundle.Manifest.gene_index`).
     missing_genes
         ``"error"``: refuse an input that lacks some of the model's genes; ``"zero"``: fill
         them with zeros (as scvi-tools' ``prepare_query_anndata``).
@@ -102,7 +109,13 @@ class GeneMatch:
         where: str = "adata.var_names",
         var: pd.DataFrame | None = None,
     ):
-        names = pd.Index(np.asarray(names).astype(str))
+        if isinstance(names, pd.Index) and names.inferred_type == "string":
+            # already names (pandas caches inferred_type and uniqueness on the Index, so a
+            # caller scoring the same AnnData again, or a server reusing one gene Index,
+            # matches in microseconds instead of re-converting thousands of strings)
+            pass
+        else:
+            names = pd.Index(np.asarray(names).astype(str))
         if not names.is_unique:
             dup = pd.unique(names[names.duplicated()])
             raise InputDataError(
@@ -110,7 +123,11 @@ class GeneMatch:
                 f"{preview(dup)}; genes are matched to the model by name, so names must be "
                 "unique: call adata.var_names_make_unique() or deduplicate the genes"
             )
-        model = pd.Index([str(g) for g in model_genes])
+        model = (
+            model_genes
+            if isinstance(model_genes, pd.Index)
+            else pd.Index([str(g) for g in model_genes])
+        )
         src_cols = names.get_indexer(model)
         found = src_cols >= 0
         n_model = model.size

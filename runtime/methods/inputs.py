@@ -44,6 +44,11 @@ def minibatches(
     if dataloader is not None:
         if adata is not None:
             raise InvalidArgumentError("pass either adata or dataloader, not both")
+        if first_key:
+            raise InvalidArgumentError(
+                f"first_key={first_key!r} applies to adata; a dataloader's cells are keyed by "
+                "their running position from 0"
+            )
         it = normalize_dataloader(dataloader, manifest, needs=needs)
         total = None
     else:

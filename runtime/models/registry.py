@@ -62,8 +62,11 @@ def entry(model_class: str) -> ModelEntry:
     return MODELS[model_class]
 
 
-def open_bundle(path: str | Path, *, check_files: bool = True) -> tuple[ModelEntry, BundleContents]:
-    """Read a bundle: its manifest (checksums verified), typed config and arrays.
+def open_bundle(
+    path: str | Path, *, check_files: bool = True, expected_digest: str | None = None
+) -> tuple[ModelEntry, BundleContents]:
+    """Read a bundle: its manifest (checksums verified, digest pinned when
+    ``expected_digest`` is given), typed config and arrays.
 
     Raises
     ------
@@ -73,7 +76,7 @@ def open_bundle(path: str | Path, *, check_files: bool = True) -> tuple[ModelEnt
     """
     from .base import BundleContents
 
-    manifest = read_manifest(path, check_files=check_files)
+    manifest = read_manifest(path, check_files=check_files, expected_digest=expected_digest)
     e = entry(manifest.model_class)
     config = read_config(manifest, e.load("module").Config)
     arrays = load_npz(Path(path) / F.ARRAYS_FILE)

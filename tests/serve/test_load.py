@@ -1,0 +1,314 @@
+"""Concurrent load, clients that go away, a full queue, SIGTERM while busy, the audit log and
+TLS, on real servers. No timing is asserted: the tests wait for states the server reports
+(its in-flight and queued gauges on /metrics)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import scvi_onnx
+
+from .conftest import SHIPPED, ServerProcess
+
+tc = pytest.importorskip("tritonclient.http")
+
+#: A request that keeps a worker busy for a while on any machine: the marginal LL with 500
+#: importance samples (of 50-100 cells: 0.15-0.3 s of work on a quiet 2-core machine).
+SLOW = {"outputs": ["marginal_ll"], "parameters": {"n_mc_samples": 500}}
+
+
+def doc_for(x, batch, outputs=("latent",), parameters=None):
+    return {
+        "inputs": [
+            {
+                "name": "counts",
+                "datatype": "FP32",
+                "shape": list(x.shape),
+                "data": x.ravel().tolist(),
+            },
+            {"name": "batch", "datatype": "BYTES", "shape": [len(batch)], "data": list(batch)},
+        ],
+        "outputs": [{"name": o} for o in outputs],
+        "parameters": parameters or {},
+    }
+
+
+def post(port, doc, token=None, timeout=300):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    conn.request("POST", "/v2/models/pbmc_scvi/infer", body=json.dumps(doc), headers=headers)
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    return r.status, dict(r.getheaders()), body
+
+
+def gauge(port, name, token=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"} if token else {})
+    text = conn.getresponse().read().decode()
+    conn.close()
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)), text
+
+
+def wait_for(port, name, value, token=None, timeout=120):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if gauge(port, name, token)[0] == value:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{name} never reached {value}")
+
+
+@pytest.fixture(scope="module")
+def cells(shipped, query):
+    return np.asarray(query[:, list(shipped.genes)].X.todense(), np.float32), list(
+        query.obs["batch"]
+    )
+
+
+@pytest.fixture()
+def busy_server(tmp_path):
+    """One worker, one queue place, an audit log: easy to fill."""
+    audit = tmp_path / "audit.jsonl"
+    s = ServerProcess(
+        [
+            str(SHIPPED),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--max-concurrency",
+            "1",
+            "--max-queue",
+            "1",
+            "--audit-log",
+            str(audit),
+        ]
+    )
+    s.audit = audit
+    yield s
+    s.stop()
+
+
+def test_eight_concurrent_clients_equal_serial(server, shipped, query, cells):
+    """8 tritonclient clients at once, each sending its own cells with seeded ELBO requests:
+    every answer equals the serial one, and the library's."""
+    x, batch = cells
+    h = {"Authorization": f"Bearer {server.token}"}
+    parts = [np.arange(i, 200, 8) for i in range(8)]
+
+    def ask(rows):
+        c = tc.InferenceServerClient(server.host, network_timeout=300)
+        counts = tc.InferInput("counts", [rows.size, 2000], "FP32")
+        counts.set_data_from_numpy(x[rows])
+        b = tc.InferInput("batch", [rows.size], "BYTES")
+        b.set_data_from_numpy(np.array([batch[r].encode() for r in rows], dtype=object))
+        outs = [tc.InferRequestedOutput("latent"), tc.InferRequestedOutput("elbo")]
+        got = []
+        for seed in (1, 2, 3):
+            r = c.infer(
+                "pbmc_scvi", [counts, b], outputs=outs, parameters={"seed": seed}, headers=h
+            )
+            got.append((r.as_numpy("latent"), r.as_numpy("elbo")))
+        c.close()
+        return got
+
+    serial = [ask(rows) for rows in parts]
+    with ThreadPoolExecutor(8) as ex:
+        concurrent = list(ex.map(ask, parts))
+    for rows, s, c in zip(parts, serial, concurrent, strict=True):
+        for seed, (zs, es), (zc, ec) in zip((1, 2, 3), s, c, strict=True):
+            np.testing.assert_array_equal(zc, zs)
+            np.testing.assert_array_equal(ec, es)
+            np.testing.assert_array_equal(
+                ec, shipped.get_elbo(query[rows], return_mean=False, seed=seed)
+            )
+
+
+def test_full_queue_is_503_with_retry_after_and_the_client_retries(
+    busy_server, shipped, query, cells
+):
+    x, batch = cells
+    port = busy_server.port
+    with ThreadPoolExecutor(3) as ex:
+        slow = ex.submit(post, port, doc_for(x[:100], batch[:100], **SLOW))
+        wait_for(port, "scvi_onnx_inference_in_flight", 1)
+        queued = ex.submit(post, port, doc_for(x[:5], batch[:5]))
+        wait_for(port, "scvi_onnx_inference_queued", 1)
+        status, headers, body = post(port, doc_for(x[:5], batch[:5]))
+        assert status == 503 and headers["retry-after"] == "1"
+        assert "busy" in json.loads(body)["error"]
+        # the library's client waits Retry-After and tries again until a slot is free
+        remote = scvi_onnx.connect(f"{busy_server.url}/v2/models/pbmc_scvi", retries=1000)
+        z = ex.submit(remote.get_latent_representation, query[:5])
+        assert slow.result()[0] == 200
+        assert queued.result()[0] == 200
+        np.testing.assert_array_equal(z.result(), shipped.get_latent_representation(query[:5]))
+    text = gauge(port, "scvi_onnx_inference_in_flight")[1]
+    assert 'scvi_onnx_request_errors_total{route="infer",model="pbmc_scvi",code="503"}' in text
+
+
+def test_client_disconnecting_mid_request(busy_server, shipped, query, cells):
+    """A client that closes its connection while its request is computed: the computation
+    ends, the slot is freed, the audit log says 499, and the next request is served."""
+    x, batch = cells
+    port = busy_server.port
+    body = json.dumps(doc_for(x[:50], batch[:50], **SLOW)).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(
+        b"POST /v2/models/pbmc_scvi/infer HTTP/1.1\r\nHost: x\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    wait_for(port, "scvi_onnx_inference_in_flight", 1)
+    s.close()
+    wait_for(port, "scvi_onnx_inference_in_flight", 0)
+    status, _, data = post(port, doc_for(x[:3], batch[:3]))
+    assert status == 200
+    got = np.array(json.loads(data)["outputs"][0]["data"], np.float32).reshape(3, 10)
+    np.testing.assert_array_equal(got, shipped.get_latent_representation(query[:3]))
+    lines = [json.loads(line) for line in busy_server.audit.read_text().splitlines()]
+    infer = [r for r in lines if r["route"] == "infer"]
+    assert [r["status"] for r in infer] == [499, 200]
+
+
+def test_sigterm_drains_in_flight_requests(busy_server, shipped, query, cells):
+    x, batch = cells
+    port = busy_server.port
+    with ThreadPoolExecutor(1) as ex:
+        slow = ex.submit(post, port, doc_for(x[:50], batch[:50], **SLOW))
+        wait_for(port, "scvi_onnx_inference_in_flight", 1)
+        busy_server.proc.send_signal(subprocess.signal.SIGTERM)
+        status, _, body = slow.result()
+    assert status == 200
+    got = np.array(json.loads(body)["outputs"][0]["data"], np.float64)
+    np.testing.assert_array_equal(
+        got, shipped.get_marginal_ll(query[:50], return_mean=False, n_mc_samples=500)
+    )
+    assert busy_server.wait_exit(60) == 0
+    assert any("draining" in line for line in busy_server.lines)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_audit_log_records_requests_never_data(server, query, cells, shipped):
+    x, batch = cells
+    before = server.audit.read_text().splitlines()
+    post(server.port, doc_for(x[:7], batch[:7], outputs=("latent", "elbo")), token=server.token)
+    post(server.port, doc_for(x[:2], ["nowhere", "pbmc_5k"], ("elbo",)), token=server.token)
+    post(server.port, doc_for(x[:2], batch[:2]))  # no token
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", "/v2/health/live")  # health checks are not audited
+    conn.getresponse().read()
+    conn.close()
+    lines = server.audit.read_text().splitlines()
+    new = [json.loads(line) for line in lines[len(before) :]]
+    assert [r["status"] for r in new] == [200, 400, 401]
+    keys = {
+        "time", "request_id", "client", "method", "route", "model", "version",
+        "outputs", "n_cells", "status", "error", "duration_ms",
+    }  # fmt: skip
+    for r in new:
+        assert set(r) == keys
+        assert r["client"].startswith("127.0.0.1:") and len(r["request_id"]) == 32
+    ok, bad, unauth = new
+    assert ok["route"] == "infer" and ok["model"] == "pbmc_scvi" and ok["n_cells"] == 7
+    assert ok["outputs"] == ["latent", "elbo"] and ok["version"] == shipped.digest[7:19]
+    assert bad["error"] == "UnknownCategoryError" and unauth["error"] == "Unauthorized"
+    # never a count, a gene, a category value or a cell name
+    text = "\n".join(lines)
+    for word in ("nowhere", "pbmc_5k", "MALAT1", "cell 0", query.obs_names[0]):
+        assert word not in text
+    assert not re.search(r"\d+\.\d{4,}", text.replace(str(ok["duration_ms"]), ""))
+
+
+def test_tls(tmp_path, shipped, query):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    s = ServerProcess([str(SHIPPED), "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key)])
+    try:
+        assert s.url.startswith("https://")
+        remote = scvi_onnx.connect(f"{s.url}/v2/models/pbmc_scvi", cafile=str(cert))
+        np.testing.assert_array_equal(
+            remote.get_latent_representation(query[:6]),
+            shipped.get_latent_representation(query[:6]),
+        )
+        ctx = ssl.create_default_context(cafile=str(cert))
+        conn = http.client.HTTPSConnection("127.0.0.1", s.port, context=ctx, timeout=30)
+        conn.request("GET", "/v2/health/ready")
+        assert conn.getresponse().status == 200
+        # clients that leave idle TLS connections open hold the drain up to the TLS close
+        # handshake's timeout (30 s); these close theirs
+        conn.close()
+        remote.close()
+    finally:
+        assert s.stop() == 0
+
+
+def test_dynamic_batching_gives_each_request_its_own_numbers(shipped, query, cells):
+    """Small latent requests waiting for a worker are computed together in one library call;
+    each gets exactly the library's numbers for its cells, and one request's bad cell is
+    reported to that request alone (the batch is then run request by request)."""
+    x, batch = cells
+    s = ServerProcess(
+        [
+            str(SHIPPED),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--max-concurrency",
+            "1",
+            "--max-queue",
+            "32",
+        ]
+    )
+    try:
+        port = s.port
+        bad = x[7:8].copy()
+        bad[0, 3] = np.nan
+        with ThreadPoolExecutor(12) as ex:
+            slow = ex.submit(post, port, doc_for(x[:100], batch[:100], **SLOW))
+            wait_for(port, "scvi_onnx_inference_in_flight", 1)
+            small = [
+                ex.submit(post, port, doc_for(x[i : i + 2], batch[i : i + 2]))
+                for i in range(0, 20, 2)
+            ]
+            wrong = ex.submit(post, port, doc_for(bad, batch[7:8]))
+            wait_for(port, "scvi_onnx_inference_queued", 11)
+            assert slow.result()[0] == 200
+            for i, f in zip(range(0, 20, 2), small, strict=True):
+                status, _, data = f.result()
+                assert status == 200
+                got = np.array(json.loads(data)["outputs"][0]["data"], np.float32).reshape(2, 10)
+                np.testing.assert_array_equal(
+                    got, shipped.get_latent_representation(query[i : i + 2])
+                )
+            status, _, data = wrong.result()
+            assert status == 400 and "NaN" in json.loads(data)["error"]
+            assert "cell 0" in json.loads(data)["error"]
+        batches = gauge(port, "scvi_onnx_batches_total")[0]
+        batched = gauge(port, "scvi_onnx_batched_requests_total")[0]
+        assert batched == 11 and batches < batched
+    finally:
+        assert s.stop() == 0

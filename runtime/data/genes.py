@@ -31,6 +31,9 @@ class GeneMatch:
         them with zeros (as scvi-tools' ``prepare_query_anndata``).
     min_gene_overlap
         With ``"zero"``, the smallest fraction of the model's genes that must be present.
+    what, where
+        What is matched (``"genes"``, ``"proteins"``) and where the input's names are, for
+        messages.
 
     Attributes
     ----------
@@ -50,14 +53,23 @@ class GeneMatch:
         *,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        what: str = "genes",
+        where: str = "adata.var_names",
     ):
         names = pd.Index(np.asarray(var_names).astype(str))
+        one = what[:-1]  # "gene", "protein"
+        ids = " (symbols vs Ensembl IDs)" if what == "genes" else ""
         if not names.is_unique:
             dup = pd.unique(names[names.duplicated()])
+            fix = (
+                "call adata.var_names_make_unique() or deduplicate the genes"
+                if where == "adata.var_names"
+                else f"deduplicate the {what}"
+            )
             raise InputDataError(
-                f"adata.var_names has {len(dup)} duplicated gene name(s), e.g. "
-                f"{preview(dup)}; genes are matched to the model by name, so names must be "
-                "unique: call adata.var_names_make_unique() or deduplicate the genes"
+                f"{where} has {len(dup)} duplicated {one} name(s), e.g. "
+                f"{preview(dup)}; {what} are matched to the model by name, so names must be "
+                f"unique: {fix}"
             )
         model = pd.Index([str(g) for g in model_genes])
         src_cols = names.get_indexer(model)
@@ -72,30 +84,31 @@ class GeneMatch:
             missing = model[~found]
             if missing_genes == "error":
                 raise MissingGenesError(
-                    f"{n_missing} of the model's {n_model} genes are missing from adata.var_names"
+                    f"{n_missing} of the model's {n_model} {what} are missing from {where}"
                     f" ({self.overlap:.1%} found), e.g. {preview(missing, SHOW_GENES)}. "
-                    "Pass the genes the model was trained on, or opt in to filling missing "
-                    'genes with zeros with missing_genes="zero" (as scvi-tools\' '
+                    f"Pass the {what} the model was trained on, or opt in to filling missing "
+                    f'{what} with zeros with missing_genes="zero" (as scvi-tools\' '
                     "prepare_query_anndata does)"
                 )
             if self.overlap < min_gene_overlap:
                 raise MissingGenesError(
-                    f"only {self.n_found} of the model's {n_model} genes are in "
-                    f"adata.var_names ({self.overlap:.1%} overlap, below "
+                    f"only {self.n_found} of the model's {n_model} {what} are in "
+                    f"{where} ({self.overlap:.1%} overlap, below "
                     f"min_gene_overlap={min_gene_overlap:g}); missing e.g. "
-                    f"{preview(missing, SHOW_GENES)}. Check that the data uses the same gene "
-                    "identifiers as the model (symbols vs Ensembl IDs); to score anyway pass "
-                    "min_gene_overlap=0"
+                    f"{preview(missing, SHOW_GENES)}. Check that the data uses the same {one} "
+                    f"identifiers as the model{ids}; to score anyway pass min_gene_overlap=0"
                 )
         if missing_genes == "zero":
             logger.info(
-                "%d of the model's %d genes found in the data (%.1f%% overlap); %d filled with "
-                "zeros; %d extra genes ignored",
+                "%d of the model's %d %s found in the data (%.1f%% overlap); %d filled with "
+                "zeros; %d extra %s ignored",
                 self.n_found,
                 n_model,
+                what,
                 100.0 * self.overlap,
                 n_missing,
                 names.size - self.n_found,
+                what,
             )
         self.model_pos = np.flatnonzero(found).astype(np.intp)
         self.src_cols = src_cols[found].astype(np.intp)

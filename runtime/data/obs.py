@@ -29,6 +29,7 @@ class ObsInputs:
     cat_covs: np.ndarray | None  # (n, K) int64
     cont_covs: np.ndarray | None  # (n, C) float32
     size_factor: np.ndarray | None  # (n, 1) float32
+    panel: np.ndarray | None = None  # (n, 1) int64 (TOTALVI's panel_key)
 
 
 def read_obs(
@@ -89,7 +90,10 @@ def read_obs(
         size_factor = numeric_obs(
             obs, reg.size_factor_key, "size_factor_key", positive=True
         ).reshape(-1, 1)
-    return ObsInputs(batch, labels, cat, cont, size_factor)
+    panel = None
+    if reg.panel is not None:
+        panel = codes_for(reg.panel, "panel_key").reshape(-1, 1)
+    return ObsInputs(batch, labels, cat, cont, size_factor, panel)
 
 
 def missing_column_error(

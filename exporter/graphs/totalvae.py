@@ -16,7 +16,7 @@ from scvi_onnx.bundle import format as F
 from scvi_onnx.errors import UnsupportedModelError
 
 from . import GraphIO
-from .layers import FoldedFC, copy_linear
+from .layers import FoldedFC, WideHead, copy_linear
 
 
 def _n_dense_in(fc) -> int:
@@ -104,7 +104,7 @@ class TotalDecoderGraph(nn.Module):
         n_head = _n_dense_in(dec.px_scale_decoder)  # n_hidden + n_in
         self.n_cats = len(dec.px_decoder.n_cat_list)
         self.px_fc = FoldedFC(dec.px_decoder, n_in)
-        self.px_scale = FoldedFC(dec.px_scale_decoder, n_head)
+        self.px_scale = WideHead(dec.px_scale_decoder, n_head)  # gene-sized
         act = dec.px_scale_activation
         if isinstance(act, nn.Softmax):
             self.scale_act = "softmax"
@@ -121,7 +121,7 @@ class TotalDecoderGraph(nn.Module):
         self.mix_fc = FoldedFC(dec.sigmoid_decoder, n_in)
         self.want_dropout = F.OUT_PX_DROPOUT in io.outputs
         if self.want_dropout:
-            self.dropout = FoldedFC(dec.px_dropout_decoder_gene, n_head)
+            self.dropout = WideHead(dec.px_dropout_decoder_gene, n_head)
         self.mixing = FoldedFC(dec.py_background_decoder, n_head)
 
     def forward(self, *args):

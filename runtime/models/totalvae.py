@@ -55,6 +55,7 @@ from ..errors import BundleIntegrityError, InvalidArgumentError
 from ..maths import distributions as D
 from ..maths import rng
 from ..maths.dispersion import dispersion_table
+from ..maths.likelihood import nb_mixture_sum
 from .base import BundleContents, ElboTerms, Module
 from .scoring import SCORING, GeneLikelihood
 
@@ -350,12 +351,10 @@ class TOTALVAE(Module):
         rate_back = np.exp(log_back)
         rate_fore = rate_back * dec[F.OUT_PY_FORE_SCALE].astype(np.float64)
         mixing = dec[F.OUT_PY_MIXING].astype(np.float64)
-        log_mix = D.nb_mixture_core(
-            state.y, state.eff * rate_back, state.eff * rate_fore, state.theta, mixing
+        log_mix = nb_mixture_sum(
+            state.y, state.eff * rate_back, state.eff * rate_fore, state.theta, mixing, state.mask
         )
-        if state.mask is not None:
-            log_mix = log_mix * state.mask
-        rec_protein = -(log_mix.sum(-1) + state.counts)
+        rec_protein = -(log_mix + state.counts)
         return {
             "z": z,
             "log_library": log_library,

@@ -335,3 +335,37 @@ def test_manifest_of_the_shipped_bundle():
     assert p.attr_name == "obsm" and p.attr_key == "protein_expression" and p.named
     assert man.registry.modalities is None and man.registry.panel is None
     assert len(p.names) == 29 and pd.Index(p.names).is_unique
+
+
+def test_command_line(model, cite, tmp_path, capsys):
+    """info, verify, latent and the metrics take a TOTALVI bundle with no special case."""
+    from scvi_onnx.cli import main
+
+    src = tmp_path / "cite.h5ad"
+    cite.write_h5ad(src)
+    bundle = str(TOTALVI_BUNDLE)
+    assert main(["info", bundle, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_class"] == "TOTALVI" and info["proteins"]["n_proteins"] == 29
+    assert info["proteins"]["from"] == "obsm['protein_expression']"
+    assert main(["verify", bundle]) == 0
+    capsys.readouterr()
+    assert main(["latent", bundle, str(src), "-o", str(tmp_path / "z.npy")]) == 0
+    z = model.get_latent_representation(cite)
+    np.testing.assert_array_equal(np.load(tmp_path / "z.npy"), z)
+    per_cell = tmp_path / "rec.csv"
+    args = ["reconstruction-error", bundle, str(src), "--json", "--seed", "5"]
+    assert main([*args, "--per-cell", str(per_cell)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    want = model.get_reconstruction_error(cite, return_mean=False, seed=5)
+    assert set(res["values"]) == set(want)
+    table = pd.read_csv(per_cell, index_col=0)
+    for k, v in want.items():
+        np.testing.assert_allclose(table[k].to_numpy(), v, rtol=1e-12)
+        assert res["values"][k] == pytest.approx(v.mean(), rel=1e-12)
+    assert res["value"] == pytest.approx(sum(v.mean() for v in want.values()), rel=1e-12)
+    assert main(["marginal-ll", bundle, str(src), "--n-mc-samples", "10", "--seed", "5"]) == 0
+    line = capsys.readouterr().out.strip()
+    mll = model.get_marginal_ll(cite, n_mc_samples=10, seed=5)
+    assert line.startswith("marginal_ll:")
+    assert float(line.split()[-1]) == pytest.approx(mll, abs=1e-4)

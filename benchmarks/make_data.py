@@ -4,7 +4,9 @@
 
 Each new cell is a real cell (drawn with replacement from models/example/pbmc_train.h5ad, the
 400 cells of ../shared/data on 2,000 genes) whose counts are binomially thinned with
-p ~ U(0.5, 1): counts stay realistic and the size is unbounded. Written as CSR in chunks, so
+p ~ U(0.5, 1): counts stay realistic and the size is unbounded. A source with obsm entries
+(pbmc_cite.h5ad: TOTALVI's surface proteins) gives each new cell its source cell's entries,
+thinned the same way. Written as CSR in chunks, so
 1,000,000 cells need little memory.
 """
 
@@ -46,6 +48,18 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     skeleton = ad.AnnData(obs=obs, var=src.var.copy())
+    for key, value in src.obsm.items():
+        # TOTALVI's surface proteins: the same cells, thinned alike (own generator: the RNA
+        # draws, and so the data of the other models, do not change)
+        prng = np.random.default_rng(args.seed + 1)
+        counts = np.asarray(value, dtype=np.int64)[pick]
+        thinned = prng.binomial(counts, prng.uniform(0.5, 1.0, (n, 1))).astype(np.float32)
+        columns = value.columns if isinstance(value, pd.DataFrame) else None
+        skeleton.obsm[key] = (
+            pd.DataFrame(thinned, index=obs.index, columns=columns)
+            if columns is not None
+            else thinned
+        )
     skeleton.write_h5ad(out)
     with h5py.File(out, "a") as f:
         if "X" in f:

@@ -2,6 +2,8 @@
 
 - ``pbmc_zinb``: the shipped example (models/pbmc_scvi_torch, models/pbmc_scvi).
 - ``pbmc_nb``: the same data, NB likelihood, 2 layers (trained here, fixed seed).
+- ``pbmc_totalvi``: the shipped TOTALVI example (models/pbmc_totalvi_torch, models/pbmc_totalvi):
+  the same cells with their 29 surface proteins (models/example/pbmc_cite.h5ad).
 - ``census``: shaped like the CELLxGENE Census scVI model: 8,000 genes, 2 layers of 128,
   latent 50, NB, 10,000 batches, encode_covariates False (briefly trained on the real cells,
   whose batch labels are spread over the 10,000 categories).
@@ -61,18 +63,27 @@ def source_cells(name: str, work: Path) -> Path:
     """The real cells a model's benchmark data is drawn from."""
     if name == "census":
         return work / name / "source.h5ad"  # written by build()
+    if name == "pbmc_totalvi":
+        return ROOT / "models" / "example" / "pbmc_cite.h5ad"
     return ROOT / "models" / "example" / "pbmc_train.h5ad"
+
+
+#: Benchmark models shipped in models/: (scvi-tools folder, bundle).
+SHIPPED = {
+    "pbmc_zinb": ("pbmc_scvi_torch", "pbmc_scvi"),
+    "pbmc_totalvi": ("pbmc_totalvi_torch", "pbmc_totalvi"),
+}
 
 
 def build(name: str, work: Path) -> Path:
     """Return the model folder (with ``torch/`` and ``bundle/``), building it if needed."""
-    if name == "pbmc_zinb":
+    if name in SHIPPED:
         out = work / name
         out.mkdir(parents=True, exist_ok=True)
         import shutil
 
         # always the shipped files (a few MB): a cached copy could be from an older export
-        for src, dst in (("pbmc_scvi_torch", "torch"), ("pbmc_scvi", "bundle")):
+        for src, dst in zip(SHIPPED[name], ("torch", "bundle"), strict=True):
             shutil.rmtree(out / dst, ignore_errors=True)
             shutil.copytree(ROOT / "models" / src, out / dst)
         return out

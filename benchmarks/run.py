@@ -1,6 +1,7 @@
 """Side-by-side benchmark: scvi-tools 1.4.2 vs scvi-onnx, same model, cells and batch size.
 
-    python benchmarks/run.py                      # 20,000 cells, the three models
+    python benchmarks/run.py                      # 20,000 cells, the four models
+    python benchmarks/run.py --models pbmc_totalvi  # TOTALVI (RNA + 29 proteins) only
     python benchmarks/run.py --models pbmc_zinb --n-cells 20000 --repeats 3
     python benchmarks/run.py --device cuda --scvi-per-pass 1 100 1000   # on a GPU machine
 
@@ -23,6 +24,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+import worker as worker_module  # noqa: E402
 
 import models  # noqa: E402
 
@@ -106,7 +109,8 @@ def cold_start(side, model_dir, data, out_dir: Path, bs: int, device: str = "cpu
             "import warnings, logging; warnings.filterwarnings('ignore'); "
             "logging.disable(logging.WARNING); import anndata, numpy, scvi; "
             f"a = anndata.read_h5ad({str(data)!r}); "
-            f"m = scvi.model.SCVI.load({str(model_dir / 'torch')!r}, adata=a, "
+            f"m = scvi.model.{worker_module.model_class(str(model_dir))}.load("
+            f"{str(model_dir / 'torch')!r}, adata=a, "
             f"accelerator={'gpu' if device == 'cuda' else 'cpu'!r}); "
             f"numpy.save({str(out)!r}, m.get_latent_representation(a, batch_size={bs}))"
         )
@@ -118,8 +122,15 @@ def cold_start(side, model_dir, data, out_dir: Path, bs: int, device: str = "cpu
 def matmul_floor(config: dict, rows: int, repeats: int = 3) -> dict:
     """Seconds this machine's numpy float32 matmul needs for the decoder's FLOPs on ``rows``."""
     L, H, G = config["n_latent"], config["n_hidden"], config["n_input"]
-    heads = 1 + (config["gene_likelihood"] == "zinb") + (config["dispersion"] == "gene-cell")
-    flops_per_row = 2 * (L * H + (config["n_layers"] - 1) * H * H + H * G * heads)
+    heads = 1 + (config["gene_likelihood"] == "zinb") + (config.get("dispersion") == "gene-cell")
+    if config.get("module_class") == "TOTALVAE":
+        # DecoderTOTALVI: four trunks (genes, background, foreground, mixing) of
+        # n_layers_decoder layers, gene heads and four protein heads on [hidden, z]
+        P, n_layers = config["n_proteins"], config["n_layers_decoder"]
+        trunks = 4 * (L * H + (n_layers - 1) * H * H)
+        flops_per_row = 2 * (trunks + (H + L) * (G * heads + 4 * P))
+    else:
+        flops_per_row = 2 * (L * H + (config["n_layers"] - 1) * H * H + H * G * heads)
     a = np.random.default_rng(0).standard_normal((8192, H), dtype=np.float32)
     w = np.random.default_rng(1).standard_normal((H, G), dtype=np.float32)
     a @ w
@@ -151,7 +162,9 @@ def environment() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["pbmc_zinb", "pbmc_nb", "census"])
+    p.add_argument(
+        "--models", nargs="+", default=["pbmc_zinb", "pbmc_nb", "census", "pbmc_totalvi"]
+    )
     p.add_argument("--tasks", nargs="+", default=["cold", *TASKS])
     p.add_argument("--n-cells", type=int, default=20_000)
     p.add_argument("--batch-size", type=int, default=1024)

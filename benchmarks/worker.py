@@ -24,6 +24,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def model_class(model_dir: str) -> str:
+    """The scvi-tools model class of a benchmark model (its bundle's manifest says)."""
+    with open(f"{model_dir}/bundle/manifest.json") as f:
+        return json.load(f)["model_class"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--side", choices=["scvi", "onnx"], required=True)
@@ -53,7 +59,8 @@ def main() -> None:
         if args.dense:
             adata.X = adata.X.toarray()
         accelerator = "gpu" if args.device == "cuda" else "cpu"
-        model = scvi.model.SCVI.load(f"{args.model}/torch", adata=adata, accelerator=accelerator)
+        cls = getattr(scvi.model, model_class(args.model))
+        model = cls.load(f"{args.model}/torch", adata=adata, accelerator=accelerator)
         info = {
             "engine": f"scvi-tools {scvi.__version__}",
             "torch": torch.__version__,

@@ -8,7 +8,8 @@ scvi-tools has written three kinds of folders:
 * >= 0.15: one ``model.pt`` pickle ``{"model_state_dict", "var_names", "attr_dict"}`` whose
   ``attr_dict["registry_"]`` holds ``field_registries`` (0.17+ also ``setup_method_name`` and the
   genes as ``column_names``); from 1.3 the state dict also holds ``pyro_param_store``.
-* any of them with or without ``adata.h5ad``.
+* any of them with or without ``adata.h5ad`` (``mdata.h5mu`` for models set up with
+  ``setup_mudata``, whose ``var_names`` are one array per modality).
 
 :func:`load_saved_model` reads any of these, rewrites what scvi-tools 1.4 cannot load itself
 into the form it writes (in a temporary copy of ``model.pt``: the user's folder is never
@@ -55,6 +56,16 @@ LEGACY_VAR_NAMES_FILE = "var_names.csv"
 # chose a device).
 _OBSOLETE_INIT_PARAMS = ("use_cuda", "use_gpu")
 _LIBRARY_BUFFERS = ("library_log_means", "library_log_vars")
+#: Model classes whose ``setup_mudata`` models export (the runtime reads their modalities).
+MUDATA_MODELS = ("TOTALVI",)
+#: TOTALVAE's own parameters besides its encoder and decoder (scvi-tools < 0.15 names none).
+_TOTALVI_PARAMS = (
+    "px_r",
+    "py_r",
+    "background_pro_alpha",
+    "background_pro_log_beta",
+    "log_per_batch_efficiency",
+)
 
 
 @dataclass
@@ -152,12 +163,14 @@ def read_saved_model(path: str | os.PathLike, model_class: str | None = None) ->
         var_names = _read_var_names(path / f"{prefix}{LEGACY_VAR_NAMES_FILE}")
         layout = "pre-0.15"
 
-    if isinstance(var_names, dict):
-        raise UnsupportedModelError(
-            f"{path} holds a multi-modal (MuData) model; only AnnData models can be exported"
-        )
-    var_names = np.asarray(var_names if var_names is not None else [], dtype=object)
-    var_names = np.asarray([str(v) for v in var_names.ravel()], dtype=object)
+    if isinstance(var_names, dict):  # a MuData model: one array per modality
+        var_names = {
+            str(k): np.asarray([str(v) for v in np.asarray(n).ravel()], dtype=object)
+            for k, n in var_names.items()
+        }
+    else:
+        var_names = np.asarray(var_names if var_names is not None else [], dtype=object)
+        var_names = np.asarray([str(v) for v in var_names.ravel()], dtype=object)
 
     registry = attr_dict.get("registry_")
     setup_dict = attr_dict.get("scvi_setup_dict_")
@@ -193,6 +206,9 @@ def _infer_class(path: Path, state_dict: dict) -> str:
     """The model class of a folder that does not record it (scvi-tools < 0.15)."""
     keys = set(state_dict)
     prefixes = {k.split(".", 1)[0] for k in keys}
+    totalvi = {*_TOTALVI_PARAMS, "encoder", "decoder", *_LIBRARY_BUFFERS}
+    if {"py_r", "background_pro_alpha", "encoder", "decoder"} <= prefixes <= totalvi:
+        return "TOTALVI"
     vae = {"px_r", "z_encoder", "l_encoder", "decoder", *_LIBRARY_BUFFERS}
     if {"classifier", "encoder_z2_z1", "decoder_z1_z2"} <= prefixes and prefixes <= vae | {
         "classifier",
@@ -207,7 +223,8 @@ def _infer_class(path: Path, state_dict: dict) -> str:
         return "SCVI"
     raise UnsupportedModelError(
         f"{path} was saved by scvi-tools < 0.15, whose files do not name the model class, and "
-        "its weights are not those of SCVI, LinearSCVI or SCANVI. Convert it with the class "
+        "its weights are not those of SCVI, LinearSCVI, SCANVI or TOTALVI. Convert it with the "
+        "class "
         "that saved it: scvi.model.<Class>.convert_legacy_save(old_folder, new_folder), then "
         "load it with scvi-tools and save it again (model.save())"
     )
@@ -248,10 +265,13 @@ def _normalise_registry(cls, saved: SavedModel) -> None:
     registry = attr["registry_"]
     registry.setdefault("model_name", cls.__name__)
     method = registry.get("setup_method_name", "setup_anndata")
-    if method != "setup_anndata":
+    if method != "setup_anndata" and not (
+        method == "setup_mudata" and cls.__name__ in MUDATA_MODELS
+    ):
         raise UnsupportedModelError(
             f"{saved.path} was set up with {cls.__name__}.{method}(); only models set up with "
-            "setup_anndata() (one AnnData) can be exported"
+            f"setup_anndata() (one AnnData), or {', '.join(MUDATA_MODELS)} with setup_mudata(), "
+            "can be exported"
         )
     if "field_registries" not in registry or "setup_args" not in registry:
         raise UnsupportedModelError(
@@ -262,7 +282,7 @@ def _normalise_registry(cls, saved: SavedModel) -> None:
     # options, which ignore what they do not know.
     params = {
         k
-        for k, p in inspect.signature(cls.setup_anndata).parameters.items()
+        for k, p in inspect.signature(getattr(cls, method)).parameters.items()
         if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
     }
     for key, value in list(setup_args.items()):
@@ -279,7 +299,7 @@ def _normalise_registry(cls, saved: SavedModel) -> None:
             else:
                 raise UnsupportedModelError(
                     f"{saved.path} was set up with {key}={value!r}, an argument "
-                    f"{cls.__name__}.setup_anndata() no longer takes"
+                    f"{cls.__name__}.{method}() no longer takes"
                 )
 
 
@@ -329,6 +349,14 @@ def _normalise_state_dict(cls, saved: SavedModel) -> None:
     if "pyro_param_store" in saved.state_dict and not is_pyro:
         saved.state_dict.pop("pyro_param_store")
         saved.changes.append("removed pyro_param_store from the state dict")
+    if cls.__name__ == "TOTALVI" and "log_per_batch_efficiency" not in saved.state_dict:
+        # saved before TOTALVAE had it (scvi-tools 1.4's load fails on it): zeros, as
+        # TOTALVI.convert_legacy_save fills it (an efficiency of 1 in every batch)
+        fr = saved.registry["field_registries"]
+        n_proteins = int(fr["proteins"]["summary_stats"]["n_proteins"])
+        n_batch = int(fr["batch"]["summary_stats"]["n_batch"])
+        saved.state_dict["log_per_batch_efficiency"] = torch.zeros(n_proteins, n_batch)
+        saved.changes.append("added log_per_batch_efficiency = 0 (as convert_legacy_save)")
 
 
 def normalise(saved: SavedModel) -> SavedModel:
@@ -361,6 +389,8 @@ def _stand_in_adata(registry: dict, var_names: np.ndarray):
                 categorical[str(k)] = np.asarray(st["mappings"][k])
         elif "columns" in st:
             numeric += [str(c) for c in np.asarray(st["columns"]).ravel()]
+        elif key == "proteins":
+            pass  # _stand_in_proteins
         elif dr.get("attr_name") == "obs" and dr.get("attr_key"):
             numeric.append(str(dr["attr_key"]))
         if key == "X" and dr.get("attr_name") == "layers" and dr.get("attr_key"):
@@ -384,7 +414,129 @@ def _stand_in_adata(registry: dict, var_names: np.ndarray):
         adata = anndata.AnnData(X=x, obs=obs, var=var)
         for name in layers:
             adata.layers[name] = x.copy()
+    proteins = _stand_in_proteins(registry, n_obs)
+    if proteins is not None:
+        adata.obsm[proteins["obsm_key"]] = proteins["obsm"](adata.obs_names)
+        if proteins["uns_key"]:
+            adata.uns[proteins["uns_key"]] = proteins["names"]
     return adata
+
+
+def _stand_in_proteins(registry: dict, n_obs: int) -> dict | None:
+    """TOTALVI's protein counts for a stand-in: ones, in the registered form (a DataFrame
+    named by the saved proteins, or an array numbered by scvi-tools or named in uns)."""
+    import pandas as pd
+
+    fr = registry["field_registries"].get("proteins")
+    if not fr:
+        return None
+    st, dr = fr.get("state_registry") or {}, fr.get("data_registry") or {}
+    names = list(st.get("column_names", []))
+    values = np.ones((n_obs, len(names)), dtype=np.float32)
+    uns_key = registry["setup_args"].get("protein_names_uns_key")
+    numbered = all(isinstance(n, (int, np.integer)) for n in names)
+    if numbered or uns_key:
+        obsm = lambda index: values  # noqa: E731
+    else:
+        obsm = lambda index: pd.DataFrame(values, index=index, columns=names)  # noqa: E731
+    return {
+        "obsm_key": dr.get("attr_key"),
+        "obsm": obsm,
+        "values": values,
+        "names": np.asarray(names),
+        "uns_key": uns_key,
+    }
+
+
+def _stand_in_mudata(registry: dict, var_names: dict):
+    """A MuData with the saved modalities (each field in the modality it was registered in,
+    the genes and proteins of the saved var names), to run setup_mudata on."""
+    import anndata
+    import mudata
+    import pandas as pd
+
+    fields = registry["field_registries"]
+    mods = {k: (fr.get("data_registry") or {}).get("mod_key") for k, fr in fields.items()}
+    rna_names = var_names.get(mods.get("X"))
+    if rna_names is None:
+        rna_names = np.asarray(fields["X"]["state_registry"]["column_names"], dtype=object)
+    flat = _stand_in_adata(
+        {**registry, "field_registries": {k: v for k, v in fields.items() if k != "proteins"}},
+        rna_names,
+    )
+    n_obs = flat.n_obs
+    proteins = _stand_in_proteins(registry, n_obs)
+    modalities: dict[str, Any] = {}
+    names = dict(var_names)
+    if proteins is not None and mods.get("proteins"):
+        names.setdefault(mods["proteins"], proteins["names"])
+    names.setdefault(mods["X"], rna_names)
+    for mod, mod_names in names.items():
+        if mod == mods["X"]:
+            a = flat.copy()
+            a.obs = a.obs[[]]
+        else:
+            a = anndata.AnnData(
+                X=np.ones((n_obs, len(mod_names)), dtype=np.float32),
+                obs=pd.DataFrame(index=flat.obs_names),
+                var=pd.DataFrame(index=pd.Index(list(mod_names), dtype=object)),
+            )
+            if mod == mods.get("proteins"):
+                key = (fields["proteins"].get("data_registry") or {}).get("attr_key")
+                if key:
+                    a.layers[key] = a.X.copy()
+        modalities[mod] = a
+    # each obs column in the modality its field was registered in (None: the MuData's obs)
+    where: dict[str, str | None] = {}
+    for key, fr in fields.items():
+        st = fr.get("state_registry") or {}
+        cols = []
+        if "original_key" in st:
+            cols = [st["original_key"]]
+        elif "field_keys" in st:
+            cols = list(st["field_keys"])
+        elif "columns" in st:
+            cols = [str(c) for c in np.asarray(st["columns"]).ravel()]
+        elif (fr.get("data_registry") or {}).get("attr_name") == "obs":
+            cols = [fr["data_registry"].get("attr_key")]
+        for c in cols:
+            if c is not None and str(c) in flat.obs.columns:
+                where[str(c)] = mods.get(key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mdata = mudata.MuData(modalities)
+        for col, mod in where.items():
+            if mod is None:
+                mdata.obs[col] = flat.obs[col].values
+            else:
+                modalities[mod].obs[col] = flat.obs[col].values
+        mdata.update()
+    return mdata
+
+
+def _init_param_home(saved: SavedModel, name: str) -> dict:
+    """The dict of the normalised ``init_params_`` that holds (or would hold) ``name``: the
+    named parameters, or the ``**kwargs`` dict where the saving version passed it."""
+    init = saved.attr_dict["init_params_"]
+    for d in init["kwargs"].values():
+        if isinstance(d, dict) and name in d:
+            return d
+    return init["non_kwargs"]
+
+
+def _restore_protein_mask(model, saved: SavedModel) -> None:
+    """TOTALVI built on a stand-in (all proteins observed) has no protein_batch_mask: the
+    saved registry holds the one it was trained with (unless override_missing_proteins)."""
+    st = saved.registry["field_registries"].get("proteins", {}).get("state_registry") or {}
+    mask = st.get("protein_batch_mask")
+    override = _init_param_home(saved, "override_missing_proteins").get(
+        "override_missing_proteins", False
+    )
+    if mask is None or override:
+        return
+    items = mask.items() if hasattr(mask, "items") else enumerate(mask)
+    model.module.protein_batch_mask = {str(k): np.asarray(v, dtype=bool) for k, v in items}
+    saved.changes.append("restored protein_batch_mask from the saved registry")
 
 
 def _detach(model, adata) -> None:
@@ -480,16 +632,29 @@ def load_saved_model(
             file = saved.path / f"{saved.prefix}{name}"
             if file.is_file():
                 if name == MDATA_FILE:
-                    raise UnsupportedModelError(
-                        f"{saved.path} holds a MuData model; only AnnData models can be exported"
-                    )
-                import anndata
+                    import mudata
 
-                adata = anndata.read_h5ad(file)
+                    adata = mudata.read_h5mu(file)
+                else:
+                    import anndata
+
+                    adata = anndata.read_h5ad(file)
                 break
     stand_in = adata is None
     if stand_in:
-        adata = _stand_in_adata(saved.registry, saved.var_names)
+        if saved.registry.get("setup_method_name") == "setup_mudata":
+            adata = _stand_in_mudata(saved.registry, saved.var_names)
+        else:
+            adata = _stand_in_adata(saved.registry, saved.var_names)
+        if saved.model_name == "TOTALVI":
+            # TOTALVI fits its empirical background prior (a GMM per cell) on the data it is
+            # built with: on the stand-in's counts it means nothing, and the saved weights
+            # replace it (same shape either way), so it is not fitted
+            key = "empirical_protein_background_prior"
+            kwargs = _init_param_home(saved, key)
+            if kwargs.get(key) is not False:
+                kwargs[key] = False
+                saved.changes.append(f"stand-in: {key}=False")
 
     if saved.changes:
         logger.info(
@@ -528,6 +693,8 @@ def load_saved_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if stand_in:
+        if saved.model_name == "TOTALVI":
+            _restore_protein_mask(model, saved)
         _detach(model, adata)
     model.module.eval()
     return model

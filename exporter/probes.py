@@ -21,9 +21,19 @@ N_PROBE_SAMPLES = 2
 
 
 def probe_cells(
-    model, registry: Registry, n_input: int, n_batch: int, n_labels: int, rng: np.random.Generator
+    model,
+    registry: Registry,
+    n_input: int,
+    n_batch: int,
+    n_labels: int,
+    rng: np.random.Generator,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Probe cells: synthetic ones covering the covariates, plus real ones when available."""
+    """Probe cells: synthetic ones covering the covariates, plus real ones when available.
+
+    ``extra``: more synthetic inputs of a model (``N_SYNTHETIC_PROBES`` rows each, by their
+    scvi-tools ``REGISTRY_KEYS`` names, e.g. TOTALVI's ``proteins``), extended with the real
+    cells' like the others."""
     n, g = N_SYNTHETIC_PROBES, n_input
     lib = rng.uniform(200, 5000, size=(n, 1))
     p = rng.dirichlet(np.full(g, 0.3), size=n)
@@ -44,6 +54,7 @@ def probe_cells(
         ).astype(np.float32)
     if registry.size_factor_key:
         t["size_factor"] = rng.uniform(0.3, 3.0, size=(n, 1)).astype(np.float32)
+    t.update(extra or {})
     adata = getattr(model, "adata", None)
     if adata is not None and adata.n_obs > 0:
         k = min(N_REAL_PROBES, adata.n_obs)

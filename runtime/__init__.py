@@ -19,6 +19,7 @@ _LAZY = {
     "OnnxSCVI": "scvi_onnx.api.scvi",
     "OnnxLinearSCVI": "scvi_onnx.api.linear",
     "OnnxSCANVI": "scvi_onnx.api.scanvi",
+    "OnnxTOTALVI": "scvi_onnx.api.totalvi",
     "verify": "scvi_onnx.selfcheck",
     "connect": "scvi_onnx.serve.client",
 }

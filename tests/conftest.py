@@ -65,22 +65,24 @@ if TORCH_FREE:
 
 
 def require(name: str) -> ModuleType:
-    """Import ``name`` (torch, scvi, onnx) for a test that needs it.
+    """Import ``name`` (torch, scvi, onnx, or an optional extra's module) for a test that needs
+    it.
 
     In the test environment a missing module is an error, never a skip: tests that compare
     with scvi-tools are the only ones that see some wrong numbers, and a silent skip hid them.
-    In the torch-free run (``SCVI_ONNX_TORCH_FREE=1``) the test is skipped instead. Works at
+    In the torch-free run (``SCVI_ONNX_TORCH_FREE=1``) a test that needs the torch stack is
+    skipped instead (the extras' modules are still required). Works at
     module level (collection) and inside tests and fixtures.
     """
     __tracebackhide__ = True  # a skip or error is reported at the test that needs ``name``
-    if TORCH_FREE:
+    if TORCH_FREE and name.split(".")[0] in TORCH_STACK:
         pytest.skip(f"needs {name}: {TORCH_FREE_ENV} is set", allow_module_level=True)
     try:
         return importlib.import_module(name)
     except ImportError as e:
         raise ImportError(
-            f"{name} is not importable ({e}); the tests that need torch, scvi-tools or onnx "
-            f"fail rather than skip in the test environment: install the extras ({INSTALL_HINT})"
+            f"{name} is not importable ({e}); tests fail rather than skip where the test "
+            f"environment lacks what they need: install the extras ({INSTALL_HINT})"
             f" or, to run only the torch-free tests, set {TORCH_FREE_ENV}=1"
         ) from e
 

@@ -160,3 +160,50 @@ class GaussianHead(nn.Module):
         v = self.var(q)
         v = torch.exp(v) if self.var_act == "exp" else nn.functional.softplus(v)
         return self.mean(q), v + self.var_eps
+
+
+class WideHead(nn.Module):
+    """A one-layer ``FCLayers`` without normalisation or activation whose output is wide (a
+    decoder's gene-sized head), as one matrix product.
+
+    Its bias, and its one-hot covariates when they are few (at most ``max_onehot`` columns in
+    all), become extra input columns (a constant 1, the one-hot rows gathered from an
+    identity): ``[x, onehot(c), 1] @ [W_x; W_c; b]``. A separate bias ``Add`` and a table
+    ``Add`` per covariate would each be one more pass over samples x cells x outputs. With many
+    categories (10,000 batches) the covariates stay table gathers (a wider product would cost
+    more than the passes).
+    """
+
+    def __init__(self, fc, n_in: int, max_onehot: int = 64):
+        super().__init__()
+        (parts,) = fold_fc_layers(fc, [n_in])
+        if parts.layer_norm_eps is not None or parts.relu:
+            raise UnsupportedModelError("WideHead: a head with layer norm or an activation")
+        n_cols = sum(t.shape[0] for _, t in parts.cat_tables)
+        self.onehot = n_cols <= max_onehot
+        blocks = [parts.weight.T]
+        self.cat_pos = [p for p, _ in parts.cat_tables]
+        eyes, tables = [], []
+        for _, t in parts.cat_tables:
+            if self.onehot:
+                blocks.append(t)
+                eyes.append(torch.eye(t.shape[0], dtype=torch.float32))
+            else:
+                tables.append(t.float())
+        blocks.append(parts.bias[None, :])
+        self.weight = nn.Parameter(torch.cat(blocks, 0).float().contiguous(), requires_grad=False)
+        self.eyes = nn.ParameterList([nn.Parameter(e, requires_grad=False) for e in eyes])
+        self.tables = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in tables])
+
+    def forward(self, x: torch.Tensor, cats: list[torch.Tensor]) -> torch.Tensor:
+        cols = [x]
+        if self.onehot:
+            for pos, eye in zip(self.cat_pos, self.eyes, strict=True):
+                oh = eye[cats[pos]]  # (N, n_cat)
+                cols.append(oh.unsqueeze(0).expand(x.shape[0], -1, -1) if x.dim() == 3 else oh)
+        cols.append(torch.ones_like(x[..., :1]))
+        y = torch.cat(cols, dim=-1) @ self.weight
+        if not self.onehot:
+            for pos, table in zip(self.cat_pos, self.tables, strict=True):
+                y = y + table[cats[pos]]
+        return y

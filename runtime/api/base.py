@@ -553,7 +553,7 @@ def load(
 
     :class:`~scvi_onnx.OnnxSCVI` for SCVI, :class:`~scvi_onnx.OnnxLinearSCVI` (adds
     ``get_loadings``) for LinearSCVI, :class:`~scvi_onnx.OnnxSCANVI` (adds ``predict``) for
-    SCANVI.
+    SCANVI, :class:`~scvi_onnx.OnnxTOTALVI` for TOTALVI.
 
     Parameters
     ----------

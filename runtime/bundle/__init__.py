@@ -13,6 +13,7 @@ from .format import *  # noqa: F403  (the format's names are the package's surfa
 from .manifest import (
     CategoricalField,
     Manifest,
+    ProteinField,
     Registry,
     count,
     normalize_digest,
@@ -25,6 +26,7 @@ __all__ = [
     "CategoricalField",
     "Manifest",
     "NpzArrays",
+    "ProteinField",
     "Registry",
     "count",
     "load_npz",

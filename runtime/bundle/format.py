@@ -76,6 +76,20 @@ OUT_QZ2_M = "qz2_m"
 OUT_QZ2_V = "qz2_v"
 OUT_PZ1_M = "pz1_m"
 OUT_PZ1_V = "pz1_v"
+# TOTALVI graphs (no randomness; the runtime draws z, the library and the protein background):
+#   encoder.onnx  xy_norm (N, G + P) [+ covariates] -> qz_m, qz_v [, ql_m, ql_v]
+#                 xy_norm = log(1 + x / (1 + mean_g x)) | log(1 + y / (1 + mean_p y))
+#                 (without the logs when the model was trained without log_variational)
+#   decoder.onnx  z (S, N, L), library (S|1, N, 1) (the library size itself, not its log)
+#                 [+ covariates] -> px_rate [, px_dropout], py_back_alpha, py_back_beta,
+#                 py_fore_scale, py_mixing (S, N, P): the protein background's posterior
+#                 N(alpha, beta) (its draw is the runtime's), the foreground scale and the
+#                 background mixing logits
+IN_XY_NORM = "xy_norm"
+OUT_PY_BACK_ALPHA = "py_back_alpha"
+OUT_PY_BACK_BETA = "py_back_beta"
+OUT_PY_FORE_SCALE = "py_fore_scale"
+OUT_PY_MIXING = "py_mixing"
 
 # ---- arrays.npz ----------------------------------------------------------------------------
 ARR_PX_R = "px_r"
@@ -84,6 +98,14 @@ ARR_LIB_VARS = "library_log_vars"
 #: LinearSCVI: scvi-tools' own ``get_loadings()`` values (genes x n_latent), stored at export.
 ARR_LOADINGS = "loadings"
 ARR_Y_PRIOR = "y_prior"
+#: TOTALVI: protein dispersion (log scale, (P,) or (P, C)), the protein background prior
+#: (mean and log scale, (P, n_panel)), log per-batch protein efficiency (P, n_batch), and the
+#: proteins observed in each panel (n_panel, P) bool, where some were missing in training.
+ARR_PY_R = "py_r"
+ARR_BACK_ALPHA = "background_pro_alpha"
+ARR_BACK_LOG_BETA = "background_pro_log_beta"
+ARR_LOG_EFFICIENCY = "log_per_batch_efficiency"
+ARR_PROTEIN_MASK = "protein_batch_mask"
 
 # ---- graphs: manifest name -> file, and probe names in probes.npz ------------------------
 #: Graph name in ``manifest.graphs`` -> its default file (bundles name the file themselves).
@@ -110,6 +132,17 @@ PROBE_PREFIXES = {
 PROBE_BATCH = "probe.batch"
 PROBE_LABELS = "probe.labels"
 PROBE_THETA = "theta"
+#: TOTALVI: each probe cell's panel code, and scvi-tools' own per-cell selections that the
+#: runtime makes in numpy (gene and protein dispersion, per-batch protein efficiency, the
+#: protein background prior), checked at export.
+PROBE_PANEL = "probe.panel"
+PROBE_TOTALVI = {
+    "theta": "totalvi.px_theta",
+    "py_theta": "totalvi.py_theta",
+    "efficiency": "totalvi.efficiency",
+    "prior_alpha": "totalvi.back_prior_alpha",
+    "prior_beta": "totalvi.back_prior_beta",
+}
 
 
 def probe_name(graph: str, io: str, name: str) -> str:
@@ -123,6 +156,11 @@ def probe_name(graph: str, io: str, name: str) -> str:
 #: Numerical constants of scvi-tools 1.4.2 that the maths depends on.
 LIKELIHOOD_EPS = 1e-8  # scvi.distributions: eps inside logs
 VAR_EPS = 1e-4  # scvi.nn.Encoder: q_v = exp(.) + var_eps
+#: scvi.nn.DecoderTOTALVI: py_back_beta = activation(.) + 1e-8; EncoderTOTALVI clamps the
+#: log-library draw at 15 before exp; TOTALVAE.loss weighs log p(mixing = background) 1e-3.
+BACK_BETA_EPS = 1e-8
+LOG_LIBRARY_MAX = 15.0
+PROTEIN_EXPRESSED_WEIGHT = 1e-3
 #: Default export-validation tolerances (float32 graphs vs torch float32 modules).
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4

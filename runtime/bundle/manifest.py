@@ -50,8 +50,56 @@ class CategoricalField:
 
 
 @dataclass(frozen=True)
+class ProteinField:
+    """Where a model's protein counts come from (TOTALVI), and the proteins' names.
+
+    ``attr_name`` is ``"obsm"`` (``setup_anndata``: ``attr_key`` is the obsm key) or ``"X"`` /
+    ``"layers"`` of a MuData modality (``setup_mudata``: ``attr_key`` is the layer).
+    ``named`` is False when scvi-tools numbered the proteins (an obsm array registered
+    without names): inputs are then matched by position, not by name.
+    """
+
+    attr_name: str
+    attr_key: str | None
+    names: tuple[str, ...]
+    named: bool = True
+    names_uns_key: str | None = None
+
+    @property
+    def n_proteins(self) -> int:
+        return len(self.names)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attr_name": self.attr_name,
+            "attr_key": self.attr_key,
+            "names": list(self.names),
+            "named": self.named,
+            "names_uns_key": self.names_uns_key,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ProteinField:
+        return cls(
+            attr_name=d["attr_name"],
+            attr_key=d.get("attr_key"),
+            names=tuple(str(n) for n in d["names"]),
+            named=bool(d.get("named", True)),
+            names_uns_key=d.get("names_uns_key"),
+        )
+
+
+@dataclass(frozen=True)
 class Registry:
-    """What scvi-tools' ``setup_anndata`` registered: where each input comes from."""
+    """What scvi-tools' ``setup_anndata`` (or ``setup_mudata``) registered: where each input
+    comes from.
+
+    ``proteins`` and ``panel`` are TOTALVI's protein counts and panel column (``panel_key``);
+    ``modalities`` maps each registered field (``"X"``, ``"proteins"``, ``"batch"``,
+    ``"labels"``, ``"panel"``, ``"size_factor"``, ``"extra_categorical_covs"``,
+    ``"extra_continuous_covs"``) to the MuData modality it is read from (``None``: the
+    MuData's own obs) for models set up with ``setup_mudata``; ``None`` for ``setup_anndata``.
+    """
 
     layer: str | None
     batch: CategoricalField
@@ -59,6 +107,9 @@ class Registry:
     size_factor_key: str | None = None
     categorical_covariates: tuple[CategoricalField, ...] = ()
     continuous_covariates: tuple[str, ...] = ()
+    proteins: ProteinField | None = None
+    panel: CategoricalField | None = None
+    modalities: dict[str, str | None] | None = None
 
     def obs_columns(self) -> list[tuple[str, str]]:
         """``(obs column, what it is)`` of every registered obs column, in registry order."""
@@ -71,10 +122,12 @@ class Registry:
         cols += [(k, "continuous_covariate_keys") for k in self.continuous_covariates]
         if self.size_factor_key is not None:
             cols.append((self.size_factor_key, "size_factor_key"))
+        if self.panel is not None and self.panel.key is not None:
+            cols.append((self.panel.key, "panel_key"))
         return cols
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "layer": self.layer,
             "batch": self.batch.to_json(),
             "labels": self.labels.to_json(),
@@ -82,6 +135,14 @@ class Registry:
             "categorical_covariates": [c.to_json() for c in self.categorical_covariates],
             "continuous_covariates": list(self.continuous_covariates),
         }
+        # written only where set: the manifests of models without them are unchanged
+        if self.proteins is not None:
+            out["proteins"] = self.proteins.to_json()
+        if self.panel is not None:
+            out["panel"] = self.panel.to_json()
+        if self.modalities is not None:
+            out["modalities"] = dict(self.modalities)
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Registry:
@@ -94,6 +155,9 @@ class Registry:
                 CategoricalField.from_json(c) for c in d.get("categorical_covariates", [])
             ),
             continuous_covariates=tuple(d.get("continuous_covariates", [])),
+            proteins=ProteinField.from_json(d["proteins"]) if d.get("proteins") else None,
+            panel=CategoricalField.from_json(d["panel"]) if d.get("panel") else None,
+            modalities=dict(d["modalities"]) if d.get("modalities") is not None else None,
         )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from .common import EXPORT_HINT, PROG, CLIError, one_line, print_json
 from .io import check_output, close, frame, read_h5ad, save_csv, save_npy, write_atomic
 
-LATENT_SUFFIXES = (".h5ad", ".npy", ".csv")
+LATENT_SUFFIXES = (".h5ad", ".npy", ".csv", ".h5mu")
 PREDICT_SUFFIXES = (".csv", ".h5ad")
 PER_CELL_SUFFIXES = (".csv", ".npy")
 
@@ -164,11 +164,19 @@ def cmd_latent(args: argparse.Namespace) -> int:
         raise CLIError(
             "--return-dist gives two arrays (mean, variance); write them to an .h5ad or .csv output"
         )
-    if suffix == ".h5ad" and (not args.key or "/" in args.key):
+    if suffix in (".h5ad", ".h5mu") and (not args.key or "/" in args.key):
         raise CLIError(f"--key must be a non-empty name without '/', got {args.key!r}")
     started = time.perf_counter()
     model = _load_model(args)
-    adata = read_h5ad(args.input, backed=suffix != ".h5ad")
+    adata = read_h5ad(args.input, backed=suffix not in (".h5ad", ".h5mu"))
+    # a MuData (models set up with setup_mudata) is written back as one, an AnnData as one
+    mudata_in = type(adata).__name__ == "MuData"
+    if suffix in (".h5ad", ".h5mu") and mudata_in != (suffix == ".h5mu"):
+        close(adata)
+        raise CLIError(
+            f"{args.input} is {'a MuData' if mudata_in else 'an AnnData'}: write its latent "
+            f"to {'.h5mu' if mudata_in else '.h5ad'}, .npy or .csv"
+        )
     try:
         _set_obs(model, adata, args.obs)
         _note_overlap(model, adata, args)
@@ -181,14 +189,14 @@ def cmd_latent(args: argparse.Namespace) -> int:
         )
         mean, var = res if args.return_dist else (res, None)
         n_latent = mean.shape[1]
-        if suffix == ".h5ad":
+        if suffix in (".h5ad", ".h5mu"):
             adata.obsm[args.key] = mean
             if var is not None:
                 adata.obsm[args.key + "_var"] = var
             adata.uns["scvi_onnx"] = _provenance(model, args, "latent")
 
             def write(tmp: Path) -> None:
-                adata.write_h5ad(tmp)
+                (adata.write if mudata_in else adata.write_h5ad)(tmp)
 
         elif suffix == ".npy":
             write = save_npy(mean)
@@ -258,7 +266,8 @@ _METRICS = {
 
 
 def _metric_values(model, adata, args: argparse.Namespace, per_cell: bool):
-    """(mean value, per-cell array or None) of the command's metric."""
+    """(mean value, per-cell array or None) of the command's metric; a reconstruction error
+    with several keys (TOTALVI: genes and proteins) gives ``{key: ...}`` dicts of both."""
     import numpy as np
 
     kw = _data_kwargs(args)
@@ -270,8 +279,12 @@ def _metric_values(model, adata, args: argparse.Namespace, per_cell: bool):
         return float(cells.mean()), cells
     if command == "reconstruction-error":
         res = model.get_reconstruction_error(adata, return_mean=not per_cell, **kw)
-        val = res["reconstruction_loss"]
-        return (float(val.mean()), val) if per_cell else (float(val), None)
+        means = {k: float(np.mean(v)) for k, v in res.items()}
+        cells = res if per_cell else None
+        if list(res) != ["reconstruction_loss"]:
+            return means, cells
+        key = "reconstruction_loss"
+        return means[key], (None if cells is None else cells[key])
     # marginal-ll: the model's mean is a mean of per-minibatch means; reproduce it from the
     # per-cell values (minibatches are consecutive runs of batch_size cells) to run once.
     if not per_cell:
@@ -298,11 +311,19 @@ def cmd_metric(args: argparse.Namespace) -> int:
         _note_overlap(model, adata, args)
         value, cells = _metric_values(model, adata, args, per_cell=out is not None)
         n_cells = int(adata.n_obs)
+        # several reconstruction terms: one column each, and their sum as the value
+        values = value if isinstance(value, dict) else None
+        if values is not None:
+            value = sum(values.values())
         if out is not None:
+            import numpy as np
+
+            columns = list(cells) if isinstance(cells, dict) else [metric]
+            table = np.stack(list(cells.values()), 1) if isinstance(cells, dict) else cells
             if out.suffix.lower() == ".npy":
-                write = save_npy(cells)
+                write = save_npy(table)
             else:
-                write = save_csv(frame(cells, adata.obs_names, [metric]))
+                write = save_csv(frame(table, adata.obs_names, columns))
             write_atomic(out, write, overwrite=args.overwrite)
     finally:
         close(adata)
@@ -310,6 +331,7 @@ def cmd_metric(args: argparse.Namespace) -> int:
         result = {
             "metric": metric,
             "value": float(value),
+            **({"values": values} if values is not None else {}),
             "n_cells": n_cells,
             "bundle": str(args.bundle),
             "provider": model.provider,
@@ -323,6 +345,8 @@ def cmd_metric(args: argparse.Namespace) -> int:
             result["notes"] = list(args.notes)
         print_json(result)
     else:
+        for key, v in (values or {}).items():
+            print(f"{key}: {v:.4f}")
         print(f"{metric}: {value:.4f}")
     what = f"{metric} (mean {value:.4f})" + (f", per cell in {out}" if out is not None else "")
     _summary(args, what, n_cells, started)

@@ -20,6 +20,23 @@ def _library_mode(config: dict[str, Any], size_factor_key: str | None) -> str:
     return "learned (per-batch log-normal prior)"
 
 
+def _proteins(reg, c: dict[str, Any]) -> dict[str, Any]:
+    """A model's registered proteins (TOTALVI): names, and where an input holds them."""
+    p = reg.proteins
+    if p.attr_name == "obsm":
+        where = f"obsm[{p.attr_key!r}]"
+    else:
+        mod = (reg.modalities or {}).get("proteins")
+        where = f"mdata.mod[{mod!r}]" + (f".layers[{p.attr_key!r}]" if p.attr_key else ".X")
+    return {
+        "n_proteins": p.n_proteins,
+        "names": list(p.names),
+        "matched_by": "name" if p.named else "position",
+        "from": where,
+        "missing_in_some_panels": bool(c.get("protein_batch_mask", False)),
+    }
+
+
 def _file_rows(root: Path, files: dict[str, str]) -> list[dict[str, Any]]:
     from ..bundle import MANIFEST_FILE, sha256_file
 
@@ -57,6 +74,7 @@ def _obs_inputs(man) -> dict[str, Any] | None:
         "cat_covs": [f.key for f in reg.categorical_covariates],
         "cont_covs": list(reg.continuous_covariates),
         "size_factor": [reg.size_factor_key],
+        "panel": [reg.panel.key if reg.panel is not None else None],
     }
 
     def cols(kinds) -> dict[str, str]:
@@ -138,7 +156,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "n_hidden": c.get("n_hidden"),
         "n_layers": c.get("n_layers"),
         "gene_likelihood": c.get("gene_likelihood"),
-        "dispersion": c.get("dispersion"),
+        "dispersion": c.get("dispersion", c.get("gene_dispersion")),
         "latent_distribution": c.get("latent_distribution"),
         "library_size": _library_mode(c, reg.size_factor_key),
         "layer": reg.layer,
@@ -149,6 +167,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "size_factor_key": reg.size_factor_key,
         "obs_inputs": _obs_inputs(man),
         "provenance": man.extra.get("provenance"),
+        **({"proteins": _proteins(reg, c)} if reg.proteins is not None else {}),
+        **({"panel": cat(reg.panel)} if reg.panel is not None else {}),
+        **({"modalities": reg.modalities} if reg.modalities is not None else {}),
         "versions": {**versions, "opset": opset},
         "runtime_version": __version__,
         "validation": {k: man.validation.get(k) for k in ("atol", "rtol", "seed")},
@@ -186,7 +207,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("scvi-onnx", "scvi_onnx"),
     )
     ver = ", ".join(f"{label} {versions[k]}" for label, k in ver_names if k in versions)
-    arch = f"n_hidden {c.get('n_hidden')}, n_layers {c.get('n_layers')}"
+    arch_keys = ("n_hidden", "n_layers", "n_layers_encoder", "n_layers_decoder")
+    arch = ", ".join(f"{k} {c[k]}" for k in arch_keys if k in c)
     lines = [
         ("bundle", str(root)),
         ("model", f"{man.model_class} (module {c.get('module_class')}; {arch})"),
@@ -195,7 +217,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("genes", f"{man.n_genes} ({preview(man.genes)})"),
         ("n_latent", str(c.get("n_latent"))),
         ("gene likelihood", str(c.get("gene_likelihood"))),
-        ("dispersion", str(c.get("dispersion"))),
+        ("dispersion", str(info["dispersion"])),
         ("latent distribution", str(c.get("latent_distribution"))),
         ("library size", info["library_size"]),
         ("expression from", f"layers[{reg.layer!r}]" if reg.layer else "X"),
@@ -204,6 +226,19 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("categorical covariates", cat_covs),
         ("continuous covariates", cont_covs),
         ("size factor key", f"obs[{reg.size_factor_key!r}]" if reg.size_factor_key else "none"),
+    ]
+    if reg.proteins is not None:
+        pr = info["proteins"]
+        lines.append(("proteins", f"{pr['n_proteins']} ({preview(pr['names'])}) from {pr['from']}"))
+        lines.append(("protein dispersion", str(c.get("protein_dispersion"))))
+        if pr["missing_in_some_panels"]:
+            lines.append(("protein panels", "some proteins missing in some panels (a mask)"))
+    if reg.panel is not None:
+        lines.append(("panel", f"obs[{reg.panel.key!r}] ({cats(reg.panel)})"))
+    if reg.modalities is not None:
+        mods = sorted({m for m in reg.modalities.values() if m is not None})
+        lines.append(("MuData modalities", ", ".join(mods)))
+    lines += [
         *_obs_lines(info["obs_inputs"]),
         *_provenance_lines(info["provenance"]),
         ("exported with", f"{ver}; ONNX opset {opset}" if ver else f"ONNX opset {opset}"),

@@ -26,8 +26,11 @@ def check_input(path: str) -> Path:
 
 
 def read_h5ad(path: str, *, backed: bool):
-    """Read an AnnData; any failure to read is a one-line error (and only that line)."""
+    """Read an AnnData (or, from an .h5mu file, a MuData in memory: models set up with
+    ``setup_mudata``); any failure to read is a one-line error (and only that line)."""
     p = check_input(path)
+    if p.suffix.lower() == ".h5mu":
+        return _read_h5mu(p)
     import anndata
 
     with warnings.catch_warnings(record=True) as caught:
@@ -51,6 +54,24 @@ def read_h5ad(path: str, *, backed: bool):
             seen.add(key)
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return adata
+
+
+def _read_h5mu(p: Path):
+    try:
+        import mudata
+    except ImportError as e:
+        raise CLIError(
+            f"reading {p} needs the mudata package: pip install 'scvi-onnx[mudata]'"
+        ) from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            return mudata.read_h5mu(p)
+        except Exception as e:
+            raise CLIError(
+                f"cannot read {p} as an .h5mu file: {error_message(e)}; pass a MuData file "
+                "written by mudata (MuData.write)"
+            ) from e
 
 
 def close(adata: Any) -> None:

@@ -20,6 +20,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {one_line(message)} (see '{self.prog} --help')\n")
 
 
+#: The input of the commands that read cells.
+INPUT_HELP = "input AnnData (.h5ad), or MuData (.h5mu) for models set up with setup_mudata"
+
+
 def _library_check(check, text: str):
     """An argparse type from the library's own check (one implementation of each)."""
     try:
@@ -226,13 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Compute the latent representation of the cells of IN.h5ad (genes are matched by "
             "name), as SCVI.get_latent_representation. The format of OUT follows its "
-            "extension: .h5ad = a copy of the input with the latent in obsm[KEY]; .npy = the "
+            "extension: .h5ad (.h5mu for a MuData input) = a copy of the input with the latent in "
+            "obsm[KEY]; .npy = the "
             "(cells x latent) array; .csv = a table indexed by obs_names with columns "
             "latent_0 .. latent_{L-1}."
         ),
     )
     p.add_argument("bundle", metavar="BUNDLE", help="bundle folder")
-    p.add_argument("input", metavar="IN.h5ad", help="input AnnData (.h5ad)")
+    p.add_argument("input", metavar="IN.h5ad", help=INPUT_HELP)
     p.add_argument(
         "-o",
         "--output",
@@ -282,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("bundle", metavar="BUNDLE", help="SCANVI bundle folder")
-    p.add_argument("input", metavar="IN.h5ad", help="input AnnData (.h5ad)")
+    p.add_argument("input", metavar="IN.h5ad", help=INPUT_HELP)
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output: .csv or .h5ad")
     p.add_argument("--soft", action="store_true", help="also write the label probabilities")
     p.add_argument(
@@ -324,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
             ),
         )
         p.add_argument("bundle", metavar="BUNDLE", help="bundle folder")
-        p.add_argument("input", metavar="IN.h5ad", help="input AnnData (.h5ad)")
+        p.add_argument("input", metavar="IN.h5ad", help=INPUT_HELP)
         if name == "marginal-ll":
             p.add_argument(
                 "--n-mc-samples",

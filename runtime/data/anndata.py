@@ -18,6 +18,7 @@ from .genes import MISSING_GENES_MODES, GeneMatch, gene_names
 from .indices import resolve_indices
 from .minibatch import NO_NEEDS, DataNeeds, Minibatch
 from .obs import ObsUse, read_obs
+from .proteins import ProteinInput, ProteinReader, obsm_proteins
 from .readers import MatrixReader
 from .text import preview
 
@@ -56,6 +57,10 @@ class AnnDataSource:
         to read them, ``X`` or its registered layer).
     gene_key
         Match genes by ``adata.var[gene_key]`` instead of ``adata.var_names``.
+    proteins
+        For a model with proteins (TOTALVI): where the input's protein counts are when they are
+        not the registered ``adata.obsm`` entry (a MuData's protein modality; see
+        :mod:`~scvi_onnx.data.mudata`).
 
     Raises
     ------
@@ -76,6 +81,7 @@ class AnnDataSource:
         use: ObsUse | None = None,
         layer: str | None = None,
         gene_key: str | None = None,
+        proteins: ProteinInput | None = None,
     ):
         try:
             import anndata
@@ -118,6 +124,16 @@ class AnnDataSource:
         self._obs = read_obs(
             adata.obs, manifest.registry, use, missing_labels_code=missing_labels_code
         )
+        self._proteins = None
+        field = manifest.registry.proteins
+        if field is not None:
+            self._proteins = ProteinReader(
+                proteins if proteins is not None else obsm_proteins(adata, field),
+                field,
+                self._n_obs,
+                missing_genes=missing_genes,
+                min_gene_overlap=min_gene_overlap,
+            )
 
     def _expression(self, adata: Any, layer: str | None) -> tuple[Any, str]:
         """The registered expression matrix, checked for a numeric dtype and its shape."""
@@ -236,36 +252,55 @@ class AnnDataSource:
             source=self._source_name,
         )
         keep_entries = needs.entries or needs.log_library
+        prot = self._proteins
+        prot_checker = None
+        if prot is not None:
+            prot_checker = ValueChecker(
+                require_positive_library=False, count_data=needs.count_data, source=prot.where
+            )
 
-        def finish(start: int, rows: np.ndarray, dense_rows: Callable) -> tuple[Minibatch, tuple]:
+        def finish(
+            start: int, rows: np.ndarray, dense_rows: Callable, dense_y: Callable | None
+        ) -> tuple[Minibatch, tuple]:
             x, entries = dense_rows()
             if entries is None and keep_entries:
                 # the scoring methods need the non-zeros anyway: listing them once here
                 # (on a reader thread where there are some) lets the checks read them only
                 entries = Entries.from_dense(x)
-            mb = self._assemble(x, rows, entries if keep_entries else None)
+            y = None if dense_y is None else dense_y()
+            mb = self._assemble(x, rows, entries if keep_entries else None, y)
             where = where_phrase(start, rows.size, idx.size)
             counts = checker.check(x, mb.cell_names, self._integer_input, entries, where)
-            return mb.complete(needs), counts
+            y_counts = (0, 0)
+            if y is not None:
+                y_counts = prot_checker.check(y, mb.cell_names, prot.integer_input, where=where)
+            return mb.complete(needs), (counts, y_counts)
+
+        def record(counts: tuple) -> None:
+            checker.record(counts[0])
+            if prot_checker is not None:
+                prot_checker.record(counts[1])
 
         reads = (  # the file is read here, on the iterating thread
-            (start, rows, self._reader.read(rows))
+            (start, rows, self._reader.read(rows), None if prot is None else prot.read(rows))
             for start, rows in ((s, idx[s : s + bs]) for s in range(0, idx.size, bs))
         )
         if prefetch:
             done = ordered_map(lambda r: finish(*r), reads, prefetch, "scvi-onnx-read")
             for mb, counts in done:
-                checker.record(counts)
+                record(counts)
                 yield mb
         else:
             # Inline, the loop holds the last read's buffers until the next read: memory stays
             # flat over millions of backed cells, while freeing them at once (a plain map) let
             # glibc's heap fragment and grow.
-            for start, rows, dense_rows in reads:
-                mb, counts = finish(start, rows, dense_rows)
-                checker.record(counts)
+            for start, rows, dense_rows, dense_y in reads:
+                mb, counts = finish(start, rows, dense_rows, dense_y)
+                record(counts)
                 yield mb
         checker.finish(self._integer_layers_hint)
+        if prot_checker is not None:
+            prot_checker.finish()
 
     def _integer_layers_hint(self) -> str:
         """Where raw counts may be instead: layers of integer values (their first cells)."""
@@ -290,7 +325,9 @@ class AnnDataSource:
             f"layer={found[0]!r} (CLI: --layer {found[0]})"
         )
 
-    def _assemble(self, x: np.ndarray, rows: np.ndarray, entries: Any) -> Minibatch:
+    def _assemble(
+        self, x: np.ndarray, rows: np.ndarray, entries: Any, y: np.ndarray | None = None
+    ) -> Minibatch:
         o = self._obs
 
         def take(a: np.ndarray | None) -> np.ndarray | None:
@@ -305,6 +342,8 @@ class AnnDataSource:
             cont_covs=take(o.cont_covs),
             size_factor=take(o.size_factor),
             entries=entries,
+            y=y,
+            panel=take(o.panel),
             obs_names=self._obs_names,
             first_key=self._first_key,
         )

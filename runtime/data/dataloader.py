@@ -31,6 +31,8 @@ LABELS_KEY = "labels"
 CAT_COVS_KEY = "extra_categorical_covs"
 CONT_COVS_KEY = "extra_continuous_covs"
 SIZE_FACTOR_KEY = "size_factor"
+PROTEIN_KEY = "proteins"  # TOTALVI's protein counts
+PANEL_KEY = "panel"  # TOTALVI's panel codes (panel_key)
 
 
 def _as_numpy(value: Any, key: str, i: int) -> np.ndarray:
@@ -171,6 +173,11 @@ def _normalize_iter(it: Iterator[Any], manifest: Manifest, needs: DataNeeds) -> 
         count_data=needs.count_data,
         source="the dataloader's X",
     )
+    prot_checker = ValueChecker(
+        require_positive_library=False,
+        count_data=needs.count_data,
+        source=f"the dataloader's {PROTEIN_KEY!r}",
+    )
     position = 0
     for i, mb in enumerate(it):
         if not isinstance(mb, Mapping):
@@ -262,6 +269,40 @@ def _normalize_iter(it: Iterator[Any], manifest: Manifest, needs: DataNeeds) -> 
             )
             out[SIZE_FACTOR_KEY] = _float_values(arr, SIZE_FACTOR_KEY, i, first, positive=True)
 
+        y = None
+        if reg.proteins is not None:
+            p = reg.proteins.n_proteins
+            if PROTEIN_KEY not in mb or mb[PROTEIN_KEY] is None:
+                raise MissingColumnError(
+                    f"minibatch {i} has no {PROTEIN_KEY!r} entry, but the model was trained with "
+                    f"{p} proteins; add their counts as an (n, {p}) array in the model's protein "
+                    "order"
+                )
+            arr = _as_column(_as_numpy(mb[PROTEIN_KEY], PROTEIN_KEY, i), PROTEIN_KEY, n, i, p)
+            if not dtype_is_numeric(arr.dtype):
+                raise InvalidValuesError(
+                    f"minibatch {i}: {PROTEIN_KEY!r} must hold numbers, got dtype {arr.dtype}"
+                )
+            y = np.ascontiguousarray(arr, dtype=np.float32)
+            prot_checker.record(
+                prot_checker.check(
+                    y,
+                    lambda r, first=first: [f"cell {first + k}" for k in r],
+                    dtype_is_integer(arr.dtype),
+                )
+            )
+        panel = None
+        if reg.panel is not None:
+            if PANEL_KEY in mb and mb[PANEL_KEY] is not None:
+                arr = _as_column(_as_numpy(mb[PANEL_KEY], PANEL_KEY, i), PANEL_KEY, n, i)
+                panel = _integer_codes(arr, PANEL_KEY, (reg.panel,), i, first)
+            else:
+                raise MissingColumnError(
+                    f"minibatch {i} has no {PANEL_KEY!r} entry, but the model was trained with "
+                    f"panel_key={reg.panel.key!r}; add the panel codes (0.."
+                    f"{len(reg.panel.categories) - 1}, in the training order) under that key"
+                )
+
         position += n
         yield Minibatch(
             x=xf,
@@ -271,6 +312,8 @@ def _normalize_iter(it: Iterator[Any], manifest: Manifest, needs: DataNeeds) -> 
             cat_covs=out.get(CAT_COVS_KEY),
             cont_covs=out.get(CONT_COVS_KEY),
             size_factor=out.get(SIZE_FACTOR_KEY),
+            y=y,
+            panel=panel,
         ).complete(needs)
     if position == 0:
         raise InputDataError(
@@ -278,3 +321,4 @@ def _normalize_iter(it: Iterator[Any], manifest: Manifest, needs: DataNeeds) -> 
             "one cell"
         )
     checker.finish()
+    prot_checker.finish()

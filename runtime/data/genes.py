@@ -82,8 +82,9 @@ class GeneMatch:
         them with zeros (as scvi-tools' ``prepare_query_anndata``).
     min_gene_overlap
         With ``"zero"``, the smallest fraction of the model's genes that must be present.
-    where
-        How the names are called in messages (``"adata.var_names"``).
+    what, where
+        What is matched (``"genes"``, ``"proteins"``) and where the input's names are, for
+        messages.
     var
         The input's ``var`` table: when genes do not match, its columns that name the model's
         genes are suggested (``gene_key``).
@@ -106,6 +107,7 @@ class GeneMatch:
         *,
         missing_genes: str = "error",
         min_gene_overlap: float = 0.8,
+        what: str = "genes",
         where: str = "adata.var_names",
         var: pd.DataFrame | None = None,
     ):
@@ -116,12 +118,19 @@ class GeneMatch:
             pass
         else:
             names = pd.Index(np.asarray(names).astype(str))
+        one = what[:-1]  # "gene", "protein"
+        ids = " (symbols vs Ensembl IDs)" if what == "genes" else ""
         if not names.is_unique:
             dup = pd.unique(names[names.duplicated()])
+            fix = (
+                "call adata.var_names_make_unique() or deduplicate the genes"
+                if where == "adata.var_names"
+                else f"deduplicate the {what}"
+            )
             raise InputDataError(
-                f"{where} has {len(dup)} duplicated gene name(s), e.g. "
-                f"{preview(dup)}; genes are matched to the model by name, so names must be "
-                "unique: call adata.var_names_make_unique() or deduplicate the genes"
+                f"{where} has {len(dup)} duplicated {one} name(s), e.g. "
+                f"{preview(dup)}; {what} are matched to the model by name, so names must be "
+                f"unique: {fix}"
             )
         model = (
             model_genes
@@ -140,37 +149,39 @@ class GeneMatch:
             missing = model[~found]
             if self.n_found == 0:
                 raise MissingGenesError(
-                    f"none of the model's {n_model} genes is in {where}: the gene identifiers "
-                    f"may differ (symbols vs Ensembl IDs): the model's genes look like "
+                    f"none of the model's {n_model} {what} is in {where}: the {one} "
+                    f"identifiers may differ{ids}: the model's {what} look like "
                     f"{preview(model, 3)}, the data's like {preview(names, 3)}. "
                     + self._hint(var, model, where)
                 )
             if missing_genes == "error":
                 raise MissingGenesError(
-                    f"{n_missing} of the model's {n_model} genes are missing from {where}"
+                    f"{n_missing} of the model's {n_model} {what} are missing from {where}"
                     f" ({self.overlap:.1%} found), e.g. {preview(missing, SHOW_GENES)}. "
-                    "Pass the genes the model was trained on, or opt in to filling missing "
-                    'genes with zeros with missing_genes="zero" (as scvi-tools\' '
+                    f"Pass the {what} the model was trained on, or opt in to filling missing "
+                    f'{what} with zeros with missing_genes="zero" (as scvi-tools\' '
                     "prepare_query_anndata does)" + self._hint(var, model, where, lead="; ")
                 )
             if self.overlap < min_gene_overlap:
                 raise MissingGenesError(
-                    f"only {self.n_found} of the model's {n_model} genes are in "
+                    f"only {self.n_found} of the model's {n_model} {what} are in "
                     f"{where} ({self.overlap:.1%} overlap, below "
                     f"min_gene_overlap={min_gene_overlap:g}); missing e.g. "
-                    f"{preview(missing, SHOW_GENES)}. Check that the data uses the same gene "
-                    "identifiers as the model (symbols vs Ensembl IDs); to score anyway pass "
-                    "min_gene_overlap=0" + self._hint(var, model, where, lead="; ")
+                    f"{preview(missing, SHOW_GENES)}. Check that the data uses the same {one} "
+                    f"identifiers as the model{ids}; to score anyway pass min_gene_overlap=0"
+                    + self._hint(var, model, where, lead="; ")
                 )
         if missing_genes == "zero":
             logger.info(
-                "%d of the model's %d genes found in the data (%.1f%% overlap); %d filled with "
-                "zeros; %d extra genes ignored",
+                "%d of the model's %d %s found in the data (%.1f%% overlap); %d filled with "
+                "zeros; %d extra %s ignored",
                 self.n_found,
                 n_model,
+                what,
                 100.0 * self.overlap,
                 n_missing,
                 names.size - self.n_found,
+                what,
             )
         self.model_pos = np.flatnonzero(found).astype(np.intp)
         self.src_cols = src_cols[found].astype(np.intp)

@@ -70,6 +70,11 @@ class Minibatch:
         x's non-zero :class:`~scvi_onnx.data.entries.Entries`, where needed.
     log_library
         ``(n,)`` float64 log of each cell's total count, where needed.
+    y
+        ``(n, n_proteins)`` float32 protein counts in the model's protein order (TOTALVI),
+        where the model registered proteins.
+    panel
+        ``(n, 1)`` int64 panel codes (TOTALVI's ``panel_key``), where registered.
     obs_names
         The source's cell names (all of them, shared, not copied): cell ``i`` is
         ``obs_names[cells[i] - first_key]``. ``None`` for a user's dataloader (cells are named by
@@ -88,6 +93,8 @@ class Minibatch:
     size_factor: np.ndarray | None = None
     entries: Entries | None = None
     log_library: np.ndarray | None = None
+    y: np.ndarray | None = None
+    panel: np.ndarray | None = None
     obs_names: Any = None
     first_key: int = 0
 

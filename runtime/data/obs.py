@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 #: Kinds of registered obs inputs (the Minibatch fields they fill).
-OBS_KINDS = ("batch", "labels", "cat_covs", "cont_covs", "size_factor")
+OBS_KINDS = ("batch", "labels", "cat_covs", "cont_covs", "size_factor", "panel")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class ObsInputs:
     cat_covs: np.ndarray | None  # (n, K) int64
     cont_covs: np.ndarray | None  # (n, C) float32
     size_factor: np.ndarray | None  # (n, 1) float32
+    panel: np.ndarray | None = None  # (n, 1) int64 (TOTALVI's panel_key)
     #: What was read differently from training, one sentence each (logged, shown by the CLI).
     notes: tuple[str, ...] = ()
 
@@ -90,6 +91,7 @@ def read_obs(
         **{f.key: "cat_covs" for f in reg.categorical_covariates},
         **{k: "cont_covs" for k in reg.continuous_covariates},
         reg.size_factor_key: "size_factor",
+        **({reg.panel.key: "panel"} if reg.panel is not None else {}),
     }
     for key, what in reg.obs_columns():
         if key in obs.columns or kinds[key] not in use.used:
@@ -151,14 +153,19 @@ def read_obs(
             ).reshape(-1, 1)
         else:
             size_factor = np.ones((n, 1), dtype=np.float32)
+    panel = None
+    if reg.panel is not None:
+        panel = codes_for(reg.panel, "panel_key", "panel").reshape(-1, 1)
     for note in notes:
         logger.info("%s", note, extra={"scvi_onnx_note": note})
-    return ObsInputs(batch, labels, cat, cont, size_factor, tuple(notes))
+    return ObsInputs(batch, labels, cat, cont, size_factor, panel, tuple(notes))
 
 
 def _check_unseen_as(unseen_as: Mapping[str, Any], reg: Registry) -> None:
     """``unseen_as`` names registered categorical columns and their training categories."""
     fields = {f.key: f for f in (reg.batch, reg.labels, *reg.categorical_covariates) if f.key}
+    if reg.panel is not None and reg.panel.key:
+        fields.setdefault(reg.panel.key, reg.panel)
     for column, category in unseen_as.items():
         if column not in fields:
             raise InvalidArgumentError(

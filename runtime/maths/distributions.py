@@ -10,6 +10,10 @@ Every function here is a numpy/scipy transcription of the torch code that scvi-t
   returns ``v`` itself above 20, so the two differ by at most ``exp(-20) ~ 2e-9`` per call.
 * :func:`log_poisson` and :func:`log_normal` follow ``torch.distributions.Poisson.log_prob`` and
   ``torch.distributions.Normal.log_prob`` (``scale`` is a standard deviation).
+* :func:`log_nb_mixture` follows ``scvi.distributions._negative_binomial.log_mixture_nb``
+  (TOTALVI's proteins: background and foreground negative binomials with one dispersion,
+  ``pi`` the logits of the background); :func:`nb_mixture_core` is its part that depends on
+  the means (the count terms are the NB's, computed once per cell by the runtime).
 * :func:`kl_normal` follows ``torch.distributions.kl_divergence(Normal, Normal)``, but takes
   variances, as the scvi encoders output them; :func:`kl_categorical` torch's
   ``kl_divergence(Categorical, Categorical)`` (SCANVI).
@@ -35,12 +39,16 @@ __all__ = [
     "kl_categorical",
     "kl_normal",
     "kl_normal_standard",
+    "log_nb_mixture",
     "log_nb_positive",
     "log_normal",
     "log_poisson",
     "log_zinb_positive",
     "logsumexp",
+    "nb_count_terms",
+    "nb_mixture_core",
     "softmax",
+    "softplus",
 ]
 
 #: ``log(sqrt(2 * pi))`` as torch's ``Normal.log_prob`` computes it.
@@ -187,6 +195,86 @@ def log_zinb_positive(
     )
     mul_case_non_zero = (x > eps).astype(dtype) * case_non_zero
     return mul_case_zero + mul_case_non_zero
+
+
+def softplus(v: ArrayLike) -> NDArray:
+    """``log(1 + exp(v))``, exact and stable (``-log sigmoid(-v)``)."""
+    v = np.asarray(v)
+    return _softplus(v.astype(_float_dtype(v)))
+
+
+def nb_count_terms(x: ArrayLike, theta: ArrayLike) -> NDArray:
+    """The count terms of a negative binomial, ``lgamma(x + theta) - lgamma(theta) -
+    lgamma(x + 1)``, elementwise: the part of :func:`log_nb_positive` that does not depend on
+    the mean."""
+    dtype = _float_dtype(x, theta)
+    x, theta = _as(x, dtype), _as(theta, dtype)
+    return _gammaln(x + theta) - _gammaln(theta) - _gammaln(x + 1)
+
+
+def nb_mixture_core(
+    x: ArrayLike,
+    mu_1: ArrayLike,
+    mu_2: ArrayLike,
+    theta: ArrayLike,
+    pi: ArrayLike,
+    eps: float = LIKELIHOOD_EPS,
+) -> NDArray:
+    """:func:`log_nb_mixture` without its count terms ``lgamma(x + theta) - lgamma(theta) -
+    lgamma(x + 1)`` (the same in both components, so outside the mixture's logsumexp).
+
+    ``logsumexp(a_1, a_2 - pi) - softplus(-pi)`` with ``a_k = theta * (log(theta + eps) -
+    log(theta + mu_k + eps)) + x * (log(mu_k + eps) - log(theta + mu_k + eps))``.
+    """
+    dtype = _float_dtype(x, mu_1, mu_2, theta, pi)
+    x, mu_1, mu_2, theta, pi = (_as(a, dtype) for a in (x, mu_1, mu_2, theta, pi))
+    eps = dtype.type(eps)
+    log_theta_eps = np.log(theta + eps)
+
+    def core(mu: NDArray) -> NDArray:
+        log_theta_mu_eps = np.log(theta + mu + eps)
+        return theta * (log_theta_eps - log_theta_mu_eps) + x * (
+            np.log(mu + eps) - log_theta_mu_eps
+        )
+
+    return np.logaddexp(core(mu_1), core(mu_2) - pi) - _softplus(-pi)
+
+
+def log_nb_mixture(
+    x: ArrayLike,
+    mu_1: ArrayLike,
+    mu_2: ArrayLike,
+    theta: ArrayLike,
+    pi: ArrayLike,
+    eps: float = LIKELIHOOD_EPS,
+) -> NDArray:
+    """Log-likelihood of a two-component negative binomial mixture, elementwise, as ``scvi``'s
+    ``NegativeBinomialMixture.log_prob`` (one shared inverse dispersion).
+
+    ``log(sigmoid(pi) NB(x; mu_1, theta) + (1 - sigmoid(pi)) NB(x; mu_2, theta))``, computed as
+    scvi-tools does: ``logsumexp(log NB_1, log NB_2 - pi) - softplus(-pi)`` with the ``eps`` of
+    :func:`log_nb_positive` inside the logs. TOTALVI: component 1 is a protein's background,
+    component 2 its foreground, ``pi`` the logits of the background.
+
+    Parameters
+    ----------
+    x
+        Counts.
+    mu_1, mu_2
+        Means of the two components (positive).
+    theta
+        Their inverse dispersion (positive).
+    pi
+        Logits of the probability of component 1.
+    eps
+        Stability constant inside the logs.
+
+    Returns
+    -------
+    numpy.ndarray
+        Log-likelihood with the broadcast shape of the inputs.
+    """
+    return nb_mixture_core(x, mu_1, mu_2, theta, pi, eps) + nb_count_terms(x, theta)
 
 
 def log_poisson(x: ArrayLike, rate: ArrayLike) -> NDArray:

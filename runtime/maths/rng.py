@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["STREAM_Z", "STREAM_L", "STREAM_LN_MEAN", "STREAM_Z2", "normals"]
+__all__ = ["STREAM_Z", "STREAM_L", "STREAM_LN_MEAN", "STREAM_Z2", "STREAM_PRO_BACK", "normals"]
 
 #: Stream ids: what the noise is for. A stream gives the same draws in every method.
 STREAM_Z = 1  # z ~ q(z|x) (ELBO, reconstruction error, marginal LL, sampled latent)
@@ -25,6 +25,9 @@ STREAM_LN_MEAN = 3  # Monte-Carlo mean of the logistic-normal latent
 #: SCANVI: z2 ~ q(z2 | z1, y). Draw ``j`` of a cell is sample ``j // (K * L)``, label
 #: ``(j // L) % K``, latent dimension ``j % L``.
 STREAM_Z2 = 4
+#: TOTALVI: the protein background log-mean ~ N(back_alpha, back_beta) that DecoderTOTALVI
+#: draws. Draw ``j`` of a cell is sample ``j // P``, protein ``j % P``.
+STREAM_PRO_BACK = 5
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

@@ -9,8 +9,9 @@ from typing import Any
 from ..arguments import check_positive_int
 from ..bundle import Manifest
 from ..data import AnnDataSource, DataNeeds, Minibatch, normalize_dataloader, resolve_indices
+from ..data.mudata import from_mudata, is_mudata
 from ..data.obs import ObsUse
-from ..errors import InvalidArgumentError
+from ..errors import InputDataError, InvalidArgumentError
 from .engine import DEFAULT_BATCH_SIZE
 
 
@@ -34,7 +35,8 @@ def minibatches(
 ) -> Iterator[Minibatch]:
     """Checked, completed minibatches of ``adata`` (or of a user's ``dataloader``).
 
-    ``adata`` is the AnnData to read (the caller resolves the model's bound default);
+    ``adata`` is the AnnData (or, for a model set up with ``setup_mudata``, the MuData) to read
+    (the caller resolves the model's bound default);
     ``prefetch`` reader threads prepare the next minibatches; ``first_key`` keys row 0's noise
     (a chunk of a larger input passes its first global row); ``progress`` shows a bar over
     minibatches; ``use``, ``layer``, ``gene_key``: see
@@ -57,6 +59,15 @@ def minibatches(
                 "no data: pass adata= (or dataloader=), or bind an AnnData at "
                 "scvi_onnx.load(path, adata=...)"
             )
+        proteins = None
+        if is_mudata(adata):  # a model set up with setup_mudata: its modalities as an AnnData
+            adata, proteins = from_mudata(adata, manifest.registry)
+        elif manifest.registry.modalities is not None:
+            mods = sorted({m for m in manifest.registry.modalities.values() if m is not None})
+            raise InputDataError(
+                f"this model was set up with setup_mudata: pass a MuData with the modalities "
+                f"{mods} it was trained on (got a {type(adata).__name__})"
+            )
         src = AnnDataSource(
             adata,
             manifest,
@@ -67,6 +78,7 @@ def minibatches(
             use=use,
             layer=layer,
             gene_key=gene_key,
+            proteins=proteins,
         )
         idx = resolve_indices(indices, src.n_obs)
         bs = batch_size or DEFAULT_BATCH_SIZE

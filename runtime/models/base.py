@@ -38,6 +38,21 @@ from ..maths import rng
 from ..sessions import Graph
 
 
+def covariates_taken(graph_inputs: Mapping[str, Sequence[str]], scoring: bool) -> dict[str, str]:
+    """The registered covariates the encoder (and, when ``scoring``, the decoder) takes, from
+    each graph's input names: the part of :meth:`Module.obs_usage` every module shares."""
+    used: dict[str, str] = {}
+    graphs = [("encoder", "the encoder takes it")]
+    if scoring:
+        graphs.append(("decoder", "the decoder takes it"))
+    covariates = ((F.IN_BATCH, "batch"), (F.IN_CAT, "cat_covs"), (F.IN_CONT, "cont_covs"))
+    for graph, why in graphs:
+        for name, kind in covariates:
+            if name in graph_inputs.get(graph, ()):
+                used.setdefault(kind, why)
+    return used
+
+
 @dataclass(frozen=True)
 class ElboTerms:
     """One posterior draw's per-cell terms of a module's loss, as ``get_elbo`` sums them.

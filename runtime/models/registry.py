@@ -50,6 +50,11 @@ MODELS: dict[str, ModelEntry] = {
         "scvi_onnx.models.scanvae:SCANVAE",
         "scvi_onnx.exporter.specs.scanvae:SCANVISpec",
     ),
+    "TOTALVI": ModelEntry(
+        "scvi_onnx.api.totalvi:OnnxTOTALVI",
+        "scvi_onnx.models.totalvae:TOTALVAE",
+        "scvi_onnx.exporter.specs.totalvae:TOTALVISpec",
+    ),
 }
 
 

@@ -28,7 +28,7 @@ from ..errors import BundleIntegrityError, InvalidArgumentError
 from ..maths import distributions as D
 from ..maths import rng
 from ..sessions import CUDA, Graph
-from .base import BundleContents, ElboTerms, Module
+from .base import BundleContents, ElboTerms, Module, covariates_taken
 from .scoring import SCORING, GeneLikelihood, Scorer
 
 
@@ -169,15 +169,7 @@ class VAE(Module):
         methods read, and why: the covariates the graphs take (``graph_inputs``: each graph's
         input names, from its session or the manifest), the dispersion's and the library
         prior's categories, the size factors."""
-        used: dict[str, str] = {}
-        graphs = [("encoder", "the encoder takes it")]
-        if scoring:
-            graphs.append(("decoder", "the decoder takes it"))
-        covariates = ((F.IN_BATCH, "batch"), (F.IN_CAT, "cat_covs"), (F.IN_CONT, "cont_covs"))
-        for graph, why in graphs:
-            for name, kind in covariates:
-                if name in graph_inputs.get(graph, ()):
-                    used.setdefault(kind, why)
+        used = covariates_taken(graph_inputs, scoring)
         if scoring:
             c = config
             if c.gene_likelihood != "poisson" and c.dispersion == "gene-batch":

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
+from ..conftest import require
+
+require("starlette")
+require("uvicorn")
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "pbmc_scvi"
@@ -104,8 +106,8 @@ def shipped():
 def scanvi_bundle(tmp_path_factory):
     """A 1-epoch SCANVI on 120 genes of the real PBMC training cells: batch, labels (with
     unlabeled cells), a categorical covariate and a continuous one; and query cells for it."""
-    pytest.importorskip("torch")
-    scvi = pytest.importorskip("scvi")
+    require("torch")
+    scvi = require("scvi")
     import anndata as ad
 
     from scvi_onnx.exporter import export_model

@@ -19,9 +19,10 @@ import pytest
 
 import scvi_onnx
 
+from ..conftest import require
 from .conftest import SHIPPED, ServerProcess
 
-tc = pytest.importorskip("tritonclient.http")
+tc = require("tritonclient.http")
 
 #: A request that keeps a worker busy for a while on any machine: the marginal LL with 500
 #: importance samples (of 50-100 cells: 0.15-0.3 s of work on a quiet 2-core machine).

@@ -10,7 +10,9 @@ import json
 import numpy as np
 import pytest
 
-tc = pytest.importorskip("tritonclient.http")
+from ..conftest import require
+
+tc = require("tritonclient.http")
 
 OUTPUTS_SCVI = ("latent", "latent_variance", "qz_mean", "latent_sample", "elbo")
 MODES = pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])

@@ -12,9 +12,10 @@ import socket
 import numpy as np
 import pytest
 
+from ..conftest import require
 from .conftest import SHIPPED, ServerProcess
 
-tc = pytest.importorskip("tritonclient.http")
+tc = require("tritonclient.http")
 
 
 def post(server, body, headers=None, path="/v2/models/pbmc_scvi/infer", token=True):

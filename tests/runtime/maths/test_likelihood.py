@@ -9,6 +9,8 @@ from scvi_onnx.data.entries import Entries
 from scvi_onnx.maths import distributions as D
 from scvi_onnx.maths.likelihood import MinibatchScorer, count_constant, lgamma_table
 
+from ...conftest import require
+
 
 def E(x):
     """The non-zero entries of a dense minibatch, as the data layer gives them."""
@@ -134,7 +136,7 @@ def test_counts_below_eps_follow_scvi_masks():
         np.testing.assert_allclose(got, reference(lik, x, mu, theta, pi), rtol=1e-6, atol=1e-4)
 
 
-hypothesis = pytest.importorskip("hypothesis")
+hypothesis = require("hypothesis")
 st = hypothesis.strategies
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from ..arguments import check_positive_int, check_seed
 from ..bundle import Manifest
 from ..data import DataNeeds, Minibatch
+from ..distributed import dask_dispatch
 from ..errors import InvalidArgumentError
 from ..methods import elbo as elbo_loop
 from ..methods import inputs
@@ -107,6 +108,12 @@ class OnnxVAEModel:
         self.provider = self.module.provider
         self.engine = Engine.for_provider(self.provider, n_threads)
         self.adata = adata
+        #: how the model was loaded: workers of a Dask run load the bundle the same way
+        self.load_options = {
+            "device": device,
+            "intra_op_threads": intra_op_threads,
+            "scoring": scoring,
+        }
         logger.info("loaded %s (%s) on %s", self.path, self.manifest.model_class, self.provider)
 
     # ------------------------------------------------------------------ description
@@ -192,6 +199,7 @@ class OnnxVAEModel:
         return self.seed if seed is None else check_seed(seed)
 
     # ------------------------------------------------------------------ the four methods
+    @dask_dispatch  # an AnnData whose matrix is a Dask array runs on Dask
     def get_latent_representation(
         self,
         adata: Any = None,
@@ -267,6 +275,7 @@ class OnnxVAEModel:
             seed=seed,
         )
 
+    @dask_dispatch  # an AnnData whose matrix is a Dask array runs on Dask
     def get_elbo(
         self,
         adata: Any = None,
@@ -318,6 +327,7 @@ class OnnxVAEModel:
         out = terms.elbo()
         return float(out.mean()) if return_mean else out
 
+    @dask_dispatch  # an AnnData whose matrix is a Dask array runs on Dask
     def get_reconstruction_error(
         self,
         adata: Any = None,
@@ -395,6 +405,7 @@ class OnnxVAEModel:
         )
         return elbo_loop.elbo_terms(self.module, self.engine, mbs, seed)
 
+    @dask_dispatch  # an AnnData whose matrix is a Dask array runs on Dask
     def get_marginal_ll(
         self,
         adata: Any = None,

@@ -10,6 +10,7 @@ from ..errors import InvalidArgumentError
 from ..sessions import DEVICES
 from . import commands, info
 from .common import EXPORT_HINT, PROG, one_line
+from .distributed import add_scheduler_options
 
 
 class _Parser(argparse.ArgumentParser):
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _data_options(p)
     p.set_defaults(func=commands.cmd_latent)
+    add_scheduler_options(p)
 
     # ------------------------------------------------------------------ predict (SCANVI)
     p = sub.add_parser(
@@ -238,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _data_options(p)
     p.set_defaults(func=commands.cmd_predict)
+    add_scheduler_options(p)
 
     # ------------------------------------------------------------------ metrics
     metrics = (
@@ -291,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _data_options(p)
         p.set_defaults(func=commands.cmd_metric, metric_command=name)
+        add_scheduler_options(p)
 
     # ------------------------------------------------------------------ info
     p = sub.add_parser(

@@ -80,18 +80,22 @@ def _choose(local: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
     def run(args: argparse.Namespace) -> int:
         if getattr(args, "scheduler", None):
             return cmd_dask(args)
-        if Path(args.input).is_dir():
-            # an AnnData .zarr store or a SOMA experiment: read lazily, on Dask only
+        if Path(args.input).is_dir() and _input_kind(args.input) != "h5ad":
             raise CLIError(
-                f"input {args.input} is a folder (an AnnData .zarr store or a SOMA experiment "
-                "are read on Dask only): pass --scheduler local:N (or a scheduler's address)"
+                f"input {args.input} is {_KINDS[_input_kind(args.input)]}, read on Dask only: "
+                "pass --scheduler local:N (or a scheduler's address)"
             )
         return local(args)
 
     return run
 
 
+_KINDS = {"zarr": "an AnnData .zarr store", "soma": "a SOMA experiment"}
+
+
 def _input_kind(path: str) -> str:
+    """``"h5ad"``, ``"zarr"`` or ``"soma"``; a folder that is neither of the last two is
+    ``"h5ad"`` (the reader then says what is wrong with it)."""
     p = Path(path)
     if p.suffix.lower() == ".h5ad" or p.is_file():
         return "h5ad"
@@ -101,11 +105,7 @@ def _input_kind(path: str) -> str:
 
     if is_soma_experiment(path):
         return "soma"
-    if not p.exists():
-        raise CLIError(f"input not found: {path}")
-    raise CLIError(
-        f"input {path} is neither an .h5ad file, an AnnData .zarr store nor a SOMA experiment"
-    )
+    return "h5ad"
 
 
 # =============================================================================================
@@ -128,13 +128,18 @@ def connect(spec: str) -> Iterator[Any]:
             n = 0
         if n < 1:
             raise CLIError(f"--scheduler local:N needs a positive number of workers, got {spec!r}")
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-        )
+        import dask
+
+        from ..distributed import WORKER_CONFIG
+
+        with dask.config.set(WORKER_CONFIG):
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+            )
         try:
             with Client(cluster) as client:
                 yield client
@@ -153,6 +158,8 @@ def open_input(args: argparse.Namespace, model) -> Any:
     """The input as an AnnData whose registered matrix is a Dask array of ``chunk`` rows."""
     chunk = _chunk_rows(args)
     kind = _input_kind(args.input)
+    if kind == "h5ad" and not Path(args.input).exists():
+        raise CLIError(f"input file not found: {args.input}")
     if kind == "soma":
         from ..distributed.soma import read_soma
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -89,6 +90,8 @@ def cached_model(ref: ModelRef) -> Any:
 def _load(ref: ModelRef) -> Any:
     from ..api.base import load
 
+    _check_malloc_environment()
+
     try:
         found = manifest_digest(ref.path)
     except OSError as e:
@@ -112,6 +115,18 @@ def _load(ref: ModelRef) -> Any:
     )
     logger.info("worker loaded %s (%s) on %s", ref.path, ref.digest[:12], model.provider)
     return model
+
+
+def _check_malloc_environment() -> None:
+    """Say once per process when Dask's malloc setting costs this worker 2x in CPU."""
+    if "MALLOC_TRIM_THRESHOLD_" in os.environ and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        logger.warning(
+            "this worker runs with MALLOC_TRIM_THRESHOLD_ but no MALLOC_MMAP_THRESHOLD_ (Dask's "
+            "nanny default): glibc then maps every array over 128 KiB afresh and the scoring "
+            "methods need ~2x the CPU; start workers under "
+            "dask.config.set(scvi_onnx.distributed.WORKER_CONFIG), or with "
+            "MALLOC_MMAP_THRESHOLD_=33554432 in their environment"
+        )
 
 
 def cached_refs() -> list[ModelRef]:

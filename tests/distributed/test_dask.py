@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 import pytest
 
+dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 ad = pytest.importorskip("anndata")
@@ -27,7 +28,7 @@ from anndata.experimental import read_elem_lazy, read_lazy  # noqa: E402
 
 import scvi_onnx  # noqa: E402
 from scvi_onnx.cli import main  # noqa: E402
-from scvi_onnx.distributed import cache  # noqa: E402
+from scvi_onnx.distributed import WORKER_CONFIG, cache  # noqa: E402
 
 from ..conftest import EXAMPLE_H5AD, SHIPPED_BUNDLE  # noqa: E402
 
@@ -38,13 +39,14 @@ BS = 32  # minibatch of these tests: chunks of 48 rows are not aligned to it (re
 def client():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cluster = distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-        )
+        with dask.config.set(WORKER_CONFIG):
+            cluster = distributed.LocalCluster(
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+            )
         c = distributed.Client(cluster)
     yield c
     c.close()
@@ -305,6 +307,18 @@ def test_soma_experiment(client, model, mem, tmp_path):
     )
     with pytest.raises(scvi_onnx.InputDataError, match="no X layer 'raw'"):
         read_soma(uri, layer="raw")
+    # the CLI on the experiment (its layer chosen by flag), against the running scheduler
+    out = tmp_path / "rec.zarr"
+    rc = main(
+        ["reconstruction-error", str(SHIPPED_BUNDLE), uri, "--per-cell", str(out), "--seed", "3"]
+        + ["--soma-measurement", "RNA", "--soma-layer", "data", "--chunk-size", "96"]
+        + ["--scheduler", client.scheduler.address, "--no-progress"]
+    )
+    assert rc == 0
+    _eq(
+        ad.read_zarr(out).obs["reconstruction_loss"].to_numpy(),
+        model.get_reconstruction_error(mem, return_mean=False)["reconstruction_loss"],
+    )
 
 
 # ============================================================================================

@@ -132,7 +132,8 @@ def connect(spec: str) -> Iterator[Any]:
 
         from ..distributed import WORKER_CONFIG
 
-        with dask.config.set(WORKER_CONFIG):
+        # no dashboard, so nobody reads the workers' statistical profiles: not sampled
+        with dask.config.set({**WORKER_CONFIG, "distributed.worker.profile.enabled": False}):
             cluster = LocalCluster(
                 n_workers=n,
                 threads_per_worker=1,

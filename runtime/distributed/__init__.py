@@ -62,27 +62,37 @@ def dask_dispatch(method: Callable) -> Callable:
     """Run a public method on Dask when its AnnData's registered matrix is a Dask array.
 
     The wrapped method is unchanged for any other input; with a Dask input the call goes,
-    with the same arguments, to the method of the same name in
-    :mod:`scvi_onnx.distributed.methods`.
+    with the arguments given (the defaults are the same), to the method of the same name in
+    :mod:`scvi_onnx.distributed.methods`; an argument it does not take is refused by name.
     """
     sig = inspect.signature(method)
 
     @functools.wraps(method)
     def run(self, *args, **kwargs):
         bound = sig.bind(self, *args, **kwargs)
-        given = bound.arguments
+        given = dict(bound.arguments)
+        del given["self"]
+        if given.get("dataloader") is not None:
+            return method(self, *args, **kwargs)
         data = given.get("adata")
-        if data is None and given.get("dataloader") is None:
+        if data is None:
             data = self.adata
-        if given.get("dataloader") is None and is_dask_anndata(data, self.manifest.registry.layer):
-            from . import methods
+        layer = given.get("layer") or self.manifest.registry.layer
+        if not is_dask_anndata(data, layer):
+            return method(self, *args, **kwargs)
+        from ..errors import InvalidArgumentError
+        from . import methods
 
-            bound.apply_defaults()
-            arguments = dict(bound.arguments)
-            del arguments["self"]
-            arguments["adata"] = data
-            return getattr(methods, method.__name__)(self, **arguments)
-        return method(self, *args, **kwargs)
+        target = getattr(methods, method.__name__)
+        accepted = inspect.signature(target).parameters
+        unknown = sorted(k for k in given if k not in accepted)
+        if unknown:
+            raise InvalidArgumentError(
+                f"{', '.join(unknown)}: not available for an AnnData whose matrix is a Dask "
+                "array; leave them out, or compute the AnnData into memory"
+            )
+        given["adata"] = data
+        return target(self, **given)
 
     return run
 

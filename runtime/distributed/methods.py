@@ -41,6 +41,7 @@ from ..arguments import check_positive_int
 from ..data import AnnDataSource, resolve_indices
 from ..errors import InvalidArgumentError
 from ..methods.engine import DEFAULT_BATCH_SIZE
+from . import _registered_matrix, is_dask_array
 from .cache import ModelRef, manifest_digest
 from .chunks import ChunkJob, run_chunk
 
@@ -127,8 +128,13 @@ class Plan:
 
 
 def _model_ref(model) -> ModelRef:
+    from ..sessions import CUDA
+
     opts = getattr(model, "load_options", {})
     device = opts.get("device", "auto")
+    if device == "auto":
+        # the client's provider, so that every worker computes what the client would
+        device = "cuda" if model.provider == CUDA else "cpu"
     return ModelRef(
         path=str(Path(model.path).resolve()),
         digest=manifest_digest(model.path),
@@ -192,7 +198,20 @@ def plan(
     batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
     bs = batch_size or DEFAULT_BATCH_SIZE
     layer = model.manifest.registry.layer
-    matrix = adata.X if layer is None else adata.layers[layer]
+    matrix = _registered_matrix(adata, layer)
+    if not is_dask_array(matrix):
+        # no such layer, no X, or not a Dask array: the in-memory checks say what is wrong
+        AnnDataSource(
+            adata,
+            model.manifest,
+            missing_genes=missing_genes,
+            min_gene_overlap=min_gene_overlap,
+            missing_labels_code=getattr(model.module, "missing_labels_code", None),
+        )
+        raise InvalidArgumentError(
+            f"the registered matrix is a {type(matrix).__name__}, not a Dask array: call the "
+            "model's method for in-memory or backed data"
+        )
     obs = _obs_frame(adata, model)
     var = pd.DataFrame(index=pd.Index(adata.var_names))
     # the in-memory checks (genes, layer, dtype, shape, obs columns and categories) on a view

@@ -72,6 +72,13 @@ def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="SOMA input: the X layer of the raw counts (default: data; the Census's is raw)",
     )
+    g.add_argument(
+        "--soma-var-names",
+        default="var_id",
+        metavar="COLUMN",
+        help="SOMA input: the var column of the gene names the model knows (default: var_id; "
+        "the Census's: feature_id or feature_name)",
+    )
     local = parser.get_default("func")
     parser.set_defaults(func=_choose(local))
 
@@ -169,6 +176,7 @@ def open_input(args: argparse.Namespace, model) -> Any:
             args.input,
             measurement=args.soma_measurement,
             layer=args.soma_layer,
+            var_names=args.soma_var_names,
             obs_columns=keys,
             chunk_size=chunk,
         )

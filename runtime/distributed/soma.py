@@ -66,7 +66,9 @@ def read_soma(
     obs_columns
         obs columns to load (default: all); pass the model's registered ones on large data.
     obs_names, var_names
-        The obs and var columns holding cell and gene names.
+        The obs and var columns holding cell and gene names (without ``obs_names`` in obs,
+        as in the Census, cells are named by their ``soma_joinid``; the Census's genes are
+        in ``feature_id``, Ensembl IDs, and ``feature_name``).
     chunk_size
         Cells per row chunk (a multiple of the minibatch size avoids a rechunk).
 
@@ -100,11 +102,16 @@ def read_soma(
                 f"{sorted(ms.X.keys())}"
             )
         names = exp.obs.schema.names
+        if obs_names not in names:
+            obs_names = "soma_joinid"  # the Census's obs has no name column: cells by joinid
         wanted = names if obs_columns is None else [c for c in obs_columns if c in names]
         cols = list(dict.fromkeys(["soma_joinid", obs_names, *wanted]))
-        for c in (obs_names,):
-            if c not in names:
-                raise InputDataError(f"obs of {uri} has no column {c!r} (cell names)")
+        if var_names not in ms.var.schema.names:
+            raise InputDataError(
+                f"var of measurement {measurement!r} has no column {var_names!r} (gene names); "
+                f"it has {sorted(ms.var.schema.names)}: pass var_names= the column that holds "
+                "the model's gene names (the Census's: feature_id or feature_name)"
+            )
         obs = exp.obs.read(column_names=cols).concat().to_pandas()
         var = ms.var.read(column_names=["soma_joinid", var_names]).concat().to_pandas()
         X = ms.X[layer]
@@ -116,7 +123,8 @@ def read_soma(
     var_ids = var["soma_joinid"].to_numpy(np.int64)
     if var_ids.size and var_ids[-1] >= n_vars_shape:
         n_vars_shape = int(var_ids[-1]) + 1
-    frame = obs.drop(columns=["soma_joinid"]).set_index(obs_names)
+    frame = obs.set_index(obs_names, drop=obs_names != "soma_joinid")
+    frame = frame.drop(columns=[c for c in ("soma_joinid",) if c in frame.columns])
     frame.index = frame.index.astype(str)
     frame.index.name = None
     n, g = obs_ids.size, var_ids.size

@@ -307,6 +307,18 @@ def test_soma_experiment(client, model, mem, tmp_path):
     )
     with pytest.raises(scvi_onnx.InputDataError, match="no X layer 'raw'"):
         read_soma(uri, layer="raw")
+    # Census-like names: no obs_id column (cells by soma_joinid), genes in feature_id
+    census_like = str(tmp_path / "census_like")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        soma_io.from_anndata(
+            census_like, mem, measurement_name="RNA", obs_id_name="cell", var_id_name="feature_id"
+        )
+    with pytest.raises(scvi_onnx.InputDataError, match="feature_id"):
+        read_soma(census_like)
+    named = read_soma(census_like, var_names="feature_id", chunk_size=128)
+    assert list(named.obs_names[:2]) == ["0", "1"]
+    _eq(model.get_latent_representation(named).compute(), model.get_latent_representation(mem))
     # the CLI on the experiment (its layer chosen by flag), against the running scheduler
     out = tmp_path / "rec.zarr"
     rc = main(

@@ -23,6 +23,7 @@ from ..arguments import check_first_key, check_positive_int, check_seed
 from ..bundle import Manifest
 from ..data import DataNeeds, Minibatch
 from ..data.obs import ObsUse
+from ..distributed import dask_dispatch
 from ..errors import InvalidArgumentError
 from ..methods import elbo as elbo_loop
 from ..methods import inputs
@@ -134,6 +135,12 @@ class OnnxVAEModel:
         self.provider = self.module.provider
         self.engine = Engine.for_provider(self.provider, n_threads)
         self.adata = adata
+        #: how the model was loaded: workers of a Dask run load the bundle the same way
+        self.load_options = {
+            "device": device,
+            "intra_op_threads": intra_op_threads,
+            "scoring": scoring,
+        }
         logger.info("loaded %s (%s) on %s", self.path, self.manifest.model_class, self.provider)
 
     # ------------------------------------------------------------------ description
@@ -236,6 +243,7 @@ class OnnxVAEModel:
         return self.seed if seed is None else check_seed(seed)
 
     # ------------------------------------------------------------------ the four methods
+    @dask_dispatch  # an AnnData whose matrix is a Dask array runs on Dask
     def get_latent_representation(
         self,
         adata: Any = None,
@@ -333,6 +341,7 @@ class OnnxVAEModel:
             seed=seed,
         )
 
+    @dask_dispatch  # an AnnData whose matrix is a Dask array runs on Dask
     def get_elbo(
         self,
         adata: Any = None,
@@ -391,6 +400,7 @@ class OnnxVAEModel:
         out = terms.elbo()
         return float(out.mean()) if return_mean else out
 
+    @dask_dispatch  # an AnnData whose matrix is a Dask array runs on Dask
     def get_reconstruction_error(
         self,
         adata: Any = None,
@@ -459,6 +469,7 @@ class OnnxVAEModel:
         )
         return elbo_loop.elbo_terms(self.module, self.engine, mbs, seed)
 
+    @dask_dispatch  # an AnnData whose matrix is a Dask array runs on Dask
     def get_marginal_ll(
         self,
         adata: Any = None,

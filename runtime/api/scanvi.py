@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..data import resolve_indices
+from ..distributed import dask_dispatch
 from ..methods import latent as latent_loop
 from .base import OnnxVAEModel, _read
 
@@ -40,6 +41,7 @@ class OnnxSCANVI(OnnxVAEModel):
         """The training ``unlabeled_category``."""
         return self.config.unlabeled_category
 
+    @dask_dispatch
     def predict(
         self,
         adata: Any = None,

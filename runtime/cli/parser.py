@@ -11,6 +11,7 @@ from ..models.registry import MODELS
 from ..sessions import DEVICES
 from . import commands, info
 from .common import EXPORT_HINT, PROG, one_line
+from .distributed import add_scheduler_options
 
 
 class _Parser(argparse.ArgumentParser):
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _data_options(p)
     p.set_defaults(func=commands.cmd_latent)
+    add_scheduler_options(p)
 
     # ------------------------------------------------------------------ predict (SCANVI)
     p = sub.add_parser(
@@ -297,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _data_options(p)
     p.set_defaults(func=commands.cmd_predict)
+    add_scheduler_options(p)
 
     # ------------------------------------------------------------------ metrics
     metrics = (
@@ -350,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _data_options(p)
         p.set_defaults(func=commands.cmd_metric, metric_command=name)
+        add_scheduler_options(p)
 
     # ------------------------------------------------------------------ info
     p = sub.add_parser(

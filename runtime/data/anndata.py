@@ -49,6 +49,9 @@ class AnnDataSource:
     first_key
         The key of row 0 (default 0): a cell's noise is keyed by ``first_key + row``, so a
         chunk of a larger input gives the numbers of its rows in the whole.
+    n_total
+        For a chunk of a larger input: the whole input's number of cells (value errors then
+        say where in the whole the cells are, as an in-memory run would).
     use
         Which registered obs columns the computation reads (:class:`~scvi_onnx.data.obs.ObsUse`;
         default: all of them, with training categories).
@@ -78,6 +81,7 @@ class AnnDataSource:
         min_gene_overlap: float = 0.8,
         missing_labels_code: int | None = None,
         first_key: int = 0,
+        n_total: int | None = None,
         use: ObsUse | None = None,
         layer: str | None = None,
         gene_key: str | None = None,
@@ -102,6 +106,7 @@ class AnnDataSource:
             )
         self._manifest = manifest
         self._first_key = int(first_key)
+        self._n_total = n_total
         self._obs_names = adata.obs_names
         self._n_obs = int(adata.n_obs)
         names, names_where = gene_names(adata, gene_key)
@@ -252,6 +257,9 @@ class AnnDataSource:
             source=self._source_name,
         )
         keep_entries = needs.entries or needs.log_library
+        # where value errors say the cells are: in this input, or in the whole of which it is
+        # a chunk (n_total); a chunk of unknown size (a request keyed from first_key) says not
+        total = self._n_total or (idx.size if self._first_key == 0 else None)
         prot = self._proteins
         prot_checker = None
         if prot is not None:
@@ -269,7 +277,7 @@ class AnnDataSource:
                 entries = Entries.from_dense(x)
             y = None if dense_y is None else dense_y()
             mb = self._assemble(x, rows, entries if keep_entries else None, y)
-            where = where_phrase(start, rows.size, idx.size)
+            where = where_phrase(self._first_key + start, rows.size, total)
             counts = checker.check(x, mb.cell_names, self._integer_input, entries, where)
             y_counts = (0, 0)
             if y is not None:

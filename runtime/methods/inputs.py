@@ -28,6 +28,7 @@ def minibatches(
     min_gene_overlap: float = 0.8,
     missing_labels_code: int | None = None,
     first_key: int = 0,
+    n_total: int | None = None,
     use: ObsUse | None = None,
     layer: str | None = None,
     gene_key: str | None = None,
@@ -38,8 +39,9 @@ def minibatches(
     ``adata`` is the AnnData (or, for a model set up with ``setup_mudata``, the MuData) to read
     (the caller resolves the model's bound default);
     ``prefetch`` reader threads prepare the next minibatches; ``first_key`` keys row 0's noise
-    (a chunk of a larger input passes its first global row); ``progress`` shows a bar over
-    minibatches; ``use``, ``layer``, ``gene_key``: see
+    (a chunk of a larger input passes its first global row, and ``n_total``, the whole's
+    number of cells); ``progress`` shows a bar over minibatches; ``use``, ``layer``,
+    ``gene_key``: see
     :class:`~scvi_onnx.data.anndata.AnnDataSource`.
     """
     batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
@@ -75,6 +77,7 @@ def minibatches(
             min_gene_overlap=min_gene_overlap,
             missing_labels_code=missing_labels_code,
             first_key=first_key,
+            n_total=n_total,
             use=use,
             layer=layer,
             gene_key=gene_key,

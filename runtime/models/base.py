@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..bundle import Manifest, NpzArrays
+from ..bundle import Manifest, NpzArrays, Registry
 from ..bundle import format as F
 from ..data import DataNeeds, Minibatch
 from ..maths import distributions as D
@@ -78,12 +78,23 @@ class Module(ABC):
     Config: ClassVar[type]
     #: ``get_reconstruction_error``'s keys, in scvi-tools' order.
     reconstruction_keys: ClassVar[tuple[str, ...]] = ("reconstruction_loss",)
+    #: Config entries the public class's ``repr`` shows.
+    repr_config: ClassVar[tuple[str, ...]] = ("latent_distribution",)
 
     config: Any
     #: The execution provider that runs the graphs.
     provider: str
     #: What the scoring methods need of each minibatch.
     needs: DataNeeds
+
+    @classmethod
+    def describe(cls, config: Mapping[str, Any], registry: Registry) -> dict[str, str]:
+        """What a bundle's config means, for ``scvi-onnx info``: label -> text, in order.
+
+        Read from the manifest's config as written and its registry (no bundle is loaded).
+        ``"architecture"`` goes on the model line; the other entries get a line each.
+        """
+        return {"latent distribution": str(config.get("latent_distribution"))}
 
     @property
     @abstractmethod

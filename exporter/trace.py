@@ -43,6 +43,8 @@ DYNAMIC_AXES: dict[str, dict[int, str]] = {
     F.IN_Z2: _SAMPLES_CELLS,
     F.OUT_PZ1_M: _SAMPLES_CELLS,
     F.OUT_PZ1_V: _SAMPLES_CELLS,
+    F.OUT_DEPTH: _CELLS,  # also IN_DEPTH (the same name)
+    F.OUT_PX: _SAMPLES_CELLS,
 }
 
 

@@ -19,6 +19,7 @@ _LAZY = {
     "OnnxSCVI": "scvi_onnx.api.scvi",
     "OnnxLinearSCVI": "scvi_onnx.api.linear",
     "OnnxSCANVI": "scvi_onnx.api.scanvi",
+    "OnnxPEAKVI": "scvi_onnx.api.peakvi",
     "verify": "scvi_onnx.selfcheck",
 }
 

@@ -10,11 +10,13 @@ runtime reads it. A bundle folder holds:
     float32 graphs with a dynamic cell axis; no randomness, no BatchNormalization node.
 ``scorer.onnx`` (optional)
     the decoder followed by ``log p(x | z)`` summed over genes, for devices where decoder
-    outputs should stay on the device (CUDA).
+    outputs should stay on the device (CUDA). For PEAKVI the encoder also gives the depth ``d``,
+    the decoder the accessibility probability ``px`` of every region (the model's "genes").
 ``classifier.onnx``, ``z2_encoder.onnx``, ``z1_decoder.onnx`` (SCANVI)
     the classifier ``q(y | z1)``, ``q(z2 | z1, y)`` and ``p(z1 | z2, y)`` for every label.
 ``arrays.npz``
-    parameters the numpy side needs (dispersion, library-size prior, label prior, loadings);
+    parameters the numpy side needs (dispersion, library-size prior, label prior, loadings,
+    PEAKVI's region factors);
     loaded with ``allow_pickle=False``.
 ``probes.npz``
     probe inputs and the exporter's torch outputs for them, for ``verify``
@@ -76,6 +78,13 @@ OUT_QZ2_M = "qz2_m"
 OUT_QZ2_V = "qz2_v"
 OUT_PZ1_M = "pz1_m"
 OUT_PZ1_V = "pz1_v"
+# PEAKVI graphs:
+#   encoder.onnx  x (N, R) [+ covariates] -> qz_m, qz_v [, depth (N, 1)]   (d of PEAKVAE)
+#   decoder.onnx  z (S, N, L) [+ covariates] -> px (S, N, R)   accessibility probability
+#   scorer.onnx   decoder inputs + depth (N, 1) + counts (N, R) -> log_px (S, N)
+IN_DEPTH = "depth"
+OUT_DEPTH = "depth"
+OUT_PX = "px"
 
 # ---- arrays.npz ----------------------------------------------------------------------------
 ARR_PX_R = "px_r"
@@ -84,6 +93,8 @@ ARR_LIB_VARS = "library_log_vars"
 #: LinearSCVI: scvi-tools' own ``get_loadings()`` values (genes x n_latent), stored at export.
 ARR_LOADINGS = "loadings"
 ARR_Y_PRIOR = "y_prior"
+#: PEAKVI: ``sigmoid(region_factors)`` as scvi-tools computes it (``get_region_factors()``).
+ARR_REGION_FACTORS = "region_factors"
 
 # ---- graphs: manifest name -> file, and probe names in probes.npz ------------------------
 #: Graph name in ``manifest.graphs`` -> its default file (bundles name the file themselves).
@@ -122,6 +133,8 @@ def probe_name(graph: str, io: str, name: str) -> str:
 # ---- numbers ---------------------------------------------------------------------------------
 #: Numerical constants of scvi-tools 1.4.2 that the maths depends on.
 LIKELIHOOD_EPS = 1e-8  # scvi.distributions: eps inside logs
+#: torch's ``binary_cross_entropy`` clamps each log at this value (PEAKVI's likelihood).
+BCE_LOG_MIN = -100.0
 VAR_EPS = 1e-4  # scvi.nn.Encoder: q_v = exp(.) + var_eps
 #: Default export-validation tolerances (float32 graphs vs torch float32 modules).
 DEFAULT_ATOL = 1e-4

@@ -48,6 +48,11 @@ MODELS: dict[str, ModelEntry] = {
         "scvi_onnx.models.scanvae:SCANVAE",
         "scvi_onnx.exporter.specs.scanvae:SCANVISpec",
     ),
+    "PEAKVI": ModelEntry(
+        "scvi_onnx.api.peakvi:OnnxPEAKVI",
+        "scvi_onnx.models.peakvae:PEAKVAE",
+        "scvi_onnx.exporter.specs.peakvae:PEAKVISpec",
+    ),
 }
 
 

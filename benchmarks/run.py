@@ -3,6 +3,10 @@
     python benchmarks/run.py                      # 20,000 cells, the three models
     python benchmarks/run.py --models pbmc_zinb --n-cells 20000 --repeats 3
     python benchmarks/run.py --device cuda --scvi-per-pass 1 100 1000   # on a GPU machine
+    python benchmarks/run.py --models pbmc_peakvi peakvi_atac           # PEAKVI rows
+
+scvi-tools 1.4.2 has no marginal LL for PEAKVI: its "scvi-tools" marginal-LL column is the same
+estimate in torch over scvi-tools' PEAKVAE (worker.py: peakvi_marginal_ll).
 
 Every job runs in a fresh process (separate peak memory). Prints a table of medians and ratios
 with the environment, and writes it as JSON to benchmarks/results/.
@@ -102,11 +106,14 @@ def cold_start(side, model_dir, data, out_dir: Path, bs: int, device: str = "cpu
             "--overwrite",
         ]
     else:
+        model_class = json.loads((model_dir / "bundle" / "manifest.json").read_text())[
+            "model_class"
+        ]
         code = (
             "import warnings, logging; warnings.filterwarnings('ignore'); "
             "logging.disable(logging.WARNING); import anndata, numpy, scvi; "
             f"a = anndata.read_h5ad({str(data)!r}); "
-            f"m = scvi.model.SCVI.load({str(model_dir / 'torch')!r}, adata=a, "
+            f"m = scvi.model.{model_class}.load({str(model_dir / 'torch')!r}, adata=a, "
             f"accelerator={'gpu' if device == 'cuda' else 'cpu'!r}); "
             f"numpy.save({str(out)!r}, m.get_latent_representation(a, batch_size={bs}))"
         )
@@ -116,10 +123,15 @@ def cold_start(side, model_dir, data, out_dir: Path, bs: int, device: str = "cpu
 
 
 def matmul_floor(config: dict, rows: int, repeats: int = 3) -> dict:
-    """Seconds this machine's numpy float32 matmul needs for the decoder's FLOPs on ``rows``."""
+    """Seconds this machine's numpy float32 matmul needs for the decoder's FLOPs on ``rows``.
+
+    The decoder's gene-sized heads: px_scale (+ ZINB's dropout, + gene-cell dispersion) for
+    SCVI; PEAKVI's one region-sized output layer."""
     L, H, G = config["n_latent"], config["n_hidden"], config["n_input"]
-    heads = 1 + (config["gene_likelihood"] == "zinb") + (config["dispersion"] == "gene-cell")
-    flops_per_row = 2 * (L * H + (config["n_layers"] - 1) * H * H + H * G * heads)
+    lik, dispersion = config.get("gene_likelihood"), config.get("dispersion")
+    heads = 1 + (lik == "zinb") + (dispersion == "gene-cell")
+    n_layers = config.get("n_layers_decoder", config.get("n_layers"))
+    flops_per_row = 2 * (L * H + (n_layers - 1) * H * H + H * G * heads)
     a = np.random.default_rng(0).standard_normal((8192, H), dtype=np.float32)
     w = np.random.default_rng(1).standard_normal((H, G), dtype=np.float32)
     a @ w

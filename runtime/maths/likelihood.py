@@ -14,6 +14,9 @@ This module computes the same sums fast, for the runtime's hot path:
 
 The zero / non-zero cases follow scvi-tools' masks: a count ``x > eps`` takes the non-zero
 formula, any other the zero formula.
+
+PEAKVI's Bernoulli likelihood (:class:`BernoulliScorer`) works alike: one ``log1p`` per element
+in cache-sized blocks, the accessible regions (the non-zero entries) corrected on their own.
 """
 
 from __future__ import annotations

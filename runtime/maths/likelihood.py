@@ -303,13 +303,16 @@ class BernoulliScorer:
     (``x > 0``) and ``max(log1p(-q), -100)`` elsewhere, with ``q = (p * d) * f`` in float32. Here,
     per block of ``(samples, cells, regions)`` that stays in cache:
 
-    - ``a = p * (-d) * f = -q`` (negating ``d`` once per cell is exact, and saves a pass), then
-      ``log1p(a)`` over every region and its float32 sum per (sample, cell): one transcendental
-      per element;
+    - ``a = p * (-d f) = -q``, with ``-d f`` formed once per block of cells (one pass over the
+      decoder's output instead of two; ``q`` may differ from torch's ``(p * d) * f`` in its last
+      bit), then ``log1p(a)`` over every region and its float32 sum per (sample, cell): one
+      transcendental per element;
     - at the accessible regions only (the non-zero entries: ~10% for scATAC), the correction
-      ``max(log q, -100) - max(log1p(-q), -100)``, summed per cell in float64;
+      ``max(log q, -100) - max(log1p(-q), -100)``, summed per cell;
     - the clamp of ``log1p(-q)`` matters only where ``q`` is exactly 1 (``-inf``): rows whose sum
       is not finite are summed again with the clamp, instead of clamping every element.
+
+    1.4 ns per region and draw for 2,000 regions (a bare float32 ``log1p``: ~0.6).
 
     Parameters
     ----------
@@ -330,8 +333,9 @@ class BernoulliScorer:
     def score(self, px: np.ndarray, depth: np.ndarray | None) -> np.ndarray:
         """``(S, n)`` float64 for ``px`` ``(S, n, R)`` and ``depth`` ``(n, 1)`` (or ``None``)."""
         S, n, R = px.shape
-        out = np.empty((S, n), dtype=np.float64)
-        neg_d = None if depth is None else np.negative(depth.reshape(n, 1).astype(np.float32))
+        out = np.empty((S, n), dtype=np.float32)
+        neg_d = -np.ones((n, 1), np.float32) if depth is None else -depth.reshape(n, 1)
+        neg_d = neg_d.astype(np.float32, copy=False)
         r_max = max(1, min(n, BLOCK_ELEMENTS // R))
         k_max = max(1, min(S, BLOCK_ELEMENTS // (r_max * R)))
         a_buf = np.empty(k_max * r_max * R, dtype=np.float32)
@@ -340,7 +344,7 @@ class BernoulliScorer:
         with np.errstate(divide="ignore"):
             for r0 in range(0, n, r_max):
                 self._rows(px, neg_d, out, r0, min(n, r0 + r_max), k_max, a_buf, b_buf)
-        return out
+        return out.astype(np.float64)
 
     def _rows(self, px, neg_d, out, r0: int, r1: int, k_max: int, a_buf, b_buf) -> None:
         """Cells ``r0:r1`` (one block of rows), every sample, into ``out``."""
@@ -355,17 +359,14 @@ class BernoulliScorer:
         flat = local_rows * R + e.cols[e0:e1].astype(np.int64)
         starts = (e.indptr[r0:r1] - e0)[counts > 0]
         has = np.flatnonzero(counts > 0)
+        # -(d f) of these cells, (r, R) (or -d, (r, 1), without region factors)
+        ndf = neg_d[r0:r1] if self.f is None else neg_d[r0:r1] * self.f
         for s0 in range(0, S, k_max):
             s1 = min(S, s0 + k_max)
             k = s1 - s0
             a = a_buf[: k * r * R].reshape(k, r, R)
             b = b_buf[: k * r * R].reshape(k, r, R)
-            if neg_d is None:
-                np.negative(px[s0:s1, r0:r1], out=a)
-            else:
-                np.multiply(px[s0:s1, r0:r1], neg_d[r0:r1], out=a)
-            if self.f is not None:
-                a *= self.f
+            np.multiply(px[s0:s1, r0:r1], ndf, out=a)
             np.log1p(a, out=b)
             dense = b.sum(-1)  # float32 sums per (sample, cell), as torch sums
             bad = ~np.isfinite(dense)
@@ -377,6 +378,7 @@ class BernoulliScorer:
             if flat.size:
                 # np.take along the axis: ~7x faster than fancy indexing here
                 a_nz = np.take(a.reshape(k, r * R), flat, axis=1)  # -q where accessible
-                corr = np.maximum(np.log(np.negative(a_nz)), lo)
-                corr -= np.maximum(np.log1p(a_nz, out=a_nz), lo)
-                block[:, has] += np.add.reduceat(corr, starts, axis=1, dtype=np.float64)
+                corr = np.negative(a_nz)
+                np.maximum(np.log(corr, out=corr), lo, out=corr)
+                corr -= np.maximum(np.log1p(a_nz, out=a_nz), lo, out=a_nz)
+                block[:, has] += np.add.reduceat(corr, starts, axis=1)

@@ -53,7 +53,7 @@ def _reexport_if_stale(out: Path) -> None:
 
     manifest_path = out / "bundle" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    code = max(p.stat().st_mtime for p in (ROOT / "exporter").glob("*.py"))
+    code = max(p.stat().st_mtime for p in (ROOT / "exporter").rglob("*.py"))
     if (
         manifest["versions"].get("scvi_onnx") != scvi_onnx.__version__
         or code > manifest_path.stat().st_mtime

@@ -2,10 +2,11 @@
 
 scvi-tools 1.4.2's ``PEAKVAE`` (``scvi/module/_peakvae.py``), in inference form:
 
-- ``z_encoder`` (``scvi.nn.Encoder``, LeakyReLU, ``var_eps=0``) and ``d_encoder`` (a PEAKVAE
-  ``Decoder``: ``FCLayers`` then ``Linear(n_hidden, 1)`` and a sigmoid) read the same input, the
-  raw region values ``x`` (not binarised; with ``encode_covariates`` the continuous covariates
-  appended and batch / categorical covariates injected into the first layer);
+- ``z_encoder`` (``scvi.nn.Encoder``, LeakyReLU, ``var_eps=0``; the encoder graph) and
+  ``d_encoder`` (a PEAKVAE ``Decoder``: ``FCLayers`` then ``Linear(n_hidden, 1)`` and a sigmoid;
+  the depth graph) read the same input, the raw region values ``x`` (not binarised; with
+  ``encode_covariates`` the continuous covariates appended and batch / categorical covariates
+  injected into the first layer);
 - ``z_decoder`` (``FCLayers`` on ``cat(z, cont_covs)`` with batch and categorical covariates
   injected (every layer with ``deeply_inject_covariates``), ``Linear(n_hidden, n_regions)``,
   a sigmoid): the accessibility probability ``p``;
@@ -58,30 +59,49 @@ class SigmoidHead(nn.Module):
         return torch.sigmoid(self.out(self.fc(h, cats)))
 
 
-class EncoderGraph(nn.Module):
-    """x (N, R) [+ covariates] -> qz_m, qz_v [, d (N, 1)]."""
+class _EncoderInput(nn.Module):
+    """What PEAKVAE's encoders read: ``x`` (with ``encode_covariates``: the continuous
+    covariates appended, batch and categorical covariates for the first layer)."""
 
     def __init__(self, module, io: GraphIO, n_cat_covs: int):
         super().__init__()
         self.io = io
         self.n_cat_covs = n_cat_covs
         self.encode_covariates = bool(module.encode_covariates)
-        n_in = _first_linear_inputs(module.z_encoder.encoder)
-        self.z = GaussianHead(module.z_encoder, n_in)
-        self.d = SigmoidHead(module.d_encoder, n_in) if module.d_encoder is not None else None
+        self.n_in = _first_linear_inputs(module.z_encoder.encoder)
 
-    def forward(self, *args):
+    def inputs(self, args) -> tuple[torch.Tensor, list]:
         feeds = dict(zip(self.io.inputs, args, strict=True))
         h = feeds[F.IN_X]
-        cats: list = []
-        if self.encode_covariates:
-            if F.IN_CONT in feeds:
-                h = torch.cat([h, feeds[F.IN_CONT]], dim=-1)
-            cats = _cats(feeds, self.n_cat_covs)
-        out = list(self.z(h, cats))
-        if self.d is not None:
-            out.append(self.d(h, cats))
-        return tuple(out)
+        if not self.encode_covariates:
+            return h, []
+        if F.IN_CONT in feeds:
+            h = torch.cat([h, feeds[F.IN_CONT]], dim=-1)
+        return h, _cats(feeds, self.n_cat_covs)
+
+
+class EncoderGraph(_EncoderInput):
+    """x (N, R) [+ covariates] -> qz_m, qz_v (``z_encoder``)."""
+
+    def __init__(self, module, io: GraphIO, n_cat_covs: int):
+        super().__init__(module, io, n_cat_covs)
+        self.z = GaussianHead(module.z_encoder, self.n_in)
+
+    def forward(self, *args):
+        return self.z(*self.inputs(args))
+
+
+class DepthGraph(_EncoderInput):
+    """x (N, R) [+ covariates] -> depth (N, 1) (``d_encoder``, with ``model_depth``): a graph of
+    its own, as the latent space does not need it (ONNX Runtime runs every node of a graph
+    whatever outputs are asked for, and this encoder costs as much as the z encoder)."""
+
+    def __init__(self, module, io: GraphIO, n_cat_covs: int):
+        super().__init__(module, io, n_cat_covs)
+        self.d = SigmoidHead(module.d_encoder, self.n_in)
+
+    def forward(self, *args):
+        return self.d(*self.inputs(args))
 
 
 class DecoderGraph(nn.Module):

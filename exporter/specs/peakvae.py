@@ -1,5 +1,5 @@
-"""PEAKVI (scvi-tools' ``PEAKVAE`` module): encoder (with the depth factor), decoder, scoring
-graph; the region factors in ``arrays.npz``."""
+"""PEAKVI (scvi-tools' ``PEAKVAE`` module): encoder, depth encoder, decoder, scoring graph;
+the region factors in ``arrays.npz``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from scvi_onnx.selfcheck import VerifyRow, deviation
 
 from .. import inspect
 from ..graphs import GraphIO
-from ..graphs.peakvae import DecoderGraph, EncoderGraph, ScoreGraph
+from ..graphs.peakvae import DecoderGraph, DepthGraph, EncoderGraph, ScoreGraph
 from ..probes import N_PROBE_SAMPLES, module_eval, probe_cells, to_torch
 from .base import ExportSpec, GraphExport
 from .vae import feeds
@@ -83,17 +83,18 @@ class PEAKVISpec(ExportSpec):
         return {F.ARR_REGION_FACTORS: f}
 
     # ------------------------------------------------------------------ graphs
-    def io(self, config: dict) -> tuple[GraphIO, GraphIO, GraphIO]:
-        """The encoder's, the decoder's and the scorer's inputs and outputs."""
+    def io(self, config: dict) -> tuple[GraphIO, GraphIO, GraphIO, GraphIO]:
+        """The encoder's, the depth graph's, the decoder's and the scorer's inputs and
+        outputs."""
         uses_batch = config["n_batch"] > 1
         uses_cats = any(n > 1 for n in config["n_cats_per_cov"])
         uses_cont = config["n_continuous_cov"] > 0
         covs = [F.IN_CONT] * uses_cont + [F.IN_BATCH] * uses_batch + [F.IN_CAT] * uses_cats
         enc_in = [F.IN_X] + (covs if config["encode_covariates"] else [])
-        enc_out = [F.OUT_QZ_M, F.OUT_QZ_V] + [F.OUT_DEPTH] * config["model_depth"]
         dec_in = [F.IN_Z, *covs]
         return (
-            GraphIO(tuple(enc_in), tuple(enc_out)),
+            GraphIO(tuple(enc_in), (F.OUT_QZ_M, F.OUT_QZ_V)),
+            GraphIO(tuple(enc_in), (F.OUT_DEPTH,)),
             GraphIO(tuple(dec_in), (F.OUT_PX,)),
             GraphIO((*dec_in, F.IN_DEPTH, F.IN_COUNTS), (F.OUT_LOG_PX,)),
         )
@@ -101,7 +102,7 @@ class PEAKVISpec(ExportSpec):
     def graphs(
         self, registry: Registry, config: dict, arrays: dict, rng: np.random.Generator
     ) -> tuple[list[GraphExport], dict[str, np.ndarray]]:
-        enc_io, dec_io, score_io = self.io(config)
+        enc_io, depth_io, dec_io, score_io = self.io(config)
         k_cat = len(config["n_cats_per_cov"])
         enc_graph = EncoderGraph(self.module, enc_io, k_cat)
         dec_graph = DecoderGraph(self.module, dec_io, k_cat)
@@ -121,8 +122,15 @@ class PEAKVISpec(ExportSpec):
         if F.ARR_REGION_FACTORS in arrays:
             q = q * arrays[F.ARR_REGION_FACTORS]  # float32, as torch: (p * d) * f
         log_px = -D.binary_cross_entropy(q.astype(np.float64), (x > 0).astype(np.float64))
-        graphs = [
-            GraphExport("encoder", enc_graph, enc_io, feeds(enc_io, t, {}), enc_ref),
+        graphs = [GraphExport("encoder", enc_graph, enc_io, feeds(enc_io, t, {}), enc_ref)]
+        if config["model_depth"]:
+            depth_graph = DepthGraph(self.module, depth_io, k_cat)
+            graphs.append(
+                GraphExport(
+                    "depth", depth_graph, depth_io, feeds(depth_io, t, {}), {F.OUT_DEPTH: depth}
+                )
+            )
+        graphs += [
             GraphExport("decoder", dec_graph, dec_io, dec_feeds, {F.OUT_PX: px}),
             GraphExport(
                 "scorer",
@@ -148,8 +156,6 @@ class PEAKVISpec(ExportSpec):
             enc = {F.OUT_QZ_M: qz.loc, F.OUT_QZ_V: qz.scale.square()}
             n = qz.loc.shape[0]
             depth = inf["d"] if config["model_depth"] else torch.ones(n, 1, device=device)
-            if config["model_depth"]:
-                enc[F.OUT_DEPTH] = depth
             eps = rng.standard_normal((N_PROBE_SAMPLES, n, config["n_latent"])).astype(np.float32)
             z = qz.loc[None] + torch.as_tensor(eps, device=device) * qz.scale[None]
             if config["latent_distribution"] == "ln":

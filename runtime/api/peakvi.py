@@ -8,9 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import format as F
 from ..errors import InvalidArgumentError
-from ..methods import latent as latent_loop
 from .base import OnnxVAEModel
 
 
@@ -85,5 +83,5 @@ class OnnxPEAKVI(OnnxVAEModel):
             progress=progress_bar,
             scoring=False,
         )
-        d = latent_loop.encoder_output(self.module, self.engine, mbs, F.OUT_DEPTH)
-        return d.reshape(-1)
+        tasks = self.engine.tasks(mbs, self.module.n_features)
+        return np.concatenate(list(self.engine.pmap(self.module.depth, tasks))).reshape(-1)

@@ -10,8 +10,11 @@ runtime reads it. A bundle folder holds:
     float32 graphs with a dynamic cell axis; no randomness, no BatchNormalization node.
 ``scorer.onnx`` (optional)
     the decoder followed by ``log p(x | z)`` summed over genes, for devices where decoder
-    outputs should stay on the device (CUDA). For PEAKVI the encoder also gives the depth ``d``,
-    the decoder the accessibility probability ``px`` of every region (the model's "genes").
+    outputs should stay on the device (CUDA).
+``depth.onnx`` (PEAKVI with ``model_depth``)
+    the depth factor ``d`` of each cell (the latent space does not need it, so it is a graph of
+    its own); PEAKVI's decoder gives the accessibility probability ``px`` of every region (the
+    model's "genes").
 ``classifier.onnx``, ``z2_encoder.onnx``, ``z1_decoder.onnx`` (SCANVI)
     the classifier ``q(y | z1)``, ``q(z2 | z1, y)`` and ``p(z1 | z2, y)`` for every label.
 ``arrays.npz``
@@ -38,6 +41,7 @@ SCORER_FILE = "scorer.onnx"
 CLASSIFIER_FILE = "classifier.onnx"
 Z2_ENCODER_FILE = "z2_encoder.onnx"
 Z1_DECODER_FILE = "z1_decoder.onnx"
+DEPTH_FILE = "depth.onnx"
 ARRAYS_FILE = "arrays.npz"
 PROBES_FILE = "probes.npz"
 
@@ -79,7 +83,8 @@ OUT_QZ2_V = "qz2_v"
 OUT_PZ1_M = "pz1_m"
 OUT_PZ1_V = "pz1_v"
 # PEAKVI graphs:
-#   encoder.onnx  x (N, R) [+ covariates] -> qz_m, qz_v [, depth (N, 1)]   (d of PEAKVAE)
+#   encoder.onnx  x (N, R) [+ covariates] -> qz_m, qz_v
+#   depth.onnx    x (N, R) [+ covariates] -> depth (N, 1)     (d of PEAKVAE, model_depth)
 #   decoder.onnx  z (S, N, L) [+ covariates] -> px (S, N, R)   accessibility probability
 #   scorer.onnx   decoder inputs + depth (N, 1) + counts (N, R) -> log_px (S, N)
 IN_DEPTH = "depth"
@@ -105,6 +110,7 @@ GRAPH_FILES = {
     "classifier": CLASSIFIER_FILE,
     "z2_encoder": Z2_ENCODER_FILE,
     "z1_decoder": Z1_DECODER_FILE,
+    "depth": DEPTH_FILE,
 }
 #: Graph name -> prefix of its probe arrays in probes.npz (inputs ``<prefix>_in.<name>``,
 #: torch outputs ``<prefix>_out.<name>``).
@@ -115,6 +121,7 @@ PROBE_PREFIXES = {
     "classifier": "cls",
     "z2_encoder": "z2e",
     "z1_decoder": "z1d",
+    "depth": "depth",
 }
 #: Probe arrays that are not graph IO: each probe cell's batch and label codes, and the
 #: decoder's dispersion as scvi-tools computed it (``dec_out.theta``).

@@ -72,9 +72,3 @@ def class_probabilities(
         return module.classify(z)[0]
 
     return np.concatenate(list(engine.pmap(one, engine.tasks(mbs, module.n_features))))
-
-
-def encoder_output(module: Module, engine: Engine, mbs: Iterable[Minibatch], name: str):
-    """One encoder output of every cell (e.g. PEAKVI's depth factor ``d``), in input order."""
-    parts = engine.pmap(lambda mb: module.encode(mb)[name], engine.tasks(mbs, module.n_features))
-    return np.concatenate(list(parts))

@@ -1,10 +1,11 @@
 """scvi-tools' ``PEAKVAE`` (the module of PEAKVI): chromatin accessibility.
 
 PEAKVI reads a cells x regions matrix from ``X`` (the bundle's "genes" are its regions). Per
-cell, the encoder gives ``q(z | x)`` and, with ``model_depth``, a depth factor ``d`` in (0, 1)
-(PEAKVAE's ``d_encoder``; ``d = 1`` without); the decoder gives each region's accessibility
-probability ``p``; ``f = sigmoid(region_factors)`` per region (``f = 1`` without). The encoder
-reads the raw values; the likelihood reads only ``x > 0``. Per posterior draw ``u ~ q(z | x)``
+cell, the encoder gives ``q(z | x)`` and, with ``model_depth``, the depth graph a factor ``d``
+in (0, 1) (PEAKVAE's ``d_encoder``; ``d = 1`` without); the decoder gives each region's
+accessibility probability ``p``; ``f = sigmoid(region_factors)`` per region (``f = 1``
+without). The encoders read the raw values; the likelihood reads only ``x > 0``. Per
+posterior draw ``u ~ q(z | x)``
 (``z = softmax(u)`` for a logistic-normal latent, ``z = u`` otherwise), as ``PEAKVAE.loss``
 computes them::
 
@@ -59,40 +60,39 @@ class PEAKVAEConfig:
 
 
 class AccessibilityScorer(Protocol):
-    """``log p(x | z) = -sum_r BCE(p_r d f_r, x_r > 0)`` for one group of cells."""
+    """``log p(x | z) = -sum_r BCE(p_r d f_r, x_r > 0)`` for one group of cells (their values
+    and depth factors bound)."""
 
-    def log_px(self, feeds: Mapping[str, Any], z: np.ndarray, depth: np.ndarray) -> np.ndarray:
-        """``(samples, cells)`` float64 for ``z`` ``(samples, cells, L)`` and ``depth``
-        ``(cells, 1)`` float32; ``feeds`` holds the group's covariate inputs."""
+    def log_px(self, feeds: Mapping[str, Any], z: np.ndarray) -> np.ndarray:
+        """``(samples, cells)`` float64 for ``z`` ``(samples, cells, L)``; ``feeds`` holds the
+        group's covariate inputs."""
         ...
 
 
 class HostScorer:
     """The decoder graph, then numpy's kernel (:class:`BernoulliScorer`)."""
 
-    def __init__(self, decoder: Graph, kernel: BernoulliScorer, model_depth: bool):
+    def __init__(self, decoder: Graph, kernel: BernoulliScorer, depth: np.ndarray | None):
         self.decoder = decoder
         self.kernel = kernel
-        self.model_depth = model_depth
+        self.depth = depth  # None: d = 1 (model_depth=False)
 
-    def log_px(self, feeds: Mapping[str, Any], z: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    def log_px(self, feeds: Mapping[str, Any], z: np.ndarray) -> np.ndarray:
         px = self.decoder.run({**feeds, F.IN_Z: np.ascontiguousarray(z, dtype=np.float32)})
-        return self.kernel.score(px[F.OUT_PX], depth if self.model_depth else None)
+        return self.kernel.score(px[F.OUT_PX], self.depth)
 
 
 class GraphScorer:
     """The scoring graph with the group's region values bound on its device."""
 
-    def __init__(self, graph: Graph, counts: Any):
+    def __init__(self, graph: Graph, counts: Any, depth: np.ndarray):
         self.graph = graph
         self.counts = counts  # onnxruntime.OrtValue
+        self.depth = np.ascontiguousarray(depth, dtype=np.float32)
 
-    def log_px(self, feeds: Mapping[str, Any], z: np.ndarray, depth: np.ndarray) -> np.ndarray:
-        inputs = {
-            **feeds,
-            F.IN_Z: np.ascontiguousarray(z, dtype=np.float32),
-            F.IN_DEPTH: np.ascontiguousarray(depth, dtype=np.float32),
-        }
+    def log_px(self, feeds: Mapping[str, Any], z: np.ndarray) -> np.ndarray:
+        z = np.ascontiguousarray(z, dtype=np.float32)
+        inputs = {**feeds, F.IN_Z: z, F.IN_DEPTH: self.depth}
         return self.graph.run_bound({F.IN_COUNTS: self.counts}, inputs, F.OUT_LOG_PX).astype(
             np.float64
         )
@@ -143,6 +143,14 @@ class PEAKVAE(Module):
         self.encoder = contents.graph("encoder", device, intra_op_threads)
         self.provider = self.encoder.provider
         self.decoder = contents.graph("decoder", device, intra_op_threads)
+        self.depth_encoder = None
+        if c.model_depth:
+            if not contents.manifest.has_graph("depth"):
+                raise BundleIntegrityError(
+                    f"the model has model_depth=True but the bundle has no {F.DEPTH_FILE}; "
+                    "re-export it"
+                )
+            self.depth_encoder = contents.graph("depth", device, intra_op_threads)
         self.score_graph = choose_score_graph(
             contents, scoring, self.provider, device, intra_op_threads
         )
@@ -155,11 +163,6 @@ class PEAKVAE(Module):
                     f"({self._n_regions},); re-export the bundle"
                 )
             self.region_factors = np.ascontiguousarray(f, dtype=np.float32)
-        if c.model_depth and F.OUT_DEPTH not in self.encoder.outputs:
-            raise BundleIntegrityError(
-                f"{F.ENCODER_FILE} has no {F.OUT_DEPTH!r} output but the model has "
-                "model_depth=True; re-export the bundle"
-            )
         width = self.encoder.input_shape(F.IN_X)[-1]
         if isinstance(width, int) and width != self._n_regions:
             raise BundleIntegrityError(
@@ -193,27 +196,33 @@ class PEAKVAE(Module):
         return {F.IN_BATCH: mb.batch, F.IN_CAT: mb.cat_covs, F.IN_CONT: mb.cont_covs}
 
     def encode(self, mb: Minibatch) -> dict[str, np.ndarray]:
-        """``qz_m``, ``qz_v`` and (with ``model_depth``) ``depth`` (cells, 1)."""
+        """``qz_m``, ``qz_v`` (the latent space needs nothing else)."""
         return self.encoder.run({**self.feeds(mb), F.IN_X: mb.x})
 
-    def depth(self, mb: Minibatch, enc: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Each cell's depth factor ``d`` (cells, 1) float32 (ones without ``model_depth``)."""
-        if self.config.model_depth:
-            return enc[F.OUT_DEPTH]
-        return np.ones((mb.n, 1), dtype=np.float32)
+    def depth(self, mb: Minibatch) -> np.ndarray | None:
+        """Each cell's depth factor ``d`` (cells, 1) float32; ``None`` without ``model_depth``
+        (``d = 1``)."""
+        if self.depth_encoder is None:
+            return None
+        return self.depth_encoder.run({**self.feeds(mb), F.IN_X: mb.x})[F.OUT_DEPTH]
 
     def prepare(self, mb: Minibatch) -> AccessibilityScorer:
+        """The group's scorer: its accessible regions (or its values on the device) and depth
+        factors, computed once for every chunk of draws."""
+        depth = self.depth(mb)
         if self.score_graph is not None:
             counts = np.ascontiguousarray(mb.x, dtype=np.float32)
-            return GraphScorer(self.score_graph, self.score_graph.to_device(counts))
+            if depth is None:
+                depth = np.ones((mb.n, 1), dtype=np.float32)
+            return GraphScorer(self.score_graph, self.score_graph.to_device(counts), depth)
         kernel = BernoulliScorer(mb.entries, self._n_regions, self.region_factors)
-        return HostScorer(self.decoder, kernel, self.config.model_depth)
+        return HostScorer(self.decoder, kernel, depth)
 
     # ------------------------------------------------------------------ the terms
     def elbo_terms(self, mb: Minibatch, seed: int) -> ElboTerms:
         enc = self.encode(mb)
         _, z = self.z_draws(mb, enc, seed, 0, 1)
-        rec = -self.prepare(mb).log_px(self.feeds(mb), z, self.depth(mb, enc))[0]
+        rec = -self.prepare(mb).log_px(self.feeds(mb), z)[0]
         kl = D.kl_normal_standard(
             enc[F.OUT_QZ_M].astype(np.float64), enc[F.OUT_QZ_V].astype(np.float64)
         ).sum(-1)
@@ -234,5 +243,5 @@ class PEAKVAE(Module):
         qs = np.sqrt(enc[F.OUT_QZ_V].astype(np.float64))[None]
         log_w = D.log_normal(u, 0.0, 1.0).sum(-1)
         log_w -= D.log_normal(u, qm, qs).sum(-1)
-        log_w += state.log_px(self.feeds(mb), z, self.depth(mb, enc))
+        log_w += state.log_px(self.feeds(mb), z)
         return log_w

@@ -124,19 +124,24 @@ def cells():
 
 
 def _graphs_by_hand(model, a):
-    """Encoder and decoder outputs from onnxruntime directly (not through the runtime)."""
+    """Encoder, depth and decoder outputs from onnxruntime directly (not through the
+    runtime)."""
     import onnxruntime as ort
 
     sess = {
         g: ort.InferenceSession(str(BUNDLE / f"{g}.onnx"), providers=["CPUExecutionProvider"])
-        for g in ("encoder", "decoder")
+        for g in ("encoder", "depth", "decoder")
     }
     x = np.asarray(a.X.todense(), dtype=np.float32)
     codes = {c: i for i, c in enumerate(model.manifest.registry.batch.categories)}
     batch = np.array([codes[b] for b in a.obs["batch"]], dtype=np.int64)[:, None]
     feeds = {"x": x, "batch_index": batch}
-    enc = sess["encoder"].run(None, {i.name: feeds[i.name] for i in sess["encoder"].get_inputs()})
-    return x, batch, dict(zip(["qz_m", "qz_v", "depth"], enc, strict=True)), sess["decoder"]
+
+    def run(g):
+        return sess[g].run(None, {i.name: feeds[i.name] for i in sess[g].get_inputs()})
+
+    (qz_m, qz_v), (depth,) = run("encoder"), run("depth")
+    return x, batch, {"qz_m": qz_m, "qz_v": qz_v, "depth": depth}, sess["decoder"]
 
 
 def test_elbo_and_marginal_ll_equal_an_independent_computation(model, cells):
@@ -252,7 +257,18 @@ def _bundle_copy(tmp_path, edit_config=None, drop_array=None):
     return out
 
 
+def _without_depth_graph(tmp_path):
+    out = _bundle_copy(tmp_path)
+    man = json.loads((out / B.MANIFEST_FILE).read_text())
+    del man["graphs"]["depth"], man["files"][B.DEPTH_FILE]
+    (out / B.DEPTH_FILE).unlink()
+    (out / B.MANIFEST_FILE).write_text(json.dumps(man))
+    return out
+
+
 def test_bundle_refusals(tmp_path):
+    with pytest.raises(BundleIntegrityError, match="depth.onnx"):
+        scvi_onnx.load(_without_depth_graph(tmp_path / "d"), device="cpu")
     with pytest.raises(BundleError, match="latent_distribution"):
         scvi_onnx.load(_bundle_copy(tmp_path / "a", {"latent_distribution": "x"}), device="cpu")
     with pytest.raises(BundleIntegrityError, match="region_factors"):
@@ -282,7 +298,7 @@ def test_cli_info_verify_latent_and_metrics(capsys, tmp_path, model, cells):
     assert code == 0 and report["ok"], out
     assert {r["output"] for r in report["outputs"]} >= {
         "encoder.qz_m",
-        "encoder.depth",
+        "depth.depth",
         "decoder.px",
         "scorer.log_px",
     }

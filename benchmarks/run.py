@@ -4,6 +4,10 @@
     python benchmarks/run.py --models pbmc_totalvi  # TOTALVI (RNA + 29 proteins) only
     python benchmarks/run.py --models pbmc_zinb --n-cells 20000 --repeats 3
     python benchmarks/run.py --device cuda --scvi-per-pass 1 100 1000   # on a GPU machine
+    python benchmarks/run.py --models pbmc_peakvi peakvi_atac           # PEAKVI rows
+
+scvi-tools 1.4.2 has no marginal LL for PEAKVI: its "scvi-tools" marginal-LL column is the same
+estimate in torch over scvi-tools' PEAKVAE (worker.py: peakvi_marginal_ll).
 
 Every job runs in a fresh process (separate peak memory). Prints a table of medians and ratios
 with the environment, and writes it as JSON to benchmarks/results/.
@@ -25,18 +29,17 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import worker as worker_module  # noqa: E402
-
 import models  # noqa: E402
 
 TASKS = ["latent", "elbo", "rec", "mll"]
 
 
-def _run_rss(cmd: list[str]) -> tuple[float, float, str]:
-    """Run a command; return (wall seconds, peak RSS MB of exactly that process, stdout)."""
+def _run_rss(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Run a command (in ``env``, default this process's environment); return (wall seconds,
+    peak RSS MB of exactly that process, stdout)."""
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True)
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env)
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t
         fo.seek(0)
@@ -105,12 +108,14 @@ def cold_start(side, model_dir, data, out_dir: Path, bs: int, device: str = "cpu
             "--overwrite",
         ]
     else:
+        model_class = json.loads((model_dir / "bundle" / "manifest.json").read_text())[
+            "model_class"
+        ]
         code = (
             "import warnings, logging; warnings.filterwarnings('ignore'); "
             "logging.disable(logging.WARNING); import anndata, numpy, scvi; "
             f"a = anndata.read_h5ad({str(data)!r}); "
-            f"m = scvi.model.{worker_module.model_class(str(model_dir))}.load("
-            f"{str(model_dir / 'torch')!r}, adata=a, "
+            f"m = scvi.model.{model_class}.load({str(model_dir / 'torch')!r}, adata=a, "
             f"accelerator={'gpu' if device == 'cuda' else 'cpu'!r}); "
             f"numpy.save({str(out)!r}, m.get_latent_representation(a, batch_size={bs}))"
         )
@@ -120,17 +125,22 @@ def cold_start(side, model_dir, data, out_dir: Path, bs: int, device: str = "cpu
 
 
 def matmul_floor(config: dict, rows: int, repeats: int = 3) -> dict:
-    """Seconds this machine's numpy float32 matmul needs for the decoder's FLOPs on ``rows``."""
+    """Seconds this machine's numpy float32 matmul needs for the decoder's FLOPs on ``rows``.
+
+    The decoder's gene-sized heads: px_scale (+ ZINB's dropout, + gene-cell dispersion) for
+    SCVI; PEAKVI's one region-sized output layer."""
     L, H, G = config["n_latent"], config["n_hidden"], config["n_input"]
-    heads = 1 + (config["gene_likelihood"] == "zinb") + (config.get("dispersion") == "gene-cell")
+    lik, dispersion = config.get("gene_likelihood"), config.get("dispersion")
+    heads = 1 + (lik == "zinb") + (dispersion == "gene-cell")
+    n_layers = config.get("n_layers_decoder", config.get("n_layers"))
     if config.get("module_class") == "TOTALVAE":
         # DecoderTOTALVI: four trunks (genes, background, foreground, mixing) of
         # n_layers_decoder layers, gene heads and four protein heads on [hidden, z]
-        P, n_layers = config["n_proteins"], config["n_layers_decoder"]
+        P = config["n_proteins"]
         trunks = 4 * (L * H + (n_layers - 1) * H * H)
         flops_per_row = 2 * (trunks + (H + L) * (G * heads + 4 * P))
     else:
-        flops_per_row = 2 * (L * H + (config["n_layers"] - 1) * H * H + H * G * heads)
+        flops_per_row = 2 * (L * H + (n_layers - 1) * H * H + H * G * heads)
     a = np.random.default_rng(0).standard_normal((8192, H), dtype=np.float32)
     w = np.random.default_rng(1).standard_normal((H, G), dtype=np.float32)
     a @ w

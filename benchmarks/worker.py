@@ -1,6 +1,12 @@
 """One benchmark job in its own process: one side (scvi-tools or scvi-onnx), one method.
 
 Prints one JSON line: timings of each repeat, and the process's peak RSS.
+
+The scvi-tools side loads the model with its own class (the bundle's ``model_class``) and calls
+its method. scvi-tools 1.4.2 has no ``get_marginal_ll`` for PEAKVI: its marginal-LL reference is
+:func:`peakvi_marginal_ll`, the same importance-sampling estimate written in torch over
+scvi-tools' own PEAKVAE (its inference, generative and ``get_reconstruction_loss``), samples
+batched per forward pass as the runtime batches them.
 """
 
 from __future__ import annotations
@@ -24,10 +30,36 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def model_class(model_dir: str) -> str:
-    """The scvi-tools model class of a benchmark model (its bundle's manifest says)."""
-    with open(f"{model_dir}/bundle/manifest.json") as f:
-        return json.load(f)["model_class"]
+def peakvi_marginal_ll(model, adata, indices, n_mc: int, batch_size: int, per_pass=None):
+    """Mean over cells of ``log mean_s exp(log N(u_s; 0, I) + log p(x | z_s) - log q(u_s | x))``
+    with scvi-tools' PEAKVAE in torch (``per_pass`` samples per decoder call; default: about
+    2^24 decoder outputs per call)."""
+    import math
+
+    import torch
+
+    m = model.module
+    prior = torch.distributions.Normal(0.0, 1.0)
+    out = []
+    with torch.inference_mode():
+        for tensors in model._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
+            inf = m.inference(**m._get_inference_input(tensors))
+            qz, d = inf["qz"], inf["d"]
+            f = torch.sigmoid(m.region_factors) if m.region_factors is not None else 1
+            x = tensors["X"].to(qz.loc.device)
+            n, R = x.shape
+            step = per_pass or max(1, (1 << 24) // (n * R))
+            log_w = []
+            for s0 in range(0, n_mc, step):
+                u = qz.sample((min(step, n_mc - s0),))
+                z = m.z_encoder.z_transformation(u)
+                px = m.generative(**m._get_generative_input(tensors, {"z": z, "qz": qz}))["px"]
+                # torch's BCE wants the target in the input's shape
+                rl = m.get_reconstruction_loss(px, d, f, x.expand(px.shape[0], -1, -1))
+                log_w.append(prior.log_prob(u).sum(-1) - qz.log_prob(u).sum(-1) - rl)
+            log_w = torch.cat(log_w)
+            out.append(torch.logsumexp(log_w, 0) - math.log(n_mc))
+    return float(torch.cat(out).mean())
 
 
 def main() -> None:
@@ -51,6 +83,8 @@ def main() -> None:
     import anndata as ad
     import numpy as np
 
+    manifest = json.loads(open(f"{args.model}/bundle/manifest.json").read())
+    model_class = manifest["model_class"]
     if args.side == "scvi":
         import scvi
         import torch
@@ -59,7 +93,7 @@ def main() -> None:
         if args.dense:
             adata.X = adata.X.toarray()
         accelerator = "gpu" if args.device == "cuda" else "cpu"
-        cls = getattr(scvi.model, model_class(args.model))
+        cls = getattr(scvi.model, model_class)
         model = cls.load(f"{args.model}/torch", adata=adata, accelerator=accelerator)
         info = {
             "engine": f"scvi-tools {scvi.__version__}",
@@ -79,7 +113,9 @@ def main() -> None:
         info = {
             "engine": f"scvi-onnx {scvi_onnx.__version__}",
             "onnxruntime": ort.__version__,
-            "threads": model.engine.n_workers,
+            # (_n_workers: scvi-onnx 0.2, for benchmarks/versions.py)
+            "threads": getattr(getattr(model, "engine", None), "n_workers", None)
+            or getattr(model, "_n_workers", None),
             "provider": model.provider,
         }
     setup_s = time.perf_counter() - t0
@@ -93,6 +129,10 @@ def main() -> None:
             return model.get_elbo(adata, batch_size=bs)
         if args.task == "rec":
             return model.get_reconstruction_error(adata, batch_size=bs)
+        if args.side == "scvi" and model_class == "PEAKVI":
+            return peakvi_marginal_ll(
+                model, adata, mll_idx, args.n_mc, len(mll_idx), per_pass=args.per_pass
+            )
         kw = {} if args.per_pass is None else {"n_mc_samples_per_pass": args.per_pass}
         return model.get_marginal_ll(
             adata, indices=mll_idx, n_mc_samples=args.n_mc, batch_size=len(mll_idx), **kw
@@ -114,6 +154,7 @@ def main() -> None:
                 "peak_rss_mb": _peak_rss_mb(),
                 "n_cells": int(adata.n_obs),
                 "batch_size": bs,
+                "model_class": model_class,
                 **info,
             }
         )

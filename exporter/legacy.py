@@ -221,11 +221,14 @@ def _infer_class(path: Path, state_dict: dict) -> str:
         return "LinearSCVI"
     if prefixes <= vae and any(k.startswith("decoder.px_decoder.") for k in keys):
         return "SCVI"
+    peakvae = {"z_encoder", "z_decoder", "d_encoder", "region_factors"}
+    if prefixes <= peakvae and any(k.startswith("z_decoder.px_decoder.") for k in keys):
+        return "PEAKVI"
     raise UnsupportedModelError(
         f"{path} was saved by scvi-tools < 0.15, whose files do not name the model class, and "
-        "its weights are not those of SCVI, LinearSCVI, SCANVI or TOTALVI. Convert it with the "
-        "class "
-        "that saved it: scvi.model.<Class>.convert_legacy_save(old_folder, new_folder), then "
+        "its weights are not those of SCVI, LinearSCVI, SCANVI, TOTALVI or PEAKVI. Convert it "
+        "with the class that saved it: scvi.model.<Class>.convert_legacy_save(old_folder, "
+        "new_folder), then "
         "load it with scvi-tools and save it again (model.save())"
     )
 

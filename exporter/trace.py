@@ -48,6 +48,8 @@ DYNAMIC_AXES: dict[str, dict[int, str]] = {
     F.OUT_PY_BACK_BETA: _SAMPLES_CELLS,
     F.OUT_PY_FORE_SCALE: _SAMPLES_CELLS,
     F.OUT_PY_MIXING: _SAMPLES_CELLS,
+    F.OUT_DEPTH: _CELLS,  # also IN_DEPTH (the same name)
+    F.OUT_PX: _SAMPLES_CELLS,
 }
 
 

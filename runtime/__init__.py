@@ -20,6 +20,7 @@ _LAZY = {
     "OnnxLinearSCVI": "scvi_onnx.api.linear",
     "OnnxSCANVI": "scvi_onnx.api.scanvi",
     "OnnxTOTALVI": "scvi_onnx.api.totalvi",
+    "OnnxPEAKVI": "scvi_onnx.api.peakvi",
     "verify": "scvi_onnx.selfcheck",
     "connect": "scvi_onnx.serve.client",
 }

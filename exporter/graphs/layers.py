@@ -4,11 +4,14 @@
   ``BatchNormalization`` node reaches a graph (it fails on the CUDA EP at large batch).
 - One-hot covariate injection ``Linear(cat(x, one_hot(c)))`` becomes ``x @ W_x.T + W_c.T[c]``:
   the same sum without the one-hot matrix, so ~10,000 batches cost a gather, not a matmul.
+- Activations are copies of the module's own (ReLU for SCVI, LeakyReLU for PEAKVI, any of
+  :data:`ACTIVATIONS`), traced as they are.
 - Dropout is the identity, and no sampling happens in a graph: the runtime draws all noise.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +26,46 @@ class LayerParts:
     bias: torch.Tensor  # (out,)
     cat_tables: list[tuple[int, torch.Tensor]]  # (position in cat list, (n_cat, out))
     layer_norm_eps: float | None
-    relu: bool
+    activation: nn.Module | None  # a copy of the layer's activation module
+
+
+#: Activation modules a layer may hold (``FCLayers(activation_fn=...)``): elementwise modules
+#: whose ONNX export is exact to float32 rounding (the export validates every graph anyway).
+#: Their copies are traced as they are, with their settings (LeakyReLU's slope, ELU's alpha).
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.ReLU6,
+    nn.Identity,
+)
+
+
+def copy_activation(act: nn.Module | None, where: str) -> nn.Module | None:
+    """A frozen copy of an activation module of :data:`ACTIVATIONS` (exact type: a subclass
+    may compute something else); an :class:`UnsupportedModelError` for any other."""
+    if act is None:
+        return None
+    if type(act) not in ACTIVATIONS:
+        names = ", ".join(a.__name__ for a in ACTIVATIONS)
+        raise UnsupportedModelError(
+            f"{where}: activation {type(act).__name__} is not supported (supported: {names})"
+        )
+    out = copy.deepcopy(act).to("cpu").float()
+    out.requires_grad_(False)
+    if hasattr(out, "inplace"):
+        out.inplace = False  # the traced graph must not depend on in-place aliasing
+    return out
 
 
 def fold_fc_layers(fc, n_dense_in: list[int]) -> list[LayerParts]:
@@ -63,10 +105,7 @@ def fold_fc_layers(fc, n_dense_in: list[int]) -> list[LayerParts]:
             if not isinstance(ln, nn.LayerNorm) or ln.elementwise_affine:
                 raise UnsupportedModelError(f"layer {i}: unsupported layer norm {ln!r}")
             ln_eps = float(ln.eps)
-        if act is not None and not isinstance(act, nn.ReLU):
-            raise UnsupportedModelError(
-                f"layer {i}: activation {type(act).__name__} is not supported (only ReLU)"
-            )
+        activation = copy_activation(act, f"layer {i}")
         n_dense = n_dense_in[i]
         inject = fc.inject_into_layer(i)
         expected = n_dense + (sum(n_cat_list) if inject else 0)
@@ -81,12 +120,12 @@ def fold_fc_layers(fc, n_dense_in: list[int]) -> list[LayerParts]:
                 if n_cat > 0:
                     tables.append((pos, w[:, col : col + n_cat].T.contiguous()))
                     col += n_cat
-        parts.append(LayerParts(w[:, :n_dense].contiguous(), b, tables, ln_eps, act is not None))
+        parts.append(LayerParts(w[:, :n_dense].contiguous(), b, tables, ln_eps, activation))
     return parts
 
 
 class FoldedLayer(nn.Module):
-    """``relu?(layer_norm?(x @ W.T + b + sum_k T_k[c_k]))`` with batch norm folded in."""
+    """``act?(layer_norm?(x @ W.T + b + sum_k T_k[c_k]))`` with batch norm folded in."""
 
     def __init__(self, parts: LayerParts):
         super().__init__()
@@ -97,7 +136,7 @@ class FoldedLayer(nn.Module):
             [nn.Parameter(t.float(), requires_grad=False) for _, t in parts.cat_tables]
         )
         self.ln_eps = parts.layer_norm_eps
-        self.relu = parts.relu
+        self.act = parts.activation
         self.n_out = parts.weight.shape[0]
 
     def forward(self, x: torch.Tensor, cats: list[torch.Tensor]) -> torch.Tensor:
@@ -106,8 +145,8 @@ class FoldedLayer(nn.Module):
             y = y + table[cats[pos]]  # (N, out), broadcasts over a leading sample axis
         if self.ln_eps is not None:
             y = nn.functional.layer_norm(y, (self.n_out,), eps=self.ln_eps)
-        if self.relu:
-            y = torch.relu(y)
+        if self.act is not None:
+            y = self.act(y)
         return y
 
 
@@ -177,7 +216,7 @@ class WideHead(nn.Module):
     def __init__(self, fc, n_in: int, max_onehot: int = 64):
         super().__init__()
         (parts,) = fold_fc_layers(fc, [n_in])
-        if parts.layer_norm_eps is not None or parts.relu:
+        if parts.layer_norm_eps is not None or parts.activation is not None:
             raise UnsupportedModelError("WideHead: a head with layer norm or an activation")
         n_cols = sum(t.shape[0] for _, t in parts.cat_tables)
         self.onehot = n_cols <= max_onehot

@@ -55,7 +55,7 @@ class ClassifierGraph(nn.Module):
 
 
 class _LabelBroadcastLayer(nn.Module):
-    """``relu?(layer_norm?(x @ W.T + b + T))``: ``T`` (K, out) adds label k's one-hot column."""
+    """``act?(layer_norm?(x @ W.T + b + T))``: ``T`` (K, out) adds label k's one-hot column."""
 
     def __init__(self, parts: LayerParts):
         super().__init__()
@@ -67,7 +67,7 @@ class _LabelBroadcastLayer(nn.Module):
             else None
         )
         self.ln_eps = parts.layer_norm_eps
-        self.relu = parts.relu
+        self.act = parts.activation
         self.n_out = parts.weight.shape[0]
 
     def forward(self, x):
@@ -76,8 +76,8 @@ class _LabelBroadcastLayer(nn.Module):
             y = y + self.table  # (..., K, out) + (K, out): label k on axis -2
         if self.ln_eps is not None:
             y = nn.functional.layer_norm(y, (self.n_out,), eps=self.ln_eps)
-        if self.relu:
-            y = torch.relu(y)
+        if self.act is not None:
+            y = self.act(y)
         return y
 
 

@@ -161,10 +161,10 @@ class OnnxVAEModel:
 
     def __repr__(self) -> str:
         c = self.config
+        shown = "".join(f"{k}={getattr(c, k)!r}, " for k in self.module.repr_config)
         return (
             f"{type(self).__name__}(path={str(self.path)!r}, genes={len(self.genes)}, "
-            f"n_latent={c.n_latent}, gene_likelihood={c.gene_likelihood!r}, "
-            f"dispersion={c.dispersion!r}, n_batch={c.n_batch}, "
+            f"n_latent={c.n_latent}, {shown}n_batch={c.n_batch}, "
             f"provider={self.provider!r}{self._repr_extra()})"
         )
 

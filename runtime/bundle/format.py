@@ -11,10 +11,15 @@ runtime reads it. A bundle folder holds:
 ``scorer.onnx`` (optional)
     the decoder followed by ``log p(x | z)`` summed over genes, for devices where decoder
     outputs should stay on the device (CUDA).
+``depth.onnx`` (PEAKVI with ``model_depth``)
+    the depth factor ``d`` of each cell (the latent space does not need it, so it is a graph of
+    its own); PEAKVI's decoder gives the accessibility probability ``px`` of every region (the
+    model's "genes").
 ``classifier.onnx``, ``z2_encoder.onnx``, ``z1_decoder.onnx`` (SCANVI)
     the classifier ``q(y | z1)``, ``q(z2 | z1, y)`` and ``p(z1 | z2, y)`` for every label.
 ``arrays.npz``
-    parameters the numpy side needs (dispersion, library-size prior, label prior, loadings);
+    parameters the numpy side needs (dispersion, library-size prior, label prior, loadings,
+    PEAKVI's region factors);
     loaded with ``allow_pickle=False``.
 ``probes.npz``
     probe inputs and the exporter's torch outputs for them, for ``verify``
@@ -36,6 +41,7 @@ SCORER_FILE = "scorer.onnx"
 CLASSIFIER_FILE = "classifier.onnx"
 Z2_ENCODER_FILE = "z2_encoder.onnx"
 Z1_DECODER_FILE = "z1_decoder.onnx"
+DEPTH_FILE = "depth.onnx"
 ARRAYS_FILE = "arrays.npz"
 PROBES_FILE = "probes.npz"
 
@@ -90,6 +96,14 @@ OUT_PY_BACK_ALPHA = "py_back_alpha"
 OUT_PY_BACK_BETA = "py_back_beta"
 OUT_PY_FORE_SCALE = "py_fore_scale"
 OUT_PY_MIXING = "py_mixing"
+# PEAKVI graphs:
+#   encoder.onnx  x (N, R) [+ covariates] -> qz_m, qz_v
+#   depth.onnx    x (N, R) [+ covariates] -> depth (N, 1)     (d of PEAKVAE, model_depth)
+#   decoder.onnx  z (S, N, L) [+ covariates] -> px (S, N, R)   accessibility probability
+#   scorer.onnx   decoder inputs + depth (N, 1) + counts (N, R) -> log_px (S, N)
+IN_DEPTH = "depth"
+OUT_DEPTH = "depth"
+OUT_PX = "px"
 
 # ---- arrays.npz ----------------------------------------------------------------------------
 ARR_PX_R = "px_r"
@@ -106,6 +120,8 @@ ARR_BACK_ALPHA = "background_pro_alpha"
 ARR_BACK_LOG_BETA = "background_pro_log_beta"
 ARR_LOG_EFFICIENCY = "log_per_batch_efficiency"
 ARR_PROTEIN_MASK = "protein_batch_mask"
+#: PEAKVI: ``sigmoid(region_factors)`` as scvi-tools computes it (``get_region_factors()``).
+ARR_REGION_FACTORS = "region_factors"
 
 # ---- graphs: manifest name -> file, and probe names in probes.npz ------------------------
 #: Graph name in ``manifest.graphs`` -> its default file (bundles name the file themselves).
@@ -116,6 +132,7 @@ GRAPH_FILES = {
     "classifier": CLASSIFIER_FILE,
     "z2_encoder": Z2_ENCODER_FILE,
     "z1_decoder": Z1_DECODER_FILE,
+    "depth": DEPTH_FILE,
 }
 #: Graph name -> prefix of its probe arrays in probes.npz (inputs ``<prefix>_in.<name>``,
 #: torch outputs ``<prefix>_out.<name>``).
@@ -126,6 +143,7 @@ PROBE_PREFIXES = {
     "classifier": "cls",
     "z2_encoder": "z2e",
     "z1_decoder": "z1d",
+    "depth": "depth",
 }
 #: Probe arrays that are not graph IO: each probe cell's batch and label codes, and the
 #: decoder's dispersion as scvi-tools computed it (``dec_out.theta``).
@@ -155,6 +173,8 @@ def probe_name(graph: str, io: str, name: str) -> str:
 # ---- numbers ---------------------------------------------------------------------------------
 #: Numerical constants of scvi-tools 1.4.2 that the maths depends on.
 LIKELIHOOD_EPS = 1e-8  # scvi.distributions: eps inside logs
+#: torch's ``binary_cross_entropy`` clamps each log at this value (PEAKVI's likelihood).
+BCE_LOG_MIN = -100.0
 VAR_EPS = 1e-4  # scvi.nn.Encoder: q_v = exp(.) + var_eps
 #: scvi.nn.DecoderTOTALVI: py_back_beta = activation(.) + 1e-8; EncoderTOTALVI clamps the
 #: log-library draw at 15 before exp; TOTALVAE.loss weighs log p(mixing = background) 1e-3.

@@ -12,14 +12,6 @@ from .common import human_size, one_line, preview, print_json
 logger = logging.getLogger("scvi_onnx.cli")
 
 
-def _library_mode(config: dict[str, Any], size_factor_key: str | None) -> str:
-    if config.get("use_size_factor_key"):
-        return f"size factors from obs[{size_factor_key!r}]"
-    if config.get("use_observed_lib_size", True):
-        return "observed (log total counts of each cell)"
-    return "learned (per-batch log-normal prior)"
-
-
 def _proteins(reg, c: dict[str, Any]) -> dict[str, Any]:
     """A model's registered proteins (TOTALVI): names, and where an input holds them."""
     p = reg.proteins
@@ -133,10 +125,17 @@ def _provenance_lines(prov: dict[str, Any] | None) -> list[tuple[str, str]]:
 def cmd_info(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..bundle import read_manifest
+    from ..models.base import Module
+    from ..models.registry import MODELS
 
     root = Path(args.bundle)
     man = read_manifest(root, check_files=False)
     c, reg = man.config, man.registry
+    # what the config means is the model's module's to say (a class this runtime does not
+    # know gets the generic lines: info still shows what the bundle holds)
+    module = MODELS[man.model_class].load("module") if man.model_class in MODELS else Module
+    described = dict(module.describe(c, reg))
+    arch = described.pop("architecture", "")
     versions = dict(man.versions)
     opset = man.graphs.get("opset")
     files = _file_rows(root, man.files)
@@ -158,7 +157,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "gene_likelihood": c.get("gene_likelihood"),
         "dispersion": c.get("dispersion", c.get("gene_dispersion")),
         "latent_distribution": c.get("latent_distribution"),
-        "library_size": _library_mode(c, reg.size_factor_key),
+        "library_size": described.get("library size"),
+        "model": described,
         "layer": reg.layer,
         "batch": cat(reg.batch),
         "labels": cat(reg.labels),
@@ -207,8 +207,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("scvi-onnx", "scvi_onnx"),
     )
     ver = ", ".join(f"{label} {versions[k]}" for label, k in ver_names if k in versions)
-    arch_keys = ("n_hidden", "n_layers", "n_layers_encoder", "n_layers_decoder")
-    arch = ", ".join(f"{k} {c[k]}" for k in arch_keys if k in c)
     lines = [
         ("bundle", str(root)),
         ("model", f"{man.model_class} (module {c.get('module_class')}; {arch})"),
@@ -216,10 +214,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("digest", man.digest),
         ("genes", f"{man.n_genes} ({preview(man.genes)})"),
         ("n_latent", str(c.get("n_latent"))),
-        ("gene likelihood", str(c.get("gene_likelihood"))),
-        ("dispersion", str(info["dispersion"])),
-        ("latent distribution", str(c.get("latent_distribution"))),
-        ("library size", info["library_size"]),
+        *described.items(),
         ("expression from", f"layers[{reg.layer!r}]" if reg.layer else "X"),
         ("batch", batch),
         ("labels", labels),
@@ -230,7 +225,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     if reg.proteins is not None:
         pr = info["proteins"]
         lines.append(("proteins", f"{pr['n_proteins']} ({preview(pr['names'])}) from {pr['from']}"))
-        lines.append(("protein dispersion", str(c.get("protein_dispersion"))))
         if pr["missing_in_some_panels"]:
             lines.append(("protein panels", "some proteins missing in some panels (a mask)"))
     if reg.panel is not None:

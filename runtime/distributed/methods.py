@@ -211,6 +211,12 @@ def plan(
     from ..data.obs import ObsUse
 
     _import_dask()
+    if model.manifest.registry.proteins is not None:
+        raise InvalidArgumentError(
+            f"{model.manifest.model_class} reads protein counts besides the genes, which the "
+            "Dask path does not carry to its workers yet; call the model's method in memory "
+            "(an AnnData with the proteins in obsm may be backed)"
+        )
     batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
     bs = batch_size or DEFAULT_BATCH_SIZE
     layer = read.get("layer") or model.manifest.registry.layer

@@ -14,6 +14,8 @@ Every function here is a numpy/scipy transcription of the torch code that scvi-t
   (TOTALVI's proteins: background and foreground negative binomials with one dispersion,
   ``pi`` the logits of the background); :func:`nb_mixture_core` is its part that depends on
   the means (the count terms are the NB's, computed once per cell by the runtime).
+* :func:`binary_cross_entropy` follows ``torch.nn.functional.binary_cross_entropy`` (each log
+  clamped at -100), the likelihood of PEAKVI: ``log p(x | z) = -sum_r BCE(p_r d f_r, x_r > 0)``.
 * :func:`kl_normal` follows ``torch.distributions.kl_divergence(Normal, Normal)``, but takes
   variances, as the scvi encoders output them; :func:`kl_categorical` torch's
   ``kl_divergence(Categorical, Categorical)`` (SCANVI).
@@ -33,9 +35,10 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.typing import ArrayLike, NDArray
 
-from ..bundle.format import LIKELIHOOD_EPS
+from ..bundle.format import BCE_LOG_MIN, LIKELIHOOD_EPS
 
 __all__ = [
+    "binary_cross_entropy",
     "kl_categorical",
     "kl_normal",
     "kl_normal_standard",
@@ -323,6 +326,38 @@ def log_normal(x: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> NDArray:
     x, loc, scale = _as(x, dtype), _as(loc, dtype), _as(scale, dtype)
     var = scale**2
     return -((x - loc) ** 2) / (2 * var) - np.log(scale) - dtype.type(_LOG_SQRT_2PI)
+
+
+def binary_cross_entropy(p: ArrayLike, target: ArrayLike) -> NDArray:
+    """Binary cross-entropy, elementwise, as ``torch.nn.functional.binary_cross_entropy``.
+
+    ``-(y * max(log p, -100) + (1 - y) * max(log1p(-p), -100))``: torch clamps each log at
+    -100, so ``p = 0`` with ``y = 1`` (or ``p = 1`` with ``y = 0``) costs 100, not infinity.
+    For a 0/1 target it is ``-log`` of the Bernoulli probability of ``y``.
+
+    PEAKVI's reconstruction loss is its sum over regions with ``p = px * d * f`` (the decoder's
+    probability, the cell's depth factor, the region factor) and the target ``x > 0``: any
+    positive value counts as accessible, whatever its size.
+
+    Parameters
+    ----------
+    p
+        Probabilities in ``[0, 1]``.
+    target
+        Targets in ``[0, 1]`` (0/1 for PEAKVI).
+
+    Returns
+    -------
+    numpy.ndarray
+        The loss (non-negative) with the broadcast shape of the inputs.
+    """
+    dtype = _float_dtype(p, target)
+    p, y = _as(p, dtype), _as(target, dtype)
+    lo = dtype.type(BCE_LOG_MIN)
+    with np.errstate(divide="ignore"):  # log(0) = -inf, then clamped
+        log_p = np.maximum(np.log(p), lo)
+        log_1mp = np.maximum(np.log1p(-p), lo)
+    return (y - 1) * log_1mp - y * log_p
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,13 +14,16 @@ This module computes the same sums fast, for the runtime's hot path:
 
 The zero / non-zero cases follow scvi-tools' masks: a count ``x > eps`` takes the non-zero
 formula, any other the zero formula.
+
+PEAKVI's Bernoulli likelihood (:class:`BernoulliScorer`) works alike: one ``log1p`` per element
+in cache-sized blocks, the accessible regions (the non-zero entries) corrected on their own.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..bundle.format import LIKELIHOOD_EPS
+from ..bundle.format import BCE_LOG_MIN, LIKELIHOOD_EPS
 from ..data.entries import Entries
 
 #: Integer counts below this use the lgamma table.
@@ -349,3 +352,91 @@ def nb_mixture_sum(
     if mask is not None:
         m *= np.asarray(mask, dtype=f32)
     return m.sum(-1, dtype=np.float64)
+
+
+class BernoulliScorer:
+    """PEAKVI's ``log p(x | z) = -sum_r BCE(p_r d f_r, x_r > 0)`` per (sample, cell).
+
+    torch's ``binary_cross_entropy`` takes ``max(log q, -100)`` where a region is accessible
+    (``x > 0``) and ``max(log1p(-q), -100)`` elsewhere, with ``q = (p * d) * f`` in float32. Here,
+    per block of ``(samples, cells, regions)`` that stays in cache:
+
+    - ``a = p * (-d f) = -q``, with ``-d f`` formed once per block of cells (one pass over the
+      decoder's output instead of two; ``q`` may differ from torch's ``(p * d) * f`` in its last
+      bit), then ``log1p(a)`` over every region and its float32 sum per (sample, cell): one
+      transcendental per element;
+    - at the accessible regions only (the non-zero entries: ~10% for scATAC), the correction
+      ``max(log q, -100) - max(log1p(-q), -100)``, summed per cell;
+    - the clamp of ``log1p(-q)`` matters only where ``q`` is exactly 1 (``-inf``): rows whose sum
+      is not finite are summed again with the clamp, instead of clamping every element.
+
+    1.4 ns per region and draw for 2,000 regions (a bare float32 ``log1p``: ~0.6).
+
+    Parameters
+    ----------
+    entries
+        The group's non-zero entries: their columns are the accessible regions (the data layer
+        refuses negative and NaN values, so non-zero means ``x > 0``).
+    n_regions
+        Regions per cell.
+    region_factors
+        ``(R,)`` float32 ``sigmoid(region_factors)``, or ``None`` (``region_factors=False``).
+    """
+
+    def __init__(self, entries: Entries, n_regions: int, region_factors: np.ndarray | None):
+        self.entries = entries
+        self.R = int(n_regions)
+        self.f = None if region_factors is None else np.asarray(region_factors, np.float32)
+
+    def score(self, px: np.ndarray, depth: np.ndarray | None) -> np.ndarray:
+        """``(S, n)`` float64 for ``px`` ``(S, n, R)`` and ``depth`` ``(n, 1)`` (or ``None``)."""
+        S, n, R = px.shape
+        out = np.empty((S, n), dtype=np.float32)
+        neg_d = -np.ones((n, 1), np.float32) if depth is None else -depth.reshape(n, 1)
+        neg_d = neg_d.astype(np.float32, copy=False)
+        r_max = max(1, min(n, BLOCK_ELEMENTS // R))
+        k_max = max(1, min(S, BLOCK_ELEMENTS // (r_max * R)))
+        a_buf = np.empty(k_max * r_max * R, dtype=np.float32)
+        b_buf = np.empty_like(a_buf)
+        # log(0) and log1p(-1) are -inf where q is 0 or 1: clamped below, as torch
+        with np.errstate(divide="ignore"):
+            for r0 in range(0, n, r_max):
+                self._rows(px, neg_d, out, r0, min(n, r0 + r_max), k_max, a_buf, b_buf)
+        return out.astype(np.float64)
+
+    def _rows(self, px, neg_d, out, r0: int, r1: int, k_max: int, a_buf, b_buf) -> None:
+        """Cells ``r0:r1`` (one block of rows), every sample, into ``out``."""
+        S, _, R = px.shape
+        e = self.entries
+        lo = np.float32(BCE_LOG_MIN)
+        r = r1 - r0
+        # the block's accessible regions: flat positions in a (r * R) row of a sample
+        e0, e1 = int(e.indptr[r0]), int(e.indptr[r1])
+        counts = np.diff(e.indptr[r0 : r1 + 1])
+        local_rows = np.repeat(np.arange(r, dtype=np.int64), counts)
+        flat = local_rows * R + e.cols[e0:e1].astype(np.int64)
+        starts = (e.indptr[r0:r1] - e0)[counts > 0]
+        has = np.flatnonzero(counts > 0)
+        # -(d f) of these cells, (r, R) (or -d, (r, 1), without region factors)
+        ndf = neg_d[r0:r1] if self.f is None else neg_d[r0:r1] * self.f
+        for s0 in range(0, S, k_max):
+            s1 = min(S, s0 + k_max)
+            k = s1 - s0
+            a = a_buf[: k * r * R].reshape(k, r, R)
+            b = b_buf[: k * r * R].reshape(k, r, R)
+            np.multiply(px[s0:s1, r0:r1], ndf, out=a)
+            np.log1p(a, out=b)
+            dense = b.sum(-1)  # float32 sums per (sample, cell), as torch sums
+            bad = ~np.isfinite(dense)
+            if bad.any():  # q == 1 somewhere (or a non-finite px): torch's clamp
+                for si, ri in zip(*np.nonzero(bad), strict=True):
+                    dense[si, ri] = np.maximum(b[si, ri], lo).sum()
+            block = out[s0:s1, r0:r1]
+            block[...] = dense
+            if flat.size:
+                # np.take along the axis: ~7x faster than fancy indexing here
+                a_nz = np.take(a.reshape(k, r * R), flat, axis=1)  # -q where accessible
+                corr = np.negative(a_nz)
+                np.maximum(np.log(corr, out=corr), lo, out=corr)
+                corr -= np.maximum(np.log1p(a_nz, out=a_nz), lo, out=a_nz)
+                block[:, has] += np.add.reduceat(corr, starts, axis=1)

@@ -30,21 +30,25 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..bundle import Manifest, NpzArrays
+from ..bundle import Manifest, NpzArrays, Registry
 from ..bundle import format as F
 from ..data import DataNeeds, Minibatch
 from ..maths import distributions as D
 from ..maths import rng
 from ..sessions import Graph
 
+_FIRST = ("encoder", "decoder")
+
 
 def covariates_taken(graph_inputs: Mapping[str, Sequence[str]], scoring: bool) -> dict[str, str]:
-    """The registered covariates the encoder (and, when ``scoring``, the decoder) takes, from
-    each graph's input names: the part of :meth:`Module.obs_usage` every module shares."""
+    """The registered covariates the encoder (and, when ``scoring``, the decoder and every other
+    graph) takes, from each graph's input names: the part of :meth:`Module.obs_usage` every
+    module shares."""
     used: dict[str, str] = {}
     graphs = [("encoder", "the encoder takes it")]
     if scoring:
         graphs.append(("decoder", "the decoder takes it"))
+        graphs += [(g, f"the {g} graph takes it") for g in graph_inputs if g not in _FIRST]
     covariates = ((F.IN_BATCH, "batch"), (F.IN_CAT, "cat_covs"), (F.IN_CONT, "cont_covs"))
     for graph, why in graphs:
         for name, kind in covariates:
@@ -93,12 +97,23 @@ class Module(ABC):
     Config: ClassVar[type]
     #: ``get_reconstruction_error``'s keys, in scvi-tools' order.
     reconstruction_keys: ClassVar[tuple[str, ...]] = ("reconstruction_loss",)
+    #: Config entries the public class's ``repr`` shows.
+    repr_config: ClassVar[tuple[str, ...]] = ("latent_distribution",)
 
     config: Any
     #: The execution provider that runs the graphs.
     provider: str
     #: What the scoring methods need of each minibatch.
     needs: DataNeeds
+
+    @classmethod
+    def describe(cls, config: Mapping[str, Any], registry: Registry) -> dict[str, str]:
+        """What a bundle's config means, for ``scvi-onnx info``: label -> text, in order.
+
+        Read from the manifest's config as written and its registry (no bundle is loaded).
+        ``"architecture"`` goes on the model line; the other entries get a line each.
+        """
+        return {"latent distribution": str(config.get("latent_distribution"))}
 
     @property
     @abstractmethod

@@ -55,6 +55,11 @@ MODELS: dict[str, ModelEntry] = {
         "scvi_onnx.models.totalvae:TOTALVAE",
         "scvi_onnx.exporter.specs.totalvae:TOTALVISpec",
     ),
+    "PEAKVI": ModelEntry(
+        "scvi_onnx.api.peakvi:OnnxPEAKVI",
+        "scvi_onnx.models.peakvae:PEAKVAE",
+        "scvi_onnx.exporter.specs.peakvae:PEAKVISpec",
+    ),
 }
 
 

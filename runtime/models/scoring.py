@@ -23,6 +23,7 @@ import numpy as np
 
 from ..bundle import format as F
 from ..data import Minibatch
+from ..errors import InvalidArgumentError
 from ..maths.dispersion import cell_codes, dispersion_table
 from ..maths.likelihood import (
     TABLE_MAX_COUNT,
@@ -32,10 +33,35 @@ from ..maths.likelihood import (
     lgamma_table,
     poisson_count_constant,
 )
-from ..sessions import Graph
+from ..sessions import CUDA, Graph
 
 #: ``scoring=`` choices: where log p(x | z) is reduced over genes.
 SCORING = ("auto", "host", "graph")
+
+
+def choose_score_graph(
+    contents: Any, scoring: str, provider: str, device: str, intra_op_threads: int | None
+) -> Graph | None:
+    """The scoring graph when log p(x | z) is reduced beside the decoder, else ``None``.
+
+    ``"auto"``: on CUDA when the bundle has the graph (decoder outputs, samples x cells x
+    genes, never come back to the host); on the CPU numpy's kernel is faster than ONNX
+    Runtime's elementwise kernels. ``"host"``: never. ``"graph"``: always (an error if the
+    bundle has none). ``contents`` is the module's
+    :class:`~scvi_onnx.models.base.BundleContents`; ``provider`` the encoder's.
+    """
+    if scoring not in SCORING:
+        raise InvalidArgumentError(f"scoring must be one of {SCORING}, got {scoring!r}")
+    has = contents.manifest.has_graph("scorer")
+    if scoring == "graph" and not has:
+        raise InvalidArgumentError(
+            "scoring='graph' but this bundle has no scoring graph (SCANVI, gene-cell "
+            "dispersion, or exported before scvi-onnx 0.2); re-export it or use "
+            "scoring='host'"
+        )
+    if scoring == "host" or not has or (scoring == "auto" and provider != CUDA):
+        return None
+    return contents.graph("scorer", device, intra_op_threads)
 
 
 class Scorer(Protocol):

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import count, option
+from ..bundle import Registry, count, option
 from ..bundle import format as F
 from ..data import DataNeeds, Minibatch
 from ..errors import BundleIntegrityError, InvalidArgumentError
@@ -153,6 +153,28 @@ class TOTALVAE(Module):
 
     Config = TOTALVAEConfig
     reconstruction_keys = ("reconst_loss_gene", "reconst_loss_protein")
+
+    @classmethod
+    def describe(cls, config: Mapping[str, Any], registry: Registry) -> dict[str, str]:
+        c = config
+        if c.get("use_size_factor_key"):
+            library = f"size factors from obs[{registry.size_factor_key!r}]"
+        elif c.get("use_observed_lib_size", True):
+            library = "observed (log total counts of each cell)"
+        else:
+            library = "learned (per-batch log-normal prior)"
+        return {
+            "architecture": (
+                f"n_hidden {c.get('n_hidden')}, n_layers_encoder {c.get('n_layers_encoder')}, "
+                f"n_layers_decoder {c.get('n_layers_decoder')}"
+            ),
+            "gene likelihood": str(c.get("gene_likelihood")),
+            "dispersion": str(c.get("gene_dispersion")),
+            "protein likelihood": "negative binomial mixture of background and foreground",
+            "protein dispersion": str(c.get("protein_dispersion")),
+            "latent distribution": str(c.get("latent_distribution")),
+            "library size": library,
+        }
 
     def __init__(
         self,

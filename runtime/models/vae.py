@@ -21,15 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import count, option
+from ..bundle import Registry, count, option
 from ..bundle import format as F
 from ..data import DataNeeds, Minibatch
-from ..errors import BundleIntegrityError, InvalidArgumentError
+from ..errors import BundleIntegrityError
 from ..maths import distributions as D
 from ..maths import rng
-from ..sessions import CUDA, Graph
 from .base import BundleContents, ElboTerms, Module, covariates_taken
-from .scoring import SCORING, GeneLikelihood, Scorer
+from .scoring import GeneLikelihood, Scorer, choose_score_graph
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,24 @@ class VAE(Module):
     """``VAE``'s terms over ``encoder.onnx``, ``decoder.onnx`` (or ``scorer.onnx``) and numpy."""
 
     Config = VAEConfig
+    repr_config = ("gene_likelihood", "dispersion")
+
+    @classmethod
+    def describe(cls, config: Mapping[str, Any], registry: Registry) -> dict[str, str]:
+        c = config
+        if c.get("use_size_factor_key"):
+            library = f"size factors from obs[{registry.size_factor_key!r}]"
+        elif c.get("use_observed_lib_size", True):
+            library = "observed (log total counts of each cell)"
+        else:
+            library = "learned (per-batch log-normal prior)"
+        return {
+            "architecture": f"n_hidden {c.get('n_hidden')}, n_layers {c.get('n_layers')}",
+            "gene likelihood": str(c.get("gene_likelihood")),
+            "dispersion": str(c.get("dispersion")),
+            "latent distribution": str(c.get("latent_distribution")),
+            "library size": library,
+        }
 
     def __init__(
         self,
@@ -74,7 +91,7 @@ class VAE(Module):
         self.encoder = contents.graph("encoder", device, intra_op_threads)
         self.provider = self.encoder.provider
         self.decoder = contents.graph("decoder", device, intra_op_threads)
-        score_graph = self._score_graph(contents, scoring, device, intra_op_threads)
+        score_graph = choose_score_graph(contents, scoring, self.provider, device, intra_op_threads)
         self.genes = GeneLikelihood(
             c.gene_likelihood,
             c.dispersion,
@@ -119,29 +136,6 @@ class VAE(Module):
                     f"{F.ARRAYS_FILE}: {name} has shape {arr.shape}, expected {shape} for this "
                     "model; re-export the bundle"
                 )
-
-    def _score_graph(
-        self, contents: BundleContents, scoring: str, device: str, intra_op_threads: int | None
-    ) -> Graph | None:
-        """The scoring graph when log p(x | z) is reduced beside the decoder.
-
-        ``"auto"``: on CUDA when the bundle has the graph (decoder outputs, samples x cells x
-        genes, never come back to the host); on the CPU numpy's kernel is faster than ONNX
-        Runtime's elementwise kernels. ``"host"``: never. ``"graph"``: always (an error if the
-        bundle has none).
-        """
-        if scoring not in SCORING:
-            raise InvalidArgumentError(f"scoring must be one of {SCORING}, got {scoring!r}")
-        has = contents.manifest.has_graph("scorer")
-        if scoring == "graph" and not has:
-            raise InvalidArgumentError(
-                "scoring='graph' but this bundle has no scoring graph (SCANVI, gene-cell "
-                "dispersion, or exported before scvi-onnx 0.2); re-export it or use "
-                "scoring='host'"
-            )
-        if scoring == "host" or not has or (scoring == "auto" and self.provider != CUDA):
-            return None
-        return contents.graph("scorer", device, intra_op_threads)
 
     # ------------------------------------------------------------------ description
     @property

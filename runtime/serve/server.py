@@ -61,6 +61,14 @@ def load_models(specs: list[BundleSpec], *, device: str, n_threads: int | None, 
             report = verify(spec.path, device=device)
         except (ScviOnnxError, OSError) as e:
             raise CLIError(f"cannot serve {spec.path}: {e}") from e
+        if model.manifest.registry.proteins is not None:
+            # the protocol's inputs are the counts, gene names and obs columns: a TOTALVI
+            # request would have no way to send the proteins, so every request would fail
+            raise CLIError(
+                f"cannot serve {spec.path}: it is a {model.manifest.model_class} model, which "
+                "reads protein counts besides the genes, and the server has no protein input "
+                "yet; use the library (scvi_onnx.load) for it"
+            )
         if not report.ok:
             bad = [r.output for r in report.rows if not r.ok] or ["(no probe outputs)"]
             raise CLIError(

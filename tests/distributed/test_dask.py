@@ -444,3 +444,36 @@ def test_reference_mapping_options_through_dask(client, model, mem):
         model.get_elbo(lazy, return_mean=False, **kw).compute(),
         model.get_elbo(new, return_mean=False, **kw),
     )
+
+
+def test_peakvi_through_dask(client):
+    """PEAKVI (regions as genes, a depth encoder, no library size): per-cell latent, ELBO and
+    marginal LL bit-identical to the in-memory run."""
+    from ..conftest import ROOT
+
+    peakvi = scvi_onnx.load(ROOT / "models" / "pbmc_peakvi", device="cpu")
+    cells = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_peaks.h5ad")[:150].copy()
+    lazy = cells.copy()
+    lazy.X = da.from_array(cells.X, chunks=(64, cells.n_vars))
+    _eq(
+        peakvi.get_latent_representation(lazy, batch_size=BS).compute(),
+        peakvi.get_latent_representation(cells, batch_size=BS),
+    )
+    _eq(
+        peakvi.get_elbo(lazy, return_mean=False, batch_size=BS).compute(),
+        peakvi.get_elbo(cells, return_mean=False, batch_size=BS),
+    )
+    kw = {"n_mc_samples": 20, "return_mean": False, "batch_size": BS}
+    _eq(peakvi.get_marginal_ll(lazy, **kw).compute(), peakvi.get_marginal_ll(cells, **kw))
+
+
+def test_totalvi_refused_with_a_reason(client):
+    from scvi_onnx.errors import InvalidArgumentError
+
+    from ..conftest import ROOT
+
+    totalvi = scvi_onnx.load(ROOT / "models" / "pbmc_totalvi", device="cpu")
+    cells = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_cite.h5ad")[:64].copy()
+    cells.X = da.from_array(cells.X, chunks=(32, cells.n_vars))
+    with pytest.raises(InvalidArgumentError, match="protein counts"):
+        totalvi.get_latent_representation(cells)

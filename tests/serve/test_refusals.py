@@ -331,3 +331,37 @@ def test_pinned_digest(shipped, tampered_bundle):
         )
     )
     assert "manifest.json" in line and shipped.digest in line and "not the expected" in line
+
+
+def test_totalvi_bundle_is_refused_at_start():
+    """The protocol has no protein input yet: a TOTALVI bundle stops the server at start with
+    one line that says so (instead of serving a model whose every request would fail)."""
+    totalvi = SHIPPED.parent / "pbmc_totalvi"
+    line = one_error_line(ServerProcess([str(totalvi), "--port", "0"], wait=False))
+    assert "TOTALVI" in line and "protein" in line and "scvi_onnx.load" in line
+
+
+def test_peakvi_is_served_with_the_library_numbers():
+    """PEAKVI (regions as the genes, no library size) through the client: latent, per-cell
+    ELBO and reconstruction error equal to the local model's."""
+    import anndata as ad
+    import numpy as np
+
+    import scvi_onnx
+
+    peakvi = SHIPPED.parent / "pbmc_peakvi"
+    cells = ad.read_h5ad(SHIPPED.parent / "example" / "pbmc_peaks.h5ad")[:40].copy()
+    local = scvi_onnx.load(peakvi)
+    proc = ServerProcess([str(peakvi), "--port", "0"])
+    try:
+        remote = scvi_onnx.connect(proc.url, model="pbmc_peakvi")
+        assert remote.model_class == "PEAKVI"
+        np.testing.assert_array_equal(
+            remote.get_latent_representation(cells), local.get_latent_representation(cells)
+        )
+        np.testing.assert_array_equal(
+            remote.get_elbo(cells, return_mean=False), local.get_elbo(cells, return_mean=False)
+        )
+        assert remote.get_reconstruction_error(cells) == local.get_reconstruction_error(cells)
+    finally:
+        proc.stop()

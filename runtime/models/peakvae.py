@@ -1,0 +1,262 @@
+"""scvi-tools' ``PEAKVAE`` (the module of PEAKVI): chromatin accessibility.
+
+PEAKVI reads a cells x regions matrix from ``X`` (the bundle's "genes" are its regions). Per
+cell, the encoder gives ``q(z | x)`` and, with ``model_depth``, the depth graph a factor ``d``
+in (0, 1) (PEAKVAE's ``d_encoder``; ``d = 1`` without); the decoder gives each region's
+accessibility probability ``p``; ``f = sigmoid(region_factors)`` per region (``f = 1``
+without). The encoders read the raw values; the likelihood reads only ``x > 0``. Per
+posterior draw ``u ~ q(z | x)``
+(``z = softmax(u)`` for a logistic-normal latent, ``z = u`` otherwise), as ``PEAKVAE.loss``
+computes them::
+
+    reconstruction_loss = sum_r BCE(p_r(z) * d * f_r, x_r > 0)     (= -log p(x | z))
+    kl_local            = KL(q(u | x) || N(0, I))
+
+``BCE`` is torch's ``binary_cross_entropy`` (each log clamped at -100).
+
+scvi-tools 1.4.2 has no marginal likelihood for PEAKVI (``get_marginal_ll`` raises
+``NotImplementedError``). This module gives the importance-sampling estimate with the
+posterior as proposal, over the Gaussian ``u``::
+
+    log_weight = log N(u; 0, I) + log p(x | z(u)) - log q(u | x)
+
+Its mean over draws is the ELBO (the same terms), so ``log mean_s exp(log_weight_s)`` is above
+the ELBO on average and increases towards ``log p(x)`` with the number of samples. (VAE's
+``marginal_ll`` evaluates both densities at the transformed ``z`` for a logistic-normal latent,
+which is not an estimate of ``log p(x)``; PEAKVI has no scvi-tools convention to follow, so the
+densities are those of the variable that is sampled.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..bundle import Registry, count, option
+from ..bundle import format as F
+from ..data import DataNeeds, Minibatch
+from ..errors import BundleIntegrityError
+from ..maths import distributions as D
+from ..maths.likelihood import BernoulliScorer
+from ..sessions import Graph
+from .base import BundleContents, ElboTerms, Module, covariates_taken
+from .scoring import choose_score_graph
+
+
+@dataclass(frozen=True)
+class PEAKVAEConfig:
+    """The entries of a PEAKVI bundle's config that the runtime's maths reads."""
+
+    n_latent: int = count(minimum=1)
+    n_batch: int = count()
+    latent_distribution: str = option("normal", "ln")
+    model_depth: bool = option(True, False)
+    region_factors: bool = option(True, False)
+    module_class: str = "PEAKVAE"
+    encode_covariates: bool = False
+
+
+class AccessibilityScorer(Protocol):
+    """``log p(x | z) = -sum_r BCE(p_r d f_r, x_r > 0)`` for one group of cells (their values
+    and depth factors bound)."""
+
+    def log_px(self, feeds: Mapping[str, Any], z: np.ndarray) -> np.ndarray:
+        """``(samples, cells)`` float64 for ``z`` ``(samples, cells, L)``; ``feeds`` holds the
+        group's covariate inputs."""
+        ...
+
+
+class HostScorer:
+    """The decoder graph, then numpy's kernel (:class:`BernoulliScorer`)."""
+
+    def __init__(self, decoder: Graph, kernel: BernoulliScorer, depth: np.ndarray | None):
+        self.decoder = decoder
+        self.kernel = kernel
+        self.depth = depth  # None: d = 1 (model_depth=False)
+
+    def log_px(self, feeds: Mapping[str, Any], z: np.ndarray) -> np.ndarray:
+        px = self.decoder.run({**feeds, F.IN_Z: np.ascontiguousarray(z, dtype=np.float32)})
+        return self.kernel.score(px[F.OUT_PX], self.depth)
+
+
+class GraphScorer:
+    """The scoring graph with the group's region values bound on its device."""
+
+    def __init__(self, graph: Graph, counts: Any, depth: np.ndarray):
+        self.graph = graph
+        self.counts = counts  # onnxruntime.OrtValue
+        self.depth = np.ascontiguousarray(depth, dtype=np.float32)
+
+    def log_px(self, feeds: Mapping[str, Any], z: np.ndarray) -> np.ndarray:
+        z = np.ascontiguousarray(z, dtype=np.float32)
+        inputs = {**feeds, F.IN_Z: z, F.IN_DEPTH: self.depth}
+        return self.graph.run_bound({F.IN_COUNTS: self.counts}, inputs, F.OUT_LOG_PX).astype(
+            np.float64
+        )
+
+
+class PEAKVAE(Module):
+    """``PEAKVAE``'s terms over ``encoder.onnx``, ``decoder.onnx`` (or ``scorer.onnx``) and
+    numpy."""
+
+    Config = PEAKVAEConfig
+    repr_config = ("latent_distribution", "model_depth", "region_factors")
+
+    @classmethod
+    def describe(cls, config: Mapping[str, Any], registry: Registry) -> dict[str, str]:
+        c = config
+        return {
+            "architecture": (
+                f"n_hidden {c.get('n_hidden')}, n_layers_encoder {c.get('n_layers_encoder')}, "
+                f"n_layers_decoder {c.get('n_layers_decoder')}"
+            ),
+            "likelihood": "Bernoulli: binary cross-entropy of p * d * f against x > 0",
+            "regions": "the bundle's genes are PEAKVI's regions (read from X)",
+            "depth factor d": (
+                "per cell, from the depth encoder (model_depth)"
+                if c.get("model_depth")
+                else "none (model_depth=False)"
+            ),
+            "region factors f": (
+                "sigmoid of learned per-region factors"
+                if c.get("region_factors")
+                else "none (region_factors=False)"
+            ),
+            "latent distribution": str(c.get("latent_distribution")),
+        }
+
+    def __init__(
+        self,
+        contents: BundleContents,
+        *,
+        device: str = "auto",
+        intra_op_threads: int | None = None,
+        scoring: str = "auto",
+    ):
+        c: PEAKVAEConfig = contents.config
+        self.config = c
+        self.arrays = contents.arrays
+        self._n_regions = contents.manifest.n_genes
+        self.encoder = contents.graph("encoder", device, intra_op_threads)
+        self.provider = self.encoder.provider
+        self.decoder = contents.graph("decoder", device, intra_op_threads)
+        self.depth_encoder = None
+        if c.model_depth:
+            if not contents.manifest.has_graph("depth"):
+                raise BundleIntegrityError(
+                    f"the model has model_depth=True but the bundle has no {F.DEPTH_FILE}; "
+                    "re-export it"
+                )
+            self.depth_encoder = contents.graph("depth", device, intra_op_threads)
+        self.score_graph = choose_score_graph(
+            contents, scoring, self.provider, device, intra_op_threads
+        )
+        self.region_factors = None
+        if c.region_factors:
+            f = self.arrays[F.ARR_REGION_FACTORS]  # a missing array is a BundleIntegrityError
+            if f.shape != (self._n_regions,):
+                raise BundleIntegrityError(
+                    f"{F.ARRAYS_FILE}: {F.ARR_REGION_FACTORS} has shape {f.shape}, expected "
+                    f"({self._n_regions},); re-export the bundle"
+                )
+            self.region_factors = np.ascontiguousarray(f, dtype=np.float32)
+        width = self.encoder.input_shape(F.IN_X)[-1]
+        if isinstance(width, int) and width != self._n_regions:
+            raise BundleIntegrityError(
+                f"{F.ENCODER_FILE} takes {width} values per cell but the manifest lists "
+                f"{self._n_regions} regions; re-export the bundle"
+            )
+        # The likelihood reads the accessible regions (non-zero entries); no library size;
+        # X is registered as count data by scvi-tools (non-integer values: one warning).
+        self.needs = DataNeeds(
+            entries=True, log_library=False, positive_library=False, count_data=True
+        )
+
+    # ------------------------------------------------------------------ description
+    @property
+    def n_latent(self) -> int:
+        return self.config.n_latent
+
+    @property
+    def n_features(self) -> int:
+        return self._n_regions
+
+    @property
+    def scores_on_graph(self) -> bool:
+        """Whether log p(x | z) is reduced in the scoring graph (else on the host)."""
+        return self.score_graph is not None
+
+    def obs_use(self, scoring: bool) -> dict[str, str]:
+        graphs = {"encoder": self.encoder.inputs, "decoder": self.decoder.inputs}
+        if self.depth_encoder is not None:
+            graphs["depth"] = self.depth_encoder.inputs
+        return self.obs_usage(self.config, graphs, scoring)
+
+    @staticmethod
+    def obs_usage(
+        config: PEAKVAEConfig, graph_inputs: Mapping[str, Sequence[str]], scoring: bool
+    ) -> dict[str, str]:
+        """The covariates the graphs take (the latent space runs the encoder only; the scoring
+        methods the depth encoder and the decoder too). No dispersion, library prior or size
+        factor: nothing else reads obs."""
+        return covariates_taken(graph_inputs, scoring)
+
+    # ------------------------------------------------------------------ pieces
+    @staticmethod
+    def feeds(mb: Minibatch) -> dict[str, Any]:
+        """The minibatch's covariate inputs, by graph input name."""
+        return {F.IN_BATCH: mb.batch, F.IN_CAT: mb.cat_covs, F.IN_CONT: mb.cont_covs}
+
+    def encode(self, mb: Minibatch) -> dict[str, np.ndarray]:
+        """``qz_m``, ``qz_v`` (the latent space needs nothing else)."""
+        return self.encoder.run({**self.feeds(mb), F.IN_X: mb.x})
+
+    def depth(self, mb: Minibatch) -> np.ndarray | None:
+        """Each cell's depth factor ``d`` (cells, 1) float32; ``None`` without ``model_depth``
+        (``d = 1``)."""
+        if self.depth_encoder is None:
+            return None
+        return self.depth_encoder.run({**self.feeds(mb), F.IN_X: mb.x})[F.OUT_DEPTH]
+
+    def prepare(self, mb: Minibatch) -> AccessibilityScorer:
+        """The group's scorer: its accessible regions (or its values on the device) and depth
+        factors, computed once for every chunk of draws."""
+        depth = self.depth(mb)
+        if self.score_graph is not None:
+            counts = np.ascontiguousarray(mb.x, dtype=np.float32)
+            if depth is None:
+                depth = np.ones((mb.n, 1), dtype=np.float32)
+            return GraphScorer(self.score_graph, self.score_graph.to_device(counts), depth)
+        kernel = BernoulliScorer(mb.entries, self._n_regions, self.region_factors)
+        return HostScorer(self.decoder, kernel, depth)
+
+    # ------------------------------------------------------------------ the terms
+    def elbo_terms(self, mb: Minibatch, seed: int) -> ElboTerms:
+        enc = self.encode(mb)
+        _, z = self.z_draws(mb, enc, seed, 0, 1)
+        rec = -self.prepare(mb).log_px(self.feeds(mb), z)[0]
+        kl = D.kl_normal_standard(
+            enc[F.OUT_QZ_M].astype(np.float64), enc[F.OUT_QZ_V].astype(np.float64)
+        ).sum(-1)
+        return ElboTerms({"reconstruction_loss": rec}, kl)
+
+    def log_weights(
+        self,
+        mb: Minibatch,
+        enc: Mapping[str, np.ndarray],
+        state: AccessibilityScorer,
+        seed: int,
+        start: int,
+        n: int,
+    ) -> np.ndarray:
+        """``log N(u; 0, I) + log p(x | z(u)) - log q(u | x)`` (see the module docstring)."""
+        u, z = self.z_draws(mb, enc, seed, start, n)
+        qm = enc[F.OUT_QZ_M].astype(np.float64)[None]
+        qs = np.sqrt(enc[F.OUT_QZ_V].astype(np.float64))[None]
+        log_w = D.log_normal(u, 0.0, 1.0).sum(-1)
+        log_w -= D.log_normal(u, qm, qs).sum(-1)
+        log_w += state.log_px(self.feeds(mb), z)
+        return log_w

@@ -1,0 +1,170 @@
+"""PEAKVI export: activations beyond ReLU, refusals, and folders saved by older scvi-tools
+versions (rewritten field by field as in test_legacy.py)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from ..conftest import require
+
+torch = require("torch")
+scvi = require("scvi")
+require("onnx")
+
+import scvi_onnx  # noqa: E402
+from scvi_onnx import bundle as B  # noqa: E402
+from scvi_onnx.errors import UnsupportedModelError  # noqa: E402
+from scvi_onnx.exporter import SUPPORTED_MODELS, export_model  # noqa: E402
+from scvi_onnx.exporter.graphs.layers import ACTIVATIONS  # noqa: E402
+from scvi_onnx.exporter.legacy import load_saved_model  # noqa: E402
+
+from ..peaks import peaks  # noqa: E402
+from .test_legacy import (  # noqa: E402
+    TRAIN,
+    _digest,
+    _load_pt,
+    _write_pt,
+    as_0_16,
+    as_1_2,
+    as_1_3,
+    as_pre_0_15,
+)
+
+
+def _peakvi(adata, setup: dict, **kw):
+    adata = adata.copy()
+    scvi.model.PEAKVI.setup_anndata(adata, **setup)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = scvi.model.PEAKVI(adata, n_hidden=16, n_latent=4, **kw)
+        m.train(**TRAIN)
+    return m, adata
+
+
+def test_peakvi_is_supported():
+    assert SUPPORTED_MODELS["PEAKVI"] == "PEAKVAE"
+
+
+# ----------------------------------------------------------------------------- activations
+@pytest.mark.parametrize("act", [torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.GELU, torch.nn.Tanh])
+def test_scvi_activations_beyond_relu(pbmc_small, tmp_path, act):
+    """FCLayers' activation_fn is traced as the module's own (LeakyReLU is PEAKVI's)."""
+    adata = pbmc_small.copy()
+    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = scvi.model.SCVI(
+            adata, n_hidden=16, n_latent=4, extra_encoder_kwargs={"activation_fn": act}
+        )
+        model.train(**TRAIN)
+    om = scvi_onnx.load(export_model(model, tmp_path / "b"), device="cpu")
+    m, v = om.get_latent_representation(adata, return_dist=True)
+    rm, rv = model.get_latent_representation(adata, return_dist=True)
+    np.testing.assert_allclose(m, rm, atol=1e-4)
+    np.testing.assert_allclose(v, rv, atol=1e-4, rtol=1e-4)
+
+
+class _Swish(torch.nn.Module):  # not in ACTIVATIONS: an unknown computation
+    def forward(self, x):
+        return x * torch.sigmoid(2 * x)
+
+
+def test_unknown_activation_refused(tmp_path):
+    model, _ = _peakvi(peaks(200), {"batch_key": "batch"})
+    seq = model.module.z_decoder.px_decoder.fc_layers[0]
+    seq[3] = _Swish()
+    with pytest.raises(UnsupportedModelError, match="_Swish.*LeakyReLU"):
+        export_model(model, tmp_path / "b")
+    assert torch.nn.LeakyReLU in ACTIVATIONS and not (tmp_path / "b").exists()
+
+
+def test_unknown_latent_distribution_refused(tmp_path):
+    model, _ = _peakvi(peaks(200), {"batch_key": "batch"}, latent_distribution="normal")
+    model.module.latent_distribution = "gamma"
+    with pytest.raises(UnsupportedModelError, match="latent_distribution='gamma'"):
+        export_model(model, tmp_path / "b")
+
+
+def test_affine_layer_norm_refused(tmp_path):
+    model, _ = _peakvi(peaks(200), {"batch_key": "batch"})
+    seq = model.module.z_encoder.encoder.fc_layers[0]
+    seq[2] = torch.nn.LayerNorm(16, elementwise_affine=True)
+    with pytest.raises(UnsupportedModelError, match="layer norm"):
+        export_model(model, tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------- old folders
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A PEAKVI with covariates, saved by the installed scvi-tools (1.4.2 layout, with
+    adata.h5ad), and its bundle and reference numbers."""
+    adata = peaks(300)
+    setup = {
+        "batch_key": "batch",
+        "categorical_covariate_keys": ["donor"],
+        "continuous_covariate_keys": ["pct"],
+    }
+    model, data = _peakvi(adata, setup, encode_covariates=True)
+    folder = tmp_path_factory.mktemp("saved") / "peakvi"
+    model.save(str(folder), save_anndata=True)
+    bundle = export_model(folder, tmp_path_factory.mktemp("b") / "b0")
+    om = scvi_onnx.load(bundle, device="cpu")
+    ref = {
+        "latent": model.get_latent_representation(data),
+        "elbo": om.get_elbo(data, return_mean=False, seed=3),
+        "manifest": json.loads((bundle / B.MANIFEST_FILE).read_text()),
+        "arrays": dict(np.load(bundle / B.ARRAYS_FILE)),
+    }
+    return folder, data, ref
+
+
+def _check(bundle, ref, data):
+    man = json.loads((bundle / B.MANIFEST_FILE).read_text())
+    for key in ("config", "registry", "genes"):
+        assert man[key] == ref["manifest"][key], key
+    arrays = dict(np.load(bundle / B.ARRAYS_FILE))
+    assert sorted(arrays) == sorted(ref["arrays"])
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(v, ref["arrays"][k], err_msg=k)
+    assert scvi_onnx.verify(bundle).ok
+    om = scvi_onnx.load(bundle, device="cpu")
+    np.testing.assert_allclose(om.get_latent_representation(data), ref["latent"], atol=1e-4)
+    np.testing.assert_allclose(
+        om.get_elbo(data, return_mean=False, seed=3), ref["elbo"], rtol=1e-5, atol=1e-3
+    )
+
+
+VARIANTS = {
+    "1.4.2": None,
+    "1.3 with pyro_param_store": as_1_3,
+    "1.0-1.2": as_1_2,
+    "0.15-0.16 registry": as_0_16,
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_model_pt_variants_export(variant, saved, tmp_path):
+    folder, data, ref = saved
+    pt = _load_pt(folder)
+    if VARIANTS[variant] is not None:
+        VARIANTS[variant](pt)
+    copy = _write_pt(pt, folder, tmp_path / "f", adata=False)
+    before = _digest(copy)
+    bundle = export_model(copy, tmp_path / "b")
+    assert _digest(copy) == before  # the user's folder is read only
+    _check(bundle, ref, data)
+
+
+@pytest.mark.parametrize("adata_file", [False, True], ids=["no-adata", "adata.h5ad"])
+def test_pre_0_15_layout_export(adata_file, saved, tmp_path):
+    """scvi-tools < 0.15 (model_params.pt, attr.pkl, var_names.csv): the files do not name
+    the class; PEAKVAE's weights (z_encoder, z_decoder, d_encoder, region_factors) do."""
+    folder, data, ref = saved
+    old = as_pre_0_15(folder, tmp_path / "f", "0.14.6", adata=adata_file)
+    model = load_saved_model(old)
+    assert type(model).__name__ == "PEAKVI"
+    _check(export_model(old, tmp_path / "b"), ref, data)

@@ -1,0 +1,372 @@
+"""Parity with scvi-tools 1.4.2 over a matrix of PEAKVI configurations.
+
+Each configuration trains a tiny PEAKVI on real cells (tests/peaks.py: real PBMC counts of
+sparsely detected genes as regions, binarised in X, raw in layers["counts"]), exports it and
+compares:
+
+- the latent mean and ``return_dist`` within 1e-4 (the logistic-normal mean, itself a 5,000-draw
+  Monte-Carlo mean in scvi-tools, within its Monte-Carlo error);
+- per-cell ELBO and reconstruction error equal to scvi-tools' under the same noise (torch's
+  ``_standard_normal`` returns the runtime's counter-based draws), on the host kernel and on the
+  scoring graph, and within scvi-tools' run-to-run spread otherwise;
+- the marginal LL, which scvi-tools 1.4.2 does not implement for PEAKVI: equal to an
+  independent importance-sampling computation in torch from scvi-tools' own module outputs
+  (its encoder, decoder and ``get_reconstruction_loss``) under the same draws, and checked for
+  what an importance-sampling estimate must satisfy;
+- the depth and region factors against ``get_library_size_factors`` / ``get_region_factors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from ..conftest import require
+
+torch = require("torch")
+scvi = require("scvi")
+
+import scvi_onnx  # noqa: E402
+from scvi_onnx.errors import InvalidArgumentError  # noqa: E402
+from scvi_onnx.exporter import export_model  # noqa: E402
+from scvi_onnx.maths import rng  # noqa: E402
+
+from ..peaks import peaks  # noqa: E402
+
+#: Regions of the matrix configurations (the first of the 2,000; "full-default" takes all).
+N_REGIONS = 600
+
+CONFIGS = {
+    # scvi-tools' defaults (n_hidden sqrt(R) = 44, n_latent sqrt(44) = 6, 2 + 2 layers, layer
+    # norm, depth, region factors) on all 2,000 regions, binary X
+    "full-default": dict(setup=dict(batch_key="batch"), model=dict(), regions=None),
+    # raw counts (non-binary: x > 0 in the likelihood, raw values into the encoder), no depth,
+    # no region factors, logistic-normal latent
+    "counts-nodepth-norf-ln": dict(
+        setup=dict(batch_key="batch", layer="counts"),
+        model=dict(model_depth=False, region_factors=False, latent_distribution="ln"),
+    ),
+    "covariates-encoded-deep": dict(
+        setup=dict(
+            batch_key="batch",
+            categorical_covariate_keys=["donor", "single"],
+            continuous_covariate_keys=["pct", "depth"],
+        ),
+        model=dict(encode_covariates=True, deeply_inject_covariates=True),
+    ),
+    "batchnorm-both-1layer": dict(
+        setup=dict(batch_key="batch"),
+        model=dict(
+            use_batch_norm="both", use_layer_norm="none", n_layers_encoder=1, n_layers_decoder=1
+        ),
+    ),
+    "bn-encoder-ln-decoder-3layers-manybatch-cont": dict(
+        setup=dict(batch_key="many", continuous_covariate_keys=["pct"]),
+        model=dict(
+            use_batch_norm="encoder",
+            use_layer_norm="decoder",
+            n_layers_encoder=3,
+            n_layers_decoder=3,
+            extra_encoder_kwargs={"var_activation": torch.nn.functional.softplus},
+        ),
+    ),
+    "nobatch-norf": dict(setup=dict(), model=dict(region_factors=False)),
+    "ln-encoded-cats-nodepth-deep": dict(
+        setup=dict(batch_key="batch", categorical_covariate_keys=["donor"]),
+        model=dict(
+            latent_distribution="ln",
+            encode_covariates=True,
+            deeply_inject_covariates=True,
+            model_depth=False,
+            use_batch_norm="decoder",
+        ),
+    ),
+}
+
+
+def train(setup: dict, model_kw: dict, regions: int | None = N_REGIONS, epochs: int = 3):
+    adata = peaks(regions)
+    scvi.model.PEAKVI.setup_anndata(adata, **setup)
+    scvi.settings.seed = 0
+    kw = model_kw if regions is None else dict(n_hidden=16, n_latent=5) | model_kw
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = scvi.model.PEAKVI(adata, **kw)
+        model.train(
+            max_epochs=epochs,
+            accelerator="cpu",
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            logger=False,
+            enable_checkpointing=False,
+        )
+    model.module.eval()
+    return model, adata
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def trained(request, tmp_path_factory):
+    cfg = CONFIGS[request.param]
+    model, adata = train(cfg["setup"], cfg["model"], cfg.get("regions", N_REGIONS))
+    path = export_model(model, tmp_path_factory.mktemp(request.param) / "bundle")
+    onnx_model = scvi_onnx.load(path, device="cpu", seed=123)
+    return request.param, model, adata, onnx_model
+
+
+def z_noise(om, n_obs: int, n_samples: int) -> np.ndarray:
+    """The runtime's standard-normal draws of z, (n_samples, n_obs, n_latent)."""
+    L = om.n_latent
+    e = rng.normals(om.seed, rng.STREAM_Z, np.arange(n_obs), n_samples * L)
+    return e.reshape(n_obs, n_samples, L).transpose(1, 0, 2)
+
+
+@contextlib.contextmanager
+def same_noise(om, n_obs: int):
+    """scvi-tools' one ``rsample`` of z per forward pass (all cells in one minibatch) returns
+    the runtime's draw 0 of each cell."""
+    import torch.distributions.normal as tdn
+
+    queue = [z_noise(om, n_obs, 1)[0]]
+    original = tdn._standard_normal
+
+    def fake(shape, dtype, device):
+        arr = queue.pop()
+        assert tuple(shape) == arr.shape, (tuple(shape), arr.shape)
+        return torch.as_tensor(arr, dtype=dtype, device=device)
+
+    tdn._standard_normal = fake
+    try:
+        yield
+        assert not queue, "noise draw unused"
+    finally:
+        tdn._standard_normal = original
+
+
+def torch_log_weights(model, adata, eps: np.ndarray) -> np.ndarray:
+    """Importance log-weights ``log N(u; 0, I) + log p(x | z(u)) - log q(u | x)`` computed in
+    torch from scvi-tools' own module: its inference (q(u | x), d), its generative (px at
+    z = u, or softmax(u) for "ln") and its ``get_reconstruction_loss`` (torch's BCE of
+    p * d * f against x > 0). ``eps`` (S, N, L) are the standard-normal draws of u."""
+    m = model.module
+    dl = model._make_data_loader(adata=adata, batch_size=adata.n_obs)
+    tensors = next(iter(dl))
+    out = []
+    with torch.inference_mode():
+        inf = m.inference(**m._get_inference_input(tensors))
+        qz, d = inf["qz"], inf["d"]
+        f = torch.sigmoid(m.region_factors) if m.region_factors is not None else 1
+        prior = torch.distributions.Normal(0.0, 1.0)
+        for e in eps:
+            u = qz.loc + torch.as_tensor(e, dtype=torch.float32) * qz.scale
+            z = torch.softmax(u, -1) if m.latent_distribution == "ln" else u
+            px = m.generative(**m._get_generative_input(tensors, {"z": z, "qz": qz}))["px"]
+            rl = m.get_reconstruction_loss(px, d, f, tensors["X"])
+            lw = prior.log_prob(u).sum(-1) - qz.log_prob(u).sum(-1) - rl
+            out.append(lw.double().numpy())
+    return np.stack(out)
+
+
+def torch_marginal_ll(model, adata, eps: np.ndarray) -> np.ndarray:
+    lw = torch.as_tensor(torch_log_weights(model, adata, eps))
+    return (torch.logsumexp(lw, 0) - math.log(lw.shape[0])).numpy()
+
+
+# ----------------------------------------------------------------------------- latent
+def test_latent_mean_and_dist(trained):
+    name, model, adata, om = trained
+    rm, rv = model.get_latent_representation(adata, return_dist=True)
+    gm, gv = om.get_latent_representation(adata, return_dist=True)
+    np.testing.assert_allclose(gm, rm, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(gv, rv, atol=1e-4, rtol=1e-4)
+    ref = model.get_latent_representation(adata)
+    got = om.get_latent_representation(adata)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    if model.module.latent_distribution == "ln":
+        # both are 5,000-draw Monte-Carlo means of softmax(u): Monte-Carlo error only
+        diff = np.abs(got - ref)
+        assert diff.max() < 0.02 and diff.mean() < 0.004, (diff.max(), diff.mean())
+        np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    else:
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_depth_and_region_factors(trained):
+    name, model, adata, om = trained
+    if model.module.model_depth:
+        np.testing.assert_allclose(
+            om.get_library_size_factors(adata, batch_size=77),
+            model.get_library_size_factors(adata),
+            atol=1e-5,
+        )
+    else:
+        with pytest.raises(InvalidArgumentError, match="model_depth=False"):
+            om.get_library_size_factors(adata)
+    if model.module.region_factors is not None:
+        np.testing.assert_array_equal(om.get_region_factors(), model.get_region_factors())
+    else:
+        with pytest.raises(InvalidArgumentError, match="region_factors=False"):
+            om.get_region_factors()
+
+
+# ----------------------------------------------------------------------------- ELBO
+@pytest.mark.parametrize("scoring", ["host", "graph"])
+def test_elbo_and_reconstruction_same_noise(trained, scoring):
+    name, model, adata, om = trained
+    if scoring == "graph":
+        om = scvi_onnx.load(om.path, device="cpu", seed=123, scoring="graph")
+        assert om.module.scores_on_graph
+    n = adata.n_obs
+    with same_noise(om, n):
+        ref = model.get_elbo(adata, batch_size=n, return_mean=False).numpy()
+    got = om.get_elbo(adata, return_mean=False)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-3)
+    with same_noise(om, n):
+        ref_rec = model.get_reconstruction_error(adata, batch_size=n, return_mean=False)
+    got_rec = om.get_reconstruction_error(adata, return_mean=False, batch_size=37)
+    assert list(got_rec) == list(ref_rec) == ["reconstruction_loss"]
+    np.testing.assert_allclose(
+        got_rec["reconstruction_loss"],
+        ref_rec["reconstruction_loss"].numpy(),
+        rtol=2e-5,
+        atol=2e-3,
+    )
+
+
+def test_stochastic_methods_within_scvi_spread(trained):
+    """Whole-method agreement: our mean lies within scvi-tools' own run-to-run spread."""
+    name, model, adata, om = trained
+    runs = np.array([float(model.get_elbo(adata)) for _ in range(5)])
+    ours = om.get_elbo(adata)
+    spread = max(runs.std(), 1e-3 * abs(runs.mean()))
+    assert abs(ours - runs.mean()) < 5 * spread, (ours, runs)
+    rec = np.array(
+        [float(model.get_reconstruction_error(adata)["reconstruction_loss"]) for _ in range(5)]
+    )
+    ours_rec = om.get_reconstruction_error(adata)["reconstruction_loss"]
+    spread = max(rec.std(), 1e-3 * abs(rec.mean()))
+    assert abs(ours_rec - rec.mean()) < 5 * spread, (ours_rec, rec)
+
+
+def test_get_marginal_ll_not_in_scvi_tools(trained):
+    """What the README says: scvi-tools 1.4.2 has no marginal LL for PEAKVI."""
+    name, model, adata, om = trained
+    with pytest.raises(NotImplementedError):
+        model.get_marginal_ll(adata[:4].copy(), n_mc_samples=2)
+
+
+# ----------------------------------------------------------------------------- marginal LL
+@pytest.mark.parametrize("scoring", ["host", "graph"])
+def test_marginal_ll_equals_torch_importance_sampling(trained, scoring):
+    """Per cell, equal to the torch computation from scvi-tools' module under the same
+    draws (20 samples, 7 per pass, cells in groups of 50)."""
+    name, model, adata, om = trained
+    if scoring == "graph":
+        om = scvi_onnx.load(om.path, device="cpu", seed=123, scoring="graph")
+    n, s = 64, 20
+    sub = adata[:n].copy()
+    ref = torch_marginal_ll(model, sub, z_noise(om, n, s))
+    got = om.get_marginal_ll(
+        sub, n_mc_samples=s, return_mean=False, n_mc_samples_per_pass=7, batch_size=50
+    )
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-3)
+
+
+def test_marginal_ll_importance_sampling_properties(trained):
+    """What an importance-sampling estimate of log p(x) must satisfy, per cell and on
+    average: finite; each cell's value independent of how cells and samples are split; the
+    log of a mean of weights whose mean log is the ELBO, so equal to the ELBO on average with
+    one sample, then higher, increasing with the number of samples (Jensen); below 0 (a
+    Bernoulli likelihood: p(x) <= 1). The averages are over cells (independent replicates)
+    and, for 1 and 10 samples, over 8 seeds (their spread is larger)."""
+    name, model, adata, om = trained
+    idx = np.arange(0, adata.n_obs, 2)  # 200 cells
+    seeds = range(8)
+
+    def mll(s: int, seed: int, **kw) -> np.ndarray:
+        return om.get_marginal_ll(
+            adata, indices=idx, n_mc_samples=s, return_mean=False, seed=seed, **kw
+        )
+
+    m1 = np.mean([mll(1, k) for k in seeds], 0)
+    m10 = np.mean([mll(10, k) for k in seeds], 0)
+    m1000 = mll(1000, 0)
+    for v in (m1, m10, m1000):
+        assert v.shape == (idx.size,) and np.isfinite(v).all()
+    assert (m1000 < 0).all()
+    # chunking: other minibatches and samples per pass, the same per-cell numbers (to the
+    # float32 rounding of a graph run on another number of rows: 1e-9 relative seen)
+    np.testing.assert_allclose(
+        mll(1000, 0, batch_size=23, n_mc_samples_per_pass=9), m1000, rtol=1e-7, atol=0
+    )
+    # one sample: the log-weight itself, whose expectation is the ELBO
+    elbo = np.mean([om.get_elbo(adata, indices=idx, return_mean=False, seed=k) for k in seeds], 0)
+
+    def z_score(d: np.ndarray) -> float:
+        return d.mean() / (d.std() / math.sqrt(d.size))
+
+    assert abs(z_score(m1 - elbo)) < 4, (m1 - elbo).mean()
+    # more samples: higher on average
+    for d in (m10 - m1, m1000 - m10, m1000 - elbo):
+        assert z_score(d) > 3, (d.mean(), d.std())
+
+
+def test_marginal_ll_converges_to_quadrature(tmp_path):
+    """With a one-dimensional latent, log p(x) = log of the integral of N(u; 0, 1) p(x | u)
+    over u, computed by quadrature in torch with scvi-tools' module (per cell, 2,001 points
+    over the posterior mean +- 12 posterior sd; the integrand is checked negligible at both
+    ends); the importance-sampling estimate approaches it as samples grow (bias ~ variance
+    / (2 S))."""
+    model, adata = train(dict(batch_key="batch"), dict(n_latent=1, n_hidden=16), epochs=5)
+    om = scvi_onnx.load(export_model(model, tmp_path / "bundle"), device="cpu", seed=5)
+    sub = adata[:40].copy()
+    m = model.module
+    tensors = next(iter(model._make_data_loader(adata=sub, batch_size=sub.n_obs)))
+    with torch.inference_mode():
+        inf = m.inference(**m._get_inference_input(tensors))
+        qz = inf["qz"]
+        f = torch.sigmoid(m.region_factors)
+        t = torch.linspace(-12.0, 12.0, 2001, dtype=torch.float64)
+        grid = qz.loc.double()[None, :, :] + t[:, None, None] * qz.scale.double()[None]  # (G, N, 1)
+        logs = []
+        for chunk in grid.split(250):
+            z = chunk.float()
+            px = m.generative(**m._get_generative_input(tensors, {"z": z, "qz": qz}))["px"]
+            rl = torch.stack([m.get_reconstruction_loss(p, inf["d"], f, tensors["X"]) for p in px])
+            logs.append(-rl.double() - 0.5 * chunk[..., 0] ** 2 - 0.5 * math.log(2 * math.pi))
+        logs = torch.cat(logs)  # (G, N)
+        assert (logs[[0, -1]] < logs.max(0).values - 30).all()  # the ends carry no mass
+        step = (t[1] - t[0]) * qz.scale.double()[:, 0]
+        log_px = (torch.logsumexp(logs, 0) + torch.log(step)).numpy()
+    est = {s: om.get_marginal_ll(sub, n_mc_samples=s, return_mean=False) for s in (10, 2000)}
+    err = {s: est[s] - log_px for s in est}
+    assert np.abs(err[2000]).max() < 0.05, err[2000]
+    assert err[2000].mean() < 0.01 and np.abs(err[2000]).mean() < np.abs(err[10]).mean()
+
+
+# ----------------------------------------------------------------------------- shipped example
+def test_shipped_example_against_its_scvi_tools_folder():
+    """models/pbmc_peakvi against models/pbmc_peakvi_torch (scripts/train_peakvi_example.py),
+    on its cells with the regions in another order (matched by name)."""
+    from ..conftest import MODELS
+
+    om = scvi_onnx.load(MODELS / "pbmc_peakvi", device="cpu", seed=123)
+    adata = peaks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scvi.model.PEAKVI.setup_anndata(adata, batch_key="batch")
+        ref = scvi.model.PEAKVI.load(str(MODELS / "pbmc_peakvi_torch"), adata=adata)
+    shuffled = adata[:, np.random.default_rng(0).permutation(adata.n_vars)].copy()
+    np.testing.assert_allclose(
+        om.get_latent_representation(shuffled), ref.get_latent_representation(adata), atol=1e-4
+    )
+    n = adata.n_obs
+    with same_noise(om, n):
+        want = ref.get_elbo(adata, batch_size=n, return_mean=False).numpy()
+    np.testing.assert_allclose(om.get_elbo(shuffled, return_mean=False), want, rtol=2e-5, atol=2e-3)
+    np.testing.assert_allclose(
+        om.get_library_size_factors(shuffled), ref.get_library_size_factors(adata), atol=1e-5
+    )

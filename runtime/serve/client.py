@@ -368,6 +368,8 @@ class RemoteModel:
         from ..arguments import check_choice, check_fraction
         from ..data import GeneMatch, resolve_indices
         from ..data.genes import MISSING_GENES_MODES, gene_names
+        from ..data.mudata import from_mudata, is_mudata
+        from ..data.proteins import ProteinReader, obsm_proteins
         from ..data.readers import MatrixReader
 
         if dataloader is not None:
@@ -379,6 +381,15 @@ class RemoteModel:
         if data is None:
             raise InvalidArgumentError(
                 "no data: pass adata= (or bind an AnnData at scvi_onnx.connect(url, adata=...))"
+            )
+        protein_input = None
+        if is_mudata(data):  # a setup_mudata model: its modalities, as the library reads them
+            data, protein_input = from_mudata(data, self.registry)
+        elif self.registry.modalities is not None:
+            mods = sorted({m for m in self.registry.modalities.values() if m is not None})
+            raise E.InputDataError(
+                f"this model was set up with setup_mudata: pass a MuData with the modalities "
+                f"{mods} it was trained on (got a {type(data).__name__})"
             )
         if not isinstance(data, anndata.AnnData):
             raise E.InputDataError(
@@ -411,6 +422,16 @@ class RemoteModel:
                 )
             params = {**params, "unseen_as": {str(k): str(v) for k, v in unseen_as.items()}}
         reader = MatrixReader(self._expression(data, layer), genes)
+        proteins = None
+        field = self.registry.proteins
+        if field is not None:  # TOTALVI: the protein counts, in the model's order
+            proteins = ProteinReader(
+                protein_input if protein_input is not None else obsm_proteins(data, field),
+                field,
+                data.n_obs,
+                missing_genes=missing_genes,
+                min_gene_overlap=min_gene_overlap,
+            )
         order = np.argsort(idx, kind="stable")
         rows_sorted = idx[order]
         results: dict[str, np.ndarray] = {}
@@ -424,6 +445,8 @@ class RemoteModel:
                 lo, hi = int(rows_sorted[a]), int(rows_sorted[b - 1]) + 1
                 x, _ = reader.read(np.arange(lo, hi))()
                 inputs = [("counts", "FP32", x), *self._obs_tensors(data.obs, lo, hi)]
+                if proteins is not None:
+                    inputs.append(("proteins", "FP32", proteins.read(np.arange(lo, hi))()))
                 got = self._infer(inputs, outputs, {**params, "first_key": first_key + lo})
                 for name, arr in got.items():
                     if name not in results:

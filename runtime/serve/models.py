@@ -20,6 +20,7 @@ import functools
 import inspect
 import json
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 PLATFORM = "scvi-onnx"
 COUNTS = "counts"
 GENE_NAMES = "gene_names"
+#: TOTALVI's protein counts (cells x proteins, the model's order unless PROTEIN_NAMES names the
+#: columns), as the library reads them from the registered obsm entry or protein modality.
+PROTEINS = "proteins"
+PROTEIN_NAMES = "protein_names"
 COUNT_DATATYPES = ("FP32", "FP64", "INT32", "INT64")
 OBS_DATATYPES = ("BYTES", "FP32", "FP64", "INT32", "INT64")
 
@@ -149,11 +154,8 @@ class ServedModel:
         # reuses the same Index (pandas caches its uniqueness and type)
         self._var = pd.DataFrame(index=man.gene_index)
         self.obs_inputs: dict[str, str] = {key: what for key, what in self.registry.obs_columns()}
-        self._categorical = {
-            self.registry.batch.key,
-            self.registry.labels.key,
-            *(f.key for f in self.registry.categorical_covariates),
-        } - {None}
+        self.proteins = self.registry.proteins  # None: a model without proteins
+        self._categorical = {f.key for f in self._category_fields()} - {None}
         self._signatures: dict[str, set[str]] = {
             m: set(inspect.signature(getattr(model, m)).parameters)
             for m in (
@@ -221,6 +223,11 @@ class ServedModel:
             {"name": COUNTS, "datatype": "FP32", "shape": [-1, len(self.genes)]},
             {"name": GENE_NAMES, "datatype": "BYTES", "shape": [-1]},
         ]
+        if self.proteins is not None:
+            specs += [
+                {"name": PROTEINS, "datatype": "FP32", "shape": [-1, self.proteins.n_proteins]},
+                {"name": PROTEIN_NAMES, "datatype": "BYTES", "shape": [-1]},
+            ]
         for key, _ in self.registry.obs_columns():
             specs.append(
                 {
@@ -266,6 +273,8 @@ class ServedModel:
         if self.is_scanvi:
             params["labels"] = list(self.labels)
             params["unlabeled_category"] = self.model.unlabeled_category
+        if self.proteins is not None:
+            params["proteins"] = [str(p) for p in self.proteins.names]
         return {
             "name": self.name,
             "versions": [self.version],
@@ -277,9 +286,13 @@ class ServedModel:
             "parameters": params,
         }
 
-    def _categories(self, key: str) -> list | None:
+    def _category_fields(self) -> list:
         reg = self.registry
-        for f in (reg.batch, reg.labels, *reg.categorical_covariates):
+        panel = [reg.panel] if reg.panel is not None else []
+        return [reg.batch, reg.labels, *reg.categorical_covariates, *panel]
+
+    def _categories(self, key: str) -> list | None:
+        for f in self._category_fields():
             if f.key == key:
                 return list(f.categories)
         return None
@@ -295,8 +308,11 @@ class ServedModel:
             obs[key] = [str(cats[0])] * 2 if cats else [1.0, 1.0]
         if self.is_scanvi and self.registry.labels.key in obs:
             del obs[self.registry.labels.key]
+        proteins = None
+        if self.proteins is not None:
+            proteins = np.ones((2, self.proteins.n_proteins), np.float32)
         adata = self._adata_from(
-            np.ones((2, len(self.genes)), np.float32), self._var, pd.DataFrame(obs), 0
+            np.ones((2, len(self.genes)), np.float32), self._var, pd.DataFrame(obs), 0, proteins
         )
         want = {"latent", "elbo", "marginal_ll", *(("label",) if self.is_scanvi else ())}
         self.compute(adata, want, {"n_mc_samples": 2})
@@ -380,6 +396,7 @@ class ServedModel:
                     f"{list(names.shape)}"
                 )
             var = pd.DataFrame(index=pd.Index(names.astype(str), dtype=object))
+        proteins, protein_names = self._protein_inputs(req, inputs, n)
         obs = {}
         for key, arr in inputs.items():
             if key not in self.obs_inputs:
@@ -399,10 +416,70 @@ class ServedModel:
                     "cell)"
                 )
             obs[key] = arr.reshape(n)
-        return self._adata_from(counts, var, pd.DataFrame(obs), first_key)
+        return self._adata_from(counts, var, pd.DataFrame(obs), first_key, proteins, protein_names)
 
-    def _adata_from(self, counts: np.ndarray, var: Any, obs: Any, first_key: int) -> Any:
-        """The AnnData the library reads: counts in X (or in the registered layer)."""
+    def _protein_inputs(
+        self, req: InferRequest, inputs: dict[str, np.ndarray], n: int
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The request's protein counts and names (popped from ``inputs``), checked for their
+        datatype and shape; ``(None, None)`` for a model without proteins."""
+        if self.proteins is None:
+            return None, None
+        P = self.proteins.n_proteins
+        if PROTEINS not in inputs:
+            raise InvalidArgumentError(
+                f"missing input {PROTEINS!r}: this {self.model.manifest.model_class} model reads "
+                f"protein counts, {list(COUNT_DATATYPES)} of shape [n_cells, {P}] in the order "
+                f"of parameters.proteins of GET /v2/models/{self.name} (or name the columns "
+                f"with a {PROTEIN_NAMES!r} input)"
+            )
+        proteins = inputs.pop(PROTEINS)
+        if req.datatypes[PROTEINS] not in COUNT_DATATYPES:
+            raise InvalidArgumentError(
+                f"input {PROTEINS!r} has datatype {req.datatypes[PROTEINS]}; send the protein "
+                f"counts as {', '.join(COUNT_DATATYPES)}"
+            )
+        if proteins.ndim != 2 or proteins.shape[0] != n:
+            raise InvalidArgumentError(
+                f"input {PROTEINS!r} has shape {list(proteins.shape)}; expected [{n}, n_proteins] "
+                f"(one row per cell of {COUNTS!r})"
+            )
+        names = inputs.pop(PROTEIN_NAMES, None)
+        if names is None:
+            if proteins.shape[1] != P:
+                raise InvalidArgumentError(
+                    f"input {PROTEINS!r} has {proteins.shape[1]} columns but the model has {P} "
+                    f"proteins; send them in the model's order (parameters.proteins of "
+                    f"GET /v2/models/{self.name}) or name the columns with a "
+                    f"{PROTEIN_NAMES!r} input"
+                )
+            return proteins, None
+        if names.ndim == 2 and names.shape[0] == 1:
+            names = names.reshape(-1)
+        if (
+            req.datatypes[PROTEIN_NAMES] != "BYTES"
+            or names.ndim != 1
+            or names.size != proteins.shape[1]
+        ):
+            raise InvalidArgumentError(
+                f"input {PROTEIN_NAMES!r} must be BYTES of shape [{proteins.shape[1]}] (one name "
+                f"per column of {PROTEINS!r}), got {req.datatypes[PROTEIN_NAMES]} "
+                f"{list(names.shape)}"
+            )
+        return proteins, names.astype(str)
+
+    def _adata_from(
+        self,
+        counts: np.ndarray,
+        var: Any,
+        obs: Any,
+        first_key: int,
+        proteins: np.ndarray | None = None,
+        protein_names: np.ndarray | None = None,
+    ) -> Any:
+        """What the library reads: an AnnData with the counts in X (or in the registered
+        layer) and, for TOTALVI, the proteins in the registered obsm entry; a MuData of the
+        registered modalities for a model set up with ``setup_mudata``."""
         import anndata as ad
         import pandas as pd
 
@@ -412,8 +489,42 @@ class ServedModel:
         obs.index = pd.Index([f"cell {first_key + i}" for i in range(n)], dtype=object)
         layer = self.registry.layer
         if layer is None:
-            return ad.AnnData(X=counts, obs=obs, var=var)
-        return ad.AnnData(obs=obs, var=var, layers={layer: counts})
+            adata = ad.AnnData(X=counts, obs=obs, var=var)
+        else:
+            adata = ad.AnnData(obs=obs, var=var, layers={layer: counts})
+        field = self.proteins
+        if field is None:
+            return adata
+        names = pd.Index(
+            [str(p) for p in field.names] if protein_names is None else protein_names,
+            dtype=object,
+        )
+        mods = self.registry.modalities
+        if mods is None:  # setup_anndata: the registered obsm entry, its columns named
+            adata.obsm[field.attr_key] = pd.DataFrame(proteins, index=obs.index, columns=names)
+            return adata
+        return self._mudata(adata, proteins, names, obs)
+
+    def _mudata(self, rna: Any, proteins: np.ndarray, names: Any, obs: Any) -> Any:
+        """The MuData a ``setup_mudata`` model reads: the RNA and protein modalities under
+        their registered names, every obs column in each modality and in the MuData's own
+        obs (wherever the model registered it)."""
+        import anndata as ad
+        import mudata
+        import pandas as pd
+
+        mods, field = self.registry.modalities, self.proteins
+        prot = ad.AnnData(obs=obs.copy(), var=pd.DataFrame(index=names))
+        if field.attr_name == "layers" and field.attr_key is not None:
+            prot.layers[field.attr_key] = proteins
+        else:
+            prot.X = proteins
+        with warnings.catch_warnings():  # mudata's notices about pulling obs columns
+            warnings.simplefilter("ignore")
+            md = mudata.MuData({mods["X"]: rna, mods["proteins"]: prot})
+            for key in obs.columns:
+                md.obs[key] = obs[key].to_numpy()
+        return md
 
     def _outputs(self, requested: list[RequestedOutput] | None, binary: bool):
         if requested is None:

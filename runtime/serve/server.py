@@ -61,14 +61,16 @@ def load_models(specs: list[BundleSpec], *, device: str, n_threads: int | None, 
             report = verify(spec.path, device=device)
         except (ScviOnnxError, OSError) as e:
             raise CLIError(f"cannot serve {spec.path}: {e}") from e
-        if model.manifest.registry.proteins is not None:
-            # the protocol's inputs are the counts, gene names and obs columns: a TOTALVI
-            # request would have no way to send the proteins, so every request would fail
-            raise CLIError(
-                f"cannot serve {spec.path}: it is a {model.manifest.model_class} model, which "
-                "reads protein counts besides the genes, and the server has no protein input "
-                "yet; use the library (scvi_onnx.load) for it"
-            )
+        if model.manifest.registry.modalities is not None:
+            # a setup_mudata model (TOTALVI) reads a MuData: requests become one
+            try:
+                import mudata  # noqa: F401
+            except ImportError as e:
+                raise CLIError(
+                    f"cannot serve {spec.path}: the model was set up with setup_mudata and its "
+                    "requests are read as a MuData, which needs the mudata package "
+                    "(pip install mudata)"
+                ) from e
         if not report.ok:
             bad = [r.output for r in report.rows if not r.ok] or ["(no probe outputs)"]
             raise CLIError(

@@ -333,14 +333,6 @@ def test_pinned_digest(shipped, tampered_bundle):
     assert "manifest.json" in line and shipped.digest in line and "not the expected" in line
 
 
-def test_totalvi_bundle_is_refused_at_start():
-    """The protocol has no protein input yet: a TOTALVI bundle stops the server at start with
-    one line that says so (instead of serving a model whose every request would fail)."""
-    totalvi = SHIPPED.parent / "pbmc_totalvi"
-    line = one_error_line(ServerProcess([str(totalvi), "--port", "0"], wait=False))
-    assert "TOTALVI" in line and "protein" in line and "scvi_onnx.load" in line
-
-
 def test_peakvi_is_served_with_the_library_numbers():
     """PEAKVI (regions as the genes, no library size) through the client: latent, per-cell
     ELBO and reconstruction error equal to the local model's."""

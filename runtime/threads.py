@@ -30,10 +30,14 @@ def ordered_map(fn: Callable, items: Iterable, threads: int, name: str) -> Itera
         # one item (a small call: a few cells): no pool to start and join, ~0.3 ms saved
         yield fn(first)
         return
+    # the chain holds the first two items only until they are submitted: names bound to them
+    # here would pin them (a minibatch's buffers, through a task's views) for the whole run
+    items = chain((first, second), it)
+    del first, second
     with ThreadPoolExecutor(threads, thread_name_prefix=name) as ex:
         pending: deque[Future] = deque()
         try:
-            for item in chain((first, second), it):
+            for item in items:
                 pending.append(ex.submit(fn, item))
                 if len(pending) > threads:
                     yield pending.popleft().result()

@@ -298,6 +298,9 @@ class AnnDataSource:
             for mb, counts in done:
                 record(counts)
                 yield mb
+                # not bound while the next read is densified: a minibatch's buffers go as soon
+                # as its consumer lets them go
+                del mb
         else:
             # Inline, the loop holds the last read's buffers until the next read: memory stays
             # flat over millions of backed cells, while freeing them at once (a plain map) let

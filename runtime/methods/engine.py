@@ -80,3 +80,4 @@ class Engine:
                 continue
             for start in range(0, n, step):
                 yield mb.rows(slice(start, start + step))
+            del mb  # not held while the next minibatch is read (its tasks hold what they need)

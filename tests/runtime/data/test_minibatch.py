@@ -96,3 +96,25 @@ def test_dataloader_minibatches_carry_the_same_log_library():
     x = _small_libraries()
     (mb,) = normalize_dataloader([{X_KEY: x}], make_manifest(), needs=LIBRARY)
     np.testing.assert_array_equal(mb.log_library, np.log([1.0, 2.0, 0.5, 7.0]))
+
+
+def test_row_sums_in_blocks_equal_one_reduceat(monkeypatch):
+    """Entries.row_sums adds rows in blocks of about ROW_SUM_BLOCK entries (bounding its
+    float64 temporary): every row's sum is bit-identical to one reduceat over all entries,
+    with empty rows, a row longer than a block, and blocks that end inside a row."""
+    from scvi_onnx.data import entries as E
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 40, size=300)
+    lengths[[0, 7, 299]] = 0
+    lengths[150] = 500  # longer than a block below
+    indptr = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    vals = rng.gamma(0.5, 3.0, size=int(indptr[-1])).astype(np.float32)
+    e = E.Entries(indptr, np.zeros(vals.size, dtype=np.int32), vals)
+    want = np.zeros(lengths.size)
+    nz = lengths > 0
+    want[nz] = np.add.reduceat(vals, indptr[:-1][nz], dtype=np.float64)
+    for block in (64, 257, 1 << 18):
+        monkeypatch.setattr(E, "ROW_SUM_BLOCK", block)
+        np.testing.assert_array_equal(e.row_sums(vals), want)

@@ -58,6 +58,22 @@ def is_dask_anndata(adata: Any, layer: str | None = None) -> bool:
     return adata is not None and is_dask_array(_registered_matrix(adata, layer))
 
 
+def _is_dask_mudata(data: Any) -> bool:
+    """A MuData holding a Dask array in a modality's ``X`` or layers: sent to the Dask methods,
+    which refuse it with the reason (the in-memory path would read it on the client)."""
+    from ..data.mudata import is_mudata
+
+    if not is_mudata(data):
+        return False
+    for mod in data.mod.values():
+        layers = getattr(mod, "layers", None) or {}
+        if is_dask_array(getattr(mod, "X", None)) or any(
+            is_dask_array(layers[k]) for k in layers.keys()
+        ):
+            return True
+    return False
+
+
 def dask_dispatch(method: Callable) -> Callable:
     """Run a public method on Dask when its AnnData's registered matrix is a Dask array.
 
@@ -78,7 +94,7 @@ def dask_dispatch(method: Callable) -> Callable:
         if data is None:
             data = self.adata
         layer = given.get("layer") or self.manifest.registry.layer
-        if not is_dask_anndata(data, layer):
+        if not (is_dask_anndata(data, layer) or _is_dask_mudata(data)):
             return method(self, *args, **kwargs)
         from ..errors import InvalidArgumentError
         from . import methods

@@ -7,6 +7,10 @@ builds it) is run chunk by chunk on the active scheduler: a ``distributed.Client
 active, else Dask's default. The public methods dispatch here by themselves
 (:func:`dask_dispatch`); per-cell results come back as lazy Dask arrays.
 
+A TOTALVI model's protein counts (the registered ``obsm`` entry: a DataFrame, an array, a Dask
+array or a lazily read DataFrame) travel with each chunk (:mod:`~scvi_onnx.distributed.proteins`);
+a MuData runs in memory only and is refused here with the reason.
+
 The same numbers as in memory: a cell's noise is keyed by its global row, so per-cell outputs
 are bit-identical whatever the chunking and the number of workers. Models travel as paths: each
 worker process loads a bundle once (:mod:`~scvi_onnx.distributed.cache`).

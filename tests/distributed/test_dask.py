@@ -638,6 +638,19 @@ def test_totalvi_lazy_h5ad_and_cli(client, totalvi, cite, tmp_path, capsys):
     assert printed == [f"{k}: {v:.4f}" for k, v in means.items()] + [
         f"reconstruction_loss: {sum(means.values()):.4f}"
     ]
+    # an AnnData .zarr store (its obsm DataFrame read lazily from zarr)
+    store = tmp_path / "cite.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cite.write_zarr(store)
+    out = tmp_path / "z.zarr"
+    rc = main(
+        ["latent", str(SHIPPED_BUNDLE.parent / "pbmc_totalvi"), str(store), "-o", str(out)]
+        + ["--seed", "5", "--chunk-size", "64", "--scheduler", client.scheduler.address]
+        + ["--no-progress"]
+    )
+    assert rc == 0
+    _eq(ad.read_zarr(out).obsm["X_scVI"], totalvi.get_latent_representation(cite))
 
 
 def test_totalvi_mudata_and_soma_refused(client, totalvi, cite, tmp_path, capsys):

@@ -664,6 +664,22 @@ def test_totalvi_mudata_and_soma_refused(client, totalvi, cite, tmp_path, capsys
     with pytest.raises(scvi_onnx.InputDataError, match="MuData does not run on Dask") as e:
         totalvi.get_latent_representation(mdata)
     assert f"obsm['{PROT}']" in str(e.value)
+    # a model set up with setup_mudata (the shipped bundle with the registry TOTALVI.setup_mudata
+    # writes: proteins in a layer of modality "prot"; tests/parity exports a trained one): its
+    # MuData runs in memory only, and a Dask AnnData is no input for it
+    import json
+    import shutil
+
+    bundle = tmp_path / "mudata_bundle"
+    shutil.copytree(SHIPPED_BUNDLE.parent / "pbmc_totalvi", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["registry"]["proteins"].update(attr_name="layers", attr_key="counts")
+    manifest["registry"]["modalities"] = {"X": "rna", "proteins": "prot", "batch": None}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    from_mudata = scvi_onnx.load(bundle, device="cpu")
+    for data in (mdata, _dask_x(cite)):
+        with pytest.raises(scvi_onnx.InputDataError, match="setup_mudata.*in memory only"):
+            from_mudata.get_elbo(data)
     soma_io = require("tiledbsoma.io")
     uri = str(tmp_path / "exp")
     rna = ad.AnnData(X=cite.X, obs=cite.obs, var=cite.var)

@@ -172,6 +172,17 @@ def open_input(args: argparse.Namespace, model) -> Any:
     if kind == "soma":
         from ..distributed.soma import read_soma
 
+        field = model.manifest.registry.proteins
+        if field is not None:
+            raise CLIError(
+                f"{args.bundle} holds a {model.manifest.model_class} model, which reads protein "
+                "counts besides the genes; in a SOMA experiment they live in another "
+                "measurement, which the SOMA input does not read yet: write the cells to .h5ad "
+                f"or .zarr with the proteins in obsm[{field.attr_key!r}], or build the AnnData "
+                "in Python (scvi_onnx.distributed.read_soma, then the proteins as a Dask array "
+                f"in obsm[{field.attr_key!r}])"
+            )
+
         keys = [k for k, _ in model.manifest.registry.obs_columns()]
         return read_soma(
             args.input,
@@ -364,14 +375,14 @@ def cmd_dask(args: argparse.Namespace) -> int:
                     where = f"obsm/{args.key}_probabilities"
                     targets.append(("probs", store.array(where, shape, np.float32)))
             else:
-                metric = _METRIC_NAMES[command]
-                name = "elbo" if command == "elbo" else metric
-                if command == "reconstruction-error":
-                    name = f"rec:{metric}"
+                # one obs column per output: the metric, or each reconstruction term (TOTALVI:
+                # genes and proteins, as the in-memory command's per-cell table)
+                columns = _metric_columns(model, command)
                 if command != "marginal-ll":
-                    sums = (name,)
+                    sums = tuple(columns)
                 if store is not None:
-                    targets.append((name, store.array(f"obs/{metric}", (n,), np.float64)))
+                    for name, column in columns.items():
+                        targets.append((name, store.array(f"obs/{column}", (n,), np.float64)))
             parts = _run(plan, store, targets, sums, _progress(args), client)
             if store is not None:
                 store.commit(args.overwrite)
@@ -389,9 +400,19 @@ def cmd_dask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metric_columns(model, command: str) -> dict[str, str]:
+    """``{chunk output: obs column}`` of a metric command: ``elbo``, ``marginal_ll``, or one
+    column per reconstruction term, named by its key (``reconstruction_loss``; TOTALVI's
+    ``reconst_loss_gene`` and ``reconst_loss_protein``)."""
+    if command == "reconstruction-error":
+        return {f"rec:{k}": k for k in model.module.reconstruction_keys}
+    metric = _METRIC_NAMES[command]
+    return {metric: metric}
+
+
 def _with_obs(adata, model, assignments: list[tuple[str, str]]):
     """``--obs COLUMN=VALUE`` on a lazily read AnnData: the same AnnData with its obs (and var)
-    in memory and the columns set (the matrix stays a Dask array)."""
+    in memory and the columns set (the matrix, layers and obsm entries stay lazy)."""
     if not assignments:
         return adata
     import anndata
@@ -409,6 +430,8 @@ def _with_obs(adata, model, assignments: list[tuple[str, str]]):
         obs=in_memory(adata.obs, adata.obs_names),
         var=in_memory(adata.var, adata.var_names),
         layers={k: adata.layers[k] for k in adata.layers.keys()},
+        obsm={k: adata.obsm[k] for k in adata.obsm.keys()},  # TOTALVI's proteins
+        uns=dict(adata.uns),
     )
     _set_obs(model, copy, assignments)
     return copy
@@ -479,13 +502,24 @@ def _report_metric(args, model, plan, parts, out, sums) -> None:
     from .commands import _options
 
     metric = _METRIC_NAMES[args.command]
-    value = (
-        dm.mll_mean(parts) if args.command == "marginal-ll" else dm.mean_of(parts, sums[0], plan.n)
-    )
+    # several reconstruction terms (TOTALVI): each one's mean, and their sum as the value, as
+    # the in-memory command reports them
+    values = None
+    if args.command == "marginal-ll":
+        value = dm.mll_mean(parts)
+    else:
+        columns = _metric_columns(model, args.command)
+        means = {col: dm.mean_of(parts, name, plan.n) for name, col in columns.items()}
+        if list(means) == [metric]:
+            value = means[metric]
+        else:
+            values = means
+            value = sum(means.values())
     if args.json:
         result = {
             "metric": metric,
             "value": float(value),
+            **({"values": values} if values is not None else {}),
             "n_cells": plan.n,
             "bundle": str(args.bundle),
             "provider": model.provider,
@@ -500,6 +534,8 @@ def _report_metric(args, model, plan, parts, out, sums) -> None:
             result["notes"] = list(args.notes)
         print_json(result)
     else:
+        for key, v in (values or {}).items():
+            print(f"{key}: {v:.4f}")
         print(f"{metric}: {value:.4f}")
     sys.stdout.flush()
 

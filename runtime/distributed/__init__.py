@@ -7,6 +7,10 @@ builds it) is run chunk by chunk on the active scheduler: a ``distributed.Client
 active, else Dask's default. The public methods dispatch here by themselves
 (:func:`dask_dispatch`); per-cell results come back as lazy Dask arrays.
 
+A TOTALVI model's protein counts (the registered ``obsm`` entry: a DataFrame, an array, a Dask
+array or a lazily read DataFrame) travel with each chunk (:mod:`~scvi_onnx.distributed.proteins`);
+a MuData runs in memory only and is refused here with the reason.
+
 The same numbers as in memory: a cell's noise is keyed by its global row, so per-cell outputs
 are bit-identical whatever the chunking and the number of workers. Models travel as paths: each
 worker process loads a bundle once (:mod:`~scvi_onnx.distributed.cache`).
@@ -58,6 +62,22 @@ def is_dask_anndata(adata: Any, layer: str | None = None) -> bool:
     return adata is not None and is_dask_array(_registered_matrix(adata, layer))
 
 
+def _is_dask_mudata(data: Any) -> bool:
+    """A MuData holding a Dask array in a modality's ``X`` or layers: sent to the Dask methods,
+    which refuse it with the reason (the in-memory path would read it on the client)."""
+    from ..data.mudata import is_mudata
+
+    if not is_mudata(data):
+        return False
+    for mod in data.mod.values():
+        layers = getattr(mod, "layers", None) or {}
+        if is_dask_array(getattr(mod, "X", None)) or any(
+            is_dask_array(layers[k]) for k in layers.keys()
+        ):
+            return True
+    return False
+
+
 def dask_dispatch(method: Callable) -> Callable:
     """Run a public method on Dask when its AnnData's registered matrix is a Dask array.
 
@@ -78,7 +98,7 @@ def dask_dispatch(method: Callable) -> Callable:
         if data is None:
             data = self.adata
         layer = given.get("layer") or self.manifest.registry.layer
-        if not is_dask_anndata(data, layer):
+        if not (is_dask_anndata(data, layer) or _is_dask_mudata(data)):
             return method(self, *args, **kwargs)
         from ..errors import InvalidArgumentError
         from . import methods

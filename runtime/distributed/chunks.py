@@ -1,8 +1,10 @@
 """What a worker runs for one row chunk: the in-memory loops on the chunk's cells.
 
 A chunk arrives as its expression block (numpy or scipy CSR, as Dask computed it), the
-registered obs columns of its rows (a small pandas DataFrame, indexed by the cells' names) and
-the global key of its rows. It becomes a plain in-memory AnnData and goes through exactly the
+registered obs columns of its rows (a small pandas DataFrame, indexed by the cells' names), the
+global key of its rows and, for a model with proteins (TOTALVI), its rows of the protein counts
+(:mod:`~scvi_onnx.distributed.proteins`). It becomes a plain in-memory AnnData (the proteins in
+its registered ``obsm`` entry) and goes through exactly the
 code an in-memory call runs (:func:`scvi_onnx.methods.inputs.minibatches`, then the loop of
 :mod:`scvi_onnx.methods`), with the rows keyed by their global position: the chunk gives its
 cells' numbers in the whole run, bit for bit. Chunks start on a multiple of ``batch_size``
@@ -25,6 +27,7 @@ import numpy as np
 from ..data.obs import ObsUse
 from ..errors import NonIntegerCountsWarning
 from .cache import ModelRef, cached_model
+from .proteins import ProteinCarry
 
 #: Methods a chunk runs, and whether their minibatches carry what the scoring methods need.
 SCORING = {"latent": False, "predict": False, "elbo": True, "marginal_ll": True}
@@ -60,6 +63,9 @@ class ChunkJob:
         The whole input's number of cells (value errors say where in it the cells are).
     gene_names
         The input's gene names in ``read``'s ``gene_key`` column (None: ``var_names``).
+    proteins
+        For a model with proteins (TOTALVI): how a chunk's protein rows become its AnnData's
+        ``obsm`` entry (:class:`~scvi_onnx.distributed.proteins.ProteinCarry`).
     """
 
     model: ModelRef
@@ -71,6 +77,7 @@ class ChunkJob:
     read: tuple[tuple[str, Any], ...]
     n_total: int
     gene_names: Any = None
+    proteins: ProteinCarry | None = None
 
     def option(self, name: str) -> Any:
         return dict(self.options)[name]
@@ -79,12 +86,16 @@ class ChunkJob:
         return dict(self.read)[name]
 
 
-def run_chunk(block: Any, obs: Any, keys: Any, job: ChunkJob) -> dict[str, np.ndarray]:
+def run_chunk(
+    block: Any, obs: Any, keys: Any, job: ChunkJob, proteins: Any = None
+) -> dict[str, np.ndarray]:
     """One chunk's outputs: a dict of per-cell arrays (and, for the marginal LL, the means of
     its minibatches), plus ``"nonint"``: the (values, cells) of non-integer counts seen.
 
     ``keys`` is the global key of the chunk's first row (an int) when its rows are
     consecutive in the input, else the key of every row (an ``indices=`` selection).
+    ``proteins``: the chunk's rows of the protein counts (a model with proteins), which go
+    into the chunk's AnnData as ``job.proteins`` says.
     """
     import anndata
     import pandas as pd
@@ -100,10 +111,13 @@ def run_chunk(block: Any, obs: Any, keys: Any, job: ChunkJob) -> dict[str, np.nd
     gene_key = job.read_option("gene_key")
     if gene_key is not None:
         var[gene_key] = np.asarray(job.gene_names)
+    obsm, uns = {}, {}
+    if job.proteins is not None:
+        obsm, uns = job.proteins.obsm_and_uns(proteins, obs.index)
     if job.layer is None:
-        adata = anndata.AnnData(X=block, obs=obs, var=var)
+        adata = anndata.AnnData(X=block, obs=obs, var=var, obsm=obsm, uns=uns)
     else:
-        adata = anndata.AnnData(obs=obs, var=var, layers={job.layer: block})
+        adata = anndata.AnnData(obs=obs, var=var, layers={job.layer: block}, obsm=obsm, uns=uns)
     scoring = SCORING[job.method]
     needs = module.needs if scoring else module.needs.for_latent()
     engine = model.engine

@@ -15,6 +15,11 @@ and the outputs are given the input's chunks back), so every minibatch of the in
 lies in one chunk: the same values are checked together, the same error names the same cells,
 and ``get_marginal_ll``'s mean of per-minibatch means has the same minibatches.
 
+A model with proteins (TOTALVI set up with ``setup_anndata``) reads them from the registered
+``obsm`` entry, which may be in memory or a Dask array: the client checks it as in memory, and
+each chunk's task gets its rows (:mod:`~scvi_onnx.distributed.proteins`). A MuData, and models
+set up with ``setup_mudata``, run in memory only and are refused here with the reason.
+
 The means: ``get_elbo`` / ``get_reconstruction_error`` sum each chunk's cells in float64 on
 its worker (numpy's pairwise sum), add the chunk sums with ``math.fsum`` (correctly rounded)
 and divide by the number of cells: equal to the in-memory ``mean`` to float64 rounding (a few
@@ -44,6 +49,7 @@ from ..methods.engine import DEFAULT_BATCH_SIZE
 from . import _registered_matrix, is_dask_array
 from .cache import ModelRef, manifest_digest
 from .chunks import SCORING, ChunkJob, run_chunk
+from .proteins import Proteins, obsm_placeholders, protein_input
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +79,7 @@ class Plan:
     keys: np.ndarray  # global key of every selected cell
     out_chunks: tuple[int, ...]  # row chunks of the outputs (the input's)
     job: ChunkJob
+    proteins: Proteins | None = None  # TOTALVI's protein rows, in the matrix's row chunks
 
     @property
     def n(self) -> int:
@@ -88,10 +95,20 @@ class Plan:
         from dask.base import tokenize
 
         blocks = self.matrix.to_delayed().ravel()
+        bounds = self.bounds()
         job = dask.delayed(self.job, pure=True)
-        token = tokenize(self.matrix.name, self.job, self.keys)
+        prot = [None] * len(bounds) if self.proteins is None else self.proteins.parts(bounds)
+        # the tasks' names tell apart runs on other cells, obs or proteins (a task of the same
+        # name would be taken for a result already computed)
+        token = tokenize(
+            self.matrix.name,
+            self.job,
+            self.keys,
+            self.obs,
+            None if self.proteins is None else self.proteins.token(),
+        )
         out = []
-        for j, (a, b) in enumerate(self.bounds()):
+        for j, (a, b) in enumerate(bounds):
             keys = self.keys[a:b]
             contiguous = keys[-1] - keys[0] + 1 == keys.size and bool(np.all(np.diff(keys) == 1))
             out.append(
@@ -100,6 +117,7 @@ class Plan:
                     self.obs.iloc[a:b],
                     int(keys[0]) if contiguous else keys,
                     job,
+                    prot[j],
                     dask_key_name=f"scvi-onnx-{self.job.method}-{token}-{j}",
                 )
             )
@@ -211,12 +229,7 @@ def plan(
     from ..data.obs import ObsUse
 
     _import_dask()
-    if model.manifest.registry.proteins is not None:
-        raise InvalidArgumentError(
-            f"{model.manifest.model_class} reads protein counts besides the genes, which the "
-            "Dask path does not carry to its workers yet; call the model's method in memory "
-            "(an AnnData with the proteins in obsm may be backed)"
-        )
+    _refuse_mudata(model, adata)
     batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
     bs = batch_size or DEFAULT_BATCH_SIZE
     layer = read.get("layer") or model.manifest.registry.layer
@@ -244,20 +257,34 @@ def plan(
         )
     obs = _obs_frame(adata, model, use)
     var = _var_frame(adata, gene_key)
-    # the in-memory checks (genes, layer, dtype, shape, obs columns and categories) on a view
-    # holding the Dask matrix: nothing is read
+    field = model.manifest.registry.proteins
+    proteins = None if field is None else protein_input(adata, field)
+    # the in-memory checks (genes, layer, dtype, shape, obs columns and categories, then the
+    # proteins) on a view holding the Dask matrix: nothing is read
     layers = {} if layer is None else {layer: matrix}
-    view = anndata.AnnData(X=matrix if layer is None else None, obs=obs, var=var, layers=layers)
-    AnnDataSource(view, model.manifest, **source_options)
+    obsm = obsm_placeholders(adata) if field is not None and proteins is None else None
+    view = anndata.AnnData(
+        X=matrix if layer is None else None, obs=obs, var=var, layers=layers, obsm=obsm
+    )
+    AnnDataSource(
+        view,
+        model.manifest,
+        **source_options,
+        proteins=None if proteins is None else proteins.inp,
+    )
     n_obs = int(matrix.shape[0])
     idx = resolve_indices(indices, n_obs)
     if idx.size != n_obs or np.any(idx != np.arange(n_obs)):
         matrix = matrix[idx]
         obs = obs.iloc[idx]
+        if proteins is not None:
+            proteins.select(idx)
     out_chunks = tuple(int(c) for c in matrix.chunks[0])
     aligned = _aligned(out_chunks, bs)
     if aligned != out_chunks or len(matrix.chunks[1]) != 1:
         matrix = matrix.rechunk({0: aligned, 1: -1})
+    if proteins is not None:
+        proteins.align(matrix.chunks[0])
     job = ChunkJob(
         model=_model_ref(model),
         method=method,
@@ -278,8 +305,38 @@ def plan(
         ),
         n_total=int(matrix.shape[0]),
         gene_names=None if gene_key is None else np.asarray(var[gene_key]),
+        proteins=None if proteins is None else proteins.carry,
     )
-    return Plan(matrix=matrix, obs=obs, keys=idx, out_chunks=out_chunks, job=job)
+    return Plan(matrix=matrix, obs=obs, keys=idx, out_chunks=out_chunks, job=job, proteins=proteins)
+
+
+def _refuse_mudata(model, adata: Any) -> None:
+    """A MuData, and models that read one (``setup_mudata``), run in memory only."""
+    from ..data.mudata import is_mudata
+    from ..errors import InputDataError
+
+    reg = model.manifest.registry
+    if reg.modalities is not None:
+        mods = sorted({m for m in reg.modalities.values() if m is not None})
+        raise InputDataError(
+            f"this model was set up with setup_mudata: it reads a MuData with the modalities "
+            f"{mods}, which runs in memory only, not on Dask; pass an in-memory MuData (compute "
+            "its modalities' Dask arrays into memory first)"
+        )
+    if is_mudata(adata):
+        if reg.proteins is not None:
+            hint = (
+                "an AnnData whose matrix is a Dask array, with the protein counts in "
+                f"obsm[{reg.proteins.attr_key!r}] (a DataFrame with the proteins' names as "
+                "columns, or a numpy or Dask array in the model's protein order), e.g. the RNA "
+                "modality with the protein modality's counts copied into its obsm"
+            )
+        else:
+            hint = "an AnnData whose matrix is a Dask array (e.g. the RNA modality)"
+        raise InputDataError(
+            "a MuData does not run on Dask (the Dask path reads one AnnData, chunk by chunk), "
+            f"and this model was set up with setup_anndata (one AnnData): pass {hint}"
+        )
 
 
 # =============================================================================================

@@ -467,13 +467,228 @@ def test_peakvi_through_dask(client):
     _eq(peakvi.get_marginal_ll(lazy, **kw).compute(), peakvi.get_marginal_ll(cells, **kw))
 
 
-def test_totalvi_refused_with_a_reason(client):
-    from scvi_onnx.errors import InvalidArgumentError
+# ============================================================================================
+# TOTALVI: the proteins in obsm travel with each chunk
+# ============================================================================================
+CITE_H5AD = SHIPPED_BUNDLE.parent / "example" / "pbmc_cite.h5ad"
+PROT = "protein_expression"
 
-    from ..conftest import ROOT
 
-    totalvi = scvi_onnx.load(ROOT / "models" / "pbmc_totalvi", device="cpu")
-    cells = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_cite.h5ad")[:64].copy()
-    cells.X = da.from_array(cells.X, chunks=(32, cells.n_vars))
-    with pytest.raises(InvalidArgumentError, match="protein counts"):
-        totalvi.get_latent_representation(cells)
+@pytest.fixture(scope="module")
+def totalvi():
+    return scvi_onnx.load(SHIPPED_BUNDLE.parent / "pbmc_totalvi", device="cpu", seed=5)
+
+
+@pytest.fixture(scope="module")
+def cite():
+    """150 CITE-seq cells of both batches (pbmc_10k misses proteins: the panel's mask), the
+    proteins in obsm as a DataFrame named by protein."""
+    return ad.read_h5ad(CITE_H5AD)[120:270].copy()
+
+
+def _dask_x(cells, chunks=(40, 70, 40)):
+    """The cells with a dense Dask X of uneven row chunks (none a multiple of BS)."""
+    lazy = cells.copy()
+    lazy.X = da.from_array(cells.X.toarray(), chunks=(chunks, cells.n_vars))
+    return lazy
+
+
+def _same_error(run, want_input, got_input):
+    with pytest.raises(scvi_onnx.ScviOnnxError) as want:
+        run(want_input)
+    with pytest.raises(scvi_onnx.ScviOnnxError) as got:
+        run(got_input)
+    assert type(got.value) is type(want.value)
+    assert str(got.value) == str(want.value)
+    return got.value
+
+
+def test_totalvi_bit_identical(client, totalvi, cite):
+    """Latent (mean, return_dist), ELBO, both reconstruction terms and marginal LL per cell:
+    bit-identical to in memory; the means to float rounding (the marginal LL's exactly)."""
+    lazy = _dask_x(cite)
+    z = totalvi.get_latent_representation(lazy, batch_size=BS)
+    assert z.chunks == ((40, 70, 40), (totalvi.n_latent,))
+    _eq(z.compute(), totalvi.get_latent_representation(cite, batch_size=BS))
+    m, v = totalvi.get_latent_representation(lazy, return_dist=True)
+    m0, v0 = totalvi.get_latent_representation(cite, return_dist=True)
+    _eq(m.compute(), m0)
+    _eq(v.compute(), v0)
+    e = totalvi.get_elbo(lazy, return_mean=False, batch_size=BS)
+    _eq(e.compute(), totalvi.get_elbo(cite, return_mean=False, batch_size=BS))
+    r = totalvi.get_reconstruction_error(lazy, return_mean=False)
+    r0 = totalvi.get_reconstruction_error(cite, return_mean=False)
+    assert list(r) == list(r0) == ["reconst_loss_gene", "reconst_loss_protein"]
+    for k in r0:
+        _eq(r[k].compute(), r0[k])
+    kw = {"n_mc_samples": 20, "batch_size": BS}
+    ll = totalvi.get_marginal_ll(lazy, return_mean=False, **kw)
+    _eq(ll.compute(), totalvi.get_marginal_ll(cite, return_mean=False, **kw))
+    assert totalvi.get_marginal_ll(lazy, **kw) == totalvi.get_marginal_ll(cite, **kw)
+    assert totalvi.get_elbo(lazy) == pytest.approx(totalvi.get_elbo(cite), rel=1e-13, abs=0)
+    rm, rm0 = totalvi.get_reconstruction_error(lazy), totalvi.get_reconstruction_error(cite)
+    assert rm.keys() == rm0.keys()
+    assert all(rm[k] == pytest.approx(rm0[k], rel=1e-13, abs=0) for k in rm0)
+
+
+def test_totalvi_proteins_as_dask_array(client, totalvi, cite):
+    """Proteins as a Dask array in obsm (chunked unlike X, matched by position), and an
+    indices= selection of the cells: the in-memory numbers."""
+    lazy = _dask_x(cite)
+    arr = cite.obsm[PROT].to_numpy()
+    lazy.obsm[PROT] = da.from_array(arr, chunks=(64, 10))
+    mem = cite.copy()
+    mem.obsm[PROT] = arr
+    _eq(
+        totalvi.get_latent_representation(lazy, give_mean=False).compute(),
+        totalvi.get_latent_representation(mem, give_mean=False),
+    )
+    idx = np.array([140, 3, 99, 4, 5, 6, 120, 0, 149, 75])
+    kw = {"indices": idx, "return_mean": False, "batch_size": 4}
+    _eq(totalvi.get_elbo(lazy, **kw).compute(), totalvi.get_elbo(mem, **kw))
+
+
+def test_totalvi_input_errors_as_in_memory(client, totalvi, cite):
+    """A missing obsm entry, proteins missing by name, the wrong width, non-numeric values
+    (refused on the client, before any task), a negative count (found by a worker): the
+    in-memory error, word for word."""
+    lazy = _dask_x(cite)
+    cite, lazy = cite.copy(), lazy.copy()
+    for a in (cite, lazy):
+        a.obsm["X_pca"] = np.zeros((a.n_obs, 2))
+
+    def variant(change):
+        out = []
+        for a in (cite, lazy):
+            b = a.copy()
+            change(b)
+            out.append(b)
+        return out
+
+    def drop(a):
+        del a.obsm[PROT]
+
+    err = _same_error(totalvi.get_elbo, *variant(drop))
+    assert isinstance(err, scvi_onnx.MissingColumnError) and "'X_pca'" in str(err)
+    no_cd4 = cite.obsm[PROT].drop(columns=["CD4_TotalSeqB"])
+    mem, dsk = variant(lambda a: a.obsm.__setitem__(PROT, no_cd4))
+    err = _same_error(totalvi.get_latent_representation, mem, dsk)
+    assert isinstance(err, scvi_onnx.MissingGenesError) and "CD4_TotalSeqB" in str(err)
+    _eq(
+        totalvi.get_latent_representation(dsk, missing_genes="zero").compute(),
+        totalvi.get_latent_representation(mem, missing_genes="zero"),
+    )
+    narrow = cite.obsm[PROT].to_numpy()[:, 1:]
+    mem, dsk = variant(lambda a: a.obsm.__setitem__(PROT, narrow))
+    dsk.obsm[PROT] = da.from_array(narrow, chunks=(50, -1))
+    assert "by position" in str(_same_error(totalvi.get_elbo, mem, dsk))
+    text = cite.obsm[PROT].to_numpy().astype(str)
+    mem, dsk = variant(lambda a: a.obsm.__setitem__(PROT, text))
+    dsk.obsm[PROT] = da.from_array(text, chunks=(50, -1))
+    assert "must hold numbers" in str(_same_error(totalvi.get_elbo, mem, dsk))
+    neg = cite.obsm[PROT].copy()
+    neg.iloc[100, 2] = -1.0
+    mem, dsk = variant(lambda a: a.obsm.__setitem__(PROT, neg))
+    err = _same_error(lambda a: totalvi.get_elbo(a, batch_size=BS), mem, dsk)
+    assert cite.obs_names[100] in str(err) and "negative" in str(err)
+
+
+def test_totalvi_lazy_h5ad_and_cli(client, totalvi, cite, tmp_path, capsys):
+    """An .h5ad read lazily (its obsm DataFrame comes as anndata's lazy Dataset2D): the
+    in-memory numbers; a non-numeric column refused as in memory; the CLI's
+    reconstruction-error with --scheduler writes one column per term and prints each mean
+    and their sum, as the in-memory command does."""
+    src = tmp_path / "cite.h5ad"
+    cite.write_h5ad(src)
+    lazy = read_lazy(src)
+    with h5py.File(src, "r") as f:
+        lazy.X = read_elem_lazy(f["X"], chunks=(48, lazy.n_vars))
+        assert type(lazy.obsm[PROT]).__name__ == "Dataset2D"
+        _eq(
+            totalvi.get_latent_representation(lazy).compute(),
+            totalvi.get_latent_representation(cite),
+        )
+        kw = {"return_mean": False, "batch_size": BS}
+        _eq(totalvi.get_elbo(lazy, **kw).compute(), totalvi.get_elbo(cite, **kw))
+    bad = cite.copy()
+    prot = bad.obsm[PROT].copy()
+    prot["CD3_TotalSeqB"] = prot["CD3_TotalSeqB"].astype(str)
+    bad.obsm[PROT] = prot
+    bad_src = tmp_path / "bad.h5ad"
+    bad.write_h5ad(bad_src)
+    lazy_bad = read_lazy(bad_src)
+    with h5py.File(bad_src, "r") as f:
+        lazy_bad.X = read_elem_lazy(f["X"], chunks=(48, lazy_bad.n_vars))
+        err = _same_error(totalvi.get_elbo, ad.read_h5ad(bad_src), lazy_bad)
+    assert "'CD3_TotalSeqB' are not numeric" in str(err)
+    out = tmp_path / "rec.zarr"
+    rc = main(
+        ["reconstruction-error", str(SHIPPED_BUNDLE.parent / "pbmc_totalvi"), str(src)]
+        + ["--per-cell", str(out), "--seed", "5", "--chunk-size", "64", "--no-progress"]
+        + ["--scheduler", client.scheduler.address]
+    )
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    want = totalvi.get_reconstruction_error(cite, return_mean=False)
+    got = ad.read_zarr(out).obs
+    assert list(got.columns) == list(want)
+    for k, v in want.items():
+        _eq(got[k].to_numpy(), v)
+    means = {k: float(np.mean(v)) for k, v in want.items()}
+    assert printed == [f"{k}: {v:.4f}" for k, v in means.items()] + [
+        f"reconstruction_loss: {sum(means.values()):.4f}"
+    ]
+    # an AnnData .zarr store (its obsm DataFrame read lazily from zarr)
+    store = tmp_path / "cite.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cite.write_zarr(store)
+    out = tmp_path / "z.zarr"
+    rc = main(
+        ["latent", str(SHIPPED_BUNDLE.parent / "pbmc_totalvi"), str(store), "-o", str(out)]
+        + ["--seed", "5", "--chunk-size", "64", "--scheduler", client.scheduler.address]
+        + ["--no-progress"]
+    )
+    assert rc == 0
+    _eq(ad.read_zarr(out).obsm["X_scVI"], totalvi.get_latent_representation(cite))
+
+
+def test_totalvi_mudata_and_soma_refused(client, totalvi, cite, tmp_path, capsys):
+    """A MuData on Dask, and a SOMA experiment for the CLI (its proteins would be in another
+    measurement): refused with the reason and what to pass instead."""
+    md = require("mudata")
+    prot = ad.AnnData(cite.obsm[PROT].to_numpy(), obs=cite.obs[[]].copy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mdata = md.MuData({"rna": _dask_x(cite), "prot": prot})
+    with pytest.raises(scvi_onnx.InputDataError, match="MuData does not run on Dask") as e:
+        totalvi.get_latent_representation(mdata)
+    assert f"obsm['{PROT}']" in str(e.value)
+    # a model set up with setup_mudata (the shipped bundle with the registry TOTALVI.setup_mudata
+    # writes: proteins in a layer of modality "prot"; tests/parity exports a trained one): its
+    # MuData runs in memory only, and a Dask AnnData is no input for it
+    import json
+    import shutil
+
+    bundle = tmp_path / "mudata_bundle"
+    shutil.copytree(SHIPPED_BUNDLE.parent / "pbmc_totalvi", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["registry"]["proteins"].update(attr_name="layers", attr_key="counts")
+    manifest["registry"]["modalities"] = {"X": "rna", "proteins": "prot", "batch": None}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    from_mudata = scvi_onnx.load(bundle, device="cpu")
+    for data in (mdata, _dask_x(cite)):
+        with pytest.raises(scvi_onnx.InputDataError, match="setup_mudata.*in memory only"):
+            from_mudata.get_elbo(data)
+    soma_io = require("tiledbsoma.io")
+    uri = str(tmp_path / "exp")
+    rna = ad.AnnData(X=cite.X, obs=cite.obs, var=cite.var)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        soma_io.from_anndata(uri, rna, measurement_name="RNA")
+    rc = main(
+        ["latent", str(SHIPPED_BUNDLE.parent / "pbmc_totalvi"), uri, "-o", str(tmp_path / "z.zarr")]
+        + ["--scheduler", client.scheduler.address, "--no-progress"]
+    )
+    assert rc == 2
+    assert "another measurement" in capsys.readouterr().err

@@ -34,6 +34,7 @@ import contextlib
 import logging
 import math
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,8 +388,33 @@ def compute_in_order(tasks: list, *, progress: bool, desc: str = "chunks") -> li
         if bar is not None:
             bar.close()
         return client.gather(futures)
+    except BaseException:
+        client.cancel([f for f in futures if not f.done()])
+        # a task already running on a worker thread runs on after its cancellation: wait for
+        # it, so that nothing of the failed run (a chunk written into an output being
+        # discarded) happens after the error reaches the caller
+        _wait_not_executing(client, {str(f.key) for f in futures})
+        raise
     finally:
         client.cancel([f for f in futures if not f.done()])
+
+
+def _executing_keys(dask_worker) -> list[str]:
+    """On a worker: the keys of the tasks its threads are running (cancelled ones too)."""
+    return [str(ts.key) for ts in dask_worker.state.executing]
+
+
+def _wait_not_executing(client, keys: set[str], timeout: float = 60.0) -> None:
+    """Until no worker runs one of ``keys`` (at most ``timeout`` seconds; best effort)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            running = client.run(_executing_keys)
+        except Exception:  # a worker gone or the cluster closing: nothing more to wait for
+            return
+        if not any(k in keys for ks in running.values() for k in ks):
+            return
+        time.sleep(0.02)
 
 
 def _summary(res: dict[str, np.ndarray], sums: tuple[str, ...]) -> dict[str, Any]:

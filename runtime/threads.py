@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import chain
 
 _END = object()
 
@@ -30,14 +29,18 @@ def ordered_map(fn: Callable, items: Iterable, threads: int, name: str) -> Itera
         # one item (a small call: a few cells): no pool to start and join, ~0.3 ms saved
         yield fn(first)
         return
-    # the chain holds the first two items only until they are submitted: names bound to them
-    # here would pin them (a minibatch's buffers, through a task's views) for the whole run
-    items = chain((first, second), it)
-    del first, second
     with ThreadPoolExecutor(threads, thread_name_prefix=name) as ex:
         pending: deque[Future] = deque()
         try:
-            for item in items:
+            # not chain((first, second), it): the chain keeps its argument tuple, and so the
+            # first two items (a minibatch's buffers, through a task's views), for the whole
+            # run (measured: one more dense minibatch held, +205 MB at 4,096 Census cells)
+            for item in (first, second):
+                pending.append(ex.submit(fn, item))
+                if len(pending) > threads:
+                    yield pending.popleft().result()
+            del first, second, item
+            for item in it:
                 pending.append(ex.submit(fn, item))
                 if len(pending) > threads:
                     yield pending.popleft().result()

@@ -178,6 +178,30 @@ def environment() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def prepare(name: str, work: Path, n_cells: int) -> tuple[Path, Path]:
+    """A benchmark model (trained / exported if needed) and its data of ``n_cells`` cells:
+    ``(model folder, h5ad)``. Built in child processes: a child's ru_maxrss counts its parent's
+    size at fork, so a heavy orchestrator would inflate the cold-start memory."""
+    subprocess.run([sys.executable, str(HERE / "models.py"), name, str(work)], check=True)
+    data = work / f"{name}_{n_cells}.h5ad"
+    if not data.exists():
+        subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "make_data.py"),
+                "--n-cells",
+                str(n_cells),
+                "--source",
+                str(models.source_cells(name, work)),
+                "-o",
+                str(data),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return work / name, data
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -234,26 +258,7 @@ def main() -> None:
     env = environment()
     rows = []
     for name in args.models:
-        # built (trained / re-exported) in a child process: a child's ru_maxrss counts its
-        # parent's size at fork, so a heavy orchestrator would inflate the cold-start memory
-        subprocess.run([sys.executable, str(HERE / "models.py"), name, str(work)], check=True)
-        model_dir = work / name
-        data = work / f"{name}_{args.n_cells}.h5ad"
-        if not data.exists():
-            subprocess.run(
-                [
-                    sys.executable,
-                    str(HERE / "make_data.py"),
-                    "--n-cells",
-                    str(args.n_cells),
-                    "--source",
-                    str(models.source_cells(name, work)),
-                    "-o",
-                    str(data),
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
+        model_dir, data = prepare(name, work, args.n_cells)
         config = json.loads((model_dir / "bundle" / "manifest.json").read_text())["config"]
         for task in args.tasks:
             res = {}

@@ -30,9 +30,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import _run_rss  # noqa: E402
-
-import models  # noqa: E402
+from run import _run_rss, prepare  # noqa: E402
 
 TASKS = ["latent", "elbo", "rec", "mll"]
 
@@ -96,24 +94,7 @@ def main() -> None:
     work = Path(args.work)
     rows = []
     for name in args.models:
-        subprocess.run([sys.executable, str(HERE / "models.py"), name, str(work)], check=True)
-        model_dir = work / name
-        data = work / f"{name}_{args.n_cells}.h5ad"
-        if not data.exists():
-            subprocess.run(
-                [
-                    sys.executable,
-                    str(HERE / "make_data.py"),
-                    "--n-cells",
-                    str(args.n_cells),
-                    "--source",
-                    str(models.source_cells(name, work)),
-                    "-o",
-                    str(data),
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
+        model_dir, data = prepare(name, work, args.n_cells)
         for task in args.tasks:
             runs: dict[str, list[dict]] = {"old": [], "new": []}
             for r in range(args.repeats):

@@ -57,6 +57,15 @@ def covariates_taken(graph_inputs: Mapping[str, Sequence[str]], scoring: bool) -
     return used
 
 
+def library_description(config: Mapping[str, Any], registry: Registry) -> str:
+    """How a VAE-family model (SCVI, TOTALVI) gets each cell's library size, for ``info``."""
+    if config.get("use_size_factor_key"):
+        return f"size factors from obs[{registry.size_factor_key!r}]"
+    if config.get("use_observed_lib_size", True):
+        return "observed (log total counts of each cell)"
+    return "learned (per-batch log-normal prior)"
+
+
 @dataclass(frozen=True)
 class ElboTerms:
     """One posterior draw's per-cell terms of a module's loss, as ``get_elbo`` sums them.

@@ -56,7 +56,7 @@ from ..maths import distributions as D
 from ..maths import rng
 from ..maths.dispersion import dispersion_table
 from ..maths.likelihood import nb_mixture_sum
-from .base import BundleContents, ElboTerms, Module, covariates_taken
+from .base import BundleContents, ElboTerms, Module, covariates_taken, library_description
 from .scoring import SCORING, GeneLikelihood
 
 #: log(sqrt(2 pi)), as torch's Normal.log_prob.
@@ -157,12 +157,7 @@ class TOTALVAE(Module):
     @classmethod
     def describe(cls, config: Mapping[str, Any], registry: Registry) -> dict[str, str]:
         c = config
-        if c.get("use_size_factor_key"):
-            library = f"size factors from obs[{registry.size_factor_key!r}]"
-        elif c.get("use_observed_lib_size", True):
-            library = "observed (log total counts of each cell)"
-        else:
-            library = "learned (per-batch log-normal prior)"
+        library = library_description(c, registry)
         return {
             "architecture": (
                 f"n_hidden {c.get('n_hidden')}, n_layers_encoder {c.get('n_layers_encoder')}, "

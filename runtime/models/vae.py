@@ -27,7 +27,7 @@ from ..data import DataNeeds, Minibatch
 from ..errors import BundleIntegrityError
 from ..maths import distributions as D
 from ..maths import rng
-from .base import BundleContents, ElboTerms, Module, covariates_taken
+from .base import BundleContents, ElboTerms, Module, covariates_taken, library_description
 from .scoring import GeneLikelihood, Scorer, choose_score_graph
 
 
@@ -61,12 +61,7 @@ class VAE(Module):
     @classmethod
     def describe(cls, config: Mapping[str, Any], registry: Registry) -> dict[str, str]:
         c = config
-        if c.get("use_size_factor_key"):
-            library = f"size factors from obs[{registry.size_factor_key!r}]"
-        elif c.get("use_observed_lib_size", True):
-            library = "observed (log total counts of each cell)"
-        else:
-            library = "learned (per-batch log-normal prior)"
+        library = library_description(c, registry)
         return {
             "architecture": f"n_hidden {c.get('n_hidden')}, n_layers {c.get('n_layers')}",
             "gene likelihood": str(c.get("gene_likelihood")),

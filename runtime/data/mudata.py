@@ -38,6 +38,26 @@ def is_mudata(obj: Any) -> bool:
     return any(c.__name__ == "MuData" for c in type(obj).__mro__) and hasattr(obj, "mod")
 
 
+def split_input(data: Any, registry: Registry) -> tuple[Any, ProteinInput | None]:
+    """What a model reads from ``data``: a MuData's modalities as an AnnData and its protein
+    counts (:func:`from_mudata`), or ``data`` itself (proteins, if any, from its obsm).
+
+    Raises
+    ------
+    InputDataError
+        ``data`` is not a MuData but the model was set up with ``setup_mudata``.
+    """
+    if is_mudata(data):
+        return from_mudata(data, registry)
+    if registry.modalities is not None:
+        mods = sorted({m for m in registry.modalities.values() if m is not None})
+        raise InputDataError(
+            f"this model was set up with setup_mudata: pass a MuData with the modalities "
+            f"{mods} it was trained on (got a {type(data).__name__})"
+        )
+    return data, None
+
+
 def from_mudata(mdata: Any, registry: Registry) -> tuple[Any, ProteinInput | None]:
     """The AnnData a model set up with ``setup_mudata`` reads, and its protein counts.
 

@@ -9,9 +9,9 @@ from typing import Any
 from ..arguments import check_positive_int
 from ..bundle import Manifest
 from ..data import AnnDataSource, DataNeeds, Minibatch, normalize_dataloader, resolve_indices
-from ..data.mudata import from_mudata, is_mudata
+from ..data.mudata import split_input
 from ..data.obs import ObsUse
-from ..errors import InputDataError, InvalidArgumentError
+from ..errors import InvalidArgumentError
 from .engine import DEFAULT_BATCH_SIZE
 
 
@@ -61,15 +61,8 @@ def minibatches(
                 "no data: pass adata= (or dataloader=), or bind an AnnData at "
                 "scvi_onnx.load(path, adata=...)"
             )
-        proteins = None
-        if is_mudata(adata):  # a model set up with setup_mudata: its modalities as an AnnData
-            adata, proteins = from_mudata(adata, manifest.registry)
-        elif manifest.registry.modalities is not None:
-            mods = sorted({m for m in manifest.registry.modalities.values() if m is not None})
-            raise InputDataError(
-                f"this model was set up with setup_mudata: pass a MuData with the modalities "
-                f"{mods} it was trained on (got a {type(adata).__name__})"
-            )
+        # a model set up with setup_mudata: its modalities as an AnnData
+        adata, proteins = split_input(adata, manifest.registry)
         src = AnnDataSource(
             adata,
             manifest,

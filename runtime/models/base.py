@@ -33,6 +33,7 @@ import numpy as np
 from ..bundle import Manifest, NpzArrays, Registry
 from ..bundle import format as F
 from ..data import DataNeeds, Minibatch
+from ..errors import BundleIntegrityError
 from ..maths import distributions as D
 from ..maths import rng
 from ..sessions import Graph
@@ -55,6 +56,18 @@ def covariates_taken(graph_inputs: Mapping[str, Sequence[str]], scoring: bool) -
             if name in graph_inputs.get(graph, ()):
                 used.setdefault(kind, why)
     return used
+
+
+def check_array_shapes(arrays: Mapping[str, np.ndarray], want: Mapping[str, tuple]) -> None:
+    """Each of ``want``'s arrays present with its shape (fail at load, not mid-call): a missing
+    array or another shape is a :class:`BundleIntegrityError`."""
+    for name, shape in want.items():
+        arr = arrays[name]  # a missing array is a BundleIntegrityError
+        if arr.shape != shape:
+            raise BundleIntegrityError(
+                f"{F.ARRAYS_FILE}: {name} has shape {arr.shape}, expected {shape} for this "
+                "model; re-export the bundle"
+            )
 
 
 def library_description(config: Mapping[str, Any], registry: Registry) -> str:

@@ -56,7 +56,14 @@ from ..maths import distributions as D
 from ..maths import rng
 from ..maths.dispersion import dispersion_table
 from ..maths.likelihood import nb_mixture_sum
-from .base import BundleContents, ElboTerms, Module, covariates_taken, library_description
+from .base import (
+    BundleContents,
+    ElboTerms,
+    Module,
+    check_array_shapes,
+    covariates_taken,
+    library_description,
+)
 from .scoring import SCORING, GeneLikelihood
 
 #: log(sqrt(2 pi)), as torch's Normal.log_prob.
@@ -243,13 +250,7 @@ class TOTALVAE(Module):
             want[F.ARR_PROTEIN_MASK] = (c.n_panel, P)
         if not c.use_observed_lib_size:
             want[F.ARR_LIB_MEANS] = want[F.ARR_LIB_VARS] = (1, c.n_batch)
-        for name, shape in want.items():
-            arr = self.arrays[name]  # a missing array is a BundleIntegrityError
-            if arr.shape != shape:
-                raise BundleIntegrityError(
-                    f"{F.ARRAYS_FILE}: {name} has shape {arr.shape}, expected {shape} for this "
-                    "model; re-export the bundle"
-                )
+        check_array_shapes(self.arrays, want)
 
     # ------------------------------------------------------------------ description
     @property

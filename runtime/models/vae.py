@@ -27,7 +27,14 @@ from ..data import DataNeeds, Minibatch
 from ..errors import BundleIntegrityError
 from ..maths import distributions as D
 from ..maths import rng
-from .base import BundleContents, ElboTerms, Module, covariates_taken, library_description
+from .base import (
+    BundleContents,
+    ElboTerms,
+    Module,
+    check_array_shapes,
+    covariates_taken,
+    library_description,
+)
 from .scoring import GeneLikelihood, Scorer, choose_score_graph
 
 
@@ -124,13 +131,7 @@ class VAE(Module):
             }[c.dispersion]
         if not c.use_observed_lib_size:
             want[F.ARR_LIB_MEANS] = want[F.ARR_LIB_VARS] = (1, c.n_batch)
-        for name, shape in want.items():
-            arr = self.arrays[name]  # a missing array is a BundleIntegrityError
-            if arr.shape != shape:
-                raise BundleIntegrityError(
-                    f"{F.ARRAYS_FILE}: {name} has shape {arr.shape}, expected {shape} for this "
-                    "model; re-export the bundle"
-                )
+        check_array_shapes(self.arrays, want)
 
     # ------------------------------------------------------------------ description
     @property

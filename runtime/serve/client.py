@@ -368,7 +368,7 @@ class RemoteModel:
         from ..arguments import check_choice, check_fraction
         from ..data import GeneMatch, resolve_indices
         from ..data.genes import MISSING_GENES_MODES, gene_names
-        from ..data.mudata import from_mudata, is_mudata
+        from ..data.mudata import split_input
         from ..data.proteins import ProteinReader, obsm_proteins
         from ..data.readers import MatrixReader
 
@@ -382,15 +382,8 @@ class RemoteModel:
             raise InvalidArgumentError(
                 "no data: pass adata= (or bind an AnnData at scvi_onnx.connect(url, adata=...))"
             )
-        protein_input = None
-        if is_mudata(data):  # a setup_mudata model: its modalities, as the library reads them
-            data, protein_input = from_mudata(data, self.registry)
-        elif self.registry.modalities is not None:
-            mods = sorted({m for m in self.registry.modalities.values() if m is not None})
-            raise E.InputDataError(
-                f"this model was set up with setup_mudata: pass a MuData with the modalities "
-                f"{mods} it was trained on (got a {type(data).__name__})"
-            )
+        # a setup_mudata model: its modalities, as the library reads them
+        data, protein_input = split_input(data, self.registry)
         if not isinstance(data, anndata.AnnData):
             raise E.InputDataError(
                 f"expected an anndata.AnnData, got {type(data).__name__}; load your data with "

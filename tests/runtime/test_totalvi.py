@@ -62,6 +62,11 @@ def test_log_nb_mixture_matches_scipy(x, mu1, mu2, theta, pi):
     want = nbinom_mixture_scipy(x, mu1, mu2, theta, pi)
     scale = abs(gammaln(x + theta)) + abs(gammaln(theta)) + abs(gammaln(x + 1)) + 1.0
     scale += theta * abs(np.log(theta + max(mu1, mu2))) + x * abs(np.log(min(mu1, mu2)))
+    # the reference's own rounding: scipy takes p = theta / (theta + mu) and log1p(-p), which
+    # loses (theta + mu) / mu ulps when p is within a hair of 1 (x = 6060, mu = 1e-3,
+    # theta = 1e4: 4e-6 off); two float64 ulps of that, per count, in units of the 1e-11 below
+    mu = min(mu1, mu2)
+    scale += x * (theta + mu) / mu * (2 * np.finfo(np.float64).eps / 1e-11)
     assert abs(got - want) <= 1e-11 * scale, (got, want)
 
 

@@ -195,6 +195,22 @@ def _decode_outputs(headers: http.client.HTTPMessage, body: bytes) -> dict[str, 
     return out
 
 
+def _counts_tensor(x: np.ndarray) -> tuple[str, np.ndarray]:
+    """(datatype, array) of a dense block of counts for the wire: UINT8 or UINT16 when every
+    value is an integer that fits (a quarter or half of FP32's bytes; the server reads them as
+    the same float32 numbers), else FP32 as read (non-integer, negative or NaN values reach
+    the server unchanged, which refuses or warns about them as the library does)."""
+    x = np.asarray(x)
+    if x.size == 0:
+        return "FP32", x
+    hi, lo = x.max(), x.min()
+    if not (lo >= 0 and hi <= 65535):  # NaN fails both
+        return "FP32", x
+    datatype = "UINT8" if hi <= 255 else "UINT16"
+    narrow = x.astype(DATATYPES[datatype])
+    return (datatype, narrow) if np.array_equal(narrow, x) else ("FP32", x)
+
+
 def _binary_request(
     inputs: list[tuple[str, str, np.ndarray]],
     outputs: list[str],
@@ -437,9 +453,10 @@ class RemoteModel:
             for a, b in _runs(rows_sorted, self.chunk_cells):
                 lo, hi = int(rows_sorted[a]), int(rows_sorted[b - 1]) + 1
                 x, _ = reader.read(np.arange(lo, hi))()
-                inputs = [("counts", "FP32", x), *self._obs_tensors(data.obs, lo, hi)]
+                inputs = [("counts", *_counts_tensor(x)), *self._obs_tensors(data.obs, lo, hi)]
                 if proteins is not None:
-                    inputs.append(("proteins", "FP32", proteins.read(np.arange(lo, hi))()))
+                    p = proteins.read(np.arange(lo, hi))()
+                    inputs.append(("proteins", *_counts_tensor(p)))
                 got = self._infer(inputs, outputs, {**params, "first_key": first_key + lo})
                 for name, arr in got.items():
                     if name not in results:

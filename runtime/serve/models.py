@@ -40,7 +40,10 @@ GENE_NAMES = "gene_names"
 #: columns), as the library reads them from the registered obsm entry or protein modality.
 PROTEINS = "proteins"
 PROTEIN_NAMES = "protein_names"
-COUNT_DATATYPES = ("FP32", "FP64", "INT32", "INT64")
+#: Counts (and TOTALVI's protein counts) in any of these. Integer counts sent as UINT8 or UINT16
+#: (what :func:`scvi_onnx.connect` sends when they fit) are a quarter or half of FP32's bytes and
+#: give the same numbers: the library reads every one of them as float32, exactly.
+COUNT_DATATYPES = ("FP32", "FP64", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "INT16")
 OBS_DATATYPES = ("BYTES", "FP32", "FP64", "INT32", "INT64")
 
 

@@ -78,6 +78,28 @@ def test_four_methods_equal_local(remote, shipped, query):
     )
 
 
+@pytest.mark.parametrize(
+    "values, datatype",
+    [
+        ([0, 3, 255], "UINT8"),
+        ([0, 256, 65535], "UINT16"),
+        ([0, 65536], "FP32"),  # too large for UINT16
+        ([0, 1.5], "FP32"),  # not an integer
+        ([-1, 2], "FP32"),  # negative: the server refuses it with the library's message
+        ([np.nan, 2], "FP32"),
+        ([np.inf, 2], "FP32"),
+    ],
+)
+def test_counts_travel_in_the_narrowest_exact_datatype(values, datatype):
+    from scvi_onnx.serve.client import _counts_tensor
+    from scvi_onnx.serve.protocol import DATATYPES
+
+    x = np.array([values], dtype=np.float32)
+    dt, arr = _counts_tensor(x)
+    assert dt == datatype and arr.dtype == DATATYPES[datatype]
+    np.testing.assert_array_equal(arr.astype(np.float32), x)  # the same numbers, NaN included
+
+
 def test_indices_backed_and_bound_adata(server, remote, shipped, query, tmp_path):
     """A cell selection in any order (cells keyed by their row, as locally), a boolean mask,
     a backed file, and an AnnData bound at connect."""

@@ -160,6 +160,38 @@ def test_scvi_outputs_equal_the_library(server, shipped, query, binary):
         np.testing.assert_array_equal(got, value, err_msg=name)
 
 
+@pytest.mark.parametrize("datatype", ["UINT8", "UINT16", "INT16", "UINT32", "INT64"])
+def test_integer_count_datatypes_give_the_fp32_numbers(server, shipped, query, datatype):
+    """Integer counts in any accepted integer datatype (UINT8 / UINT16: a quarter / half of
+    FP32's bytes) give exactly the numbers of the same counts sent as FP32."""
+    c = client(server)
+    x = dense(query, shipped.genes)
+    if datatype == "UINT8":  # every count must fit: clip a copy for this datatype
+        x = np.minimum(x, 255)
+    assert np.array_equal(x, np.rint(x))
+    outputs = [tc.InferRequestedOutput(n, binary_data=True) for n in ("latent", "elbo")]
+    got = {}
+    for dt in ("FP32", datatype):
+        arr = x.astype(tc.triton_to_np_dtype(dt))
+        r = c.infer(
+            "pbmc_scvi",
+            [
+                tensor("counts", arr, dt, True),
+                tensor("batch", strings(query.obs["batch"]), "BYTES", True),
+            ],
+            outputs=outputs,
+            parameters={"seed": 3},
+            headers=auth(server),
+        )
+        got[dt] = {n: r.as_numpy(n) for n in ("latent", "elbo")}
+    for name in ("latent", "elbo"):
+        np.testing.assert_array_equal(got[datatype][name], got["FP32"][name], err_msg=name)
+    if datatype == "UINT16":  # and the library's numbers for these counts
+        np.testing.assert_array_equal(
+            got[datatype]["latent"], shipped.get_latent_representation(query)
+        )
+
+
 @MODES
 def test_scanvi_outputs_and_covariates_equal_the_library(server, scanvi, scanvi_bundle, binary):
     _, q = scanvi_bundle

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ..data.obs import ObsUse
 from ..errors import NonIntegerCountsWarning
@@ -86,8 +87,67 @@ class ChunkJob:
         return dict(self.read)[name]
 
 
+@dataclass(frozen=True, eq=False)
+class ChunkObs:
+    """A chunk's registered obs columns and cell names, as they travel in the task graph.
+
+    As a DataFrame slice, every chunk would carry each categorical column's categories and one
+    Python string per cell name: ~300 KB per 8,192-row chunk with 10,000 batch categories (a
+    Census-shaped run: gigabytes of objects in the scheduler for 50M cells), 65 MB of names per
+    million cells. Here a chunk carries the codes of its categorical columns (their dtypes,
+    categories included, travel once per run: the ``schema``, an empty frame that is one shared
+    task), the other columns as they are, and its names as one string with their end
+    offsets. :meth:`frame` rebuilds, on the worker, a DataFrame equal to the client's slice."""
+
+    columns: dict[str, Any]  # name -> codes (categorical) or the column's values
+    text: str | None  # the names, concatenated (names that are all str)
+    ends: np.ndarray | None  # where each name ends in ``text``
+    index: pd.Index | None  # the names themselves, when some are not str
+
+    @classmethod
+    def of(cls, obs: pd.DataFrame) -> ChunkObs:
+        columns: dict[str, Any] = {}
+        for name in obs.columns:
+            col = obs[name]
+            if isinstance(col.dtype, pd.CategoricalDtype):
+                columns[name] = col.cat.codes.to_numpy()
+            else:
+                columns[name] = col.array
+        if obs.index.inferred_type == "string" and obs.index.dtype == object:
+            names = obs.index.tolist()
+            ends = np.cumsum(np.fromiter(map(len, names), dtype=np.int64, count=len(names)))
+            if ends.size and ends[-1] < 1 << 31:
+                ends = ends.astype(np.int32)
+            return cls(columns, "".join(names), ends, None)
+        return cls(columns, None, None, obs.index)
+
+    def frame(self, schema: pd.DataFrame) -> pd.DataFrame:
+        """The chunk's obs: ``schema`` gives the columns' dtypes (``obs.iloc[:0]``)."""
+        if self.index is not None:
+            index = self.index
+        else:
+            starts = np.concatenate([[0], self.ends[:-1]]).tolist()
+            text = self.text
+            index = pd.Index(
+                [text[a:b] for a, b in zip(starts, self.ends.tolist(), strict=True)], dtype=object
+            )
+        data = {}
+        for name, values in self.columns.items():
+            dtype = schema[name].dtype
+            if isinstance(dtype, pd.CategoricalDtype):
+                data[name] = pd.Categorical.from_codes(values, dtype=dtype)
+            else:
+                data[name] = values
+        return pd.DataFrame(data, index=index, columns=schema.columns)
+
+
 def run_chunk(
-    block: Any, obs: Any, keys: Any, job: ChunkJob, proteins: Any = None
+    block: Any,
+    obs: Any,
+    keys: Any,
+    job: ChunkJob,
+    proteins: Any = None,
+    obs_schema: pd.DataFrame | None = None,
 ) -> dict[str, np.ndarray]:
     """One chunk's outputs: a dict of per-cell arrays (and, for the marginal LL, the means of
     its minibatches), plus ``"nonint"``: the (values, cells) of non-integer counts seen.
@@ -95,7 +155,8 @@ def run_chunk(
     ``keys`` is the global key of the chunk's first row (an int) when its rows are
     consecutive in the input, else the key of every row (an ``indices=`` selection).
     ``proteins``: the chunk's rows of the protein counts (a model with proteins), which go
-    into the chunk's AnnData as ``job.proteins`` says.
+    into the chunk's AnnData as ``job.proteins`` says. ``obs`` is a DataFrame, or a
+    :class:`ChunkObs` with ``obs_schema`` giving its columns' dtypes.
     """
     import anndata
     import pandas as pd
@@ -105,6 +166,8 @@ def run_chunk(
     from ..methods import latent as latent_loop
     from ..methods import marginal_ll as mll_loop
 
+    if isinstance(obs, ChunkObs):
+        obs = obs.frame(obs_schema)
     model = cached_model(job.model)
     module = model.module
     var = pd.DataFrame(index=job.var_names)

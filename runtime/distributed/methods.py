@@ -49,7 +49,7 @@ from ..errors import InvalidArgumentError
 from ..methods.engine import DEFAULT_BATCH_SIZE
 from . import _registered_matrix, is_dask_array
 from .cache import ModelRef, manifest_digest
-from .chunks import SCORING, ChunkJob, run_chunk
+from .chunks import SCORING, ChunkJob, ChunkObs, run_chunk
 from .proteins import Proteins, obsm_placeholders, protein_input
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ class Plan:
         blocks = self.matrix.to_delayed().ravel()
         bounds = self.bounds()
         job = dask.delayed(self.job, pure=True)
+        # the obs columns' dtypes (categories included) travel once, as one shared task; each
+        # chunk carries its codes, values and names compactly (ChunkObs)
+        schema = dask.delayed(self.obs.iloc[:0], pure=True)
         prot = [None] * len(bounds) if self.proteins is None else self.proteins.parts(bounds)
         # the tasks' names tell apart runs on other cells, obs or proteins (a task of the same
         # name would be taken for a result already computed)
@@ -115,10 +118,11 @@ class Plan:
             out.append(
                 dask.delayed(run_chunk, pure=True)(
                     blocks[j],
-                    self.obs.iloc[a:b],
+                    ChunkObs.of(self.obs.iloc[a:b]),
                     int(keys[0]) if contiguous else keys,
                     job,
                     prot[j],
+                    schema,
                     dask_key_name=f"scvi-onnx-{self.job.method}-{token}-{j}",
                 )
             )

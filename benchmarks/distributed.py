@@ -17,8 +17,10 @@ spends (in-process: the process; Dask: the client with its scheduler, plus every
 
 Every job runs in a fresh process (a fresh cluster), so peak memory is the job's own: the
 client's (with the scheduler, which a LocalCluster runs in the client process) and each
-worker's. Throughput excludes start-up (the model is loaded, and the workers warmed up on one
-chunk each, before the clock starts). From the Dask task stream: each chunk's cost split into
+worker's, from the kernel's high-water mark reset after the warm-up (the run's peak, not the
+set-up's); the Dask client's is read before the check reads the outputs back. Throughput
+excludes start-up (the model is loaded, and the workers warmed up on one chunk each, before
+the clock starts). From the Dask task stream: each chunk's cost split into
 reading (the lazy block's task), compute (the chunk's task) and the rest (scheduling,
 transfers, idle: wall x workers - busy, per chunk). With ``--census``, the same Dask job on a
 Census-shaped model (8,000 genes, 2 x 128 hidden, 50 latent, 10,000 batches: benchmarks/
@@ -119,6 +121,7 @@ def job(args) -> dict:
     client.run(_load, ref)
     _method(model, lazy[: min(n, args.chunk * args.workers)], args.method, bs, dask=True)
     client.run(_reset_peak)
+    _reset_peak()  # the client's too: its peak is the run's, not the setup's
     import tempfile
 
     import zarr
@@ -133,13 +136,15 @@ def job(args) -> dict:
             _method(model, lazy, args.method, bs, dask=False).to_zarr(store)
             wall = time.perf_counter() - t
         cpu = _cpu_s(client) - cpu0
+        # the client's peak of the run itself, before the check reads the outputs back
+        client_peak = _peak_rss_mb()
         check = _digest(zarr.open_array(store, mode="r")[:])
     workers = client.run(_peak_rss_mb)
     costs = _chunk_costs(ts.data, wall, args.workers * args.threads)
     res = {
         "wall_s": wall,
         "cpu_s": cpu,
-        "client_peak_mb": _peak_rss_mb(),
+        "client_peak_mb": client_peak,
         "worker_peak_mb": sorted(workers.values()),
         "chunks": int(len(X.chunks[0])),
         **costs,

@@ -195,18 +195,27 @@ def _decode_outputs(headers: http.client.HTTPMessage, body: bytes) -> dict[str, 
     return out
 
 
-def _counts_tensor(x: np.ndarray) -> tuple[str, np.ndarray]:
-    """(datatype, array) of a dense block of counts for the wire: UINT8 or UINT16 when every
-    value is an integer that fits (a quarter or half of FP32's bytes; the server reads them as
-    the same float32 numbers), else FP32 as read (non-integer, negative or NaN values reach
-    the server unchanged, which refuses or warns about them as the library does)."""
+def _counts_tensor(
+    x: np.ndarray, accepted: Iterable[str] = ("UINT8", "UINT16")
+) -> tuple[str, np.ndarray]:
+    """(datatype, array) of a dense block of counts for the wire: UINT8 or UINT16 (those of
+    them in ``accepted``, the server's ``count_datatypes``) when every value is an integer that
+    fits (a quarter or half of FP32's bytes; the server reads them as the same float32
+    numbers), else FP32 as read (non-integer, negative or NaN values reach the server
+    unchanged, which refuses or warns about them as the library does)."""
     x = np.asarray(x)
-    if x.size == 0:
+    accepted = set(accepted)
+    if x.size == 0 or not accepted & {"UINT8", "UINT16"}:
         return "FP32", x
     hi, lo = x.max(), x.min()
     if not (lo >= 0 and hi <= 65535):  # NaN fails both
         return "FP32", x
-    datatype = "UINT8" if hi <= 255 else "UINT16"
+    if hi <= 255 and "UINT8" in accepted:
+        datatype = "UINT8"
+    elif "UINT16" in accepted:
+        datatype = "UINT16"
+    else:
+        return "FP32", x
     narrow = x.astype(DATATYPES[datatype])
     return (datatype, narrow) if np.array_equal(narrow, x) else ("FP32", x)
 
@@ -292,6 +301,9 @@ class RemoteModel:
         self.registry = Registry.from_json(params["registry"])
         self.rec_keys = tuple(params.get("reconstruction_keys", ("reconstruction_loss",)))
         self.obs_inputs = dict(params.get("obs_inputs", {}))
+        # the narrow integer datatypes the server takes for counts (a server from before they
+        # were accepted lists none of them: the client then sends FP32, as it did)
+        self._count_datatypes = frozenset(params.get("count_datatypes", ("FP32",)))
         self.adata = adata
         self.seed = check_seed(seed)
         max_cells = int(params.get("max_cells", DEFAULT_CHUNK_CELLS))
@@ -453,10 +465,11 @@ class RemoteModel:
             for a, b in _runs(rows_sorted, self.chunk_cells):
                 lo, hi = int(rows_sorted[a]), int(rows_sorted[b - 1]) + 1
                 x, _ = reader.read(np.arange(lo, hi))()
-                inputs = [("counts", *_counts_tensor(x)), *self._obs_tensors(data.obs, lo, hi)]
+                counts = _counts_tensor(x, self._count_datatypes)
+                inputs = [("counts", *counts), *self._obs_tensors(data.obs, lo, hi)]
                 if proteins is not None:
                     p = proteins.read(np.arange(lo, hi))()
-                    inputs.append(("proteins", *_counts_tensor(p)))
+                    inputs.append(("proteins", *_counts_tensor(p, self._count_datatypes)))
                 got = self._infer(inputs, outputs, {**params, "first_key": first_key + lo})
                 for name, arr in got.items():
                     if name not in results:

@@ -100,6 +100,26 @@ def test_counts_travel_in_the_narrowest_exact_datatype(values, datatype):
     np.testing.assert_array_equal(arr.astype(np.float32), x)  # the same numbers, NaN included
 
 
+@pytest.mark.parametrize(
+    "accepted, values, datatype",
+    [
+        (("FP32", "FP64", "INT32", "INT64"), [0, 3], "FP32"),  # a server from before UINT*
+        (("FP32", "UINT16"), [0, 3], "UINT16"),  # no UINT8: the next narrowest
+        (("FP32", "UINT8"), [0, 300], "FP32"),  # UINT8 only, and a count that does not fit
+    ],
+)
+def test_counts_datatype_is_one_the_server_lists(accepted, values, datatype):
+    from scvi_onnx.serve.client import _counts_tensor
+
+    dt, arr = _counts_tensor(np.array([values], dtype=np.float32), accepted)
+    assert dt == datatype
+    np.testing.assert_array_equal(arr, np.array([values], dtype=np.float32))
+
+
+def test_client_sends_what_the_served_model_lists(remote):
+    assert {"UINT8", "UINT16"} <= remote._count_datatypes
+
+
 def test_indices_backed_and_bound_adata(server, remote, shipped, query, tmp_path):
     """A cell selection in any order (cells keyed by their row, as locally), a boolean mask,
     a backed file, and an AnnData bound at connect."""

@@ -143,11 +143,11 @@ class ChunkObs:
 
 def run_chunk(
     block: Any,
-    obs: Any,
+    obs: ChunkObs,
+    obs_schema: pd.DataFrame,
     keys: Any,
     job: ChunkJob,
     proteins: Any = None,
-    obs_schema: pd.DataFrame | None = None,
 ) -> dict[str, np.ndarray]:
     """One chunk's outputs: a dict of per-cell arrays (and, for the marginal LL, the means of
     its minibatches), plus ``"nonint"``: the (values, cells) of non-integer counts seen.
@@ -155,19 +155,17 @@ def run_chunk(
     ``keys`` is the global key of the chunk's first row (an int) when its rows are
     consecutive in the input, else the key of every row (an ``indices=`` selection).
     ``proteins``: the chunk's rows of the protein counts (a model with proteins), which go
-    into the chunk's AnnData as ``job.proteins`` says. ``obs`` is a DataFrame, or a
-    :class:`ChunkObs` with ``obs_schema`` giving its columns' dtypes.
+    into the chunk's AnnData as ``job.proteins`` says. ``obs`` is the chunk's rows of the
+    registered obs columns (:class:`ChunkObs`), ``obs_schema`` their dtypes.
     """
     import anndata
-    import pandas as pd
 
     from ..methods import elbo as elbo_loop
     from ..methods import inputs
     from ..methods import latent as latent_loop
     from ..methods import marginal_ll as mll_loop
 
-    if isinstance(obs, ChunkObs):
-        obs = obs.frame(obs_schema)
+    obs = obs.frame(obs_schema)
     model = cached_model(job.model)
     module = model.module
     var = pd.DataFrame(index=job.var_names)

@@ -119,10 +119,10 @@ class Plan:
                 dask.delayed(run_chunk, pure=True)(
                     blocks[j],
                     ChunkObs.of(self.obs.iloc[a:b]),
+                    schema,
                     int(keys[0]) if contiguous else keys,
                     job,
                     prot[j],
-                    schema,
                     dask_key_name=f"scvi-onnx-{self.job.method}-{token}-{j}",
                 )
             )

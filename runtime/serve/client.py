@@ -195,29 +195,32 @@ def _decode_outputs(headers: http.client.HTTPMessage, body: bytes) -> dict[str, 
     return out
 
 
+#: The narrow integer datatypes a request's counts may travel in, narrowest first, with the
+#: largest count each holds.
+NARROW_COUNTS = (("UINT8", 255), ("UINT16", 65535))
+
+
 def _counts_tensor(
     x: np.ndarray, accepted: Iterable[str] = ("UINT8", "UINT16")
 ) -> tuple[str, np.ndarray]:
-    """(datatype, array) of a dense block of counts for the wire: UINT8 or UINT16 (those of
-    them in ``accepted``, the server's ``count_datatypes``) when every value is an integer that
-    fits (a quarter or half of FP32's bytes; the server reads them as the same float32
-    numbers), else FP32 as read (non-integer, negative or NaN values reach the server
-    unchanged, which refuses or warns about them as the library does)."""
+    """(datatype, array) of a dense block of counts for the wire: the narrowest of UINT8 /
+    UINT16 in ``accepted`` (the server's ``count_datatypes``) that holds every value exactly
+    (a quarter or half of FP32's bytes; the server reads them as the same float32 numbers),
+    else FP32 as read (non-integer, negative or NaN values reach the server unchanged, which
+    refuses or warns about them as the library does)."""
     x = np.asarray(x)
-    accepted = set(accepted)
-    if x.size == 0 or not accepted & {"UINT8", "UINT16"}:
+    narrow = [(dt, top) for dt, top in NARROW_COUNTS if dt in accepted]
+    if x.size == 0 or not narrow:
         return "FP32", x
     hi, lo = x.max(), x.min()
-    if not (lo >= 0 and hi <= 65535):  # NaN fails both
-        return "FP32", x
-    if hi <= 255 and "UINT8" in accepted:
-        datatype = "UINT8"
-    elif "UINT16" in accepted:
-        datatype = "UINT16"
-    else:
-        return "FP32", x
-    narrow = x.astype(DATATYPES[datatype])
-    return (datatype, narrow) if np.array_equal(narrow, x) else ("FP32", x)
+    if lo >= 0:  # NaN fails this
+        for datatype, top in narrow:
+            if hi <= top:
+                cast = x.astype(DATATYPES[datatype])
+                if np.array_equal(cast, x):  # integers only
+                    return datatype, cast
+                break
+    return "FP32", x
 
 
 def _binary_request(

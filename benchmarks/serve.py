@@ -8,14 +8,16 @@ a fixed number of requests in flight over keep-alive connections, request bodies
 beforehand, so the client costs little of the machine's two cores. Measured:
 
 1. single-cell latent requests at concurrency 1, 8 and 32: requests/s, p50 and p99 latency;
-2. 1,000-cell latent requests: cells/s, against the library called in-process on the same
-   cells (same process kind, same threads), with the counts as FP32 and in the narrowest
-   integer datatype that holds them (what ``scvi_onnx.connect`` sends: UINT16 here);
+2. 1,000-cell latent requests at concurrency 1, 2 and 4: cells/s, against the library called
+   in-process on the same cells (same process kind, same threads), with the counts as FP32
+   and in the narrowest integer datatype that holds them (what ``scvi_onnx.connect`` sends:
+   UINT16 here); on the default server and on one of 2 worker processes (``--workers 2``);
 3. ELBO and marginal-LL requests of 100 cells: latency;
 4. the server's RSS over 10,000 single-cell requests (every 1,000).
 
 Cells are real PBMC cells (the example data, drawn with replacement). The server runs as a
-subprocess (``python -m scvi_onnx serve``) with its defaults. Prints a Markdown table and
+subprocess (``python -m scvi_onnx serve``) with its defaults (and ``--workers 2`` for the
+second set of 1,000-cell rows). Prints a Markdown table and
 writes the numbers as JSON to ``benchmarks/results/serve-*.json``.
 """
 
@@ -90,9 +92,17 @@ class Server:
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
     def cpu_s(self) -> float:
-        """User + system CPU seconds of the server process so far (all its threads)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU seconds of the server so far (all its threads, and its worker
+        processes with ``--workers``)."""
+        total = 0.0
+        for pid in [self.proc.pid, *_children(self.proc.pid)]:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def rss_mb(self) -> float:
         text = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -101,6 +111,18 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
 
 
 async def load(port: int, bodies: list, n: int, concurrency: int, warmup: int = 50):
@@ -139,10 +161,34 @@ async def load(port: int, bodies: list, n: int, concurrency: int, warmup: int = 
     return n / elapsed, np.array(lat)
 
 
+def big_latent(server: Server, big: list, workers: int, q: float) -> list[tuple]:
+    """The 1,000-cell latent requests at concurrency 1, 2 and 4 (each client its own
+    keep-alive connection): (workers, datatype, body bytes, concurrency, cells/s, p50 ms,
+    server CPU ms per request)."""
+    rows = []
+    for dt, request in big:
+        for c in (1, 2, 4):
+            n = max(8, int(60 * q))
+            cpu0 = server.cpu_s()
+            rps, lat = asyncio.run(load(server.port, [request], n, c, warmup=2 * c))
+            cpu_ms = (server.cpu_s() - cpu0) / (n + 2 * c) * 1e3
+            rows.append(
+                (workers, dt, len(request[0]), c, rps * 1000, np.percentile(lat, 50), cpu_ms)
+            )
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests (development)")
     ap.add_argument("--server-args", default="", help="extra `serve` options, e.g. '--threads 2'")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        nargs="*",
+        default=[2],
+        help="also time the 1,000-cell requests on servers of this many worker processes",
+    )
     args = ap.parse_args()
     q = 0.2 if args.quick else 1.0
     import scvi_onnx
@@ -201,27 +247,7 @@ def main() -> int:
             {"concurrency": c, "req_per_s": r, "p50_ms": p50, "p99_ms": p99, "server_cpu_ms": cpu}
             for c, r, p50, p99, cpu in rows
         ]
-        big_rows = []
-        for dt, request in big:
-            for c in (1, 2):
-                n = max(4, int(60 * q))
-                cpu0 = server.cpu_s()
-                rps, lat = asyncio.run(load(server.port, [request], n, c, warmup=2))
-                cpu_ms = (server.cpu_s() - cpu0) / (n + 2) * 1e3
-                size = len(request[0])
-                big_rows.append((dt, size, c, rps * 1000, np.percentile(lat, 50), cpu_ms))
-        results["latent_1000_cells"] = [
-            {
-                "counts": dt,
-                "body_bytes": size,
-                "concurrency": c,
-                "cells_per_s": cps,
-                "p50_ms": p50,
-                "vs_inprocess": cps / inproc,
-                "server_cpu_ms": cpu,
-            }
-            for dt, size, c, cps, p50, cpu in big_rows
-        ]
+        big_rows = big_latent(server, big, 1, q)
         scoring = []
         for out, params in (("elbo", {}), ("marginal_ll", {"n_mc_samples": 1000})):
             b = [body(x_all[:100], batch_all[:100], [out], params)]
@@ -239,6 +265,26 @@ def main() -> int:
         results["rss_mb_every_1000_requests"] = rss
     finally:
         server.stop()
+    # the same 1,000-cell requests to a server of several worker processes
+    for workers in args.workers:
+        server = Server(["--workers", str(workers), *args.server_args.split()])
+        try:
+            big_rows += big_latent(server, big, workers, q)
+        finally:
+            server.stop()
+    results["latent_1000_cells"] = [
+        {
+            "workers": w,
+            "counts": dt,
+            "body_bytes": size,
+            "concurrency": c,
+            "cells_per_s": cps,
+            "p50_ms": p50,
+            "vs_inprocess": cps / inproc,
+            "server_cpu_ms": cpu,
+        }
+        for w, dt, size, c, cps, p50, cpu in big_rows
+    ]
 
     print(
         f"\nscvi-onnx serve, {results['machine']['cpus']} CPUs, loopback, binary tensor data, "
@@ -260,7 +306,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for r in results["latent_1000_cells"]:
         print(
-            f"| {r['counts']} counts, concurrency {r['concurrency']} | "
+            f"| {r['workers']} worker{'s' if r['workers'] > 1 else ''}, {r['counts']} counts, "
+            f"concurrency {r['concurrency']} | "
             f"{r['body_bytes'] / 1e6:.1f} | {r['cells_per_s']:.0f} | {r['p50_ms']:.1f} | "
             f"{r['vs_inprocess']:.2f}x | {r['server_cpu_ms']:.1f} |"
         )

@@ -42,7 +42,7 @@ from starlette.routing import Route
 from .. import __version__
 from ..errors import ScviOnnxError
 from .models import ServedModel
-from .observe import AuditLog, Metrics, RequestRecord
+from .observe import AuditLog, Metrics, RequestRecord, SharedMetrics
 from .protocol import HEADER_LENGTH, ProtocolError, parse_request
 
 logger = logging.getLogger("scvi_onnx.serve")
@@ -89,11 +89,13 @@ class InferenceServer:
         models: dict[str, ServedModel],
         options: ServeOptions,
         audit: AuditLog | None = None,
+        shared: SharedMetrics | None = None,
     ):
         self.models = models
         self.options = options
         self.audit = audit
         self.metrics = Metrics()
+        self.shared = shared  # one worker process of several: metrics summed over them
         self.ready = True
         self._token = options.token.encode() if options.token else None
         self.executor = ThreadPoolExecutor(
@@ -184,8 +186,11 @@ class InferenceServer:
     async def metrics_text(self, request: Request) -> Response:
         self._record(request, "metrics")
         models = [(m.name, m.version, self.ready) for m in self.models.values()]
+        metrics = self.metrics
+        if self.shared is not None:
+            metrics = metrics.combined(self.shared.others())
         return Response(
-            self.metrics.render(models), media_type="text/plain; version=0.0.4; charset=utf-8"
+            metrics.render(models), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
     async def model_metadata(self, request: Request) -> Response:
@@ -281,6 +286,7 @@ class InferenceServer:
                 )
             deadline = loop.time() + opts.request_timeout
             self.metrics.queued += 1
+            self._gauges_changed()
             handed_over = False
             try:
                 header_length = request.headers.get(HEADER_LENGTH.lower())
@@ -309,6 +315,7 @@ class InferenceServer:
             finally:
                 if not handed_over:
                     self.metrics.queued -= 1
+                    self._gauges_changed()
         except _Refusal as r:
             return _error(r.status, str(r), r.headers)
         except ClientDisconnect:
@@ -317,12 +324,14 @@ class InferenceServer:
 
         if batch is None:
             self.metrics.in_flight += 1
+            self._gauges_changed()
             future = loop.run_in_executor(self.executor, _run, served, body, header_length)
 
             def finished(f: asyncio.Future) -> None:
                 # the slot is held until the computation really ends, even past a 504
                 self._slots.release()
                 self.metrics.in_flight -= 1
+                self._gauges_changed()
                 if not f.cancelled():
                     f.exception()  # retrieved: a 504's late error is not reported as unhandled
 
@@ -373,8 +382,16 @@ class InferenceServer:
             b = self._batchers[served.name] = _Batcher(self, served)
         return b
 
+    def _gauges_changed(self) -> None:
+        """Requests queued or in flight changed (on the event loop): other worker processes
+        of the server see it on /metrics within a quarter of a second."""
+        if self.shared is not None:
+            self.shared.changed(self.metrics, asyncio.get_running_loop())
+
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+        if self.shared is not None:
+            self.shared.write(self.metrics)
         if self.audit is not None:
             self.audit.close()
 
@@ -431,6 +448,7 @@ class _Batcher:
                 server.metrics.in_flight += len(items)
                 server.metrics.batches += 1
                 server.metrics.batched_requests += len(items)
+                server._gauges_changed()
                 job = loop.run_in_executor(
                     server.executor, self.served.infer_batch, [r for r, _ in items]
                 )
@@ -441,6 +459,7 @@ class _Batcher:
     def _done(self, job: asyncio.Future, items: list[tuple[Any, asyncio.Future]]) -> None:
         self.server._slots.release()
         self.server.metrics.in_flight -= len(items)
+        self.server._gauges_changed()
         if job.cancelled():
             outcomes: list = [RuntimeError("the batch was cancelled")] * len(items)
         elif job.exception() is not None:
@@ -480,6 +499,7 @@ class _Guard:
             client=f"{client[0]}:{client[1]}" if client else "",
             method=scope.get("method", ""),
             route="unknown",
+            worker=None if self.server.shared is None else self.server.shared.index,
         )
         scope["scvi_onnx.record"] = rec
         path = scope.get("path", "")
@@ -511,6 +531,7 @@ class _Guard:
             if rec.status == 404 and rec.route == "unknown":
                 rec.route = "not_found"
             self.server.metrics.observe(rec)
+            self.server._gauges_changed()  # and the counters
             if self.server.audit is not None and path not in HEALTH_PATHS:
                 self.server.audit.write(rec)
 

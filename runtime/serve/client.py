@@ -27,7 +27,9 @@ import os
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
@@ -94,6 +96,8 @@ class _Transport:
         if self.scheme == "https":
             self._ssl = ssl.create_default_context(cafile=cafile)
         self._local = threading.local()
+        self._all: list[http.client.HTTPConnection] = []  # every thread's, for close()
+        self._lock = threading.Lock()
 
     def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
@@ -105,12 +109,17 @@ class _Transport:
             else:
                 conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
         return conn
 
     def _drop(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
+            with self._lock:
+                if conn in self._all:
+                    self._all.remove(conn)
         self._local.conn = None
 
     def request(
@@ -158,7 +167,12 @@ class _Transport:
         return json.loads(data)
 
     def close(self) -> None:
+        """Close every thread's connection (a later request opens a new one)."""
         self._drop()
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()
 
 
 def _error_of(status: int, data: bytes) -> Exception:
@@ -288,7 +302,15 @@ class RemoteModel:
     """
 
     def __init__(
-        self, transport: _Transport, name: str, metadata: dict, *, adata, seed, chunk_cells
+        self,
+        transport: _Transport,
+        name: str,
+        metadata: dict,
+        *,
+        adata,
+        seed,
+        chunk_cells,
+        concurrency=None,
     ):
         from ..bundle import Registry
 
@@ -314,6 +336,10 @@ class RemoteModel:
         by_bytes = int(params.get("max_request_bytes", 64 << 20)) // (8 * max(len(self.genes), 1))
         bound = max(1, min(max_cells, by_bytes))
         self.chunk_cells = min(check_positive_int("chunk_cells", chunk_cells or bound), bound)
+        workers = params.get("workers", 1)
+        self.concurrency = check_positive_int(
+            "concurrency", concurrency if concurrency is not None else workers
+        )
         base = f"{transport.scheme}://{transport.host}:{transport.port}"
         self.url = f"{base}/v2/models/{quote(name)}"
         self._path = f"/v2/models/{quote(name)}/versions/{quote(self.version)}/infer"
@@ -464,6 +490,21 @@ class RemoteModel:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=idx.size, unit="cell", leave=False)
+
+        def place(a: int, b: int, got: dict[str, np.ndarray]) -> None:
+            for name, arr in got.items():
+                if name not in results:
+                    results[name] = np.empty((idx.size, *arr.shape[1:]), dtype=arr.dtype)
+                results[name][order[a:b]] = arr
+            if bar is not None:
+                bar.update(b - a)
+
+        # up to `concurrency` requests in flight, each on its own thread's connection; the
+        # counts are read here, on this thread (a backed file is not for concurrent reads)
+        pool = None
+        if self.concurrency > 1:
+            pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="scvi-onnx-client")
+        in_flight: deque = deque()
         try:
             for a, b in _runs(rows_sorted, self.chunk_cells):
                 lo, hi = int(rows_sorted[a]), int(rows_sorted[b - 1]) + 1
@@ -473,14 +514,20 @@ class RemoteModel:
                 if proteins is not None:
                     p = proteins.read(np.arange(lo, hi))()
                     inputs.append(("proteins", *_counts_tensor(p, self._count_datatypes)))
-                got = self._infer(inputs, outputs, {**params, "first_key": first_key + lo})
-                for name, arr in got.items():
-                    if name not in results:
-                        results[name] = np.empty((idx.size, *arr.shape[1:]), dtype=arr.dtype)
-                    results[name][order[a:b]] = arr
-                if bar is not None:
-                    bar.update(b - a)
+                request = (inputs, outputs, {**params, "first_key": first_key + lo})
+                if pool is None:
+                    place(a, b, self._infer(*request))
+                    continue
+                in_flight.append((a, b, pool.submit(self._infer, *request)))
+                if len(in_flight) >= self.concurrency:
+                    a0, b0, done = in_flight.popleft()
+                    place(a0, b0, done.result())
+            while in_flight:
+                a0, b0, done = in_flight.popleft()
+                place(a0, b0, done.result())
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             if bar is not None:
                 bar.close()
         return results, data, idx
@@ -752,6 +799,7 @@ def connect(
     timeout: float = 300.0,
     retries: int = 5,
     chunk_cells: int | None = None,
+    concurrency: int | None = None,
 ) -> RemoteModel:
     """A model served by ``scvi-onnx serve``, with the local model's methods.
 
@@ -780,6 +828,10 @@ def connect(
     chunk_cells
         Cells per request (default: as many as the server's limits allow, at most its
         ``max_cells``). Results do not depend on it.
+    concurrency
+        Requests in flight at once, each on its own connection (default: the server's worker
+        processes, ``parameters.workers``: 1 unless it runs ``serve --workers N``). The
+        counts of that many requests are in memory at once. Results do not depend on it.
 
     Returns
     -------
@@ -812,4 +864,6 @@ def connect(
         model = served[0]["name"]
     meta = t.json("GET", f"/v2/models/{quote(model)}")
     cls = RemoteSCANVI if "labels" in meta.get("parameters", {}) else RemoteModel
-    return cls(t, model, meta, adata=adata, seed=seed, chunk_cells=chunk_cells)
+    return cls(
+        t, model, meta, adata=adata, seed=seed, chunk_cells=chunk_cells, concurrency=concurrency
+    )

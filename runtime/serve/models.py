@@ -108,6 +108,9 @@ class Limits:
     max_cells: int = 10_000
     max_mc_samples: int = 10_000
     max_request_bytes: int = 64 << 20
+    #: Worker processes of the server (``--workers``), shown in the metadata: a client may
+    #: keep that many requests in flight (the library's client does, by default).
+    workers: int = 1
 
 
 @dataclass
@@ -272,6 +275,7 @@ class ServedModel:
             "max_cells": self.limits.max_cells,
             "max_mc_samples": self.limits.max_mc_samples,
             "max_request_bytes": self.limits.max_request_bytes,
+            "workers": self.limits.workers,
         }
         if self.is_scanvi:
             params["labels"] = list(self.labels)

@@ -14,8 +14,11 @@ The server makes no outbound connection and sends no telemetry.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -112,8 +115,30 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    try:
+        # listening from here on: a client that connects while the server starts waits in
+        # the backlog instead of being refused
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
     sock.set_inheritable(True)
     return sock
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What a server process needs to load its models and answer (picklable: the worker
+    processes of ``--workers N`` start from it)."""
+
+    specs: list[BundleSpec]
+    device: str
+    n_threads: int | None
+    limits: Limits
+    options: ServeOptions  # the token inside
+    tls_cert: str | None
+    tls_key: str | None
+    audit_log: str | None
 
 
 def serve(
@@ -129,37 +154,93 @@ def serve(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     audit_log: str | None = None,
+    workers: int = 1,
 ) -> int:
-    """Serve ``specs`` until SIGTERM / SIGINT; returns the exit status (0 after a drain)."""
+    """Serve ``specs`` until SIGTERM / SIGINT; returns the exit status (0 after a drain).
+
+    ``workers`` > 1: that many server processes share the listening socket (each loads the
+    models; see :mod:`~scvi_onnx.serve.workers`); this process checks everything first, then
+    supervises them."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise CLIError(f"serve needs the serve extra ({e}): pip install 'scvi-onnx[serve]'") from e
     from .observe import AuditLog
 
-    limits = limits or Limits()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise CLIError(f"--workers must be a positive integer, got {workers!r}")
+    limits = dataclasses.replace(limits or Limits(), workers=workers)
     options = options or ServeOptions()
     if (tls_cert is None) != (tls_key is None):
         raise CLIError("TLS needs both --tls-cert and --tls-key")
     token = _read_token(token_file) if token_file else None
+    settings = ServeSettings(
+        specs=list(specs),
+        device=device,
+        n_threads=n_threads,
+        limits=limits,
+        options=ServeOptions(**{**options.__dict__, "token": token}),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        audit_log=audit_log,
+    )
     logging.captureWarnings(True)  # the library's warnings go to the log, once per place
-    served = load_models(specs, device=device, n_threads=n_threads, limits=limits)
-    for m in served.values():
-        _note(
-            f"serving {m.name} ({m.model.manifest.model_class}, {len(m.genes)} genes, version "
-            f"{m.version}, digest {m.digest}) from {m.path} on {m.model.provider}"
-        )
+    served = None
+    if workers == 1:
+        served = load_models(specs, device=device, n_threads=n_threads, limits=limits)
+        for line in serving_lines(served):
+            _note(line)
+    # else each worker process loads and checks the models, and the first says what it serves
     audit = None
     if audit_log:
         try:
             audit = AuditLog(audit_log)
         except OSError as e:
             raise CLIError(f"cannot open --audit-log {audit_log}: {e.strerror or e}") from e
-    server_state = InferenceServer(
-        served, ServeOptions(**{**options.__dict__, "token": token}), audit
+    uvicorn_config(settings, None)  # TLS files checked here, before anything listens
+    sock = _bind(host, port)
+    scheme = "https" if tls_cert else "http"
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
+    listening = (
+        f"listening on {scheme}://{shown}:{bound[1]} ("
+        + ("token required" if token else "no token: anyone who can reach the port may call it")
+        + (f"; audit log {audit_log}" if audit_log else "")
+        + (f"; {workers} worker processes" if workers > 1 else "")
+        + ")"
     )
+    if workers > 1:
+        from .workers import supervise
+
+        if audit is not None:
+            audit.close()  # opened to check it: each worker appends to it
+        try:
+            return supervise(settings, sock, workers, lambda: _note(listening))
+        finally:
+            sock.close()
+    _note(listening)
+    try:
+        code = run_server(settings, served, audit, sock)
+    finally:
+        sock.close()
+    _note("stopped")
+    return code
+
+
+def serving_lines(served: dict[str, ServedModel]) -> list[str]:
+    return [
+        f"serving {m.name} ({m.model.manifest.model_class}, {len(m.genes)} genes, version "
+        f"{m.version}, digest {m.digest}) from {m.path} on {m.model.provider}"
+        for m in served.values()
+    ]
+
+
+def uvicorn_config(settings: ServeSettings, app: Any):
+    """uvicorn's configuration of a server process (loaded: a TLS problem is a CLIError)."""
+    import uvicorn
+
     config = uvicorn.Config(
-        server_state.app,
+        app,
         log_config=None,
         log_level="warning",
         access_log=False,
@@ -167,9 +248,9 @@ def serve(
         server_header=False,
         lifespan="off",
         timeout_keep_alive=5,
-        timeout_graceful_shutdown=int(options.request_timeout) + 5,
-        ssl_certfile=tls_cert,
-        ssl_keyfile=tls_key,
+        timeout_graceful_shutdown=int(settings.options.request_timeout) + 5,
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
         http=_fastest("httptools", "h11"),
         loop=_fastest("uvloop", "asyncio"),
     )
@@ -177,23 +258,28 @@ def serve(
         config.load()
     except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
         raise CLIError(f"cannot use --tls-cert/--tls-key: {e}") from e
-    sock = _bind(host, port)
-    scheme = "https" if tls_cert else "http"
-    bound = sock.getsockname()
-    shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
-    _note(
-        f"listening on {scheme}://{shown}:{bound[1]} ("
-        + ("token required" if token else "no token: anyone who can reach the port may call it")
-        + (f"; audit log {audit_log}" if audit_log else "")
-        + ")"
-    )
-    server = _Server(config, server_state)
+    return config
+
+
+def run_server(
+    settings: ServeSettings,
+    served: dict[str, ServedModel],
+    audit: Any,
+    sock: socket.socket | None,
+    shared: Any = None,
+    channel: socket.socket | None = None,
+) -> int:
+    """Answer with ``served`` until a signal has drained the requests: 0, or 1 when the server
+    could not start. Connections come from the listening ``sock``, or (a worker process of
+    several) from the supervisor over ``channel``."""
+    state = InferenceServer(served, settings.options, audit, shared)
+    # a worker process of several leaves Ctrl-C to its supervisor, which passes SIGTERM on
+    config = uvicorn_config(settings, state.app)
+    server = _Server(config, state, sigint=channel is None, channel=channel)
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=None if sock is None else [sock])
     finally:
-        server_state.close()
-        sock.close()
-    _note("stopped")
+        state.close()
     return 0 if server.started else 1
 
 
@@ -204,13 +290,22 @@ def _fastest(preferred: str, fallback: str) -> str:
 
 
 class _Server:
-    """uvicorn's server, with readiness turned off as soon as a shutdown signal arrives."""
+    """uvicorn's server, with readiness turned off as soon as a shutdown signal arrives.
 
-    def __new__(cls, config: Any, state: InferenceServer):
+    With ``channel`` (a worker process of ``serve --workers N``) it listens on no socket of
+    its own: its connections are those the supervisor accepted and passed over ``channel``
+    (a Unix socket, one file descriptor per message), each served by uvicorn's protocol as if
+    uvicorn had accepted it, so the drain on SIGTERM covers them."""
+
+    def __new__(cls, config: Any, state: InferenceServer, sigint: bool = True, channel: Any = None):
+        import asyncio
+
         import uvicorn
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig: int, frame: Any) -> None:
+                if not sigint and sig == signal.SIGINT:
+                    return
                 if state.ready:
                     state.ready = False
                     _note(f"signal {sig}: draining in-flight requests, then stopping")
@@ -221,7 +316,54 @@ class _Server:
                 if isinstance(captured, list):
                     captured.clear()
 
+            async def startup(self, sockets: list | None = None) -> None:
+                await super().startup(sockets=[] if channel is not None else sockets)
+                if channel is None or not self.started:
+                    return
+                loop = asyncio.get_running_loop()
+                config = self.config
+
+                def protocol():  # as uvicorn makes one for each connection it accepts
+                    return config.http_protocol_class(
+                        config=config, server_state=self.server_state, app_state=self.lifespan.state
+                    )
+
+                def handed_over() -> None:
+                    try:
+                        _, fds, _, _ = socket.recv_fds(channel, 64, 64)
+                    except (BlockingIOError, InterruptedError):
+                        return
+                    except OSError:
+                        fds = []
+                    if not fds:  # the supervisor is gone: stop
+                        loop.remove_reader(channel.fileno())
+                        self.should_exit = True
+                        return
+                    for fd in fds:
+                        conn = socket.socket(fileno=fd)
+                        conn.setblocking(False)
+                        loop.create_task(_adopt(loop, protocol, conn, config.ssl))
+
+                channel.setblocking(False)
+                loop.add_reader(channel.fileno(), handed_over)
+
+            async def shutdown(self, sockets: list | None = None) -> None:
+                if channel is not None:
+                    # no new connections; the supervisor stops handing them over
+                    with contextlib.suppress(Exception):
+                        asyncio.get_running_loop().remove_reader(channel.fileno())
+                    channel.close()
+                await super().shutdown(sockets=sockets)
+
         return Server(config)
+
+
+async def _adopt(loop: Any, protocol: Any, conn: socket.socket, ssl: Any) -> None:
+    try:
+        await loop.connect_accepted_socket(protocol, conn, ssl=ssl)
+    except OSError as e:  # the client went away, or its TLS handshake failed
+        logger.info("a handed-over connection failed (%s)", e)
+        conn.close()
 
 
 def cpu_count() -> int:

@@ -78,6 +78,28 @@ def test_four_methods_equal_local(remote, shipped, query):
     )
 
 
+def test_concurrent_requests_keep_the_order(server, shipped, query):
+    """Requests in flight at once (concurrency=3, 23 cells each, over three connections)
+    come back into the selection's order: the local model's numbers, bit for bit."""
+    with scvi_onnx.connect(
+        server.url, model="pbmc_scvi", token=server.token, chunk_cells=23, concurrency=3
+    ) as remote:
+        assert remote.concurrency == 3
+        rows = np.random.default_rng(5).permutation(query.n_obs)[:150]
+        np.testing.assert_array_equal(
+            remote.get_latent_representation(query, indices=rows),
+            shipped.get_latent_representation(query, indices=rows),
+        )
+        np.testing.assert_array_equal(
+            remote.get_elbo(query, return_mean=False, seed=2),
+            shipped.get_elbo(query, return_mean=False, seed=2),
+        )
+    # one process serves: one request at a time unless asked
+    assert scvi_onnx.connect(server.url, model="pbmc_scvi", token=server.token).concurrency == 1
+    with pytest.raises(InvalidArgumentError, match="concurrency"):
+        scvi_onnx.connect(server.url, model="pbmc_scvi", token=server.token, concurrency=0)
+
+
 @pytest.mark.parametrize(
     "values, datatype",
     [

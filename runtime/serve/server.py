@@ -169,6 +169,8 @@ def serve(
 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise CLIError(f"--workers must be a positive integer, got {workers!r}")
+    if workers > 1 and not hasattr(socket, "send_fds"):
+        raise CLIError("--workers needs a Unix system (connections are passed between processes)")
     limits = dataclasses.replace(limits or Limits(), workers=workers)
     options = options or ServeOptions()
     if (tls_cert is None) != (tls_key is None):

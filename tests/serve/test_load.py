@@ -236,7 +236,8 @@ def test_audit_log_records_requests_never_data(server, query, cells, shipped):
     assert not re.search(r"\d+\.\d{4,}", text.replace(str(ok["duration_ms"]), ""))
 
 
-def test_tls(tmp_path, shipped, query):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tls(tmp_path, shipped, query, workers):
     if shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -246,10 +247,15 @@ def test_tls(tmp_path, shipped, query):
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
-    s = ServerProcess([str(SHIPPED), "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key)])
+    s = ServerProcess(
+        [str(SHIPPED), "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key)]
+        + ["--workers", str(workers)]
+    )
     try:
         assert s.url.startswith("https://")
-        remote = scvi_onnx.connect(f"{s.url}/v2/models/pbmc_scvi", cafile=str(cert))
+        # with 2 workers: 2 requests in flight, the handshakes made by the workers
+        remote = scvi_onnx.connect(f"{s.url}/v2/models/pbmc_scvi", cafile=str(cert), chunk_cells=2)
+        assert remote.concurrency == workers
         np.testing.assert_array_equal(
             remote.get_latent_representation(query[:6]),
             shipped.get_latent_representation(query[:6]),

@@ -9,8 +9,8 @@ beforehand, so the client costs little of the machine's two cores. Measured:
 
 1. single-cell latent requests at concurrency 1, 8 and 32: requests/s, p50 and p99 latency;
 2. 1,000-cell latent requests at concurrency 1, 2 and 4: cells/s, against the library called
-   in-process on the same cells (same process kind, same threads; the best of 10 rounds,
-   half before and half after the servers), with the counts as FP32
+   in-process on the same cells (same process kind, same threads; a round right before and
+   one right after each load, side by side), with the counts as FP32
    and in the narrowest integer datatype that holds them (what ``scvi_onnx.connect`` sends:
    UINT16 here); on the default server and on one of 2 worker processes (``--workers 2``);
 3. ELBO and marginal-LL requests of 100 cells: latency;
@@ -162,20 +162,25 @@ async def load(port: int, bodies: list, n: int, concurrency: int, warmup: int = 
     return n / elapsed, np.array(lat)
 
 
-def big_latent(server: Server, big: list, workers: int, q: float) -> list[tuple]:
+def big_latent(server: Server, big: list, workers: int, q: float, in_process) -> list[tuple]:
     """The 1,000-cell latent requests at concurrency 1, 2 and 4 (each client its own
-    keep-alive connection): (workers, datatype, body bytes, concurrency, cells/s, p50 ms,
-    server CPU ms per request)."""
+    keep-alive connection), each load between two rounds of the library in-process on the
+    same cells (side by side: this shared machine's speed drifts by +-30% over minutes):
+    (workers, datatype, body bytes, concurrency, cells/s, p50 ms, server CPU ms per request,
+    in-process cells/s (the mean of the two rounds), in-process CPU ms per 1,000 cells)."""
     rows = []
     for dt, request in big:
         for c in (1, 2, 4):
             n = max(8, int(60 * q))
+            before = in_process()
             cpu0 = server.cpu_s()
             rps, lat = asyncio.run(load(server.port, [request], n, c, warmup=2 * c))
             cpu_ms = (server.cpu_s() - cpu0) / (n + 2 * c) * 1e3
-            rows.append(
-                (workers, dt, len(request[0]), c, rps * 1000, np.percentile(lat, 50), cpu_ms)
-            )
+            after = in_process()
+            ref = (before[0] + after[0]) / 2
+            ref_cpu = (before[1] + after[1]) / 2
+            p50 = np.percentile(lat, 50)
+            rows.append((workers, dt, len(request[0]), c, rps * 1000, p50, cpu_ms, ref, ref_cpu))
     return rows
 
 
@@ -226,21 +231,12 @@ def main() -> int:
     model.get_latent_representation(adata)
     reps = max(3, int(20 * q))
 
-    def in_process(rounds: int = 5) -> list[tuple[float, float]]:
-        """(cells/s, CPU ms per 1,000 cells) of ``rounds`` rounds of ``reps`` calls."""
-        out = []
-        for _ in range(rounds):
-            t, c0 = time.perf_counter(), time.process_time()
-            for _ in range(reps):
-                model.get_latent_representation(adata)
-            out.append(
-                (1000 * reps / (time.perf_counter() - t), (time.process_time() - c0) / reps * 1e3)
-            )
-        return out
-
-    # measured before and after the servers; the best round is the reference (this shared
-    # machine only ever makes a round slower, so the best is the least disturbed)
-    rounds = in_process()
+    def in_process() -> tuple[float, float]:
+        """One round of ``reps`` calls: (cells/s, CPU ms per 1,000 cells)."""
+        t, c0 = time.perf_counter(), time.process_time()
+        for _ in range(reps):
+            model.get_latent_representation(adata)
+        return 1000 * reps / (time.perf_counter() - t), (time.process_time() - c0) / reps * 1e3
 
     server = Server(args.server_args.split())
     try:
@@ -256,7 +252,7 @@ def main() -> int:
             {"concurrency": c, "req_per_s": r, "p50_ms": p50, "p99_ms": p99, "server_cpu_ms": cpu}
             for c, r, p50, p99, cpu in rows
         ]
-        big_rows = big_latent(server, big, 1, q)
+        big_rows = big_latent(server, big, 1, q, in_process)
         scoring = []
         for out, params in (("elbo", {}), ("marginal_ll", {"n_mc_samples": 1000})):
             b = [body(x_all[:100], batch_all[:100], [out], params)]
@@ -278,14 +274,9 @@ def main() -> int:
     for workers in args.workers:
         server = Server(["--workers", str(workers), *args.server_args.split()])
         try:
-            big_rows += big_latent(server, big, workers, q)
+            big_rows += big_latent(server, big, workers, q, in_process)
         finally:
             server.stop()
-    rounds += in_process()
-    inproc, inproc_cpu_ms = max(rounds)
-    results["inprocess_latent_rounds"] = rounds
-    results["inprocess_latent_cells_per_s"] = inproc
-    results["inprocess_latent_cpu_ms_per_1000_cells"] = inproc_cpu_ms
     results["latent_1000_cells"] = [
         {
             "workers": w,
@@ -294,10 +285,12 @@ def main() -> int:
             "concurrency": c,
             "cells_per_s": cps,
             "p50_ms": p50,
-            "vs_inprocess": cps / inproc,
+            "inprocess_cells_per_s": ref,
+            "vs_inprocess": cps / ref,
             "server_cpu_ms": cpu,
+            "inprocess_cpu_ms": ref_cpu,
         }
-        for w, dt, size, c, cps, p50, cpu in big_rows
+        for w, dt, size, c, cps, p50, cpu, ref, ref_cpu in big_rows
     ]
 
     print(
@@ -314,16 +307,17 @@ def main() -> int:
             f"{r['p99_ms']:.2f} | {r['server_cpu_ms']:.2f} |"
         )
     print(
-        f"\n| 1,000-cell latent | body MB | cells/s | p50 ms | vs in-process ({inproc:.0f} "
-        f"cells/s) | server CPU ms/request (in-process {inproc_cpu_ms:.1f}) |"
+        "\n| 1,000-cell latent | body MB | cells/s | p50 ms | in-process cells/s (side by "
+        "side) | vs in-process | server CPU ms/request | in-process CPU ms |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results["latent_1000_cells"]:
         print(
             f"| {r['workers']} worker{'s' if r['workers'] > 1 else ''}, {r['counts']} counts, "
             f"concurrency {r['concurrency']} | "
             f"{r['body_bytes'] / 1e6:.1f} | {r['cells_per_s']:.0f} | {r['p50_ms']:.1f} | "
-            f"{r['vs_inprocess']:.2f}x | {r['server_cpu_ms']:.1f} |"
+            f"{r['inprocess_cells_per_s']:.0f} | {r['vs_inprocess']:.2f}x | "
+            f"{r['server_cpu_ms']:.1f} | {r['inprocess_cpu_ms']:.1f} |"
         )
     print("\n| 100 cells | p50 ms | p99 ms |\n|---|---|---|")
     for r in results["scoring_100_cells"]:

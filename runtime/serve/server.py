@@ -10,6 +10,9 @@ Order of startup, each step refusing with one line and a non-zero exit:
 Only then does the server answer, so ``/v2/health/ready`` is 200 from the first request on; it
 turns 503 when SIGTERM starts the drain (in-flight requests finish, then the process exits 0).
 The server makes no outbound connection and sends no telemetry.
+
+With ``workers`` > 1 (``--workers N``), steps 1-2 run in each worker process instead, after 3-4
+here, and this process supervises them (:mod:`~scvi_onnx.serve.workers`).
 """
 
 from __future__ import annotations
@@ -199,7 +202,7 @@ def serve(
             audit = AuditLog(audit_log)
         except OSError as e:
             raise CLIError(f"cannot open --audit-log {audit_log}: {e.strerror or e}") from e
-    uvicorn_config(settings, None)  # TLS files checked here, before anything listens
+    uvicorn_config(settings, _no_app)  # TLS files checked here, before anything listens
     sock = _bind(host, port)
     scheme = "https" if tls_cert else "http"
     bound = sock.getsockname()
@@ -235,6 +238,11 @@ def serving_lines(served: dict[str, ServedModel]) -> list[str]:
         f"{m.version}, digest {m.digest}) from {m.path} on {m.model.provider}"
         for m in served.values()
     ]
+
+
+async def _no_app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover
+    """The application of the configuration that only checks the TLS files (never served)."""
+    raise RuntimeError("not served")
 
 
 def uvicorn_config(settings: ServeSettings, app: Any):

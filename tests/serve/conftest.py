@@ -96,6 +96,14 @@ def query():
 
 
 @pytest.fixture(scope="session")
+def cells(shipped, query):
+    """The query cells as the shipped model's dense counts, and their batches."""
+    return np.asarray(query[:, list(shipped.genes)].X.todense(), np.float32), list(
+        query.obs["batch"]
+    )
+
+
+@pytest.fixture(scope="session")
 def shipped():
     import scvi_onnx
 

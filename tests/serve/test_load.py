@@ -73,13 +73,6 @@ def wait_for(port, name, value, token=None, timeout=120):
     raise AssertionError(f"{name} never reached {value}")
 
 
-@pytest.fixture(scope="module")
-def cells(shipped, query):
-    return np.asarray(query[:, list(shipped.genes)].X.todense(), np.float32), list(
-        query.obs["batch"]
-    )
-
-
 @pytest.fixture()
 def busy_server(tmp_path):
     """One worker, one queue place, an audit log: easy to fill."""

@@ -29,13 +29,6 @@ tc = require("tritonclient.http")
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc for the workers")
 
 
-@pytest.fixture(scope="module")
-def cells(shipped, query):
-    return np.asarray(query[:, list(shipped.genes)].X.todense(), np.float32), list(
-        query.obs["batch"]
-    )
-
-
 @pytest.fixture()
 def workers_server(tmp_path):
     audit = tmp_path / "audit.jsonl"

@@ -100,20 +100,25 @@ def test_connections_go_to_every_worker_with_the_library_numbers(
     assert any("2 worker processes" in line for line in s.lines)
     assert len(worker_pids(s)) == 2
     clients = [tc.InferenceServerClient(s.host) for _ in range(4)]  # a connection each
-    try:
-        for i, client in enumerate(clients):
-            rows = slice(10 * i, 10 * i + 10)
+
+    def run(i: int) -> None:  # each client 3 requests, all four clients at once
+        for k in range(3):
+            rows = slice(30 * i + 10 * k, 30 * i + 10 * k + 10)
             np.testing.assert_array_equal(
-                binary_latent(client, x[rows], batch[rows]),
+                binary_latent(clients[i], x[rows], batch[rows]),
                 shipped.get_latent_representation(query[rows]),
             )
+
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            list(ex.map(run, range(4)))
     finally:
         for client in clients:
             client.close()
     infer = [r for r in audit_lines(s) if r["route"] == "infer"]
-    assert len(infer) == 4 and {r["worker"] for r in infer} == {0, 1}
+    assert len(infer) == 12 and {r["worker"] for r in infer} == {0, 1}
     # /metrics, whichever worker answers it, counts the requests of both
-    wait_until(lambda: infer_count(s.port) == 4)
+    wait_until(lambda: infer_count(s.port) == 12)
     assert s.stop() == 0
     assert any("stopped" in line for line in s.lines)
 

@@ -124,9 +124,9 @@ def supervise(settings: Any, sock: socket.socket, n: int, on_listening: Callable
 
     def stop(sig: int, frame: Any) -> None:
         nonlocal stopping
-        if not stopping:
+        first, stopping = not stopping, True  # before the note: a second signal may cut in
+        if first:
             _note(f"signal {sig}: draining the workers' in-flight requests, then stopping")
-        stopping = True
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     quick_deaths = 0

@@ -115,10 +115,6 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
-    except OSError as e:
-        sock.close()
-        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
-    try:
         # listening from here on: a client that connects while the server starts waits in
         # the backlog instead of being refused
         sock.listen(2048)
@@ -161,9 +157,8 @@ def serve(
 ) -> int:
     """Serve ``specs`` until SIGTERM / SIGINT; returns the exit status (0 after a drain).
 
-    ``workers`` > 1: that many server processes share the listening socket (each loads the
-    models; see :mod:`~scvi_onnx.serve.workers`); this process checks everything first, then
-    supervises them."""
+    ``workers`` > 1: that many server processes, each with its own models, answer the
+    connections this process accepts and hands them (:mod:`~scvi_onnx.serve.workers`)."""
     try:
         import uvicorn  # noqa: F401
     except ImportError as e:

@@ -22,11 +22,8 @@ all have (1 if one did not exit cleanly). Metrics are summed over the workers
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
-import multiprocessing.connection
-import os
 import selectors
 import shutil
 import signal
@@ -107,6 +104,22 @@ class _Worker:
             return False
         return True
 
+    def poll(self, timeout: float = 0.0) -> str | None:
+        """Read the worker's start message if it comes within ``timeout``: "ready" sets
+        :attr:`ready` (and :attr:`lines`); returns the reason it could not start, else None."""
+        if self.ready or self.conn.closed:
+            return None
+        try:
+            if not self.conn.poll(timeout):
+                return None
+            kind, detail = self.conn.recv()
+        except (EOFError, OSError):  # it ended without a word: its exit code tells
+            return None
+        if kind == "ready":
+            self.ready, self.lines = True, list(detail)
+            return None
+        return str(detail)
+
     def close(self) -> None:
         self.channel.close()
         self.conn.close()
@@ -184,27 +197,10 @@ def supervise(settings: Any, sock: socket.socket, n: int, on_listening: Callable
                     workers[w.index] = _Worker(ctx, settings, w.index, folder)
         # stop accepting (new connections are refused), then drain every worker
         sock.close()
-        for w in workers.values():
-            if w.proc.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(w.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + settings.options.request_timeout + 15
-        for w in workers.values():
-            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            if w.proc.is_alive():
-                _note(f"worker {w.index} did not drain in time: killed")
-                w.proc.kill()
-                w.proc.join()
-            codes.append(_clean(w))
+        _stop_all(workers.values(), settings.options.request_timeout + 15)
+        codes += [_clean(w) for w in workers.values()]
     except BaseException:
-        for w in workers.values():
-            if w.proc.is_alive():
-                w.proc.terminate()
-        for w in workers.values():
-            w.proc.join(timeout=settings.options.request_timeout + 10)
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join()
+        _stop_all(workers.values(), settings.options.request_timeout + 15)
         raise
     finally:
         for w in workers.values():
@@ -214,6 +210,24 @@ def supervise(settings: Any, sock: socket.socket, n: int, on_listening: Callable
         shutil.rmtree(folder, ignore_errors=True)
     _note("stopped")
     return 0 if codes and all(c == 0 for c in codes) else 1
+
+
+def _stop_all(workers: Any, timeout: float) -> None:
+    """SIGTERM to every live worker (each drains), then wait up to ``timeout`` seconds for
+    them all; one still running after that is killed."""
+    from .server import _note
+
+    workers = list(workers)
+    for w in workers:
+        if w.proc.is_alive():
+            w.proc.terminate()  # SIGTERM
+    deadline = time.monotonic() + timeout
+    for w in workers:
+        w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        if w.proc.is_alive():
+            _note(f"worker {w.index} did not drain in time: killed")
+            w.proc.kill()
+            w.proc.join()
 
 
 def _clean(w: _Worker) -> int:
@@ -236,15 +250,11 @@ def _exited(workers: dict[int, _Worker]) -> list[_Worker]:
 def _wait_ready(w: _Worker, stopping: Callable[[], bool]) -> str | None:
     """Block until worker ``w`` says it is ready: None, or the reason it could not start."""
     while not stopping():
-        if w.conn.poll(0.2):
-            try:
-                kind, detail = w.conn.recv()
-            except EOFError:
-                break
-            if kind == "ready":
-                w.ready, w.lines = True, list(detail)
-                return None
-            return str(detail)
+        reason = w.poll(0.2)
+        if reason is not None:
+            return reason
+        if w.ready:
+            return None
         if not w.proc.is_alive():
             break
     if stopping():
@@ -255,19 +265,12 @@ def _wait_ready(w: _Worker, stopping: Callable[[], bool]) -> str | None:
 
 def _collect_ready(workers: Any) -> None:
     """Replacement workers that became ready take connections from then on."""
-    for w in workers:
-        if w.ready or w.conn.closed:
-            continue
-        try:
-            if not w.conn.poll():
-                continue
-            kind, detail = w.conn.recv()
-        except (EOFError, OSError):
-            continue
-        w.ready = kind == "ready"
-        if w.ready:
-            from .server import _note
+    from .server import _note
 
+    for w in workers:
+        was_ready = w.ready
+        reason = w.poll()
+        if reason is not None:
+            logger.warning("worker %d could not start: %s", w.index, reason)
+        elif w.ready and not was_ready:
             _note(f"worker {w.index} (pid {w.proc.pid}) is ready")
-        else:
-            logger.warning("worker %d could not start: %s", w.index, detail)

@@ -27,9 +27,7 @@ import os
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
@@ -38,6 +36,7 @@ import numpy as np
 from .. import errors as E
 from ..arguments import check_first_key, check_positive_int, check_seed
 from ..errors import InvalidArgumentError, ScviOnnxError
+from ..threads import ordered_map
 from .protocol import DATATYPES, HEADER_LENGTH, encode_bytes
 
 if TYPE_CHECKING:
@@ -491,21 +490,8 @@ class RemoteModel:
 
             bar = tqdm(total=idx.size, unit="cell", leave=False)
 
-        def place(a: int, b: int, got: dict[str, np.ndarray]) -> None:
-            for name, arr in got.items():
-                if name not in results:
-                    results[name] = np.empty((idx.size, *arr.shape[1:]), dtype=arr.dtype)
-                results[name][order[a:b]] = arr
-            if bar is not None:
-                bar.update(b - a)
-
-        # up to `concurrency` requests in flight, each on its own thread's connection; the
-        # counts are read here, on this thread (a backed file is not for concurrent reads)
-        pool = None
-        if self.concurrency > 1:
-            pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="scvi-onnx-client")
-        in_flight: deque = deque()
-        try:
+        def requests() -> Iterator[tuple[int, int, tuple]]:
+            # read here, on the calling thread (a backed file is not for concurrent reads)
             for a, b in _runs(rows_sorted, self.chunk_cells):
                 lo, hi = int(rows_sorted[a]), int(rows_sorted[b - 1]) + 1
                 x, _ = reader.read(np.arange(lo, hi))()
@@ -514,20 +500,24 @@ class RemoteModel:
                 if proteins is not None:
                     p = proteins.read(np.arange(lo, hi))()
                     inputs.append(("proteins", *_counts_tensor(p, self._count_datatypes)))
-                request = (inputs, outputs, {**params, "first_key": first_key + lo})
-                if pool is None:
-                    place(a, b, self._infer(*request))
-                    continue
-                in_flight.append((a, b, pool.submit(self._infer, *request)))
-                if len(in_flight) >= self.concurrency:
-                    a0, b0, done = in_flight.popleft()
-                    place(a0, b0, done.result())
-            while in_flight:
-                a0, b0, done = in_flight.popleft()
-                place(a0, b0, done.result())
+                yield a, b, (inputs, outputs, {**params, "first_key": first_key + lo})
+
+        def send(item: tuple[int, int, tuple]) -> tuple[int, int, dict[str, np.ndarray]]:
+            a, b, request = item
+            return a, b, self._infer(*request)
+
+        # up to `concurrency` requests in flight, each on its own thread's connection,
+        # answers taken in order
+        threads = self.concurrency if self.concurrency > 1 else 0
+        try:
+            for a, b, got in ordered_map(send, requests(), threads, "scvi-onnx-client"):
+                for name, arr in got.items():
+                    if name not in results:
+                        results[name] = np.empty((idx.size, *arr.shape[1:]), dtype=arr.dtype)
+                    results[name][order[a:b]] = arr
+                if bar is not None:
+                    bar.update(b - a)
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
             if bar is not None:
                 bar.close()
         return results, data, idx
@@ -831,7 +821,8 @@ def connect(
     concurrency
         Requests in flight at once, each on its own connection (default: the server's worker
         processes, ``parameters.workers``: 1 unless it runs ``serve --workers N``). The
-        counts of that many requests are in memory at once. Results do not depend on it.
+        counts of one request more than that are in memory at once. Results do not depend on
+        it.
 
     Returns
     -------

@@ -306,3 +306,29 @@ def test_non_canonical_csr_duplicates_add_up(tmp_path, backed, order):
     idx = np.array([3, 0, 39, 17, 18, 19, 5])
     got = np.concatenate([mb.x for mb in src.minibatches(idx, 3)])
     np.testing.assert_allclose(got, dense[idx], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.uint16])
+def test_rows_matrix_shares_a_chunks_arrays_and_densifies_as_scipy(dtype):
+    """A minibatch's rows sliced out of a larger CSR block (a Dask chunk's) are densified from
+    views of its arrays, not copies (scipy's constructor copies such views), with scipy's
+    dense rows and format flags, duplicated and unsorted entries included."""
+    from scvi_onnx.data.readers import _rows_matrix
+
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(0, 6, size=50)
+    nnz = int(lengths.sum())
+    cols = rng.integers(0, 12, size=nnz).astype(np.int32)  # unsorted, some duplicated
+    vals = rng.integers(1, 9, size=nnz).astype(dtype)
+    big_cols = np.concatenate([np.zeros(10 * nnz, np.int32), cols])
+    big_vals = np.concatenate([np.zeros(10 * nnz, dtype), vals])
+    view_cols, view_vals = big_cols[10 * nnz :], big_vals[10 * nnz :]
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    want = sp.csr_matrix((vals, cols, indptr), shape=(50, 12))
+    for first in (0, 20):  # rows from the start, and from inside the block
+        a, b = int(indptr[first]), nnz
+        got = _rows_matrix(lengths[first:], view_cols[a:b], view_vals[a:b], 12)
+        np.testing.assert_array_equal(got.toarray(), want[first:].toarray())
+        assert got.has_canonical_format == want[first:].has_canonical_format
+        assert got.data.base is big_vals and got.indices.base is big_cols
+    assert not want.has_canonical_format

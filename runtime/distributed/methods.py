@@ -95,7 +95,9 @@ class Plan:
         dask, _ = _import_dask()
         from dask.base import tokenize
 
-        blocks = self.matrix.to_delayed().ravel()
+        blocks = _root_reads(self.matrix)
+        if blocks is None:
+            blocks = self.matrix.to_delayed().ravel()
         bounds = self.bounds()
         job = dask.delayed(self.job, pure=True)
         # the obs columns' dtypes (categories included) travel once, as one shared task; each
@@ -148,6 +150,35 @@ class Plan:
         if arr.chunks[0] != self.out_chunks:
             arr = arr.rechunk({0: self.out_chunks})
         return arr
+
+
+def _root_reads(matrix) -> list | None:
+    """Each row block's read as a graph node to run inside its chunk's task, or None.
+
+    When every block of the (optimized) matrix is computed by one task that needs no other
+    (a root: a file read such as ``read_elem_lazy``'s, or a literal chunk), that task goes
+    into the chunk's task as an argument: the block is read where it is used, with no task of
+    its own, no copy of it held in the worker's memory between two tasks, and half the
+    scheduling (per chunk: a read, an alias and the chunk's task become one task). Otherwise
+    (blocks that gather other tasks' outputs: a ``rechunk``, an ``indices=`` selection, or a
+    Dask without task-spec graphs) None: the chunks' tasks depend on the blocks' tasks.
+    """
+    try:
+        from dask._task_spec import Alias, GraphNode, convert_legacy_graph
+        from dask.core import flatten
+    except ImportError:  # pragma: no cover - dask before 2024.12
+        return None
+    keys = list(flatten(matrix.__dask_keys__()))
+    graph = convert_legacy_graph(dict(matrix.__dask_optimize__(matrix.__dask_graph__(), keys)))
+    nodes = []
+    for key in keys:
+        node = graph.get(key)
+        while isinstance(node, Alias) and node.target != node.key:
+            node = graph.get(node.target)
+        if not isinstance(node, GraphNode) or isinstance(node, Alias) or node.dependencies:
+            return None
+        nodes.append(node)
+    return nodes
 
 
 def _model_ref(model) -> ModelRef:

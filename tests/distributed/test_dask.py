@@ -143,6 +143,32 @@ def test_means(client, model, mem, lazy_h5ad):
         assert ll == model.get_marginal_ll(mem, n_mc_samples=30, batch_size=bs)
 
 
+def test_aligned_root_reads_run_inside_the_chunk_tasks(client, model, mem):
+    """Blocks read by one task each (read_elem_lazy's), on the minibatch grid: each block is
+    read inside its chunk's task (no read task is left in the graph), with the same numbers;
+    an ``indices=`` selection gathers rows from several reads and keeps them as tasks."""
+    a = read_lazy(EXAMPLE_H5AD)
+    with h5py.File(EXAMPLE_H5AD, "r") as f:
+        a.X = read_elem_lazy(f["X"], chunks=(64, a.n_vars))
+        read_layer = a.X.name
+        z = model.get_latent_representation(a, batch_size=BS)
+        (optimized,) = dask.optimize(z)
+        names = {str(k[0] if isinstance(k, tuple) else k) for k in optimized.__dask_graph__()}
+        assert not any(read_layer in name for name in names), names
+        _eq(z.compute(), model.get_latent_representation(mem, batch_size=BS))
+        e = model.get_elbo(a, return_mean=False, batch_size=BS)
+        _eq(e.compute(), model.get_elbo(mem, return_mean=False, batch_size=BS))
+        assert model.get_marginal_ll(a, n_mc_samples=20, batch_size=BS) == model.get_marginal_ll(
+            mem, n_mc_samples=20, batch_size=BS
+        )
+        idx = np.array([150, 3, 99, 4, 5])
+        sel = model.get_latent_representation(a, indices=idx, batch_size=BS)
+        (optimized,) = dask.optimize(sel)
+        names = {str(k[0] if isinstance(k, tuple) else k) for k in optimized.__dask_graph__()}
+        assert any(read_layer in name for name in names)
+        _eq(sel.compute(), model.get_latent_representation(mem, indices=idx, batch_size=BS))
+
+
 def test_indices_key_cells_by_their_rows(client, model, mem, lazy_h5ad):
     idx = np.array([150, 3, 99, 4, 5, 6, 120, 0, 199])
     e = model.get_elbo(lazy_h5ad, indices=idx, return_mean=False, batch_size=4)
@@ -173,6 +199,14 @@ def test_workers_load_the_bundle_once(client, model, lazy_h5ad):
     for worker_refs in refs.values():
         assert len(worker_refs) == 1
         assert worker_refs[0].digest == cache.manifest_digest(SHIPPED_BUNDLE)
+
+
+def test_worker_config_sets_glibc_thresholds(client):
+    """WORKER_CONFIG reaches the worker processes' environment (glibc reads it at start)."""
+    env = client.run(
+        lambda: (os.environ.get("MALLOC_MMAP_THRESHOLD_"), os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    )
+    assert set(env.values()) == {(str(32 << 20), str(64 << 20))}
 
 
 def test_worker_refuses_another_bundle(client):

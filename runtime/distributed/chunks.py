@@ -141,6 +141,19 @@ class ChunkObs:
         return pd.DataFrame(data, index=index, columns=schema.columns)
 
 
+@dataclass(frozen=True, eq=False)
+class BlockRead:
+    """A block's read, run by its chunk's task: a node of Dask's graph that needs no other
+    task (:func:`~scvi_onnx.distributed.methods.root_reads`). Held in a plain object, so
+    Dask ships it as it is, whatever its version does with graph nodes among a task's
+    arguments."""
+
+    node: Any
+
+    def __call__(self) -> Any:
+        return self.node({})
+
+
 def run_chunk(
     block: Any,
     obs: ChunkObs,
@@ -152,6 +165,7 @@ def run_chunk(
     """One chunk's outputs: a dict of per-cell arrays (and, for the marginal LL, the means of
     its minibatches), plus ``"nonint"``: the (values, cells) of non-integer counts seen.
 
+    ``block`` is the chunk's expression block, or the :class:`BlockRead` that reads it.
     ``keys`` is the global key of the chunk's first row (an int) when its rows are
     consecutive in the input, else the key of every row (an ``indices=`` selection).
     ``proteins``: the chunk's rows of the protein counts (a model with proteins), which go
@@ -165,6 +179,8 @@ def run_chunk(
     from ..methods import latent as latent_loop
     from ..methods import marginal_ll as mll_loop
 
+    if isinstance(block, BlockRead):
+        block = block()
     obs = obs.frame(obs_schema)
     model = cached_model(job.model)
     module = model.module

@@ -49,7 +49,7 @@ from ..errors import InvalidArgumentError
 from ..methods.engine import DEFAULT_BATCH_SIZE
 from . import _registered_matrix, is_dask_array
 from .cache import ModelRef, manifest_digest
-from .chunks import SCORING, ChunkJob, ChunkObs, run_chunk
+from .chunks import SCORING, BlockRead, ChunkJob, ChunkObs, run_chunk
 from .proteins import Proteins, obsm_placeholders, protein_input
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Plan:
         dask, _ = _import_dask()
         from dask.base import tokenize
 
-        blocks = _root_reads(self.matrix)
+        blocks = root_reads(self.matrix)
         if blocks is None:
             blocks = self.matrix.to_delayed().ravel()
         bounds = self.bounds()
@@ -152,16 +152,17 @@ class Plan:
         return arr
 
 
-def _root_reads(matrix) -> list | None:
-    """Each row block's read as a graph node to run inside its chunk's task, or None.
+def root_reads(matrix) -> list[BlockRead] | None:
+    """Each row block's read, to run inside its chunk's task, or None.
 
     When every block of the (optimized) matrix is computed by one task that needs no other
-    (a root: a file read such as ``read_elem_lazy``'s, or a literal chunk), that task goes
-    into the chunk's task as an argument: the block is read where it is used, with no task of
-    its own, no copy of it held in the worker's memory between two tasks, and half the
-    scheduling (per chunk: a read, an alias and the chunk's task become one task). Otherwise
-    (blocks that gather other tasks' outputs: a ``rechunk``, an ``indices=`` selection, or a
-    Dask without task-spec graphs) None: the chunks' tasks depend on the blocks' tasks.
+    (a root: a file read such as ``read_elem_lazy``'s or ``read_soma``'s, or a literal chunk),
+    that task goes into the chunk's task (:class:`~scvi_onnx.distributed.chunks.BlockRead`):
+    the block is read where it is used, with no task of its own, no copy of it held in the
+    worker's memory between two tasks, and a third of the scheduling (per chunk: a read, an
+    alias and the chunk's task become one task). Otherwise (blocks that gather other tasks'
+    outputs: a ``rechunk``, an ``indices=`` selection; or a Dask before task-spec graphs)
+    None: the chunks' tasks depend on the blocks' tasks.
     """
     try:
         from dask._task_spec import Alias, GraphNode, convert_legacy_graph
@@ -170,15 +171,15 @@ def _root_reads(matrix) -> list | None:
         return None
     keys = list(flatten(matrix.__dask_keys__()))
     graph = convert_legacy_graph(dict(matrix.__dask_optimize__(matrix.__dask_graph__(), keys)))
-    nodes = []
+    reads = []
     for key in keys:
         node = graph.get(key)
         while isinstance(node, Alias) and node.target != node.key:
             node = graph.get(node.target)
         if not isinstance(node, GraphNode) or isinstance(node, Alias) or node.dependencies:
             return None
-        nodes.append(node)
-    return nodes
+        reads.append(BlockRead(node))
+    return reads
 
 
 def _model_ref(model) -> ModelRef:

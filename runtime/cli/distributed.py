@@ -58,8 +58,9 @@ def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_CHUNK_ROWS,
         metavar="N",
-        help=f"cells per chunk (one task each), rounded to a multiple of --batch-size "
-        f"(default: {DEFAULT_CHUNK_ROWS})",
+        help=f"cells per chunk read, rounded to a multiple of --batch-size (default: "
+        f"{DEFAULT_CHUNK_ROWS}); a task reads at least 8,192 cells (Dask config "
+        "scvi-onnx.min-chunk-rows), grouping smaller chunks",
     )
     g.add_argument(
         "--soma-measurement",
@@ -359,7 +360,7 @@ def cmd_dask(args: argparse.Namespace) -> int:
         targets: list[tuple[str, str]] = []
         sums: tuple[str, ...] = ()
         if out is not None:
-            store = Store(out, plan.obs.index, int(plan.matrix.chunks[0][0]))
+            store = Store(out, plan.obs.index, plan.write_rows())
         try:
             if command == "latent":
                 L = model.n_latent

@@ -143,15 +143,30 @@ class ChunkObs:
 
 @dataclass(frozen=True, eq=False)
 class BlockRead:
-    """A block's read, run by its chunk's task: a node of Dask's graph that needs no other
-    task (:func:`~scvi_onnx.distributed.methods.root_reads`). Held in a plain object, so
-    Dask ships it as it is, whatever its version does with graph nodes among a task's
-    arguments."""
+    """A task's read of its rows, run by the task itself: the blocks it spans (nodes of
+    Dask's graph that need no other task: :func:`~scvi_onnx.distributed.methods.root_nodes`)
+    and its rows ``start:stop`` of their concatenation. Held in a plain object, so Dask ships
+    it as it is, whatever its version does with graph nodes among a task's arguments."""
 
-    node: Any
+    nodes: tuple
+    start: int
+    stop: int
 
     def __call__(self) -> Any:
-        return self.node({})
+        import scipy.sparse as sp
+
+        parts, pos = [], 0
+        for node in self.nodes:
+            block = node({})
+            n = int(block.shape[0])
+            lo, hi = max(self.start - pos, 0), min(self.stop - pos, n)
+            parts.append(block if (lo, hi) == (0, n) else block[lo:hi])
+            pos += n
+        if len(parts) == 1:
+            return parts[0]
+        if sp.issparse(parts[0]):
+            return sp.vstack(parts, format=parts[0].format)
+        return np.concatenate([np.asarray(p) for p in parts])
 
 
 def run_chunk(

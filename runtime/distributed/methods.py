@@ -9,11 +9,14 @@ same order, so the same typed errors), then builds one Dask task per row chunk
 * with ``return_mean=True``, a float computed on the cluster: each chunk's task reduces its
   cells, and the client adds the chunks' partial results (one number per chunk or minibatch).
 
-Chunks are aligned to the minibatch grid: a chunk starts on a multiple of ``batch_size``
-(input chunk boundaries are moved to the nearest multiple with ``rechunk`` when they are not,
-and the outputs are given the input's chunks back), so every minibatch of the in-memory run
-lies in one chunk: the same values are checked together, the same error names the same cells,
-and ``get_marginal_ll``'s mean of per-minibatch means has the same minibatches.
+Tasks are cut on the minibatch grid: a task's rows start on a multiple of ``batch_size``
+(the input's chunk boundaries moved to the nearest multiple; chunks smaller than
+``MIN_CHUNK_ROWS``, Dask config ``scvi-onnx.min-chunk-rows``, grouped), so every minibatch of
+the in-memory run lies in one task: the same values are checked together, the same error names
+the same cells, and ``get_marginal_ll``'s mean of per-minibatch means has the same
+minibatches. A task reads the input blocks it spans itself where each is one task with no input
+(a file read); otherwise the input is rechunked to the tasks' rows. Outputs are given the
+input's row chunks back.
 
 A model with proteins (TOTALVI set up with ``setup_anndata``) reads them from the registered
 ``obsm`` entry, which may be in memory or a Dask array: the client checks it as in memory, and
@@ -75,29 +78,35 @@ def _import_dask():
 class Plan:
     """One run's chunks: the aligned matrix, each chunk's obs rows and keys, and the job."""
 
-    matrix: Any  # dask array: rows aligned to batch_size, all columns in one chunk
+    matrix: Any  # dask array (the input's rows; rechunked to ``chunks`` without ``reads``)
     obs: pd.DataFrame  # the registered obs columns of the selected cells (in memory)
     keys: np.ndarray  # global key of every selected cell
     out_chunks: tuple[int, ...]  # row chunks of the outputs (the input's)
     job: ChunkJob
-    proteins: Proteins | None = None  # TOTALVI's protein rows, in the matrix's row chunks
+    chunks: tuple[int, ...]  # row chunks of the tasks (on the minibatch grid)
+    proteins: Proteins | None = None  # TOTALVI's protein rows, in the tasks' row chunks
+    reads: list[BlockRead] | None = None  # each task's own read of its rows, where it has one
 
     @property
     def n(self) -> int:
         return int(self.keys.size)
 
     def bounds(self) -> list[tuple[int, int]]:
-        edges = np.concatenate([[0], np.cumsum(self.matrix.chunks[0])]).tolist()
+        edges = np.concatenate([[0], np.cumsum(self.chunks)]).tolist()
         return list(zip(edges[:-1], edges[1:], strict=True))
+
+    def write_rows(self) -> int:
+        """Rows per chunk of an output store that no two tasks share (the largest that
+        divides every task boundary)."""
+        inner = np.cumsum(self.chunks)[:-1]
+        return int(np.gcd.reduce(inner)) if inner.size else max(1, self.n)
 
     def results(self) -> list:
         """One delayed ``run_chunk`` per chunk (each computed once, however many outputs)."""
         dask, _ = _import_dask()
         from dask.base import tokenize
 
-        blocks = root_reads(self.matrix)
-        if blocks is None:
-            blocks = self.matrix.to_delayed().ravel()
+        blocks = self.reads if self.reads is not None else self.matrix.to_delayed().ravel()
         bounds = self.bounds()
         job = dask.delayed(self.job, pure=True)
         # the obs columns' dtypes (categories included) travel once, as one shared task; each
@@ -152,18 +161,11 @@ class Plan:
         return arr
 
 
-def root_reads(matrix) -> list[BlockRead] | None:
-    """Each row block's read, to run inside its chunk's task, or None.
-
-    When every block of the (optimized) matrix is computed by one task that needs no other
-    (a root: a file read such as ``read_elem_lazy``'s or ``read_soma``'s, or a literal chunk),
-    that task goes into the chunk's task (:class:`~scvi_onnx.distributed.chunks.BlockRead`):
-    the block is read where it is used, with no task of its own, no copy of it held in the
-    worker's memory between two tasks, and a third of the scheduling (per chunk: a read, an
-    alias and the chunk's task become one task). Otherwise (blocks that gather other tasks'
-    outputs: a ``rechunk``, an ``indices=`` selection; or a Dask before task-spec graphs)
-    None: the chunks' tasks depend on the blocks' tasks.
-    """
+def root_nodes(matrix) -> list | None:
+    """Each row block's graph node, when every block of the (optimized) matrix is computed by
+    one task that needs no other (a root: a file read such as ``read_elem_lazy``'s or
+    ``read_soma``'s, or a literal chunk); else None (blocks that gather other tasks' outputs:
+    a ``rechunk``, an ``indices=`` selection; or a Dask before task-spec graphs)."""
     try:
         from dask._task_spec import Alias, GraphNode, convert_legacy_graph
         from dask.core import flatten
@@ -171,14 +173,27 @@ def root_reads(matrix) -> list[BlockRead] | None:
         return None
     keys = list(flatten(matrix.__dask_keys__()))
     graph = convert_legacy_graph(dict(matrix.__dask_optimize__(matrix.__dask_graph__(), keys)))
-    reads = []
+    nodes = []
     for key in keys:
         node = graph.get(key)
         while isinstance(node, Alias) and node.target != node.key:
             node = graph.get(node.target)
         if not isinstance(node, GraphNode) or isinstance(node, Alias) or node.dependencies:
             return None
-        reads.append(BlockRead(node))
+        nodes.append(node)
+    return nodes
+
+
+def _spans(nodes: list, in_chunks: tuple[int, ...], chunks: tuple[int, ...]) -> list[BlockRead]:
+    """Each task's read of its rows: the blocks it spans, and where its rows are in them."""
+    in_edges = np.concatenate([[0], np.cumsum(in_chunks)])
+    edges = np.concatenate([[0], np.cumsum(chunks)])
+    reads = []
+    for a, b in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        j0 = int(np.searchsorted(in_edges, a, side="right")) - 1
+        j1 = int(np.searchsorted(in_edges, b, side="left")) - 1
+        first = int(in_edges[j0])
+        reads.append(BlockRead(tuple(nodes[j0 : j1 + 1]), a - first, b - first))
     return reads
 
 
@@ -238,13 +253,38 @@ def _var_frame(adata: Any, gene_key: str | None) -> pd.DataFrame:
     return var
 
 
-def _aligned(chunks: tuple[int, ...], bs: int) -> tuple[int, ...]:
-    """Row chunks whose boundaries are the nearest multiples of ``bs`` to ``chunks``' ones."""
+#: The fewest rows a task reads by default: smaller input chunks are grouped (a chunk's
+#: fixed cost, scheduling, reading and setting up its minibatches, is ~20-30 ms, and anndata's
+#: ``read_lazy`` reads h5ad in blocks of 1,000 rows: 4x slower than 8,192 on 2 workers).
+#: Dask config ``scvi-onnx.min-chunk-rows`` sets it (1: the input's chunks, aligned).
+MIN_CHUNK_ROWS = 8192
+
+
+def _min_chunk_rows() -> int:
+    import dask
+
+    value = dask.config.get("scvi-onnx.min-chunk-rows", MIN_CHUNK_ROWS)
+    try:
+        return check_positive_int("dask config scvi-onnx.min-chunk-rows", int(value))
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"dask config scvi-onnx.min-chunk-rows must be a positive integer, got {value!r}"
+        ) from None
+
+
+def _task_chunks(chunks: tuple[int, ...], bs: int, min_rows: int) -> tuple[int, ...]:
+    """The tasks' row chunks: every boundary on a multiple of ``bs`` (so each minibatch of the
+    in-memory run lies in one task), at the input's boundaries moved to the nearest multiple,
+    skipping those that would leave a task of fewer than ``min_rows`` rows (the last task may
+    have fewer). Aligned input chunks of at least ``min_rows`` rows are kept as they are."""
     n = int(sum(chunks))
-    inner = np.cumsum(chunks)[:-1]
-    moved = np.unique(np.rint(inner / bs).astype(np.int64) * bs)
-    moved = moved[(moved > 0) & (moved < n)]
-    return tuple(int(x) for x in np.diff(np.concatenate([[0], moved, [n]])))
+    edges = [0]
+    for e in np.cumsum(chunks)[:-1].tolist():
+        m = int(np.rint(e / bs)) * bs
+        if m - edges[-1] >= min_rows and m < n:
+            edges.append(m)
+    edges.append(n)
+    return tuple(int(x) for x in np.diff(edges))
 
 
 def plan(
@@ -317,11 +357,15 @@ def plan(
         if proteins is not None:
             proteins.select(idx)
     out_chunks = tuple(int(c) for c in matrix.chunks[0])
-    aligned = _aligned(out_chunks, bs)
-    if aligned != out_chunks or len(matrix.chunks[1]) != 1:
-        matrix = matrix.rechunk({0: aligned, 1: -1})
+    chunks = _task_chunks(out_chunks, bs, _min_chunk_rows())
+    # a task reads the blocks it spans itself where each block is one task with no input;
+    # otherwise the matrix is rechunked to the tasks' rows
+    nodes = root_nodes(matrix) if len(matrix.chunks[1]) == 1 else None
+    reads = None if nodes is None else _spans(nodes, out_chunks, chunks)
+    if reads is None and (chunks != out_chunks or len(matrix.chunks[1]) != 1):
+        matrix = matrix.rechunk({0: chunks, 1: -1})
     if proteins is not None:
-        proteins.align(matrix.chunks[0])
+        proteins.align(chunks)
     job = ChunkJob(
         model=_model_ref(model),
         method=method,
@@ -344,7 +388,16 @@ def plan(
         gene_names=None if gene_key is None else np.asarray(var[gene_key]),
         proteins=None if proteins is None else proteins.carry,
     )
-    return Plan(matrix=matrix, obs=obs, keys=idx, out_chunks=out_chunks, job=job, proteins=proteins)
+    return Plan(
+        matrix=matrix,
+        obs=obs,
+        keys=idx,
+        out_chunks=out_chunks,
+        job=job,
+        chunks=chunks,
+        proteins=proteins,
+        reads=reads,
+    )
 
 
 def _refuse_mudata(model, adata: Any) -> None:

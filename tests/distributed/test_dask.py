@@ -55,6 +55,14 @@ def client():
     cluster.close()
 
 
+@pytest.fixture(autouse=True)
+def every_chunk_a_task():
+    """These tests' inputs are a few hundred cells in chunks of 8-64 rows: one task per
+    chunk (by default tasks group chunks up to 8,192 rows: test_small_chunks_grouped)."""
+    with dask.config.set({"scvi-onnx.min-chunk-rows": 1}):
+        yield
+
+
 @pytest.fixture(scope="module")
 def model():
     return scvi_onnx.load(SHIPPED_BUNDLE, device="cpu", seed=3)
@@ -167,6 +175,42 @@ def test_aligned_root_reads_run_inside_the_chunk_tasks(client, model, mem):
         names = {str(k[0] if isinstance(k, tuple) else k) for k in optimized.__dask_graph__()}
         assert any(read_layer in name for name in names)
         _eq(sel.compute(), model.get_latent_representation(mem, indices=idx, batch_size=BS))
+
+
+def _chunk_tasks(arr) -> list[str]:
+    (optimized,) = dask.optimize(arr)
+    return [str(k) for k in optimized.__dask_graph__() if "scvi-onnx-" in str(k)]
+
+
+def test_small_chunks_grouped_into_tasks_that_read_their_blocks(client, model, mem, monkeypatch):
+    """Chunks smaller than ``scvi-onnx.min-chunk-rows`` (default 8,192) are grouped into
+    tasks on the minibatch grid; each task reads the blocks it spans itself (no rechunk, no
+    read tasks); outputs keep the input's chunks and the in-memory numbers."""
+    a = read_lazy(EXAMPLE_H5AD)
+    with h5py.File(EXAMPLE_H5AD, "r") as f:
+        a.X = read_elem_lazy(f["X"], chunks=(48, a.n_vars))  # not on the grid of 32
+        read_layer = a.X.name
+        with dask.config.set({"scvi-onnx.min-chunk-rows": 64}):
+            z = model.get_latent_representation(a, batch_size=BS)
+            e = model.get_elbo(a, return_mean=False, batch_size=BS)
+            ll = model.get_marginal_ll(a, n_mc_samples=20, batch_size=BS)
+        # tasks [0, 64), [64, 128), [128, 192), [192, 200): each spans two 48-row blocks
+        assert len(_chunk_tasks(z)) == 4
+        (optimized,) = dask.optimize(z)
+        assert not any(read_layer in str(k) for k in optimized.__dask_graph__())
+        assert z.chunks[0] == a.X.chunks[0] and e.chunks[0] == a.X.chunks[0]
+        _eq(z.compute(), model.get_latent_representation(mem, batch_size=BS))
+        _eq(e.compute(), model.get_elbo(mem, return_mean=False, batch_size=BS))
+        assert ll == model.get_marginal_ll(mem, n_mc_samples=20, batch_size=BS)
+        # the default (no config; this module's fixture set one): 200 cells are one task
+        monkeypatch.delitem(dask.config.config, "scvi-onnx")
+        assert dask.config.get("scvi-onnx.min-chunk-rows", None) is None
+        z = model.get_latent_representation(a, batch_size=BS)
+        assert len(_chunk_tasks(z)) == 1
+        _eq(z.compute(), model.get_latent_representation(mem, batch_size=BS))
+        with dask.config.set({"scvi-onnx.min-chunk-rows": 0}):
+            with pytest.raises(scvi_onnx.InvalidArgumentError, match="min-chunk-rows"):
+                model.get_latent_representation(a, batch_size=BS)
 
 
 def test_indices_key_cells_by_their_rows(client, model, mem, lazy_h5ad):
@@ -537,9 +581,17 @@ def _same_error(run, want_input, got_input):
     return got.value
 
 
-def test_totalvi_bit_identical(client, totalvi, cite):
+@pytest.mark.parametrize("min_rows", [1, 64])
+def test_totalvi_bit_identical(client, totalvi, cite, min_rows):
     """Latent (mean, return_dist), ELBO, both reconstruction terms and marginal LL per cell:
-    bit-identical to in memory; the means to float rounding (the marginal LL's exactly)."""
+    bit-identical to in memory; the means to float rounding (the marginal LL's exactly).
+    With ``min_rows`` 64 the tasks group the chunks and read them themselves, the proteins
+    cut to the tasks' rows."""
+    with dask.config.set({"scvi-onnx.min-chunk-rows": min_rows}):
+        _totalvi_bit_identical(totalvi, cite)
+
+
+def _totalvi_bit_identical(totalvi, cite):
     lazy = _dask_x(cite)
     z = totalvi.get_latent_representation(lazy, batch_size=BS)
     assert z.chunks == ((40, 70, 40), (totalvi.n_latent,))

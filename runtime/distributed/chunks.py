@@ -1,7 +1,8 @@
 """What a worker runs for one row chunk: the in-memory loops on the chunk's cells.
 
-A chunk arrives as its expression block (numpy or scipy CSR, as Dask computed it), the
-registered obs columns of its rows (a small pandas DataFrame, indexed by the cells' names), the
+A chunk arrives as its expression block (numpy or scipy CSR, as Dask computed it) or as the
+read of the input blocks it spans (:class:`BlockRead`, run here), the registered obs columns
+of its rows (:class:`ChunkObs`, rebuilt as a pandas DataFrame indexed by the cells' names), the
 global key of its rows and, for a model with proteins (TOTALVI), its rows of the protein counts
 (:mod:`~scvi_onnx.distributed.proteins`). It becomes a plain in-memory AnnData (the proteins in
 its registered ``obsm`` entry) and goes through exactly the

@@ -184,16 +184,28 @@ def root_nodes(matrix) -> list | None:
     return nodes
 
 
-def _spans(nodes: list, in_chunks: tuple[int, ...], chunks: tuple[int, ...]) -> list[BlockRead]:
-    """Each task's read of its rows: the blocks it spans, and where its rows are in them."""
+#: Most rows the tasks may read, over the input's rows, when each reads the blocks it spans (a
+#: block cut by a task boundary is read by both tasks); beyond it the input is rechunked.
+MAX_SPAN_READS = 1.5
+
+
+def _spans(
+    nodes: list, in_chunks: tuple[int, ...], chunks: tuple[int, ...]
+) -> list[BlockRead] | None:
+    """Each task's read of its rows: the blocks it spans, and where its rows are in them; None
+    when the tasks would read more than ``MAX_SPAN_READS`` times the rows (input chunks cut
+    into slivers: large chunks off the minibatch grid), which a rechunk reads once."""
     in_edges = np.concatenate([[0], np.cumsum(in_chunks)])
     edges = np.concatenate([[0], np.cumsum(chunks)])
-    reads = []
+    reads, rows_read = [], 0
     for a, b in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
         j0 = int(np.searchsorted(in_edges, a, side="right")) - 1
         j1 = int(np.searchsorted(in_edges, b, side="left")) - 1
         first = int(in_edges[j0])
+        rows_read += int(in_edges[j1 + 1]) - first
         reads.append(BlockRead(tuple(nodes[j0 : j1 + 1]), a - first, b - first))
+    if rows_read > MAX_SPAN_READS * int(edges[-1]):
+        return None
     return reads
 
 

@@ -214,6 +214,26 @@ def test_small_chunks_grouped_into_tasks_that_read_their_blocks(client, model, m
                 model.get_latent_representation(a, batch_size=BS)
 
 
+def test_blocks_cut_into_slivers_are_rechunked(client, model, mem):
+    """50-row blocks on the grid of 32, one task per chunk: tasks [0, 64), [64, 96),
+    [96, 160), [160, 200) would read 350 rows for 200 (blocks cut by task boundaries are read
+    by both tasks), over MAX_SPAN_READS: the input is rechunked (each block read once, by its
+    own task) and the numbers are the same."""
+    from scvi_onnx.distributed import methods
+
+    a = read_lazy(EXAMPLE_H5AD)
+    with h5py.File(EXAMPLE_H5AD, "r") as f:
+        a.X = read_elem_lazy(f["X"], chunks=(50, a.n_vars))
+        nodes = methods.root_nodes(a.X)
+        assert nodes is not None
+        chunks = methods._task_chunks(a.X.chunks[0], BS, 1)
+        assert chunks == (64, 32, 64, 40)
+        assert methods._spans(nodes, a.X.chunks[0], chunks) is None
+        e = model.get_elbo(a, return_mean=False, batch_size=BS)
+        assert any(a.X.name in k for k in _task_keys(e))
+        _eq(e.compute(), model.get_elbo(mem, return_mean=False, batch_size=BS))
+
+
 def test_indices_key_cells_by_their_rows(client, model, mem, lazy_h5ad):
     idx = np.array([150, 3, 99, 4, 5, 6, 120, 0, 199])
     e = model.get_elbo(lazy_h5ad, indices=idx, return_mean=False, batch_size=4)

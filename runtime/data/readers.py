@@ -231,14 +231,11 @@ def _rows_matrix(lengths: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_cols
     through the constructor.
     """
     shape = (lengths.size, n_cols)
-    if vals.dtype not in _SPARSE_VALUES or vals.ndim != 1 or cols.ndim != 1:
-        indptr = np.zeros(lengths.size + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        return sp.csr_matrix((vals, cols, indptr), shape=shape, copy=False)
-    nnz = int(vals.size)
-    idx = np.int32 if max(nnz, n_cols) < np.iinfo(np.int32).max else np.int64
+    idx = np.int32 if max(int(vals.size), n_cols) < np.iinfo(np.int32).max else np.int64
     indptr = np.zeros(lengths.size + 1, dtype=idx)
     np.cumsum(lengths, out=indptr[1:])
+    if vals.dtype not in _SPARSE_VALUES or vals.ndim != 1 or cols.ndim != 1:
+        return sp.csr_matrix((vals, cols, indptr), shape=shape, copy=False)
     block = sp.csr_matrix(shape, dtype=vals.dtype)
     block.indptr, block.indices, block.data = indptr, cols.astype(idx, copy=False), vals
     return block

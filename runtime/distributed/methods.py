@@ -92,7 +92,7 @@ class Plan:
         return int(self.keys.size)
 
     def bounds(self) -> list[tuple[int, int]]:
-        edges = np.concatenate([[0], np.cumsum(self.chunks)]).tolist()
+        edges = _edges(self.chunks).tolist()
         return list(zip(edges[:-1], edges[1:], strict=True))
 
     def write_rows(self) -> int:
@@ -161,6 +161,11 @@ class Plan:
         return arr
 
 
+def _edges(chunks: tuple[int, ...]) -> np.ndarray:
+    """Where row chunks start, and the end: ``(0, c0, c0 + c1, ..., n)``."""
+    return np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
+
+
 def root_nodes(matrix) -> list | None:
     """Each row block's graph node, when every block of the (optimized) matrix is computed by
     one task that needs no other (a root: a file read such as ``read_elem_lazy``'s or
@@ -195,8 +200,7 @@ def _spans(
     """Each task's read of its rows: the blocks it spans, and where its rows are in them; None
     when the tasks would read more than ``MAX_SPAN_READS`` times the rows (input chunks cut
     into slivers: large chunks off the minibatch grid), which a rechunk reads once."""
-    in_edges = np.concatenate([[0], np.cumsum(in_chunks)])
-    edges = np.concatenate([[0], np.cumsum(chunks)])
+    in_edges, edges = _edges(in_chunks), _edges(chunks)
     reads, rows_read = [], 0
     for a, b in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
         j0 = int(np.searchsorted(in_edges, a, side="right")) - 1

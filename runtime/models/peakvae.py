@@ -40,7 +40,7 @@ from ..bundle import format as F
 from ..data import DataNeeds, Minibatch
 from ..errors import BundleIntegrityError
 from ..maths import distributions as D
-from ..maths.likelihood import BernoulliScorer
+from ..maths.likelihood import BernoulliScorer, Scratch
 from ..sessions import Graph
 from .base import BundleContents, ElboTerms, Module, covariates_taken
 from .scoring import choose_score_graph
@@ -169,6 +169,8 @@ class PEAKVAE(Module):
                 f"{F.ENCODER_FILE} takes {width} values per cell but the manifest lists "
                 f"{self._n_regions} regions; re-export the bundle"
             )
+        # the Bernoulli kernel's work buffers, per worker thread (no page faults per call)
+        self._scratch = Scratch()
         # The likelihood reads the accessible regions (non-zero entries); no library size;
         # X is registered as count data by scvi-tools (non-integer values: one warning).
         self.needs = DataNeeds(
@@ -230,7 +232,7 @@ class PEAKVAE(Module):
             if depth is None:
                 depth = np.ones((mb.n, 1), dtype=np.float32)
             return GraphScorer(self.score_graph, self.score_graph.to_device(counts), depth)
-        kernel = BernoulliScorer(mb.entries, self._n_regions, self.region_factors)
+        kernel = BernoulliScorer(mb.entries, self._n_regions, self.region_factors, self._scratch)
         return HostScorer(self.decoder, kernel, depth)
 
     # ------------------------------------------------------------------ the terms

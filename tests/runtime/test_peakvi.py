@@ -26,7 +26,7 @@ from scvi_onnx.errors import (
 )
 from scvi_onnx.maths import distributions as D
 from scvi_onnx.maths import rng
-from scvi_onnx.maths.likelihood import BLOCK_ELEMENTS, BernoulliScorer
+from scvi_onnx.maths.likelihood import BLOCK_ELEMENTS, BernoulliScorer, Scratch
 
 from ..conftest import MODELS
 from ..peaks import PEAKS_H5AD
@@ -103,6 +103,26 @@ def test_kernel_clamps_where_q_is_0_or_1():
     np.testing.assert_allclose(got, _reference_log_px(px, None, None, x), rtol=1e-6)
 
 
+def test_kernel_tiny_accessible_probabilities_are_not_lost_in_products():
+    # four accessible regions one quarter apart multiply into one product: q = 3.2e-11 gives
+    # ~1e-44, a float32 subnormal with a few bits left (its log off by ~0.1), and 1e-12 gives
+    # 0; those rows are summed element by element (log q is -24 and -28, far above the clamp)
+    g = np.random.default_rng(8)
+    S, n, R = 2, 3, 40
+    px, x, d, ff = _case(g, S, n, R)
+    x[1] = 0
+    acc = [3, 13, 23, 33]
+    x[1, acc] = 1.0
+    px[0, 1, acc] = (np.float32(3.2e-11) / (d[1] * ff[acc])).astype(np.float32)
+    px[1, 1, acc] = 1e-12
+    px[1, 2, :] = np.float32(1e-30)  # a row of tiny q, none of it accessible in cell 2...
+    x[2, 5] = 2.0  # ...but one
+    got = BernoulliScorer(Entries.from_dense(x), R, ff).score(px, d)
+    want = _reference_log_px(px, d, ff, x)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
 def test_kernel_rows_independent_of_their_group():
     g = np.random.default_rng(3)
     px, x, d, ff = _case(g, 4, 30, 900)
@@ -111,6 +131,34 @@ def test_kernel_rows_independent_of_their_group():
     for sl in (slice(0, 1), slice(5, 17), slice(29, 30)):
         part = BernoulliScorer(e.rows(sl), 900, ff).score(np.ascontiguousarray(px[:, sl]), d[sl])
         np.testing.assert_array_equal(part, whole[:, sl])
+
+
+def test_kernel_reuses_a_thread_scratch_and_gives_the_same_sums():
+    g = np.random.default_rng(5)
+    scratch = Scratch()
+    px, x, d, ff = _case(g, 3, 20, 700)
+    e = Entries.from_dense(x)
+    fresh = BernoulliScorer(e, 700, ff).score(px, d)
+    # a buffer left with another call's values (NaN) changes nothing: every element is written
+    scratch.buffer(1 << 20)[:] = np.nan
+    kept = scratch.buffer(1)
+    reused = BernoulliScorer(e, 700, ff, scratch).score(px, d)
+    np.testing.assert_array_equal(reused, fresh)
+    assert scratch.buffer(1) is kept  # kept between calls, not allocated again
+    # a smaller model's call after a larger one's: the same buffer, the same sums
+    px2, x2, d2, ff2 = _case(g, 2, 5, 40)
+    np.testing.assert_array_equal(
+        BernoulliScorer(Entries.from_dense(x2), 40, ff2, scratch).score(px2, d2),
+        BernoulliScorer(Entries.from_dense(x2), 40, ff2).score(px2, d2),
+    )
+    # each thread has its own buffer (two threads never share one)
+    import threading
+
+    other = []
+    t = threading.Thread(target=lambda: other.append(scratch.buffer(1)))
+    t.start()
+    t.join()
+    assert other[0] is not kept and not np.shares_memory(other[0], kept)
 
 
 # ----------------------------------------------------------------------------- shipped bundle

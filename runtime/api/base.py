@@ -211,6 +211,7 @@ class OnnxVAEModel:
         progress: bool,
         scoring: bool,
         what: str,
+        per_cell: bool = False,
         first_key: int = 0,
         layer: str | None = None,
         gene_key: str | None = None,
@@ -218,7 +219,8 @@ class OnnxVAEModel:
     ) -> Iterator[Minibatch]:
         """The checked minibatches of a call: ``scoring`` ones carry what the scoring
         methods need (entries, observed library); the latent space needs neither. ``what``
-        names the result in messages ("the latent space")."""
+        names the result in messages ("the latent space"). ``per_cell``: the results do not
+        depend on how cells are grouped (a wide model's minibatches may be cut smaller)."""
         needs: DataNeeds = self.module.needs if scoring else self.module.needs.for_latent()
         use = ObsUse(used=self.module.obs_use(scoring), unseen_as=dict(unseen_as or {}), what=what)
         return inputs.minibatches(
@@ -237,6 +239,7 @@ class OnnxVAEModel:
             gene_key=gene_key,
             first_key=check_first_key(first_key),
             progress=progress,
+            per_cell=per_cell,
         )
 
     def _seed(self, seed: int | None) -> int:
@@ -327,6 +330,7 @@ class OnnxVAEModel:
             dataloader,
             scoring=False,
             what="the latent space",
+            per_cell=True,
             **_read(
                 missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
             ),
@@ -465,7 +469,7 @@ class OnnxVAEModel:
         _no_loader_kwargs(data_loader_kwargs)
         seed = self._seed(seed)
         mbs = self._minibatches(
-            adata, indices, batch_size, dataloader, scoring=True, what=what, **data
+            adata, indices, batch_size, dataloader, scoring=True, what=what, per_cell=True, **data
         )
         return elbo_loop.elbo_terms(self.module, self.engine, mbs, seed)
 

@@ -281,6 +281,33 @@ def test_bit_identical_across_batch_sizes(model, cells):
         np.testing.assert_array_equal(model.get_elbo(cells, return_mean=False, batch_size=bs), ref)
 
 
+def test_wide_models_read_fewer_cells_at_a_time(model, cells, monkeypatch):
+    from scvi_onnx.methods import inputs
+
+    ref_latent = model.get_latent_representation(cells, batch_size=400)
+    ref_elbo = model.get_elbo(cells, return_mean=False, batch_size=400)
+    ref_mll = model.get_marginal_ll(cells, n_mc_samples=3, batch_size=400)
+    # a cap of 37 cells x the model's regions: the per-cell methods read 37 cells at a time
+    monkeypatch.setattr(inputs, "READ_ELEMENTS", 37 * cells.n_vars)
+    seen = []
+    encode = model.module.encode
+    monkeypatch.setattr(model.module, "encode", lambda mb: seen.append(mb.n) or encode(mb))
+    np.testing.assert_array_equal(
+        model.get_latent_representation(cells, batch_size=400), ref_latent
+    )
+    assert max(seen) == 37 and sum(seen) == cells.n_obs
+    seen.clear()
+    np.testing.assert_array_equal(
+        model.get_elbo(cells, return_mean=False, batch_size=400), ref_elbo
+    )
+    assert max(seen) == 37
+    seen.clear()
+    # the marginal LL groups cells by batch_size (a mean of minibatch means): not cut
+    assert cells.n_obs == 400
+    assert model.get_marginal_ll(cells, n_mc_samples=3, batch_size=400) == ref_mll
+    assert seen == [400]  # the 400 cells in one minibatch
+
+
 def test_extra_methods_and_repr(model, cells):
     assert "OnnxPEAKVI" in repr(model) and "model_depth=True" in repr(model)
     f = model.get_region_factors()

@@ -459,18 +459,23 @@ class BernoulliScorer:
         ip = self.entries.indptr
         edges = np.minimum(np.arange(0, n + r_max, r_max), n)
         nnz_max = int(np.diff(ip[edges]).max(initial=0))
-        size, quarter = k_max * r_max * R, k_max * r_max * (R // 4)
-        work = self.scratch.buffer(size + quarter + k_max * nnz_max)
+        # one work buffer: the block's factors (a), their products of four (c), -(d f) of its
+        # cells (ndf, with region factors) and q at its accessible regions (q_nz)
+        A, C = k_max * r_max * R, k_max * r_max * (R // 4)
+        N = 0 if self.f is None else r_max * R
+        work = self.scratch.buffer(A + C + N + k_max * nnz_max)
+        bufs = (work[:A], work[A : A + C], work[A + C : A + C + N], work[A + C + N :])
         pos = self.scratch.buffer(k_max * nnz_max, np.intp)
         for r0 in range(0, n, r_max):
-            self._rows(px, neg_d, out, r0, min(n, r0 + r_max), k_max, work, pos)
+            self._rows(px, neg_d, out, r0, min(n, r0 + r_max), k_max, bufs, pos)
         return out.astype(np.float64)
 
-    def _rows(self, px, neg_d, out, r0: int, r1: int, k_max: int, work, pos) -> None:
+    def _rows(self, px, neg_d, out, r0: int, r1: int, k_max: int, bufs, pos) -> None:
         """Cells ``r0:r1`` (one block of rows), every sample, into ``out``."""
         S, _, R = px.shape
         e = self.entries
         r, Q = r1 - r0, R // 4
+        a_buf, c_buf, ndf_buf, q_buf = bufs
         # the block's accessible regions: flat positions in a block of k_max samples
         e0, e1 = int(e.indptr[r0]), int(e.indptr[r1])
         nnz = e1 - e0
@@ -483,15 +488,18 @@ class BernoulliScorer:
         if k_max > 1:
             np.add(flat[0], (np.arange(1, k_max, dtype=np.intp) * (r * R))[:, None], out=flat[1:])
         # -(d f) of these cells, (r, R) (or -d, (r, 1), without region factors)
-        ndf = neg_d[r0:r1] if self.f is None else neg_d[r0:r1] * self.f
+        if self.f is None:
+            ndf = neg_d[r0:r1]
+        else:
+            ndf = np.multiply(neg_d[r0:r1], self.f, out=ndf_buf[: r * R].reshape(r, R))
         one = np.float32(1.0)
         for s0 in range(0, S, k_max):
             s1 = min(S, s0 + k_max)
             k = s1 - s0
-            a_flat = work[: k * r * R]
+            a_flat = a_buf[: k * r * R]
             a = a_flat.reshape(k, r, R)
-            c = work[k_max * r * R : k_max * r * R + k * r * Q].reshape(k, r, Q)
-            q_nz = work[-k_max * nnz :][: k * nnz] if nnz else work[:0]
+            c = c_buf[: k * r * Q].reshape(k, r, Q)
+            q_nz = q_buf[: k * nnz]
             fk = flat[:k].reshape(-1)
             np.multiply(px[s0:s1, r0:r1], ndf, out=a)  # -q
             np.take(a_flat, fk, out=q_nz)

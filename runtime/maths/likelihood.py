@@ -40,8 +40,9 @@ BLOCK_ELEMENTS = 1 << 17
 #: The same for PEAKVI's Bernoulli kernel, whose per-block work is a handful of numpy calls:
 #: with two threads (ELBO and reconstruction error of 20,000 cells x 2,000 regions) 2^19 took
 #: 0.24-0.27 s against 0.28-0.32 at 2^17 (each call re-takes the interpreter lock, which the
-#: other thread holds between its own calls); the sums are unchanged. Its two work buffers
-#: (4 MB) are kept per thread in a :class:`Scratch`.
+#: other thread holds between its own calls); the sums are unchanged. Its work buffer (up to
+#: ~2.25x a block: factors, their products of four, -(d f), the accessible q; 2-5 MB) is kept
+#: per thread in a :class:`Scratch`.
 BCE_BLOCK_ELEMENTS = 1 << 19
 
 _HALF_LOG_2PI = 0.5 * np.log(2.0 * np.pi)
@@ -431,8 +432,8 @@ class BernoulliScorer:
     region_factors
         ``(R,)`` float32 ``sigmoid(region_factors)``, or ``None`` (``region_factors=False``).
     scratch
-        Where the work buffers come from (a model's, shared by its calls); ``None``: allocated
-        per call.
+        Where the work buffers come from (a model's, shared by its calls); ``None``: this
+        scorer's own.
     """
 
     def __init__(

@@ -55,6 +55,9 @@ class Engine:
         the readers run there too.
     task_elements, chunk_elements
         Cells x genes of a per-cell task; elements of one decoder call.
+    read_elements
+        Most cells x genes of one dense minibatch in the per-cell methods:
+        ``READ_ELEMENTS``, and never less than one task (CUDA's tasks are larger).
     """
 
     n_workers: int
@@ -62,6 +65,7 @@ class Engine:
     latent_prefetch: int
     task_elements: int
     chunk_elements: int
+    read_elements: int
 
     @classmethod
     def for_provider(cls, provider: str, n_threads: int | None = None) -> Engine:
@@ -70,12 +74,14 @@ class Engine:
         # 2 CPUs over 1M backed cells)
         prefetch = max(1, n // 2) if n > 1 else 0
         cuda = provider == CUDA
+        task = CUDA_TASK_ELEMENTS if cuda else TASK_ELEMENTS
         return cls(
             n_workers=n,
             prefetch=prefetch,
             latent_prefetch=prefetch if cuda else 0,
-            task_elements=CUDA_TASK_ELEMENTS if cuda else TASK_ELEMENTS,
+            task_elements=task,
             chunk_elements=CUDA_DECODER_CHUNK_ELEMENTS if cuda else DECODER_CHUNK_ELEMENTS,
+            read_elements=max(READ_ELEMENTS, task),
         )
 
     def pmap(self, fn: Callable, items: Iterable) -> Iterator:

@@ -12,7 +12,7 @@ from ..data import AnnDataSource, DataNeeds, Minibatch, normalize_dataloader, re
 from ..data.mudata import split_input
 from ..data.obs import ObsUse
 from ..errors import InvalidArgumentError
-from .engine import DEFAULT_BATCH_SIZE, READ_ELEMENTS
+from .engine import DEFAULT_BATCH_SIZE
 
 
 def minibatches(
@@ -33,7 +33,7 @@ def minibatches(
     layer: str | None = None,
     gene_key: str | None = None,
     progress: bool = False,
-    per_cell: bool = False,
+    read_elements: int | None = None,
 ) -> Iterator[Minibatch]:
     """Checked, completed minibatches of ``adata`` (or of a user's ``dataloader``).
 
@@ -43,9 +43,9 @@ def minibatches(
     (a chunk of a larger input passes its first global row, and ``n_total``, the whole's
     number of cells); ``progress`` shows a bar over minibatches; ``use``, ``layer``,
     ``gene_key``: see
-    :class:`~scvi_onnx.data.anndata.AnnDataSource`; ``per_cell``: the method's results do not
-    depend on how cells are grouped, so a wide model's minibatches are cut to at most
-    ``READ_ELEMENTS`` cells x genes (memory; a user's dataloader is taken as it comes).
+    :class:`~scvi_onnx.data.anndata.AnnDataSource`; ``read_elements``: for methods whose results
+    do not depend on how cells are grouped, minibatches are cut to at most this many cells x
+    genes (memory; a user's dataloader is taken as it comes).
     """
     batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
     if dataloader is not None:
@@ -81,8 +81,8 @@ def minibatches(
         )
         idx = resolve_indices(indices, src.n_obs)
         bs = batch_size or DEFAULT_BATCH_SIZE
-        if per_cell:
-            bs = min(bs, max(1, READ_ELEMENTS // max(1, manifest.n_genes)))
+        if read_elements:
+            bs = min(bs, max(1, read_elements // max(1, manifest.n_genes)))
         it = src.minibatches(idx, bs, needs=needs, prefetch=prefetch)
         total = math.ceil(len(idx) / bs)
     if progress:

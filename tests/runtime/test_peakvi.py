@@ -282,13 +282,15 @@ def test_bit_identical_across_batch_sizes(model, cells):
 
 
 def test_wide_models_read_fewer_cells_at_a_time(model, cells, monkeypatch):
-    from scvi_onnx.methods import inputs
+    import dataclasses
 
     ref_latent = model.get_latent_representation(cells, batch_size=400)
     ref_elbo = model.get_elbo(cells, return_mean=False, batch_size=400)
     ref_mll = model.get_marginal_ll(cells, n_mc_samples=3, batch_size=400)
     # a cap of 37 cells x the model's regions: the per-cell methods read 37 cells at a time
-    monkeypatch.setattr(inputs, "READ_ELEMENTS", 37 * cells.n_vars)
+    monkeypatch.setattr(
+        model, "engine", dataclasses.replace(model.engine, read_elements=37 * cells.n_vars)
+    )
     seen = []
     encode = model.module.encode
     monkeypatch.setattr(model.module, "encode", lambda mb: seen.append(mb.n) or encode(mb))
@@ -306,6 +308,18 @@ def test_wide_models_read_fewer_cells_at_a_time(model, cells, monkeypatch):
     assert cells.n_obs == 400
     assert model.get_marginal_ll(cells, n_mc_samples=3, batch_size=400) == ref_mll
     assert seen == [400]  # the 400 cells in one minibatch
+
+
+def test_reads_are_cut_to_a_bound_never_below_one_task():
+    from scvi_onnx.methods.engine import READ_ELEMENTS, Engine
+
+    cpu, cuda = (
+        Engine.for_provider("CPUExecutionProvider", 2),
+        Engine.for_provider("CUDAExecutionProvider", 2),
+    )
+    assert cpu.read_elements == max(READ_ELEMENTS, cpu.task_elements)
+    # CUDA's tasks are larger than the bound: a read still carries one whole task
+    assert cuda.read_elements == cuda.task_elements > READ_ELEMENTS
 
 
 def test_extra_methods_and_repr(model, cells):

@@ -29,6 +29,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from floor import matmul_floor  # noqa: E402
+
 import models  # noqa: E402
 
 TASKS = ["latent", "elbo", "rec", "mll"]
@@ -132,36 +134,6 @@ def cold_start(
     return {"side": side, "task": "cold", "median": wall, "times": [wall], "peak_rss_mb": rss}
 
 
-def matmul_floor(config: dict, rows: int, repeats: int = 3) -> dict:
-    """Seconds this machine's numpy float32 matmul needs for the decoder's FLOPs on ``rows``.
-
-    The decoder's gene-sized heads: px_scale (+ ZINB's dropout, + gene-cell dispersion) for
-    SCVI; PEAKVI's one region-sized output layer."""
-    L, H, G = config["n_latent"], config["n_hidden"], config["n_input"]
-    lik, dispersion = config.get("gene_likelihood"), config.get("dispersion")
-    heads = 1 + (lik == "zinb") + (dispersion == "gene-cell")
-    n_layers = config.get("n_layers_decoder", config.get("n_layers"))
-    if config.get("module_class") == "TOTALVAE":
-        # DecoderTOTALVI: four trunks (genes, background, foreground, mixing) of
-        # n_layers_decoder layers, gene heads and four protein heads on [hidden, z]
-        P = config["n_proteins"]
-        trunks = 4 * (L * H + (n_layers - 1) * H * H)
-        flops_per_row = 2 * (trunks + (H + L) * (G * heads + 4 * P))
-    else:
-        flops_per_row = 2 * (L * H + (n_layers - 1) * H * H + H * G * heads)
-    a = np.random.default_rng(0).standard_normal((8192, H), dtype=np.float32)
-    w = np.random.default_rng(1).standard_normal((H, G), dtype=np.float32)
-    a @ w
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ w
-        ts.append(time.perf_counter() - t)
-    gflops = 2 * 8192 * H * G / min(ts) / 1e9
-    total = flops_per_row * rows
-    return {"gflops": gflops, "decoder_gflop": total / 1e9, "floor_s": total / (gflops * 1e9)}
-
-
 def environment() -> dict:
     """Versions, read in a subprocess: this process stays small (a child's ru_maxrss starts
     from its parent's size at fork, so a heavy orchestrator would inflate every measurement)."""
@@ -175,7 +147,20 @@ def environment() -> dict:
         "'scvi_onnx': scvi_onnx.__version__}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "cpu": cpu_model()}
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``): ratios between the product and the
+    elementwise work differ between CPUs (the same code took 1.5-1.9 s on one VM and 3.4 s on
+    another for the same marginal LL, with a similar matmul speed)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def prepare(name: str, work: Path, n_cells: int) -> tuple[Path, Path]:
@@ -292,8 +277,20 @@ def main() -> None:
                 "memory_ratio": res["onnx"]["peak_rss_mb"] / res["scvi"]["peak_rss_mb"],
             }
             if task == "mll" and args.device == "cpu":
-                row["floor"] = matmul_floor(config, args.mll_cells * args.n_mc)
-                row["onnx_over_floor"] = res["onnx"]["median"] / row["floor"]["floor_s"]
+                # the floor timed in the scvi-onnx worker after each repeat (worker.py); the
+                # ratio is the median of the per-repeat ratios
+                floors = res["onnx"].get("floor_times")
+                if floors:
+                    ratios = [t / f for t, f in zip(res["onnx"]["times"], floors, strict=True)]
+                    row["floor"] = {
+                        "floor_s": float(np.median(floors)),
+                        "floor_times": floors,
+                        "measured": "in the scvi-onnx worker, after each repeat",
+                    }
+                    row["onnx_over_floor"] = float(np.median(ratios))
+                else:  # an older worker: timed here, after the jobs
+                    row["floor"] = matmul_floor(config, args.mll_cells * args.n_mc)
+                    row["onnx_over_floor"] = res["onnx"]["median"] / row["floor"]["floor_s"]
             rows.append(row)
     report = {
         "environment": env,
@@ -313,7 +310,8 @@ def render(report: dict) -> str:
     lines = [
         f"scvi-tools {env['scvi_tools']} (torch {env['torch']}, {env['torch_threads']} threads) "
         f"vs scvi-onnx {env['scvi_onnx']} (onnxruntime {env['onnxruntime']}, "
-        f"{report['onnx_provider']}); {env['cpus']} CPUs, python {env['python']}",
+        f"{report['onnx_provider']}); {env['cpus']} CPUs"
+        f"{' (' + env['cpu'] + ')' if env.get('cpu') else ''}, python {env['python']}",
         f"{a['n_cells']} cells, batch size {a['batch_size']}, medians of {a['repeats']} repeats "
         f"(cold: 1 run); marginal LL: {a['mll_cells']} cells x {a['n_mc']} samples "
         f"(median of {a.get('mll_repeats', 1)}); device {a.get('device', 'cpu')}"

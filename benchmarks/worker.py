@@ -138,11 +138,19 @@ def main() -> None:
             adata, indices=mll_idx, n_mc_samples=args.n_mc, batch_size=len(mll_idx), **kw
         )
 
-    times = []
+    # the marginal LL's matmul floor, timed after each repeat in this process (floor.py)
+    floor_config = None
+    if args.task == "mll" and args.side == "onnx" and args.device == "cpu":
+        from floor import matmul_floor
+
+        floor_config = manifest["config"]
+    times, floor_times = [], []
     for _ in range(args.repeats):
         t = time.perf_counter()
         job()
         times.append(time.perf_counter() - t)
+        if floor_config is not None:
+            floor_times.append(matmul_floor(floor_config, len(mll_idx) * args.n_mc)["floor_s"])
     print(
         json.dumps(
             {
@@ -155,6 +163,7 @@ def main() -> None:
                 "n_cells": int(adata.n_obs),
                 "batch_size": bs,
                 "model_class": model_class,
+                **({"floor_times": floor_times} if floor_times else {}),
                 **info,
             }
         )

@@ -391,10 +391,14 @@ class Scratch:
         return buf
 
 
-#: Accessible regions with ``q`` below this are scored element by element (with torch's
-#: clamp at -100): a product of four factors of at least this (and the ``1 - q >= 2^-24`` of the
-#: others) stays a normal float32, so its ``log`` keeps float32's precision.
-_BCE_Q_MIN = np.float32(1e-9)
+#: ``log`` of float32's smallest normal number: a product of four factors below it (a
+#: subnormal, or 0) lost precision, and its row is summed element by element (with torch's
+#: clamp at -100). The factors are at most 1, so every partial product of a normal product is
+#: normal too.
+_LOG_F32_TINY = np.log(np.finfo(np.float32).tiny)
+#: Largest group (cells x regions) whose coefficients a :class:`BernoulliScorer` keeps between
+#: calls (8 bytes each; the marginal LL's groups are 2^16 at most: 512 KB).
+BCE_COEF_MAX_ELEMENTS = 1 << 20
 
 
 class BernoulliScorer:
@@ -415,9 +419,13 @@ class BernoulliScorer:
       float64 the sums differ as much as per-element ``log1p`` sums do (float32 rounding of
       the sums dominates: ~1e-7 relative);
     - torch's clamps matter only where a factor is exactly 0 (``q`` = 1 elsewhere, ``q`` = 0
-      where accessible: ``log`` is -inf). Those rows, and rows with an accessible ``q`` below
-      ``1e-9`` (whose product could leave float32's normal range), are summed again element by
-      element with the clamps.
+      where accessible: ``log`` is -inf). Those rows, and rows with a product below float32's
+      normal range (four tiny accessible ``q``), are summed again element by element with the
+      clamps.
+    - From the second call on (the marginal LL scores the same cells for chunk after chunk of
+      samples), each block of cells' factors are ``p * c + m`` with coefficients kept by the
+      scorer (``c = -(d f)``, ``m = 1``, or ``c = d f``, ``m = 0`` where accessible): two passes
+      instead of a pass, a gather and a scatter per sample, and bit for bit the same factors.
 
     ~1 ns per region and draw for 2,000 regions, one thread (it was 1.3-1.6 with one
     ``log1p`` per element and a ``log`` / ``log1p`` correction at the accessible regions).
@@ -447,6 +455,12 @@ class BernoulliScorer:
         self.R = int(n_regions)
         self.f = None if region_factors is None else np.asarray(region_factors, np.float32)
         self.scratch = scratch if scratch is not None else Scratch()
+        # From the second call on (the marginal LL's chunks of samples), each block of rows'
+        # coefficients (see _coefficients), kept for the scorer's life: ((r0, r1) -> (c, m)),
+        # for the depth array they were made with. Threads that race here build equal arrays.
+        self._calls = 0
+        self._coef: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._coef_depth: np.ndarray | None = None
 
     def score(self, px: np.ndarray, depth: np.ndarray | None) -> np.ndarray:
         """``(S, n)`` float64 for ``px`` ``(S, n, R)`` and ``depth`` ``(n, 1)`` (or ``None``)."""
@@ -454,6 +468,13 @@ class BernoulliScorer:
         out = np.empty((S, n), dtype=np.float32)
         neg_d = -np.ones((n, 1), np.float32) if depth is None else -depth.reshape(n, 1)
         neg_d = neg_d.astype(np.float32, copy=False)
+        self._calls += 1
+        if self._calls > 1 and n * R <= BCE_COEF_MAX_ELEMENTS:
+            if self._coef_depth is not depth:
+                self._coef, self._coef_depth = {}, depth
+            coef = self._coef
+        else:
+            coef = None
         r_max = max(1, min(n, BCE_BLOCK_ELEMENTS // R))
         k_max = max(1, min(S, BCE_BLOCK_ELEMENTS // (r_max * R)))
         # the most accessible regions in one block of rows
@@ -468,11 +489,25 @@ class BernoulliScorer:
         bufs = (work[:A], work[A : A + C], work[A + C : A + C + N], work[A + C + N :])
         pos = self.scratch.buffer(k_max * nnz_max, np.intp)
         for r0 in range(0, n, r_max):
-            self._rows(px, neg_d, out, r0, min(n, r0 + r_max), k_max, bufs, pos)
+            self._rows(px, neg_d, out, r0, min(n, r0 + r_max), k_max, bufs, pos, coef)
         return out.astype(np.float64)
 
-    def _rows(self, px, neg_d, out, r0: int, r1: int, k_max: int, bufs, pos) -> None:
-        """Cells ``r0:r1`` (one block of rows), every sample, into ``out``."""
+    def _coefficients(self, ndf, r0: int, r1: int, flat0) -> tuple[np.ndarray, np.ndarray]:
+        """Cells ``r0:r1``'s ``(c, m)``, ``(r, R)`` each, with every region's factor
+        ``p * c + m``: ``c = -(d f)``, ``m = 1`` where not accessible (``1 - q``), ``c = d f``,
+        ``m = 0`` where accessible (``q``). Both are exact negations of the same product, so
+        the factors are bit for bit those of the first call's gather / put."""
+        r, R = r1 - r0, self.R
+        m = np.ones((r, R), dtype=np.float32)
+        m.reshape(-1)[flat0] = 0.0
+        c = np.multiply(m, np.float32(2.0))
+        c -= np.float32(1.0)  # +1 / -1
+        c *= ndf
+        return c, m
+
+    def _rows(self, px, neg_d, out, r0: int, r1: int, k_max: int, bufs, pos, coef) -> None:
+        """Cells ``r0:r1`` (one block of rows), every sample, into ``out``; ``coef``: the
+        scorer's kept coefficients (from its second call on), else ``None``."""
         S, _, R = px.shape
         e = self.entries
         r, Q = r1 - r0, R // 4
@@ -493,6 +528,10 @@ class BernoulliScorer:
             ndf = neg_d[r0:r1]
         else:
             ndf = np.multiply(neg_d[r0:r1], self.f, out=ndf_buf[: r * R].reshape(r, R))
+        if coef is not None:
+            cm = coef.get((r0, r1))
+            if cm is None:
+                cm = coef[(r0, r1)] = self._coefficients(ndf, r0, r1, flat[0])
         one = np.float32(1.0)
         for s0 in range(0, S, k_max):
             s1 = min(S, s0 + k_max)
@@ -500,13 +539,17 @@ class BernoulliScorer:
             a_flat = a_buf[: k * r * R]
             a = a_flat.reshape(k, r, R)
             c = c_buf[: k * r * Q].reshape(k, r, Q)
-            q_nz = q_buf[: k * nnz]
-            fk = flat[:k].reshape(-1)
-            np.multiply(px[s0:s1, r0:r1], ndf, out=a)  # -q
-            np.take(a_flat, fk, out=q_nz)
-            np.negative(q_nz, out=q_nz)  # q where accessible
-            np.add(a, one, out=a)  # 1 - q
-            a_flat[fk] = q_nz  # every region's factor
+            if coef is not None:  # p * c + m: two passes, no gather
+                np.multiply(px[s0:s1, r0:r1], cm[0], out=a)
+                a += cm[1]
+            else:
+                q_nz = q_buf[: k * nnz]
+                fk = flat[:k].reshape(-1)
+                np.multiply(px[s0:s1, r0:r1], ndf, out=a)  # -q
+                np.take(a_flat, fk, out=q_nz)
+                np.negative(q_nz, out=q_nz)  # q where accessible
+                np.add(a, one, out=a)  # 1 - q
+                a_flat[fk] = q_nz  # every region's factor
             np.multiply(a[..., :Q], a[..., Q : 2 * Q], out=c)
             np.multiply(c, a[..., 2 * Q : 3 * Q], out=c)
             np.multiply(c, a[..., 3 * Q : 4 * Q], out=c)
@@ -517,10 +560,10 @@ class BernoulliScorer:
                 if R > 4 * Q:  # the last R % 4 regions, one log each
                     dense += np.log(a[..., 4 * Q :]).sum(-1)
             bad = ~np.isfinite(dense)
-            tiny = q_nz < _BCE_Q_MIN
-            if tiny.any():
-                si, ei = np.nonzero(tiny.reshape(k, nnz))
-                bad[si, local_rows[ei]] = True
+            # a product at or below float32's smallest normal (log <= -87.34) may have lost
+            # bits; a factor of 0 (log -inf) needs torch's clamp
+            if c.min(initial=0.0) <= _LOG_F32_TINY:
+                bad |= (c <= _LOG_F32_TINY).any(-1)
             if bad.any():
                 for si, ri in zip(*np.nonzero(bad), strict=True):
                     dense[si, ri] = self._row_exact(px[s0 + si, r0 + ri], ndf, ri, e0, counts)

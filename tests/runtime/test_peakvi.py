@@ -87,17 +87,45 @@ def _case(g, S, n, R, *, depth=True, f=True):
 def test_kernel_equals_reference(S, n, R, depth, f):
     g = np.random.default_rng(R)
     px, x, d, ff = _case(g, S, n, R, depth=depth, f=f)
-    got = BernoulliScorer(Entries.from_dense(x), R, ff).score(px, d)
+    scorer = BernoulliScorer(Entries.from_dense(x), R, ff)
+    got = scorer.score(px, d)
     want = _reference_log_px(px, d, ff, x)
     assert got.shape == (S, n) and got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-5)
+    # the second call's kept coefficients give the first call's sums, bit for bit
+    np.testing.assert_array_equal(scorer.score(px, d), got)
+
+
+def _scores_twice(scorer: BernoulliScorer, px, d) -> np.ndarray:
+    """Both of the scorer's paths: the first call (gather / scatter), then the second (kept
+    coefficients), which must give the same bits."""
+    first = scorer.score(px, d)
+    np.testing.assert_array_equal(scorer.score(px, d), first)
+    return first
+
+
+def test_kernel_keeps_coefficients_for_its_later_calls():
+    """The marginal LL's way: one group of cells, chunk after chunk of samples."""
+    g = np.random.default_rng(11)
+    px, x, d, ff = _case(g, 12, 9, 333)
+    scorer = BernoulliScorer(Entries.from_dense(x), 333, ff)
+    chunks = [scorer.score(np.ascontiguousarray(px[s : s + 4]), d) for s in (0, 4, 8)]
+    assert scorer._coef  # kept from the second call on
+    whole = BernoulliScorer(Entries.from_dense(x), 333, ff).score(px, d)
+    np.testing.assert_array_equal(np.concatenate(chunks), whole)
+    # another depth array (a different group's): coefficients made again for it
+    d2 = (d * np.float32(0.5)).astype(np.float32)
+    np.testing.assert_array_equal(
+        scorer.score(px, d2), BernoulliScorer(Entries.from_dense(x), 333, ff).score(px, d2)
+    )
+    np.testing.assert_allclose(scorer.score(px, d2), _reference_log_px(px, d2, ff, x), rtol=2e-6)
 
 
 def test_kernel_clamps_where_q_is_0_or_1():
     # no depth, no region factors: q = px, which a sigmoid saturates to exactly 0 or 1
     x = np.array([[1, 0, 2, 0], [0, 0, 0, 0]], dtype=np.float32)
     px = np.array([[[0.0, 1.0, 0.5, 0.25], [1.0, 1.0, 0.0, 0.5]]], dtype=np.float32)
-    got = BernoulliScorer(Entries.from_dense(x), 4, None).score(px, None)
+    got = _scores_twice(BernoulliScorer(Entries.from_dense(x), 4, None), px, None)
     want = [[-100 - 100 + math.log(0.5) + math.log(0.75), -200 + math.log(0.5)]]
     np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_allclose(got, _reference_log_px(px, None, None, x), rtol=1e-6)
@@ -117,7 +145,7 @@ def test_kernel_tiny_accessible_probabilities_are_not_lost_in_products():
     px[1, 1, acc] = 1e-12
     px[1, 2, :] = np.float32(1e-30)  # a row of tiny q, none of it accessible in cell 2...
     x[2, 5] = 2.0  # ...but one
-    got = BernoulliScorer(Entries.from_dense(x), R, ff).score(px, d)
+    got = _scores_twice(BernoulliScorer(Entries.from_dense(x), R, ff), px, d)
     want = _reference_log_px(px, d, ff, x)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=2e-6)

@@ -512,25 +512,25 @@ class BernoulliScorer:
         e = self.entries
         r, Q = r1 - r0, R // 4
         a_buf, c_buf, ndf_buf, q_buf = bufs
-        # the block's accessible regions: flat positions in a block of k_max samples
         e0, e1 = int(e.indptr[r0]), int(e.indptr[r1])
         nnz = e1 - e0
         counts = np.diff(e.indptr[r0 : r1 + 1])
-        local_rows = np.repeat(np.arange(r, dtype=np.intp), counts)
-        cols = e.cols[e0:e1]
-        flat = pos[: k_max * nnz].reshape(k_max, nnz)
-        np.multiply(local_rows, R, out=flat[0])
-        flat[0] += cols
-        if k_max > 1:
-            np.add(flat[0], (np.arange(1, k_max, dtype=np.intp) * (r * R))[:, None], out=flat[1:])
-        # -(d f) of these cells, (r, R) (or -d, (r, 1), without region factors)
-        if self.f is None:
-            ndf = neg_d[r0:r1]
-        else:
-            ndf = np.multiply(neg_d[r0:r1], self.f, out=ndf_buf[: r * R].reshape(r, R))
-        if coef is not None:
-            cm = coef.get((r0, r1))
-            if cm is None:
+        cm = None if coef is None else coef.get((r0, r1))
+        if cm is None:  # the first call, or the first to keep coefficients
+            # the block's accessible regions: flat positions in a block of k_max samples
+            local_rows = np.repeat(np.arange(r, dtype=np.intp), counts)
+            flat = pos[: k_max * nnz].reshape(k_max, nnz)
+            np.multiply(local_rows, R, out=flat[0])
+            flat[0] += e.cols[e0:e1]
+            if k_max > 1:
+                steps = (np.arange(1, k_max, dtype=np.intp) * (r * R))[:, None]
+                np.add(flat[0], steps, out=flat[1:])
+            # -(d f) of these cells, (r, R) (or -d, (r, 1), without region factors)
+            if self.f is None:
+                ndf = neg_d[r0:r1]
+            else:
+                ndf = np.multiply(neg_d[r0:r1], self.f, out=ndf_buf[: r * R].reshape(r, R))
+            if coef is not None:
                 cm = coef[(r0, r1)] = self._coefficients(ndf, r0, r1, flat[0])
         one = np.float32(1.0)
         for s0 in range(0, S, k_max):
@@ -566,13 +566,16 @@ class BernoulliScorer:
                 bad |= (c <= _LOG_F32_TINY).any(-1)
             if bad.any():
                 for si, ri in zip(*np.nonzero(bad), strict=True):
-                    dense[si, ri] = self._row_exact(px[s0 + si, r0 + ri], ndf, ri, e0, counts)
+                    p_row = px[s0 + si, r0 + ri]
+                    dense[si, ri] = self._row_exact(p_row, neg_d[r0 + ri], ri, e0, counts)
             out[s0:s1, r0:r1] = dense
 
-    def _row_exact(self, p_row, ndf, ri: int, e0: int, counts) -> np.float32:
-        """One (sample, cell)'s sum element by element, with torch's clamps at -100."""
+    def _row_exact(self, p_row, neg_d, ri: int, e0: int, counts) -> np.float32:
+        """One (sample, cell)'s sum element by element, with torch's clamps at -100; ``neg_d``
+        the cell's ``-d`` (1,)."""
         lo = np.float32(BCE_LOG_MIN)
-        q = -(p_row * ndf[ri])
+        ndf = neg_d if self.f is None else neg_d * self.f  # as the block's -(d f), row ri
+        q = -(p_row * ndf)
         acc = self.entries.cols[e0 + int(counts[:ri].sum()) :][: int(counts[ri])]
         with np.errstate(divide="ignore", invalid="ignore"):
             terms = np.maximum(np.log1p(-q), lo)

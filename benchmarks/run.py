@@ -150,6 +150,13 @@ def environment() -> dict:
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "cpu": cpu_model()}
 
 
+def floor_ratio(times: list[float], floor_times: list[float]) -> float:
+    """The median repeat over the fastest floor timed beside the repeats: a floor slowed by
+    the VM's neighbours (one of two in-worker floors once took 2.08 s against 0.39 s) cannot
+    flatter the ratio; a slowed repeat counts against us."""
+    return float(np.median(times)) / min(floor_times)
+
+
 def cpu_model() -> str | None:
     """The CPU's model name (``/proc/cpuinfo``): ratios between the product and the
     elementwise work differ between CPUs (the same code took 1.5-1.9 s on one VM and 3.4 s on
@@ -277,17 +284,15 @@ def main() -> None:
                 "memory_ratio": res["onnx"]["peak_rss_mb"] / res["scvi"]["peak_rss_mb"],
             }
             if task == "mll" and args.device == "cpu":
-                # the floor timed in the scvi-onnx worker after each repeat (worker.py); the
-                # ratio is the median of the per-repeat ratios
+                # the floor timed in the scvi-onnx worker after each repeat (worker.py)
                 floors = res["onnx"].get("floor_times")
                 if floors:
-                    ratios = [t / f for t, f in zip(res["onnx"]["times"], floors, strict=True)]
                     row["floor"] = {
-                        "floor_s": float(np.median(floors)),
+                        "floor_s": float(min(floors)),
                         "floor_times": floors,
-                        "measured": "in the scvi-onnx worker, after each repeat",
+                        "measured": "in the scvi-onnx worker, after each repeat; the fastest",
                     }
-                    row["onnx_over_floor"] = float(np.median(ratios))
+                    row["onnx_over_floor"] = floor_ratio(res["onnx"]["times"], floors)
                 else:  # an older worker: timed here, after the jobs
                     row["floor"] = matmul_floor(config, args.mll_cells * args.n_mc)
                     row["onnx_over_floor"] = res["onnx"]["median"] / row["floor"]["floor_s"]
@@ -328,7 +333,11 @@ def render(report: dict) -> str:
     for r in report["rows"]:
         extra = ""
         if "floor" in r:
-            extra = f" (matmul floor {r['floor']['floor_s']:.2f} s: x{r['onnx_over_floor']:.2f})"
+            floor_s, ratio = r["floor"]["floor_s"], r["onnx_over_floor"]
+            if "floor_times" in r["floor"]:  # results of earlier runs, under today's rule
+                floor_s = min(r["floor"]["floor_times"])
+                ratio = floor_ratio(r["onnx"]["times"], r["floor"]["floor_times"])
+            extra = f" (matmul floor {floor_s:.2f} s: x{ratio:.2f})"
         if "per_pass" in r["scvi"]:
             extra += f" (scvi-tools' fastest: n_mc_samples_per_pass={r['scvi']['per_pass']})"
         lines.append(

@@ -492,13 +492,12 @@ class BernoulliScorer:
             self._rows(px, neg_d, out, r0, min(n, r0 + r_max), k_max, bufs, pos, coef)
         return out.astype(np.float64)
 
-    def _coefficients(self, ndf, r0: int, r1: int, flat0) -> tuple[np.ndarray, np.ndarray]:
-        """Cells ``r0:r1``'s ``(c, m)``, ``(r, R)`` each, with every region's factor
+    def _coefficients(self, ndf, r: int, flat0) -> tuple[np.ndarray, np.ndarray]:
+        """A block of ``r`` cells' ``(c, m)``, ``(r, R)`` each, with every region's factor
         ``p * c + m``: ``c = -(d f)``, ``m = 1`` where not accessible (``1 - q``), ``c = d f``,
         ``m = 0`` where accessible (``q``). Both are exact negations of the same product, so
         the factors are bit for bit those of the first call's gather / put."""
-        r, R = r1 - r0, self.R
-        m = np.ones((r, R), dtype=np.float32)
+        m = np.ones((r, self.R), dtype=np.float32)
         m.reshape(-1)[flat0] = 0.0
         c = np.multiply(m, np.float32(2.0))
         c -= np.float32(1.0)  # +1 / -1
@@ -531,7 +530,7 @@ class BernoulliScorer:
             else:
                 ndf = np.multiply(neg_d[r0:r1], self.f, out=ndf_buf[: r * R].reshape(r, R))
             if coef is not None:
-                cm = coef[(r0, r1)] = self._coefficients(ndf, r0, r1, flat[0])
+                cm = coef[(r0, r1)] = self._coefficients(ndf, r, flat[0])
         one = np.float32(1.0)
         for s0 in range(0, S, k_max):
             s1 = min(S, s0 + k_max)

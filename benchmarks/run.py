@@ -87,12 +87,22 @@ def worker(side, task, model_dir, data, args) -> dict:
         cmd.append("--dense")
     if side == "scvi" and task == "mll" and args.scvi_per_pass:
         # scvi-tools at each n_mc_samples_per_pass asked for; its fastest is the reference
-        runs = []
+        runs, failed = [], []
         for per_pass in args.scvi_per_pass:
-            _, _, out = _run_rss([*cmd, "--per-pass", str(per_pass)])
+            try:
+                _, _, out = _run_rss([*cmd, "--per-pass", str(per_pass)])
+            except RuntimeError as e:  # e.g. out of device memory at a large per_pass
+                failed.append({"per_pass": per_pass, "error": str(e).splitlines()[-1][-300:]})
+                print(f"scvi-tools n_mc_samples_per_pass={per_pass} failed", file=sys.stderr)
+                continue
             runs.append({**json.loads(out.strip().splitlines()[-1]), "per_pass": per_pass})
+        if not runs:
+            raise RuntimeError(f"every scvi-tools n_mc_samples_per_pass failed: {failed}")
         best = min(runs, key=lambda r: r["median"])
-        return {**best, "per_pass_runs": [{k: r[k] for k in ("per_pass", "median")} for r in runs]}
+        return {
+            **best,
+            "per_pass_runs": [{k: r[k] for k in ("per_pass", "median")} for r in runs] + failed,
+        }
     _, _, out = _run_rss(cmd)
     return json.loads(out.strip().splitlines()[-1])
 
@@ -104,7 +114,9 @@ def cold_start(
     out = out_dir / f"cold_{side}.npy"
     if side == "onnx":
         cmd = [
-            str(Path(python or sys.executable).parent / "scvi-onnx"),
+            python or sys.executable,
+            "-m",
+            "scvi_onnx",  # the CLI (`scvi-onnx`), wherever the package was installed
             "latent",
             str(model_dir / "bundle"),
             str(data),
@@ -168,6 +180,15 @@ def cpu_model() -> str | None:
     except OSError:
         pass
     return None
+
+
+def _job(side, task, model_dir, data, work: Path, args) -> dict:
+    """One side's result of one task (a :func:`cold_start` or a :func:`worker` job)."""
+    if task == "cold":
+        return cold_start(
+            side, model_dir, data, work, args.batch_size, args.device, _python(side, args)
+        )
+    return worker(side, task, model_dir, data, args)
 
 
 def prepare(name: str, work: Path, n_cells: int) -> tuple[Path, Path]:
@@ -253,26 +274,23 @@ def main() -> None:
         model_dir, data = prepare(name, work, args.n_cells)
         config = json.loads((model_dir / "bundle" / "manifest.json").read_text())["config"]
         for task in args.tasks:
-            res = {}
+            res, failed = {}, None
             for side in ("scvi", "onnx"):
-                if task == "cold":
-                    res[side] = cold_start(
-                        side,
-                        model_dir,
-                        data,
-                        work,
-                        args.batch_size,
-                        args.device,
-                        _python(side, args),
-                    )
-                else:
-                    res[side] = worker(side, task, model_dir, data, args)
+                try:
+                    res[side] = _job(side, task, model_dir, data, work, args)
+                except RuntimeError as e:  # recorded; the other jobs go on
+                    failed = (failed or "") + f"{side}: {str(e)[-2000:]}\n"
+                    print(f"{name} {task} {side} FAILED:\n{e}", file=sys.stderr, flush=True)
+                    continue
                 print(
                     f"{name:10s} {task:7s} {side:5s} median {res[side]['median']:.3f} s  "
                     f"peak {res[side]['peak_rss_mb']:.0f} MB",
                     file=sys.stderr,
                     flush=True,
                 )
+            if failed:
+                rows.append({"model": name, "task": task, "n_cells": args.n_cells, "error": failed})
+                continue
             row = {
                 "model": name,
                 "task": task,
@@ -301,7 +319,7 @@ def main() -> None:
         "environment": env,
         "args": vars(args),
         "rows": rows,
-        "onnx_provider": rows[-1]["onnx"].get("provider") if rows else None,
+        "onnx_provider": next((r["onnx"].get("provider") for r in rows if "onnx" in r), None),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,11 +344,17 @@ def render(report: dict) -> str:
         f"{'; X densified on both sides' if a.get('dense') else ''}"
         f"{'; scvi-onnx in ' + a['onnx_python'] if a.get('onnx_python') else ''}",
         "",
+    ]
+    gpu = any("gpu_peak_mb" in r.get("onnx", {}) for r in report["rows"])
+    lines += [
         "| model | task | scvi-tools s | scvi-onnx s | speed-up | scvi-tools MB | scvi-onnx MB "
-        "| memory ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| memory ratio |" + (" scvi-tools GPU MB | scvi-onnx GPU MB |" if gpu else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else ""),
     ]
     for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['task']} | failed: {r['error'][-200:]!r} |")
+            continue
         extra = ""
         if "floor" in r:
             floor_s, ratio = r["floor"]["floor_s"], r["onnx_over_floor"]
@@ -344,6 +368,14 @@ def render(report: dict) -> str:
             f"| {r['model']} | {r['task']} | {r['scvi']['median']:.3f} | {r['onnx']['median']:.3f}"
             f"{extra} | {r['speedup']:.1f}x | {r['scvi']['peak_rss_mb']:.0f} | "
             f"{r['onnx']['peak_rss_mb']:.0f} | {r['memory_ratio']:.2f} |"
+            + (
+                "".join(
+                    f" {r[side]['gpu_peak_mb']:.0f} |" if "gpu_peak_mb" in r[side] else " - |"
+                    for side in ("scvi", "onnx")
+                )
+                if gpu
+                else ""
+            )
         )
     return "\n".join(lines)
 

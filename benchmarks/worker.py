@@ -37,6 +37,35 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
+class DeviceMemory:
+    """Peak memory in use on GPU 0 while this process runs (NVML, polled every 2 ms in a
+    thread): the whole device's use, so one job at a time. ``peak_mb`` is None without NVML."""
+
+    def __init__(self):
+        self.peak_mb = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # no NVML (nvidia-ml-py) or no GPU: nothing to report
+            return
+        import threading
+
+        self._stop = threading.Event()
+        self.peak_mb = self._used()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _used(self) -> float:
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**20
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak_mb = max(self.peak_mb, self._used())
+
+
 def peakvi_marginal_ll(model, adata, indices, n_mc: int, batch_size: int, per_pass=None):
     """Mean over cells of ``log mean_s exp(log N(u_s; 0, I) + log p(x | z_s) - log q(u_s | x))``
     with scvi-tools' PEAKVAE in torch (``per_pass`` samples per decoder call; default: about
@@ -84,6 +113,7 @@ def main() -> None:
     p.add_argument("--dense", action="store_true", help="densify X after reading (in memory)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
+    gpu_memory = DeviceMemory() if args.device == "cuda" else None
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     t0 = time.perf_counter()
@@ -181,6 +211,7 @@ def main() -> None:
                 "batch_size": bs,
                 "model_class": model_class,
                 **({"floor_times": floor_times} if floor_times else {}),
+                **({"gpu_peak_mb": gpu_memory.peak_mb} if gpu_memory else {}),
                 **info,
             }
         )

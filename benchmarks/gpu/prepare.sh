@@ -4,11 +4,14 @@
 #   - onnxruntime-gpu (CUDA 13 build) unpacked, without the TensorRT provider and the C API's
 #     libonnxruntime.so (the Python module needs neither), tar + xz: 255 -> 195 MB;
 #   - wheels of anndata and scvi-tools with their needs (../shared/gpu/prepare_device_wheels.sh).
-# Result: .payload-parts/part.aa, .ab, ... of PART_BYTES each and .payload-parts/count.
+# Result: .payload-parts/part.aa, .ab, ... of PART_BYTES each (default: what fits beside the
+# working tree in one run) and .payload-parts/count.
 # ORT_TAR=path reuses an xz tarball built before (the compression takes ~2.5 min on 2 cores).
 set -euo pipefail
 ver=${ORT_GPU_VERSION:-1.31.1}
-part=${PART_BYTES:-62000000}
+# a part and the working tree travel together, in at most 64 MiB (less 1 MB for the scripts)
+tree=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb | tail -1 | cut -f1)
+part=${PART_BYTES:-$(( 67108864 - tree - 1000000 ))}
 for p in '/.payload*/' '/.whl/'; do
   grep -qxF "$p" .git/info/exclude 2>/dev/null || echo "$p" >> .git/info/exclude
 done

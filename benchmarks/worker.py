@@ -53,16 +53,15 @@ class DeviceMemory:
             return
         import threading
 
-        self._stop = threading.Event()
         self.peak_mb = self._used()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._poll, daemon=True).start()  # until the process ends
 
     def _used(self) -> float:
         return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**20
 
     def _poll(self) -> None:
-        while not self._stop.wait(0.002):
+        while True:
+            time.sleep(0.002)
             self.peak_mb = max(self.peak_mb, self._used())
 
 

@@ -1,9 +1,12 @@
 """CUDA checks and measurements on a GPU machine (benchmarks/gpu/run.sh runs them there).
 
+    python benchmarks/gpu_probe.py smoke  -o smoke.json          # every shipped graph on CUDA
     python benchmarks/gpu_probe.py agree  -o agree.json          # CUDA vs CPU, shipped bundles
     python benchmarks/gpu_probe.py sizes  -o sizes.json          # graph calls of growing size
     python benchmarks/gpu_probe.py profile --data cells.h5ad -o profile.json
 
+- ``smoke``: every shipped graph on CUDA against the CPU provider on random inputs, with
+  onnxruntime alone (the first check on a fresh machine, before the wheels arrive).
 - ``agree``: every shipped bundle (SCVI, TOTALVI, PEAKVI), every method, on CUDA (scoring graph
   and host scoring) against the CPU provider: the largest differences per method.
 - ``sizes``: the decoder graph alone on 2^12.. rows, and the scoring graph on 1,024 cells x
@@ -65,6 +68,48 @@ def _diff(a, b) -> dict:
         "max_abs": float(d.max()),
         "max_rel": float((d / np.maximum(np.abs(b), 1e-12)).max()),
     }
+
+
+def smoke(args) -> dict:
+    """Every shipped graph (``models/*/*.onnx``) on CUDA against ONNX Runtime's CPU provider, on
+    random inputs (1,000 cells, 4 samples): onnxruntime alone, before anything else is there."""
+    import onnxruntime as ort
+
+    out = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
+    dims = {"n_cells": 1000, "n_samples": 4, "n_lib_samples": 1}
+    rng = np.random.default_rng(0)
+    for path in sorted((ROOT / "models").glob("*/*.onnx")):
+        key = f"{path.parent.name}/{path.name}"
+        try:
+            cpu = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            gpu = ort.InferenceSession(
+                str(path), providers=[("CUDAExecutionProvider", {"use_tf32": 0})]
+            )
+            feeds = {}
+            for i in cpu.get_inputs():
+                shape = [d if isinstance(d, int) else dims.get(d, 1) for d in i.shape]
+                feeds[i.name] = (
+                    np.zeros(shape, np.int64)
+                    if "int64" in i.type
+                    else rng.random(shape, dtype=np.float32)
+                )
+            want = cpu.run(None, feeds)
+            gpu.run(None, feeds)  # warm-up
+            t = time.perf_counter()
+            got = gpu.run(None, feeds)
+            res = {
+                "providers": gpu.get_providers(),
+                "s": time.perf_counter() - t,
+                "max_rel": max(
+                    float(np.max(np.abs(g - w) / np.maximum(np.abs(w), 1e-6)))
+                    for g, w in zip(got, want, strict=True)
+                ),
+            }
+        except Exception as e:  # recorded, the other graphs go on
+            res = {"error": f"{type(e).__name__}: {e}"[:1000]}
+        out[key] = res
+        print(key, json.dumps(res), flush=True)
+    return out
 
 
 def agree(args) -> dict:
@@ -310,7 +355,7 @@ def profile(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=["agree", "sizes", "profile"])
+    p.add_argument("what", choices=["smoke", "agree", "sizes", "profile"])
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--bundle", default="pbmc_scvi")
     p.add_argument("--data", help="h5ad of the profile (benchmarks/make_data.py)")
@@ -328,7 +373,7 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    res = {"agree": agree, "sizes": sizes, "profile": profile}[args.what](args)
+    res = {"smoke": smoke, "agree": agree, "sizes": sizes, "profile": profile}[args.what](args)
     Path(args.out).write_text(json.dumps(res, indent=1))
 
 

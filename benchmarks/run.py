@@ -270,6 +270,20 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = environment()
     rows = []
+    path = Path(args.out) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def report(rows: list) -> dict:
+        return {
+            "environment": env,
+            "args": vars(args),
+            "rows": rows,
+            "onnx_provider": next((r["onnx"].get("provider") for r in rows if "onnx" in r), None),
+        }
+
+    def write(rep: dict) -> None:
+        path.write_text(json.dumps(rep, indent=1))
+
     for name in args.models:
         model_dir, data = prepare(name, work, args.n_cells)
         config = json.loads((model_dir / "bundle" / "manifest.json").read_text())["config"]
@@ -290,6 +304,7 @@ def main() -> None:
                 )
             if failed:
                 rows.append({"model": name, "task": task, "n_cells": args.n_cells, "error": failed})
+                write(report(rows))
                 continue
             row = {
                 "model": name,
@@ -315,17 +330,8 @@ def main() -> None:
                     row["floor"] = matmul_floor(config, args.mll_cells * args.n_mc)
                     row["onnx_over_floor"] = res["onnx"]["median"] / row["floor"]["floor_s"]
             rows.append(row)
-    report = {
-        "environment": env,
-        "args": vars(args),
-        "rows": rows,
-        "onnx_provider": next((r["onnx"].get("provider") for r in rows if "onnx" in r), None),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"bench-{stamp}.json").write_text(json.dumps(report, indent=1))
-    print(render(report))
+            write(report(rows))  # after every row: a run cut short keeps what it measured
+    print(render(report(rows)))
 
 
 def render(report: dict) -> str:

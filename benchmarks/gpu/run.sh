@@ -2,30 +2,32 @@
 # ON THE GPU MACHINE, in the repository root, in every device run (carrying .payload):
 #   bash benchmarks/gpu/run.sh [STEP ...]
 # Keeps the carried payload part in /tmp/payload (which lasts while the machine stays warm); once
-# all parts are there, installs onnxruntime-gpu in /tmp/site_ort and the wheels in /tmp/site. Then
-# runs the STEPs (default none): env tests agree bench sizes profile, writing to $OUT.
+# all of onnxruntime-gpu's parts are there, installs it in /tmp/site_ort, once all the wheels'
+# parts are, those in /tmp/site. Then runs the STEPs (default none): smoke (onnxruntime-gpu
+# only), env tests agree bench sizes profile (everything), writing to $OUT.
 set -u
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" /tmp/payload
 P=/tmp/payload
-if [ -d .payload ]; then cp .payload/part.* .payload/count "$P"/ 2>/dev/null; fi
-if [ ! -d /tmp/site_ort/onnxruntime ]; then
-  have=$(ls "$P"/part.* 2>/dev/null | wc -l)
-  need=$(cat "$P"/count 2>/dev/null || echo 999)
-  echo "payload parts: $have of $need"
-  [ "$have" -lt "$need" ] && exit 0
-  t=$(date +%s)
-  mkdir -p /tmp/unpacked /tmp/site_ort
-  cat "$P"/part.* | tar xf - -C /tmp/unpacked && rm -f "$P"/part.*
+mkdir -p "$OUT" "$P"
+if [ -d .payload ]; then cp .payload/* "$P"/ 2>/dev/null; fi
+complete() {  # all parts of $1 (ort, whl) are here
+  [ -f "$P/$1.count" ] && [ "$(ls "$P/$1".?? 2>/dev/null | wc -l)" -ge "$(cat "$P/$1.count")" ]
+}
+if [ ! -d /tmp/site_ort/onnxruntime ] && complete ort; then
+  mkdir -p /tmp/site_ort
   if command -v xz >/dev/null; then
-    xz -dc -T0 /tmp/unpacked/ort.tar.xz | tar xf - -C /tmp/site_ort
+    cat "$P"/ort.?? | xz -dc | tar xf - -C /tmp/site_ort
   else
-    python3 -c "import tarfile; tarfile.open('/tmp/unpacked/ort.tar.xz').extractall('/tmp/site_ort')"
-  fi
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/unpacked/whl/*.whl
-  rm -rf /tmp/unpacked
-  echo "installed in $(( $(date +%s) - t )) s"
+    cat "$P"/ort.?? | python3 -c "import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.stdin.buffer), mode='r|').extractall('/tmp/site_ort')"
+  fi && rm -f "$P"/ort.?? && echo "onnxruntime-gpu installed"
 fi
+if [ ! -f /tmp/site/.installed ] && complete whl; then
+  mkdir -p /tmp/whl && cat "$P"/whl.?? | tar xf - -C /tmp/whl \
+    && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/whl/*.whl \
+    && touch /tmp/site/.installed && rm -rf /tmp/whl "$P"/whl.?? && echo "wheels installed" \
+    || echo "wheels: install FAILED"
+fi
+echo "payload: $(ls "$P" | tr '\n' ' ')"
 # the project from this tree (scvi_onnx = runtime/); the CUDA 13 libraries of the torch image
 mkdir -p /tmp/proj && ln -sfn "$PWD/runtime" /tmp/proj/scvi_onnx
 NV=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
@@ -37,6 +39,10 @@ N_CELLS=${N_CELLS:-200000}
 step() { echo; echo "=== $1 ($(date +%T))"; }
 for s in "$@"; do
   case $s in
+    smoke)  # onnxruntime-gpu alone (before the wheels arrive): the shipped graphs on CUDA
+      step smoke
+      timeout 120 python3 benchmarks/gpu_probe.py smoke -o "$OUT/smoke.json"
+      ;;
     env)
       step env
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
@@ -44,26 +50,26 @@ for s in "$@"; do
       ;;
     tests)
       step tests
-      timeout 300 python3 -m pytest -p no:cacheprovider -m gpu tests/runtime -q -rA \
+      timeout 120 python3 -m pytest -p no:cacheprovider -m gpu tests/runtime -q -rA \
         --continue-on-collection-errors 2>&1 | tail -40
       ;;
     agree)
       step agree
-      timeout 240 python3 benchmarks/gpu_probe.py agree -o "$OUT/agree.json"
+      timeout 120 python3 benchmarks/gpu_probe.py agree -o "$OUT/agree.json"
       ;;
     bench)
       step bench
-      timeout 400 python3 benchmarks/run.py --device cuda --models pbmc_zinb --n-cells "$N_CELLS" \
+      timeout 420 python3 benchmarks/run.py --device cuda --models pbmc_zinb --n-cells "$N_CELLS" \
         --mll-cells 1024 --mll-repeats 2 --scvi-per-pass 1 100 1000 --work "$W" --out "$OUT"
       ;;
     sizes)
       step sizes
-      timeout 150 python3 benchmarks/gpu_probe.py sizes -o "$OUT/sizes.json"
+      timeout 120 python3 benchmarks/gpu_probe.py sizes -o "$OUT/sizes.json"
       ;;
     profile)
       step profile
       [ -f "$W/pbmc_zinb_$N_CELLS.h5ad" ] || python3 benchmarks/make_data.py --n-cells "$N_CELLS" -o "$W/pbmc_zinb_$N_CELLS.h5ad"
-      timeout 240 python3 benchmarks/gpu_probe.py profile --data "$W/pbmc_zinb_$N_CELLS.h5ad" -o "$OUT/profile.json"
+      timeout 360 python3 benchmarks/gpu_probe.py profile --data "$W/pbmc_zinb_$N_CELLS.h5ad" -o "$OUT/profile.json"
       ;;
     *) echo "unknown step $s" ;;
   esac

@@ -118,6 +118,39 @@ def _cuda_usable() -> bool:
     )
 
 
+@pytest.mark.parametrize(
+    "bundle, data",
+    [("pbmc_scvi", "pbmc_query.h5ad"), ("pbmc_peakvi", "pbmc_peaks.h5ad")],
+)
+def test_cuda_engine_on_the_cpu_provider(bundle, data):
+    """What runs on CUDA, less the device: the scoring graph with CUDA's task and chunk sizes
+    (one task per minibatch, every sample in one call) and reader threads for the latent space
+    gives each cell the numbers of the CPU's engine, bit for bit."""
+    import anndata as ad
+
+    from scvi_onnx.methods.engine import Engine
+
+    cells = ad.read_h5ad(SHIPPED_BUNDLE.parent / "example" / data)[:60]
+    cpu = scvi_onnx.load(SHIPPED_BUNDLE.parent / bundle, device="cpu", scoring="graph")
+    cuda = scvi_onnx.load(SHIPPED_BUNDLE.parent / bundle, device="cpu", scoring="graph")
+    cuda.engine = Engine.for_provider("CUDAExecutionProvider", 4)
+    assert cuda.engine.latent_prefetch > 0 and cuda.engine.task_elements > cpu.engine.task_elements
+
+    def results(m):
+        return {
+            "latent": m.get_latent_representation(cells, batch_size=25),
+            "elbo": m.get_elbo(cells, return_mean=False, seed=3, batch_size=25),
+            "rec": m.get_reconstruction_error(cells, return_mean=False, seed=3)[
+                "reconstruction_loss"
+            ],
+            "mll": m.get_marginal_ll(cells, n_mc_samples=40, return_mean=False, batch_size=25),
+        }
+
+    want, got = results(cpu), results(cuda)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_usable(), reason="needs onnxruntime-gpu and an NVIDIA GPU")
 def test_cpu_and_cuda_agree(model, query):

@@ -119,10 +119,14 @@ def _cuda_usable() -> bool:
 
 
 @pytest.mark.parametrize(
-    "bundle, data",
-    [("pbmc_scvi", "pbmc_query.h5ad"), ("pbmc_peakvi", "pbmc_peaks.h5ad")],
+    "bundle, data, scoring",
+    [
+        ("pbmc_scvi", "pbmc_query.h5ad", "graph"),
+        ("pbmc_peakvi", "pbmc_peaks.h5ad", "graph"),
+        ("pbmc_totalvi", "pbmc_cite.h5ad", "host"),  # TOTALVI has no scoring graph
+    ],
 )
-def test_cuda_engine_on_the_cpu_provider(bundle, data):
+def test_cuda_engine_on_the_cpu_provider(bundle, data, scoring):
     """What runs on CUDA, less the device: the scoring graph with CUDA's task and chunk sizes
     (one task per minibatch, every sample in one call) and reader threads for the latent space
     gives each cell the numbers of the CPU's engine, bit for bit."""
@@ -131,8 +135,8 @@ def test_cuda_engine_on_the_cpu_provider(bundle, data):
     from scvi_onnx.methods.engine import Engine
 
     cells = ad.read_h5ad(SHIPPED_BUNDLE.parent / "example" / data)[:60]
-    cpu = scvi_onnx.load(SHIPPED_BUNDLE.parent / bundle, device="cpu", scoring="graph")
-    cuda = scvi_onnx.load(SHIPPED_BUNDLE.parent / bundle, device="cpu", scoring="graph")
+    cpu = scvi_onnx.load(SHIPPED_BUNDLE.parent / bundle, device="cpu", scoring=scoring)
+    cuda = scvi_onnx.load(SHIPPED_BUNDLE.parent / bundle, device="cpu", scoring=scoring)
     cuda.engine = Engine.for_provider("CUDAExecutionProvider", 4)
     assert cuda.engine.latent_prefetch > 0 and cuda.engine.task_elements > cpu.engine.task_elements
 
@@ -140,9 +144,7 @@ def test_cuda_engine_on_the_cpu_provider(bundle, data):
         return {
             "latent": m.get_latent_representation(cells, batch_size=25),
             "elbo": m.get_elbo(cells, return_mean=False, seed=3, batch_size=25),
-            "rec": m.get_reconstruction_error(cells, return_mean=False, seed=3)[
-                "reconstruction_loss"
-            ],
+            **m.get_reconstruction_error(cells, return_mean=False, seed=3),
             "mll": m.get_marginal_ll(cells, n_mc_samples=40, return_mean=False, batch_size=25),
         }
 

@@ -127,8 +127,9 @@ def _cuda_usable() -> bool:
     ],
 )
 def test_cuda_engine_on_the_cpu_provider(bundle, data, scoring):
-    """What runs on CUDA, less the device: the scoring graph with CUDA's task and chunk sizes
-    (one task per minibatch, every sample in one call) and reader threads for the latent space
+    """What runs on CUDA, less the device: CUDA's scoring (the graph; TOTALVI's on the host),
+    task and chunk sizes (one task per minibatch, every sample in one call) and reader threads
+    for the latent space
     gives each cell the numbers of the CPU's engine, bit for bit."""
     import anndata as ad
 
@@ -180,6 +181,37 @@ def test_cpu_and_cuda_agree(model, query):
     )
     report = scvi_onnx.verify(SHIPPED_BUNDLE, device="cuda")
     assert report.ok and report.provider == "CUDAExecutionProvider"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_usable(), reason="needs onnxruntime-gpu and an NVIDIA GPU")
+@pytest.mark.parametrize(
+    "bundle, data", [("pbmc_totalvi", "pbmc_cite.h5ad"), ("pbmc_peakvi", "pbmc_peaks.h5ad")]
+)
+def test_cpu_and_cuda_agree_totalvi_peakvi(bundle, data):
+    import anndata as ad
+
+    cells = ad.read_h5ad(SHIPPED_BUNDLE.parent / "example" / data)
+    cpu = scvi_onnx.load(SHIPPED_BUNDLE.parent / bundle, device="cpu")
+    gpu = scvi_onnx.load(SHIPPED_BUNDLE.parent / bundle, device="cuda")
+    assert gpu.provider == "CUDAExecutionProvider"
+    np.testing.assert_allclose(
+        gpu.get_latent_representation(cells), cpu.get_latent_representation(cells), atol=1e-4
+    )
+    for method, kw in (
+        (lambda m: m.get_elbo, {}),
+        (lambda m: m.get_marginal_ll, {"n_mc_samples": 50, "indices": np.arange(64)}),
+    ):
+        np.testing.assert_allclose(
+            method(gpu)(cells, return_mean=False, seed=5, **kw),
+            method(cpu)(cells, return_mean=False, seed=5, **kw),
+            rtol=1e-5,
+        )
+    got = gpu.get_reconstruction_error(cells, return_mean=False, seed=5)
+    want = cpu.get_reconstruction_error(cells, return_mean=False, seed=5)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
+    assert scvi_onnx.verify(SHIPPED_BUNDLE.parent / bundle, device="cuda").ok
 
 
 # ---- threads and memory ----------------------------------------------------------------------

@@ -59,7 +59,7 @@ for s in "$@"; do
       ;;
     bench)
       step bench
-      timeout 420 python3 benchmarks/run.py --device cuda --models pbmc_zinb --n-cells "$N_CELLS" \
+      timeout 420 python3 benchmarks/run.py --device cuda --models ${BENCH_MODELS:-pbmc_zinb} --n-cells "$N_CELLS" \
         --mll-cells 1024 --mll-repeats 2 --scvi-per-pass 1 100 1000 --work "$W" --out "$OUT"
       ;;
     sizes)

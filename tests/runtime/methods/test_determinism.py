@@ -16,7 +16,7 @@ import pytest
 
 import scvi_onnx
 
-from ...conftest import SHIPPED_BUNDLE
+from ...conftest import MODELS, SHIPPED_BUNDLE
 from ..helpers import assert_same_results
 
 
@@ -135,9 +135,9 @@ def test_cuda_engine_on_the_cpu_provider(bundle, data, scoring):
 
     from scvi_onnx.methods.engine import Engine
 
-    cells = ad.read_h5ad(SHIPPED_BUNDLE.parent / "example" / data)[:60]
-    cpu = scvi_onnx.load(SHIPPED_BUNDLE.parent / bundle, device="cpu", scoring=scoring)
-    cuda = scvi_onnx.load(SHIPPED_BUNDLE.parent / bundle, device="cpu", scoring=scoring)
+    cells = ad.read_h5ad(MODELS / "example" / data)[:60]
+    cpu = scvi_onnx.load(MODELS / bundle, device="cpu", scoring=scoring)
+    cuda = scvi_onnx.load(MODELS / bundle, device="cpu", scoring=scoring)
     cuda.engine = Engine.for_provider("CUDAExecutionProvider", 4)
     assert cuda.engine.latent_prefetch > 0 and cuda.engine.task_elements > cpu.engine.task_elements
 
@@ -191,9 +191,9 @@ def test_cpu_and_cuda_agree(model, query):
 def test_cpu_and_cuda_agree_totalvi_peakvi(bundle, data):
     import anndata as ad
 
-    cells = ad.read_h5ad(SHIPPED_BUNDLE.parent / "example" / data)
-    cpu = scvi_onnx.load(SHIPPED_BUNDLE.parent / bundle, device="cpu")
-    gpu = scvi_onnx.load(SHIPPED_BUNDLE.parent / bundle, device="cuda")
+    cells = ad.read_h5ad(MODELS / "example" / data)
+    cpu = scvi_onnx.load(MODELS / bundle, device="cpu")
+    gpu = scvi_onnx.load(MODELS / bundle, device="cuda")
     assert gpu.provider == "CUDAExecutionProvider"
     np.testing.assert_allclose(
         gpu.get_latent_representation(cells), cpu.get_latent_representation(cells), atol=1e-4
@@ -211,7 +211,7 @@ def test_cpu_and_cuda_agree_totalvi_peakvi(bundle, data):
     want = cpu.get_reconstruction_error(cells, return_mean=False, seed=5)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
-    assert scvi_onnx.verify(SHIPPED_BUNDLE.parent / bundle, device="cuda").ok
+    assert scvi_onnx.verify(MODELS / bundle, device="cuda").ok
 
 
 # ---- threads and memory ----------------------------------------------------------------------

@@ -25,12 +25,12 @@ import torch
 
 from scvi_onnx.bundle import Manifest, read_config, sha256_file
 from scvi_onnx.bundle import format as F
-from scvi_onnx.errors import ExportValidationError, UnsupportedModelError
+from scvi_onnx.errors import ExportValidationError, InvalidArgumentError, UnsupportedModelError
 from scvi_onnx.models.registry import MODELS, entry
 from scvi_onnx.selfcheck import deviation
 
 from .provenance import folder_provenance, model_provenance
-from .specs.base import ExportSpec
+from .specs.base import REPRODUCE, ExportSpec
 from .trace import trace
 
 logger = logging.getLogger(__name__)
@@ -41,14 +41,14 @@ def supported_models() -> dict[str, str]:
     return {name: e.load("export_spec").module_class for name, e in MODELS.items()}
 
 
-def spec_for(model: Any) -> ExportSpec:
+def spec_for(model: Any, reproduce: str = "trained") -> ExportSpec:
     """The export spec of ``model``'s class (an :class:`UnsupportedModelError` for others)."""
     cls = type(model).__name__
     if cls not in MODELS:
         raise UnsupportedModelError(
             f"cannot export a {cls}: supported model classes are {sorted(MODELS)}"
         )
-    return entry(cls).load("export_spec")(model)
+    return entry(cls).load("export_spec")(model, reproduce)
 
 
 def _load_model(model: Any, adata: Any = None):
@@ -70,6 +70,7 @@ def export_model(
     atol: float = F.DEFAULT_ATOL,
     rtol: float = F.DEFAULT_RTOL,
     seed: int = 0,
+    reproduce: str = "trained",
 ) -> Path:
     """Export a trained scvi-tools model to a scvi-onnx bundle folder.
 
@@ -92,6 +93,12 @@ def export_model(
         every output must satisfy ``|onnx - torch| <= atol + rtol * |torch|``.
     seed
         Seed of the probe cells and noise (the export is deterministic for a given seed).
+    reproduce
+        For a model trained by an older scvi-tools: ``"trained"`` (default) reproduces what
+        the version that trained it computes, ``"installed"`` what the installed scvi-tools
+        computes on the same weights. They differ for TOTALVI models trained before 1.3.1,
+        whose encoder read ``log(1 + counts)``: 1.3.1 divides the counts by ``1 + their
+        mean`` first and applies that to older models too (README, "Differences").
 
     Returns
     -------
@@ -109,15 +116,19 @@ def export_model(
     out = Path(path)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (or --overwrite) to replace it")
+    if reproduce not in REPRODUCE:
+        raise InvalidArgumentError(f"reproduce={reproduce!r}: choose one of {REPRODUCE}")
     # Nothing here may advance the user's torch RNG (building nn.Linear modules would).
     with torch.random.fork_rng(devices=[]):
-        return _export(model, out, adata=adata, atol=atol, rtol=rtol, seed=seed)
+        return _export(
+            model, out, adata=adata, atol=atol, rtol=rtol, seed=seed, reproduce=reproduce
+        )
 
 
-def _export(model, out: Path, *, adata, atol, rtol, seed) -> Path:
+def _export(model, out: Path, *, adata, atol, rtol, seed, reproduce) -> Path:
     folder = Path(model) if isinstance(model, (str, os.PathLike)) else None
     model = _load_model(model, adata)
-    spec = spec_for(model)
+    spec = spec_for(model, reproduce)
     spec.check()
     if not getattr(model, "is_trained_", True):
         warnings.warn("exporting a model that was never trained", UserWarning, stacklevel=3)

@@ -6,6 +6,8 @@ scvi-tools keeps the AnnData setup in ``model.registry_["field_registries"]``; t
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from scvi_onnx.bundle import CategoricalField, Registry
@@ -67,3 +69,33 @@ def genes(model) -> list[str]:
 def norm_placement(fc) -> dict[str, bool]:
     seq = fc.fc_layers[0]
     return {"batch_norm": seq[1] is not None, "layer_norm": seq[2] is not None}
+
+
+def trained_with(model) -> str | None:
+    """The scvi-tools version that trained ``model``'s weights, as its registry records it.
+
+    A model loaded from a folder keeps the saved registry as its manager's source registry
+    (the model's own registry then names the installed version); a model built here has only
+    its own. ``load_saved_model`` writes the saved version into the registry it returns."""
+    manager = getattr(model, "_adata_manager", None)
+    source = getattr(manager, "_source_registry", None) or {}
+    own = getattr(model, "registry_", None) or {}
+    version = source.get("scvi_version") or own.get("scvi_version")
+    return str(version) if version else None
+
+
+def version_before(version: str | None, release: str) -> bool:
+    """Whether scvi-tools ``version`` (as a registry records it: ``"1.1.6.post2"``,
+    ``"< 0.15"``) is older than ``release``; False when it is not known."""
+    if not version:
+        return False
+    if version.strip().startswith("<"):  # the legacy loader's "< 0.15" (no version saved)
+        return True
+    parsed = _release(version)
+    return parsed is not None and parsed < _release(release)
+
+
+def _release(version: str) -> tuple[int, int, int] | None:
+    """``(major, minor, micro)`` of a version string (pre-release and post tags ignored)."""
+    m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", version)
+    return None if m is None else (int(m[1]), int(m[2]), int(m[3] or 0))

@@ -699,5 +699,9 @@ def load_saved_model(
         if saved.model_name == "TOTALVI":
             _restore_protein_mask(model, saved)
         _detach(model, adata)
+    if saved.scvi_version != "unknown":
+        # the version that trained the weights, not the installed one that loaded them (as
+        # TOTALVAE.on_load keeps it for folders saved before 1.2): what the export reproduces
+        model.registry_["scvi_version"] = saved.scvi_version
     model.module.eval()
     return model

@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from . import inspect
+
 logger = logging.getLogger(__name__)
 
 HUB_METADATA_FILE = "_scvi_required_metadata.json"
@@ -110,8 +112,9 @@ def folder_provenance(folder: Path, scvi_version: str | None = None) -> dict[str
 
 
 def model_provenance(model: Any) -> dict[str, Any]:
-    """Provenance of an in-memory model: the scvi-tools version its registry records."""
-    version = (getattr(model, "registry_", None) or {}).get("scvi_version")
+    """Provenance of an in-memory model: the scvi-tools version that trained it, as its
+    registry records it."""
+    version = inspect.trained_with(model)
     prov: dict[str, Any] = {"source": f"in-memory {type(model).__name__} model"}
     if version:
         prov["trained_with"] = f"scvi-tools {version}"

@@ -17,7 +17,7 @@ import torch
 
 from scvi_onnx.bundle import Registry
 from scvi_onnx.bundle import format as F
-from scvi_onnx.errors import UnsupportedModelError
+from scvi_onnx.errors import InvalidArgumentError, UnsupportedModelError
 from scvi_onnx.selfcheck import VerifyRow
 
 from .. import inspect
@@ -45,6 +45,10 @@ class GraphExport:
         return out
 
 
+#: What an export reproduces for a model trained by an older scvi-tools (see ExportSpec).
+REPRODUCE = ("trained", "installed")
+
+
 class ExportSpec:
     """The export of one scvi-tools model class (subclass per class)."""
 
@@ -52,9 +56,16 @@ class ExportSpec:
     model_class: ClassVar[str]
     module_class: ClassVar[str]
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, reproduce: str = "trained"):
+        if reproduce not in REPRODUCE:
+            raise InvalidArgumentError(f"reproduce={reproduce!r}: choose one of {REPRODUCE}")
         self.model = model
         self.module = model.module
+        #: "trained": the numbers of the scvi-tools version that trained the weights (where a
+        #: later version changed a computation without converting old models); "installed":
+        #: those of the installed scvi-tools on the same weights.
+        self.reproduce = reproduce
+        self.trained_with = inspect.trained_with(model)
 
     def check(self) -> None:
         """Refuse what the runtime cannot reproduce (:class:`UnsupportedModelError`)."""

@@ -4,6 +4,7 @@ the library-size prior and the panels' protein masks in ``arrays.npz``."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,10 @@ from ..probes import N_PROBE_SAMPLES, N_SYNTHETIC_PROBES, module_eval, probe_cel
 from .base import ExportSpec, GraphExport
 from .vae import feeds as probe_feeds
 
+logger = logging.getLogger(__name__)
+
+#: The scvi-tools release whose TOTALVAE first divided the encoder's counts by 1 + their mean.
+SCALED_INPUT_SINCE = "1.3.1"
 #: scvi-tools' REGISTRY_KEYS names of TOTALVI's protein counts and panel codes.
 PROTEIN_KEY = "proteins"
 PANEL_KEY = "panel"
@@ -53,6 +58,15 @@ class TOTALVISpec(ExportSpec):
     # ------------------------------------------------------------------ refusals
     def check(self) -> None:
         super().check()
+        if not self.encoder_input_scaling:
+            logger.warning(
+                "this TOTALVI was trained by scvi-tools %s, whose encoder read log(1 + counts): "
+                "the bundle reproduces that. scvi-tools >= 1.3.1 (the installed one too) divides "
+                "the counts by 1 + their mean first, also for older models, and so gives "
+                "another latent for it; export with reproduce='installed' (--reproduce "
+                "installed) for those numbers",
+                self.trained_with,
+            )
         m = self.module
         if getattr(m, "minified_data_type", None) is not None:
             raise UnsupportedModelError(
@@ -162,6 +176,7 @@ class TOTALVISpec(ExportSpec):
             "protein_batch_mask": m.protein_batch_mask is not None,
             "panel_key": m.panel_key,
             "activation_function_bg": _activation(m.decoder.activation_function_bg),
+            "encoder_input_scaling": self.encoder_input_scaling,
             "encoder_batch_norm": enc_norm["batch_norm"],
             "encoder_layer_norm": enc_norm["layer_norm"],
             "decoder_batch_norm": dec_norm["batch_norm"],
@@ -194,6 +209,18 @@ class TOTALVISpec(ExportSpec):
                 mask[int(k)] = np.asarray(v, dtype=bool)
             out[F.ARR_PROTEIN_MASK] = mask
         return out
+
+    @property
+    def encoder_input_scaling(self) -> bool:
+        """Whether the encoder reads the counts divided by ``1 + their mean``.
+
+        scvi-tools 1.3.1 added that scaling to ``TOTALVAE``'s inference and applies it to
+        every model it loads, also to weights trained without it (it keeps older versions'
+        background activation in ``on_load``, but not this). ``reproduce="trained"`` exports
+        a model trained before 1.3.1 without it, as that version computed its posterior."""
+        return self.reproduce == "installed" or not inspect.version_before(
+            self.trained_with, SCALED_INPUT_SINCE
+        )
 
     # ------------------------------------------------------------------ graphs
     def io(self, config: dict) -> tuple[GraphIO, GraphIO]:
@@ -234,7 +261,9 @@ class TOTALVISpec(ExportSpec):
             extra=extra,
         )
         enc_ref, dec_ref, selections, z, library = self.reference(config, t, rng)
-        xy = encoder_input(t["X"], t[PROTEIN_KEY], config["log_variational"])
+        xy = encoder_input(
+            t["X"], t[PROTEIN_KEY], config["log_variational"], config["encoder_input_scaling"]
+        )
         enc_feeds = probe_feeds(enc_io, t, {F.IN_XY_NORM: xy})
         dec_feeds = probe_feeds(dec_io, t, {F.IN_Z: z, F.IN_LIBRARY: library})
         enc_graph = TotalEncoderGraph(self.module, enc_io)
@@ -259,8 +288,11 @@ class TOTALVISpec(ExportSpec):
         to_np = lambda v: np.ascontiguousarray(v.detach().cpu().numpy().astype(np.float32))  # noqa: E731
         # inference and generative draw (z, l, the background): keep the user's RNG as found
         with module_eval(m), torch.random.fork_rng(devices=cuda):
-            inf = m.inference(**m._get_inference_input(tt))
+            inputs = m._get_inference_input(tt)
+            inf = m.inference(**inputs)
             qz, ql = inf["qz"], inf["ql"]
+            if not config["encoder_input_scaling"]:
+                qz, ql = unscaled_posteriors(m, inputs)
             enc = {F.OUT_QZ_M: qz.loc, F.OUT_QZ_V: qz.scale.square()}
             if not config["use_observed_lib_size"]:
                 enc[F.OUT_QL_M] = ql.loc
@@ -330,3 +362,19 @@ class TOTALVISpec(ExportSpec):
             want = probes[F.PROBE_TOTALVI[k]]
             rows.append(deviation(k, np.broadcast_to(v, want.shape), want, atol, rtol))
         return rows
+
+
+def unscaled_posteriors(m, inputs: dict):
+    """``q(z | x)`` and ``q(l | x)`` as ``TOTALVAE._regular_inference`` of scvi-tools < 1.3.1
+    computed them: the encoder on ``log(1 + x)`` and ``log(1 + y)`` (no scaling by the
+    mean), with the covariates as in 1.4.2 (the code is otherwise the same)."""
+    x, y = inputs["x"], inputs["y"]
+    if m.log_variational:
+        x, y = torch.log(1 + x), torch.log(1 + y)
+    cont, cats = inputs.get("cont_covs"), inputs.get("cat_covs")
+    enc_in = torch.cat((x, y), dim=-1)
+    if cont is not None and m.encode_covariates:
+        enc_in = torch.cat((enc_in, cont), dim=-1)
+    cat_in = torch.split(cats, 1, dim=1) if cats is not None and m.encode_covariates else ()
+    qz, ql, _, _ = m.encoder(enc_in, inputs["batch_index"], *cat_in)
+    return qz, ql

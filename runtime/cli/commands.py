@@ -143,7 +143,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     # scvi-tools and lightning print to stdout while loading; stdout is for results
     with contextlib.redirect_stdout(sys.stderr):
         path = export_model(
-            args.model_dir, out, adata=adata, overwrite=args.overwrite, seed=args.seed
+            args.model_dir,
+            out,
+            adata=adata,
+            overwrite=args.overwrite,
+            seed=args.seed,
+            reproduce=args.reproduce,
         )
     from ..bundle import read_manifest
 

@@ -221,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="seed of the validation probes (default: 0)",
     )
+    p.add_argument(
+        "--reproduce",
+        choices=("trained", "installed"),
+        default="trained",
+        help=(
+            "for a model trained by an older scvi-tools: reproduce what the version that "
+            "trained it computes (default), or what the installed scvi-tools computes on the "
+            "same weights. They differ for TOTALVI trained before 1.3.1 (see the README)"
+        ),
+    )
     p.set_defaults(func=commands.cmd_export)
 
     # ------------------------------------------------------------------ latent

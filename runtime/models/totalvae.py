@@ -91,6 +91,10 @@ class TOTALVAEConfig:
     protein_batch_mask: bool = option(True, False)
     module_class: str = "TOTALVAE"
     encode_covariates: bool = True
+    #: The encoder reads ``v / (1 + mean(v))`` of the genes and of the proteins (scvi-tools
+    #: >= 1.3.1); False: the counts themselves (the model was trained before 1.3.1 and
+    #: exported to reproduce that version). Bundles written before this entry: True.
+    encoder_input_scaling: bool = option(True, False, default=True)
 
 
 # ------------------------------------------------------------------ per-cell selections
@@ -125,13 +129,19 @@ def background_prior(
     return alpha.astype(np.float64).T[p], np.exp(log_beta.astype(np.float64).T[p])
 
 
-def encoder_input(x: np.ndarray, y: np.ndarray, log_variational: bool) -> np.ndarray:
+def encoder_input(
+    x: np.ndarray, y: np.ndarray, log_variational: bool, scaling: bool = True
+) -> np.ndarray:
     """The encoder's ``xy_norm``: ``log(1 + v / (1 + mean(v)))`` of the genes ``x`` and the
-    proteins ``y`` side by side (no log without ``log_variational``), in float32 as torch
-    computes it (``log`` of ``1 + .``, not ``log1p``)."""
+    proteins ``y`` side by side (no log without ``log_variational``; ``log(1 + v)`` without
+    ``scaling``, as scvi-tools < 1.3.1), in float32 as torch computes it (``log`` of
+    ``1 + .``, not ``log1p``)."""
     G, P = x.shape[1], y.shape[1]
     out = np.empty((x.shape[0], G + P), dtype=np.float32)
     for v, cols in ((x, slice(0, G)), (y, slice(G, G + P))):
+        if not scaling:
+            out[:, cols] = v
+            continue
         mean = (v.sum(1, dtype=np.float64) / v.shape[1]).astype(np.float32)
         np.divide(v, (np.float32(1.0) + mean)[:, None], out=out[:, cols], dtype=np.float32)
     if log_variational:
@@ -176,6 +186,18 @@ class TOTALVAE(Module):
             "protein dispersion": str(c.get("protein_dispersion")),
             "latent distribution": str(c.get("latent_distribution")),
             "library size": library,
+            "encoder input": (
+                "log(1 + v / (1 + mean(v))) of genes and proteins (scvi-tools >= 1.3.1)"
+                if c.get("encoder_input_scaling", True)
+                else "log(1 + counts) of genes and proteins, as scvi-tools < 1.3.1 that "
+                "trained it (1.3.1+ would scale them)"
+            )
+            if c.get("log_variational", True)
+            else (
+                "v / (1 + mean(v)) of genes and proteins (scvi-tools >= 1.3.1)"
+                if c.get("encoder_input_scaling", True)
+                else "counts of genes and proteins, as scvi-tools < 1.3.1 that trained it"
+            ),
         }
 
     def __init__(
@@ -304,7 +326,8 @@ class TOTALVAE(Module):
         }
 
     def encoder_input(self, mb: Minibatch) -> np.ndarray:
-        return encoder_input(mb.x, mb.y, self.config.log_variational)
+        c = self.config
+        return encoder_input(mb.x, mb.y, c.log_variational, c.encoder_input_scaling)
 
     def encode(self, mb: Minibatch) -> dict[str, np.ndarray]:
         feeds = self.feeds(mb)

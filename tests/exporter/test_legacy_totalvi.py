@@ -7,6 +7,11 @@ which scvi-tools' own ``TOTALVAE.on_load`` restores for folders saved before 1.2
 scvi-tools < 0.15 setup dictionary with ``protein_names`` and ``totalvi_batch_mask``. Each
 variant's bundle is compared with what scvi-tools computes for the same weights: the original
 model with the activation and efficiency the old version had.
+
+These weights were trained by 1.4.2, whose encoder scales its input (since 1.3.1): the layouts
+are exported with ``reproduce="installed"`` and compared with 1.4.2's computation. What the
+default export does for models that older versions trained is checked on folders those
+versions wrote themselves (``test_old_versions.py``).
 """
 
 from __future__ import annotations
@@ -140,6 +145,18 @@ PT_VARIANTS = {
 }
 
 
+def test_default_export_reproduces_the_saving_version(saved, tmp_path):
+    """By default a folder that scvi-tools < 1.3.1 saved exports with that version's encoder
+    input (the counts, not scaled by their mean); 1.3.1 and later scale."""
+    for version, scaled in (("1.3.0", False), ("1.3.1", True), ("1.2.2", False)):
+        content = _load_pt(saved)
+        content["attr_dict"]["registry_"]["scvi_version"] = version
+        folder = _write_pt(content, saved, tmp_path / version, adata=False)
+        om = scvi_onnx.load(export_model(folder, tmp_path / f"b{version}"), device="cpu")
+        assert om.config.encoder_input_scaling is scaled, version
+        assert om.manifest.extra["provenance"]["trained_with"] == f"scvi-tools {version}"
+
+
 @pytest.mark.parametrize("variant", list(PT_VARIANTS))
 def test_model_pt_variants(variant, saved, cite_data, tmp_path):
     rewrite, exp, zero = PT_VARIANTS[variant]
@@ -148,7 +165,7 @@ def test_model_pt_variants(variant, saved, cite_data, tmp_path):
         rewrite(content)
     folder = _write_pt(content, saved, tmp_path / "f", adata=False)
     before = _digest(folder)
-    bundle = export_model(folder, tmp_path / "b")
+    bundle = export_model(folder, tmp_path / "b", reproduce="installed")
     assert _digest(folder) == before
     # the mask the model was trained with, though the stand-in data has no missing protein
     assert scvi_onnx.load(bundle, device="cpu").config.protein_batch_mask
@@ -200,7 +217,8 @@ def as_pre_0_15_totalvi(src: Path, dst: Path, version: str) -> Path:
 def test_pre_0_15_layout(saved, cite_data, tmp_path):
     folder = as_pre_0_15_totalvi(saved, tmp_path / "f", "0.14.6")
     before = _digest(folder)
-    bundle = export_model(folder, tmp_path / "b")  # the class is inferred from the weights
+    # the class is inferred from the weights
+    bundle = export_model(folder, tmp_path / "b", reproduce="installed")
     assert _digest(folder) == before
     om = scvi_onnx.load(bundle, device="cpu")
     assert om.manifest.model_class == "TOTALVI" and om.config.protein_batch_mask

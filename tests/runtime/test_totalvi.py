@@ -126,6 +126,10 @@ def test_encoder_input_is_scvi_tools_normalisation():
     np.testing.assert_allclose(got, want, rtol=3e-7, atol=1e-7)
     raw = encoder_input(x, y, False)
     np.testing.assert_allclose(np.log1p(raw.astype(float)), want, rtol=1e-6)
+    # scvi-tools < 1.3.1: the counts themselves
+    old = np.concatenate([x, y], axis=1).astype(float)
+    np.testing.assert_allclose(encoder_input(x, y, True, scaling=False), np.log1p(old), rtol=3e-7)
+    np.testing.assert_array_equal(encoder_input(x, y, False, scaling=False), old)
 
 
 def test_selections():
@@ -340,6 +344,9 @@ def test_manifest_of_the_shipped_bundle():
     assert p.attr_name == "obsm" and p.attr_key == "protein_expression" and p.named
     assert man.registry.modalities is None and man.registry.panel is None
     assert len(p.names) == 29 and pd.Index(p.names).is_unique
+    # written before the entry existed: read as the scaling its scvi-tools 1.4.2 had
+    assert "encoder_input_scaling" not in man.config
+    assert scvi_onnx.load(TOTALVI_BUNDLE, device="cpu").config.encoder_input_scaling is True
 
 
 def test_command_line(model, cite, tmp_path, capsys):

@@ -17,7 +17,7 @@ import torch
 
 from scvi_onnx.bundle import Registry
 from scvi_onnx.bundle import format as F
-from scvi_onnx.errors import InvalidArgumentError, UnsupportedModelError
+from scvi_onnx.errors import UnsupportedModelError
 from scvi_onnx.selfcheck import VerifyRow
 
 from .. import inspect
@@ -57,8 +57,6 @@ class ExportSpec:
     module_class: ClassVar[str]
 
     def __init__(self, model: Any, reproduce: str = "trained"):
-        if reproduce not in REPRODUCE:
-            raise InvalidArgumentError(f"reproduce={reproduce!r}: choose one of {REPRODUCE}")
         self.model = model
         self.module = model.module
         #: "trained": the numbers of the scvi-tools version that trained the weights (where a

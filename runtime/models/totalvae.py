@@ -150,6 +150,19 @@ def encoder_input(
     return out
 
 
+def encoder_input_description(config: Mapping[str, Any]) -> str:
+    """What ``info`` says the encoder reads (see :func:`encoder_input`)."""
+    scaled = config.get("encoder_input_scaling", True)
+    v = "v / (1 + mean(v))" if scaled else "v"
+    text = f"log(1 + {v})" if config.get("log_variational", True) else v
+    if scaled:
+        return f"{text} of the gene and protein counts v (scvi-tools >= 1.3.1)"
+    return (
+        f"{text} of the gene and protein counts v, as scvi-tools < 1.3.1 (which trained it) "
+        "computed it; 1.3.1+ divides v by 1 + mean(v)"
+    )
+
+
 @dataclass(frozen=True)
 class TotalState:
     """The per-group state: the gene scorer and every per-cell protein constant."""
@@ -186,18 +199,7 @@ class TOTALVAE(Module):
             "protein dispersion": str(c.get("protein_dispersion")),
             "latent distribution": str(c.get("latent_distribution")),
             "library size": library,
-            "encoder input": (
-                "log(1 + v / (1 + mean(v))) of genes and proteins (scvi-tools >= 1.3.1)"
-                if c.get("encoder_input_scaling", True)
-                else "log(1 + counts) of genes and proteins, as scvi-tools < 1.3.1 that "
-                "trained it (1.3.1+ would scale them)"
-            )
-            if c.get("log_variational", True)
-            else (
-                "v / (1 + mean(v)) of genes and proteins (scvi-tools >= 1.3.1)"
-                if c.get("encoder_input_scaling", True)
-                else "counts of genes and proteins, as scvi-tools < 1.3.1 that trained it"
-            ),
+            "encoder input": encoder_input_description(c),
         }
 
     def __init__(

@@ -1,0 +1,316 @@
+"""Randomised parity check: TOTALVI, PEAKVI and SCVI configurations drawn at random from the options
+scvi-tools 1.4.2 accepts, each trained briefly on the real cells of the shipped examples,
+exported (from the live model or from its saved folder) and compared with scvi-tools:
+
+- the latent mean (normal latents) and ``return_dist`` within 1e-4;
+- per-cell ELBO and every reconstruction key under the same noise (scvi-tools'
+  ``_standard_normal`` returns the runtime's draws), ``rtol=2e-5, atol=2e-3`` as the tests;
+- TOTALVI and SCVI: the marginal LL's mean over 24 cells under the same noise (one
+  scvi-tools call).
+
+The test matrix (tests/parity) fixes its configurations; this draws new combinations of the same
+options each ``--seed``, to find interactions the matrix does not hold. Every configuration is
+printed with its result; the exit status is 1 if any failed. A configuration whose training
+fails in scvi-tools itself (it diverges: a few unnormalised ones do) is reported and not
+compared.
+
+    python scripts/fuzz_parity.py [--n 12] [--seed 0] [--models totalvi peakvi scvi] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scvi
+import torch
+import torch.distributions.normal as tdn
+
+import scvi_onnx
+from scvi_onnx.exporter import export_model
+from scvi_onnx.maths import rng as noise
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = dict(
+    accelerator="cpu",
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    logger=False,
+    enable_checkpointing=False,
+)
+NORMS = ["encoder", "decoder", "none", "both"]
+
+
+def pick(r: np.random.Generator, options):
+    return options[int(r.integers(len(options)))]
+
+
+def obs_columns(a: ad.AnnData, r: np.random.Generator) -> ad.AnnData:
+    n = a.n_obs
+    a.obs["donor"] = np.array(["d1", "d2", "d3"])[r.integers(0, 3, n)]
+    a.obs["many"] = [f"b{i}" for i in r.integers(0, 6, n)]
+    a.obs["pct"] = r.normal(size=n).astype(np.float32)
+    a.obs["pct2"] = r.uniform(size=n).astype(np.float32)
+    tot = np.asarray(a.X.sum(1)).ravel()
+    a.obs["sf"] = (tot / np.median(tot)).astype(np.float32)
+    return a
+
+
+def draw_totalvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
+    a = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_cite.h5ad")
+    genes = np.sort(r.choice(a.n_vars, int(r.integers(80, 250)), replace=False))
+    a = obs_columns(a[:, genes].copy(), r)
+    prot = a.obsm["protein_expression"]
+    common = [c for c in prot.columns if (prot.loc[a.obs["batch"] == "pbmc_10k", c] > 0).any()]
+    obsm = pick(r, ["protein_expression", "common_df", "common_array", "shuffled_df"])
+    a.obsm["common_df"] = prot[common].copy()
+    a.obsm["common_array"] = prot[common].to_numpy()
+    a.obsm["shuffled_df"] = prot[list(r.permutation(prot.columns))].copy()
+    setup = dict(protein_expression_obsm_key=obsm)
+    setup["batch_key"] = pick(r, ["batch", "batch", "many", None])
+    if r.random() < 0.4:
+        setup["categorical_covariate_keys"] = list(
+            r.choice(["donor", "many"], int(r.integers(1, 3)), replace=False)
+        )
+    if r.random() < 0.4:
+        setup["continuous_covariate_keys"] = list(
+            r.choice(["pct", "pct2"], int(r.integers(1, 3)), replace=False)
+        )
+    if r.random() < 0.2:
+        setup["size_factor_key"] = "sf"
+    if r.random() < 0.3:
+        a.layers["counts"] = a.X.copy()
+        setup["layer"] = "counts"
+    masked = obsm in ("protein_expression", "shuffled_df") and setup["batch_key"] == "batch"
+    model = dict(
+        n_latent=int(r.integers(2, 12)),
+        n_hidden=int(pick(r, [16, 32, 64])),
+        gene_likelihood=pick(r, ["nb", "zinb"]),
+        gene_dispersion=pick(r, ["gene", "gene-batch"]),
+        protein_dispersion=pick(r, ["protein", "protein-batch"]),
+        latent_distribution=pick(r, ["normal", "normal", "ln"]),
+        n_layers_encoder=int(r.integers(1, 3)),
+        n_layers_decoder=int(r.integers(1, 3)),
+        use_batch_norm=pick(r, NORMS),
+        use_layer_norm=pick(r, NORMS),
+        encode_covariates=bool(r.random() < 0.5),
+        log_variational=bool(r.random() < 0.8),
+        use_observed_lib_size=bool(r.random() < 0.6),
+        empirical_protein_background_prior=bool(r.random() < 0.5),
+    )
+    if masked and r.random() < 0.3:
+        model["override_missing_proteins"] = True
+    if r.random() < 0.2:
+        model["extra_decoder_kwargs"] = {"activation_function_bg": "exp"}
+    return a, setup, model
+
+
+def draw_scvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
+    a = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_train.h5ad")
+    genes = np.sort(r.choice(a.n_vars, int(r.integers(100, 400)), replace=False))
+    a = obs_columns(a[:, genes].copy(), r)
+    a.obs["label"] = np.array(["t", "b", "m"])[r.integers(0, 3, a.n_obs)]
+    setup = dict(batch_key=pick(r, ["batch", "batch", "many", None]))
+    if r.random() < 0.4:
+        setup["labels_key"] = "label"
+    if r.random() < 0.4:
+        setup["categorical_covariate_keys"] = ["donor"]
+    if r.random() < 0.4:
+        setup["continuous_covariate_keys"] = ["pct"]
+    if r.random() < 0.2:
+        setup["size_factor_key"] = "sf"
+    dispersions = ["gene", "gene-batch", "gene-cell"] + ["gene-label"] * ("labels_key" in setup)
+    model = dict(
+        n_latent=int(r.integers(2, 12)),
+        n_hidden=int(pick(r, [16, 32, 64])),
+        n_layers=int(r.integers(1, 3)),
+        gene_likelihood=pick(r, ["zinb", "nb", "nb", "poisson"]),
+        dispersion=pick(r, dispersions),
+        latent_distribution=pick(r, ["normal", "normal", "ln"]),
+        use_observed_lib_size=bool(r.random() < 0.6),
+        encode_covariates=bool(r.random() < 0.5),
+        deeply_inject_covariates=bool(r.random() < 0.7),
+        use_batch_norm=pick(r, NORMS),
+        use_layer_norm=pick(r, NORMS),
+        log_variational=bool(r.random() < 0.8),
+    )
+    if setup["batch_key"] and r.random() < 0.3:
+        model["batch_representation"] = "embedding"
+    return a, setup, model
+
+
+def draw_peakvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
+    a = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_peaks.h5ad")
+    regions = np.sort(r.choice(a.n_vars, int(r.integers(100, 400)), replace=False))
+    a = obs_columns(a[:, regions].copy(), r)
+    setup = dict(batch_key=pick(r, ["batch", "many", None]))
+    if r.random() < 0.4:
+        setup["categorical_covariate_keys"] = ["donor"]
+    if r.random() < 0.4:
+        setup["continuous_covariate_keys"] = ["pct"]
+    if r.random() < 0.3:
+        setup["layer"] = "counts"  # raw counts: accessible where > 0
+    model = dict(
+        n_latent=int(r.integers(2, 12)),
+        n_hidden=int(pick(r, [16, 32, 64])),
+        n_layers_encoder=int(r.integers(1, 3)),
+        n_layers_decoder=int(r.integers(1, 3)),
+        model_depth=bool(r.random() < 0.7),
+        region_factors=bool(r.random() < 0.7),
+        use_batch_norm=pick(r, NORMS),
+        use_layer_norm=pick(r, NORMS),
+        latent_distribution=pick(r, ["normal", "normal", "ln"]),
+        deeply_inject_covariates=bool(r.random() < 0.5),
+        encode_covariates=bool(r.random() < 0.5),
+    )
+    return a, setup, model
+
+
+@contextlib.contextmanager
+def same_noise(queue: list[np.ndarray]):
+    """scvi-tools' standard-normal draws come from ``queue``, in order."""
+    queue = list(reversed(queue))
+    original = tdn._standard_normal
+
+    def fake(shape, dtype, device):
+        arr = queue.pop()
+        assert tuple(shape) == arr.shape, (tuple(shape), arr.shape)
+        return torch.as_tensor(arr, dtype=dtype, device=device)
+
+    tdn._standard_normal = fake
+    try:
+        yield
+        assert not queue, f"{len(queue)} draws unused"
+    finally:
+        tdn._standard_normal = original
+
+
+def draws(om, m, kind: str, n: int, n_samples: int) -> list[np.ndarray]:
+    """The runtime's draws for cells ``0..n-1`` in the order scvi-tools takes them: per
+    forward pass z, then (TOTALVI) the log-library and the protein background."""
+    cells = np.arange(n)
+    L = om.n_latent
+    ez = noise.normals(om.seed, noise.STREAM_Z, cells, n_samples * L).reshape(n, n_samples, L)
+    if kind == "peakvi":
+        return [ez[:, s] for s in range(n_samples)]
+    if kind == "scvi":
+        if m.module.use_observed_lib_size:
+            return [ez[:, s] for s in range(n_samples)]
+        el = noise.normals(om.seed, noise.STREAM_L, cells, n_samples)
+        return [v for s in range(n_samples) for v in (ez[:, s], el[:, s : s + 1])]
+    P = len(om.proteins)
+    el = noise.normals(om.seed, noise.STREAM_L, cells, n_samples)
+    eb = noise.normals(om.seed, noise.STREAM_PRO_BACK, cells, n_samples * P)
+    eb = eb.reshape(n, n_samples, P)
+    out = []
+    for s in range(n_samples):
+        out += [ez[:, s], el[:, s : s + 1], eb[:, s]]
+    return out
+
+
+def close(got, ref, rtol=2e-5, atol=2e-3) -> float:
+    """Largest ``|got - ref| / (atol + rtol |ref|)`` (<= 1 passes)."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    return float(np.max(np.abs(got - ref) / (atol + rtol * np.abs(ref))))
+
+
+def check(kind: str, r: np.random.Generator, work: Path, res: dict) -> dict:
+    draw = {"totalvi": draw_totalvi, "peakvi": draw_peakvi, "scvi": draw_scvi}[kind]
+    a, setup, model_kw = draw(r)
+    cls = getattr(scvi.model, {"totalvi": "TOTALVI", "peakvi": "PEAKVI", "scvi": "SCVI"}[kind])
+    from_folder = bool(r.random() < 0.5)
+    res.update(setup=setup, options=model_kw, n_vars=a.n_vars, from_folder=from_folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cls.setup_anndata(a, **setup)
+        scvi.settings.seed = int(r.integers(1 << 30))
+        m = cls(a, **model_kw)
+        extra = dict(reduce_lr_on_plateau=False) if kind == "totalvi" else {}  # needs a logger
+        try:
+            m.train(max_epochs=int(r.integers(2, 6)), **TRAIN, **extra)
+        except (ValueError, RuntimeError) as e:  # diverged (NaN): nothing to compare
+            res.update(passed=True, skipped=f"scvi-tools' training failed: {str(e)[:120]}")
+            return res
+        m.module.eval()
+        src = m
+        if from_folder:
+            m.save(work / "saved", overwrite=True)
+            src = work / "saved"
+        path = export_model(src, work / "bundle", overwrite=True)
+    om = scvi_onnx.load(path, device="cpu", seed=int(r.integers(1000)))
+    n = a.n_obs
+    scores = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rm, rv = m.get_latent_representation(a, return_dist=True)
+        gm, gv = om.get_latent_representation(a, return_dist=True)
+        scores["latent_dist"] = max(close(gm, rm, 0, 1e-4), close(gv, rv, 1e-4, 1e-4))
+        if model_kw["latent_distribution"] == "normal":
+            ref_mean = m.get_latent_representation(a)
+            scores["latent"] = close(om.get_latent_representation(a), ref_mean, 0, 1e-4)
+        with same_noise(draws(om, m, kind, n, 1)):
+            ref = m.get_elbo(a, batch_size=n, return_mean=False).numpy()
+        scores["elbo"] = close(om.get_elbo(a, return_mean=False, batch_size=97), ref)
+        with same_noise(draws(om, m, kind, n, 1)):
+            ref_rec = m.get_reconstruction_error(a, batch_size=n, return_mean=False)
+        got_rec = om.get_reconstruction_error(a, return_mean=False)
+        assert list(got_rec) == list(ref_rec), (list(got_rec), list(ref_rec))
+        for k in ref_rec:
+            scores[k] = close(got_rec[k], ref_rec[k].numpy())
+        if kind != "peakvi":
+            sub = a[:24].copy()
+            with same_noise(draws(om, m, kind, 24, 6)):
+                ref_mll = m.get_marginal_ll(sub, n_mc_samples=6, batch_size=24)
+            got_mll = om.get_marginal_ll(sub, n_mc_samples=6, batch_size=24)
+            scores["marginal_ll_mean"] = close(got_mll, ref_mll)
+    res["scores"] = scores
+    res["passed"] = all(v <= 1.0 for v in scores.values())
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--n", type=int, default=12, help="configurations per model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", nargs="+", default=["totalvi", "peakvi", "scvi"])
+    p.add_argument("--out", help="write the results as JSON")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    r = np.random.default_rng(args.seed)
+    results, failed = [], 0
+    for _ in range(args.n):
+        for kind in args.models:
+            t = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                res = dict(model=kind)
+                try:
+                    check(kind, r, Path(tmp), res)
+                except Exception:  # noqa: BLE001 - a configuration that errors is a failure
+                    res.update(passed=False, error=traceback.format_exc(limit=-3))
+            res["seconds"] = round(time.perf_counter() - t, 1)
+            failed += not res["passed"]
+            results.append(res)
+            print(json.dumps(res, default=str), flush=True)
+    skipped = sum("skipped" in r for r in results)
+    print(
+        f"{len(results) - failed - skipped} of {len(results) - skipped} configurations passed "
+        f"({skipped} not compared: scvi-tools' own training failed)",
+        flush=True,
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -278,7 +278,10 @@ def main() -> None:
             "environment": env,
             "args": vars(args),
             "rows": rows,
-            "onnx_provider": next((r["onnx"].get("provider") for r in rows if "onnx" in r), None),
+            # the first row that names it (a cold start runs the CLI, which does not)
+            "onnx_provider": next(
+                (r["onnx"]["provider"] for r in rows if r.get("onnx", {}).get("provider")), None
+            ),
         }
 
     def write(rep: dict) -> None:

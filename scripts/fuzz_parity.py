@@ -24,7 +24,6 @@ compared.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -37,20 +36,14 @@ import anndata as ad
 import numpy as np
 import scvi
 import torch
-import torch.distributions.normal as tdn
 
 import scvi_onnx
 from scvi_onnx.exporter import export_model
+from scvi_onnx.exporter.parity import QUIET_TRAINING, torch_draws
 from scvi_onnx.maths import rng as noise
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = dict(
-    accelerator="cpu",
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    logger=False,
-    enable_checkpointing=False,
-)
+TRAIN = QUIET_TRAINING
 NORMS = ["encoder", "decoder", "none", "both"]
 
 
@@ -270,25 +263,6 @@ CLASSES = dict(
 )
 
 
-@contextlib.contextmanager
-def same_noise(queue: list[np.ndarray]):
-    """scvi-tools' standard-normal draws come from ``queue``, in order."""
-    queue = list(reversed(queue))
-    original = tdn._standard_normal
-
-    def fake(shape, dtype, device):
-        arr = queue.pop()
-        assert tuple(shape) == arr.shape, (tuple(shape), arr.shape)
-        return torch.as_tensor(arr, dtype=dtype, device=device)
-
-    tdn._standard_normal = fake
-    try:
-        yield
-        assert not queue, f"{len(queue)} draws unused"
-    finally:
-        tdn._standard_normal = original
-
-
 def draws(om, m, kind: str, n: int, n_samples: int) -> list[np.ndarray]:
     """The runtime's draws for cells ``0..n-1`` in the order scvi-tools takes them: per
     forward pass z, then (TOTALVI) the log-library and the protein background."""
@@ -392,10 +366,10 @@ def check(kind: str, r: np.random.Generator, work: Path, res: dict) -> dict:
         if model_kw.get("latent_distribution", "normal") == "normal":
             ref_mean = m.get_latent_representation(a)
             scores["latent"] = close(om.get_latent_representation(a), ref_mean, 0, 1e-4)
-        with same_noise(draws(om, m, kind, n, 1)):
+        with torch_draws(draws(om, m, kind, n, 1)):
             ref = m.get_elbo(a, batch_size=n, return_mean=False).numpy()
         scores["elbo"] = close(om.get_elbo(a, return_mean=False, batch_size=97), ref)
-        with same_noise(draws(om, m, kind, n, 1)):
+        with torch_draws(draws(om, m, kind, n, 1)):
             ref_rec = m.get_reconstruction_error(a, batch_size=n, return_mean=False)
         got_rec = om.get_reconstruction_error(a, return_mean=False)
         assert list(got_rec) == list(ref_rec), (list(got_rec), list(ref_rec))
@@ -403,7 +377,7 @@ def check(kind: str, r: np.random.Generator, work: Path, res: dict) -> dict:
             scores[k] = close(got_rec[k], ref_rec[k].numpy())
         if kind != "peakvi":
             sub = a[:24].copy()
-            with same_noise(draws(om, m, kind, 24, 6)):
+            with torch_draws(draws(om, m, kind, 24, 6)):
                 ref_mll = m.get_marginal_ll(sub, n_mc_samples=6, batch_size=24)
             got_mll = om.get_marginal_ll(sub, n_mc_samples=6, batch_size=24)
             scores["marginal_ll_mean"] = close(got_mll, ref_mll)

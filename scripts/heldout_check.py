@@ -32,16 +32,11 @@ import scvi
 import torch
 
 import scvi_onnx
+from scvi_onnx.exporter.parity import QUIET_TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("pbmc_5k_protein_v3", "pbmc_10k_protein_v3")
-TRAIN = dict(
-    accelerator="cpu",
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    logger=False,
-    enable_checkpointing=False,
-)
+TRAIN = QUIET_TRAINING
 
 
 def cells(shared: Path) -> ad.AnnData:

@@ -304,21 +304,20 @@ SCANVI_CONFIGS = {
 
 TINY = SCVI_CONFIGS | LINEAR_CONFIGS | SCANVI_CONFIGS
 
-#: Lightning trainer arguments of every tiny model: CPU, quiet, nothing written.
-TRAIN_KW = dict(
-    accelerator="cpu",
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    logger=False,
-    enable_checkpointing=False,
-)
+
+def train_kw() -> dict:
+    """Lightning trainer arguments of every tiny model: CPU, quiet, nothing written (imported
+    on use: this file is read in environments without torch too)."""
+    from scvi_onnx.exporter.parity import QUIET_TRAINING
+
+    return QUIET_TRAINING
 
 
 def fit(model, epochs: int):
     """Train ``model`` for ``epochs`` on the CPU, quietly."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.train(max_epochs=epochs, **TRAIN_KW)
+        model.train(max_epochs=epochs, **train_kw())
     return model
 
 
@@ -395,10 +394,8 @@ def same_noise(model, om, n_obs: int, n_samples: int, *, library: bool = True, z
     those draws out (calls that make none, such as ``predict``). Every prepared draw must be
     used, in that order and shape.
     """
-    torch = require("torch")
     scvi = require("scvi")
-    import torch.distributions.normal as tdn
-
+    from scvi_onnx.exporter.parity import torch_draws
     from scvi_onnx.maths import rng
 
     cells = np.arange(n_obs)
@@ -419,17 +416,5 @@ def same_noise(model, om, n_obs: int, n_samples: int, *, library: bool = True, z
             queue.append(el[:, s : s + 1])
         if scanvi:
             queue.append(ez2[:, s].transpose(1, 0, 2).reshape(K * n_obs, L))
-    queue.reverse()
-    original = tdn._standard_normal
-
-    def fake(shape, dtype, device):
-        arr = queue.pop()
-        assert tuple(shape) == arr.shape, (tuple(shape), arr.shape)
-        return torch.as_tensor(arr, dtype=dtype, device=device)
-
-    tdn._standard_normal = fake
-    try:
+    with torch_draws(queue):
         yield
-        assert not queue, f"{len(queue)} noise draws unused"
-    finally:
-        tdn._standard_normal = original

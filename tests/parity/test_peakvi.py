@@ -33,6 +33,7 @@ scvi = require("scvi")
 import scvi_onnx  # noqa: E402
 from scvi_onnx.errors import InvalidArgumentError  # noqa: E402
 from scvi_onnx.exporter import export_model  # noqa: E402
+from scvi_onnx.exporter.parity import QUIET_TRAINING, torch_draws  # noqa: E402
 from scvi_onnx.maths import rng  # noqa: E402
 
 from ..peaks import peaks  # noqa: E402
@@ -96,14 +97,7 @@ def train(setup: dict, model_kw: dict, regions: int | None = N_REGIONS, epochs: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = scvi.model.PEAKVI(adata, **kw)
-        model.train(
-            max_epochs=epochs,
-            accelerator="cpu",
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            logger=False,
-            enable_checkpointing=False,
-        )
+        model.train(max_epochs=epochs, **QUIET_TRAINING)
     model.module.eval()
     return model, adata
 
@@ -128,22 +122,8 @@ def z_noise(om, n_obs: int, n_samples: int) -> np.ndarray:
 def same_noise(om, n_obs: int):
     """scvi-tools' one ``rsample`` of z per forward pass (all cells in one minibatch) returns
     the runtime's draw 0 of each cell."""
-    import torch.distributions.normal as tdn
-
-    queue = [z_noise(om, n_obs, 1)[0]]
-    original = tdn._standard_normal
-
-    def fake(shape, dtype, device):
-        arr = queue.pop()
-        assert tuple(shape) == arr.shape, (tuple(shape), arr.shape)
-        return torch.as_tensor(arr, dtype=dtype, device=device)
-
-    tdn._standard_normal = fake
-    try:
+    with torch_draws([z_noise(om, n_obs, 1)[0]]):
         yield
-        assert not queue, "noise draw unused"
-    finally:
-        tdn._standard_normal = original
 
 
 def torch_log_weights(model, adata, eps: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ import scvi_onnx  # noqa: E402
 from scvi_onnx.errors import MissingColumnError, UnknownCategoryError  # noqa: E402
 from scvi_onnx.exporter import export_model  # noqa: E402
 
-from ..conftest import EXAMPLE_H5AD, MODELS, SHIPPED_BUNDLE, TRAIN_KW  # noqa: E402
+from ..conftest import EXAMPLE_H5AD, MODELS, SHIPPED_BUNDLE, train_kw  # noqa: E402
 
 REFERENCE = MODELS / "pbmc_scvi_torch"
 
@@ -117,7 +117,7 @@ def encoded(pbmc_small, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = scvi.model.SCVI(adata, n_hidden=16, n_latent=4, encode_covariates=True)
-        model.train(max_epochs=2, **TRAIN_KW)
+        model.train(max_epochs=2, **train_kw())
     path = export_model(model, tmp_path_factory.mktemp("encoded") / "bundle")
     return model, adata, scvi_onnx.load(path, device="cpu", seed=3)
 
@@ -145,7 +145,7 @@ def test_fine_tuned_query_model_exports_and_matches(encoded, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qm = scvi.model.SCVI.load_query_data(q, str(ref_dir), accelerator="cpu")
-        qm.train(max_epochs=2, plan_kwargs={"weight_decay": 0.0}, **TRAIN_KW)
+        qm.train(max_epochs=2, plan_kwargs={"weight_decay": 0.0}, **train_kw())
     om = scvi_onnx.load(export_model(qm, tmp_path / "query_bundle"), device="cpu", seed=5)
     assert "new_sample" in om.manifest.registry.batch.categories
     np.testing.assert_allclose(
@@ -171,7 +171,7 @@ def test_scanvi_predict_of_unseen_batch_equals_zero_shot_query_model(pbmc_small,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = scvi.model.SCANVI(adata, n_hidden=16, n_latent=4)
-        model.train(max_epochs=2, **TRAIN_KW)
+        model.train(max_epochs=2, **train_kw())
     ref_dir = tmp_path / "ref"
     model.save(str(ref_dir), save_anndata=False)
     om = scvi_onnx.load(export_model(model, tmp_path / "bundle"), device="cpu")

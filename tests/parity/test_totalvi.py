@@ -28,6 +28,7 @@ scvi = require("scvi")
 import scvi_onnx  # noqa: E402
 from scvi_onnx.errors import InvalidArgumentError, UnsupportedModelError  # noqa: E402
 from scvi_onnx.exporter import export_model  # noqa: E402
+from scvi_onnx.exporter.parity import QUIET_TRAINING, torch_draws  # noqa: E402
 from scvi_onnx.maths import rng  # noqa: E402
 
 from ..conftest import MODELS  # noqa: E402
@@ -35,14 +36,8 @@ from ..conftest import MODELS  # noqa: E402
 CITE_H5AD = MODELS / "example" / "pbmc_cite.h5ad"
 SHIPPED = MODELS / "pbmc_totalvi"
 SHIPPED_TORCH = MODELS / "pbmc_totalvi_torch"
-TRAIN = dict(
-    accelerator="cpu",
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    logger=False,
-    enable_checkpointing=False,
-    reduce_lr_on_plateau=False,  # its learning-rate monitor needs a logger
-)
+# its learning-rate monitor needs a logger
+TRAIN = QUIET_TRAINING | dict(reduce_lr_on_plateau=False)
 
 CONFIGS = {
     # 29 proteins, 15 of them missing in pbmc_10k: a protein_batch_mask; empirical prior
@@ -169,8 +164,6 @@ def same_noise(model, om, cells, n_samples: int):
     (the library draw even when the library is observed), then the protein background (n, P)
     in DecoderTOTALVI.
     """
-    import torch.distributions.normal as tdn
-
     cells = np.asarray(cells)
     n = len(cells)
     L, P, seed = model.module.n_latent, model.module.n_input_proteins, om.seed
@@ -180,20 +173,8 @@ def same_noise(model, om, cells, n_samples: int):
     queue = []
     for s in range(n_samples):
         queue += [ez[:, s], el[:, s : s + 1], eb[:, s]]
-    queue.reverse()
-    original = tdn._standard_normal
-
-    def fake(shape, dtype, device):
-        arr = queue.pop()
-        assert tuple(shape) == arr.shape, (tuple(shape), arr.shape)
-        return torch.as_tensor(arr, dtype=dtype, device=device)
-
-    tdn._standard_normal = fake
-    try:
+    with torch_draws(queue):
         yield
-        assert not queue, f"{len(queue)} noise draws unused"
-    finally:
-        tdn._standard_normal = original
 
 
 def scvi_marginal_ll_per_cell(model, om, adata, n_samples: int) -> np.ndarray:

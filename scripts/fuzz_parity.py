@@ -8,6 +8,7 @@ folder) and compared with scvi-tools:
   ``_standard_normal`` returns the runtime's draws), ``rtol=2e-5, atol=2e-3`` as the tests;
 - all but PEAKVI (which scvi-tools lacks): the marginal LL's mean over 24 cells under the
   same noise (one scvi-tools call);
+- where the bundle has a scoring graph (CUDA's path), its ELBO equal to the host kernel's;
 - AnnData models: the runtime's latent and ELBO on the same cells with the features in another
   order, unknown features added, another matrix layout and dtype (and a protein table's
   columns in another order) equal its own on the original.
@@ -381,6 +382,11 @@ def check(kind: str, r: np.random.Generator, work: Path, res: dict) -> dict:
                 ref_mll = m.get_marginal_ll(sub, n_mc_samples=6, batch_size=24)
             got_mll = om.get_marginal_ll(sub, n_mc_samples=6, batch_size=24)
             scores["marginal_ll_mean"] = close(got_mll, ref_mll)
+        if "scorer" in om.manifest.graphs:  # the CUDA path's scoring graph, on the CPU
+            og = scvi_onnx.load(path, device="cpu", seed=om.seed, scoring="graph")
+            scores["graph_elbo"] = close(
+                og.get_elbo(a, return_mean=False), om.get_elbo(a, return_mean=False), 1e-5, 1e-3
+            )
         if not setup.get("mudata"):
             # the same cells as a user may hand them over: another feature order, features
             # the model does not know, another matrix layout and dtype: the same numbers

@@ -44,7 +44,6 @@ from scvi_onnx.exporter.parity import QUIET_TRAINING, torch_draws
 from scvi_onnx.maths import rng as noise
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = QUIET_TRAINING
 NORMS = ["encoder", "decoder", "none", "both"]
 
 
@@ -265,8 +264,10 @@ CLASSES = dict(
 
 
 def draws(om, m, kind: str, n: int, n_samples: int) -> list[np.ndarray]:
-    """The runtime's draws for cells ``0..n-1`` in the order scvi-tools takes them: per
-    forward pass z, then (TOTALVI) the log-library and the protein background."""
+    """The runtime's draws for cells ``0..n-1`` in the order scvi-tools takes them, per
+    forward pass: z; then SCVI, LinearSCVI, SCANVI: the library when it is learned and SCANVI's
+    z2 (drawn in its loss); TOTALVI: the log-library (drawn even when observed) and the
+    protein background; PEAKVI: nothing more."""
     cells = np.arange(n)
     L = om.n_latent
     ez = noise.normals(om.seed, noise.STREAM_Z, cells, n_samples * L).reshape(n, n_samples, L)
@@ -346,7 +347,7 @@ def check(kind: str, r: np.random.Generator, work: Path, res: dict) -> dict:
         m = cls(a, **model_kw)
         extra = dict(reduce_lr_on_plateau=False) if kind == "totalvi" else {}  # needs a logger
         try:
-            m.train(max_epochs=int(r.integers(2, 6)), **TRAIN, **extra)
+            m.train(max_epochs=int(r.integers(2, 6)), **QUIET_TRAINING, **extra)
         except (ValueError, RuntimeError) as e:  # diverged (NaN): nothing to compare
             res.update(passed=True, skipped=f"scvi-tools' training failed: {str(e)[:120]}")
             return res

@@ -36,7 +36,6 @@ from scvi_onnx.exporter.parity import QUIET_TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("pbmc_5k_protein_v3", "pbmc_10k_protein_v3")
-TRAIN = QUIET_TRAINING
 
 
 def cells(shared: Path) -> ad.AnnData:
@@ -233,7 +232,7 @@ def main() -> None:
             extra = {"reduce_lr_on_plateau": False}
             if "reduce_lr_on_plateau" not in inspect.signature(model.train).parameters:
                 extra = {}
-            model.train(max_epochs=epochs, **extra, **TRAIN)
+            model.train(max_epochs=epochs, **extra, **QUIET_TRAINING)
             res = check(name, data, model, args.seeds, Path(tmp))
             print(json.dumps(res, indent=1), flush=True)
             results.append(res)

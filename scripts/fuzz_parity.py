@@ -434,6 +434,7 @@ def main() -> None:
         flush=True,
     )
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     sys.exit(1 if failed else 0)
 

@@ -237,6 +237,7 @@ def main() -> None:
             print(json.dumps(res, indent=1), flush=True)
             results.append(res)
     out = Path(args.out) / f"heldout-{pd.Timestamp.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"seeds": args.seeds, "results": results}, indent=1))
     print(f"wrote {out}")
 

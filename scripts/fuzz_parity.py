@@ -68,12 +68,22 @@ def draw_totalvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
     a = obs_columns(a[:, genes].copy(), r)
     prot = a.obsm["protein_expression"]
     common = [c for c in prot.columns if (prot.loc[a.obs["batch"] == "pbmc_10k", c] > 0).any()]
-    obsm = pick(r, ["protein_expression", "common_df", "common_array", "shuffled_df"])
+    obsm = pick(
+        r, ["protein_expression", "common_df", "common_array", "shuffled_df", "union_array"]
+    )
     a.obsm["common_df"] = prot[common].copy()
     a.obsm["common_array"] = prot[common].to_numpy()
     a.obsm["shuffled_df"] = prot[list(r.permutation(prot.columns))].copy()
+    a.obsm["union_array"] = prot.to_numpy()  # named by adata.uns
+    a.uns["union_names"] = np.array(prot.columns)
     setup = dict(protein_expression_obsm_key=obsm)
+    if obsm == "union_array":
+        setup["protein_names_uns_key"] = "union_names"
     setup["batch_key"] = pick(r, ["batch", "batch", "many", None])
+    if setup["batch_key"] == "many" and obsm != "common_array" and r.random() < 0.5:
+        # the protein panels are the two files, the batches finer: mask and prior per panel
+        a.obs["panel"] = a.obs["batch"].astype(str)
+        setup["panel_key"] = "panel"
     if r.random() < 0.4:
         setup["categorical_covariate_keys"] = list(
             r.choice(["donor", "many"], int(r.integers(1, 3)), replace=False)
@@ -87,7 +97,9 @@ def draw_totalvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
     if r.random() < 0.3:
         a.layers["counts"] = a.X.copy()
         setup["layer"] = "counts"
-    masked = obsm in ("protein_expression", "shuffled_df") and setup["batch_key"] == "batch"
+    masked = obsm not in ("common_df", "common_array") and (
+        setup["batch_key"] == "batch" or "panel_key" in setup
+    )
     model = dict(
         n_latent=int(r.integers(2, 12)),
         n_hidden=int(pick(r, [16, 32, 64])),
@@ -121,9 +133,13 @@ def as_mudata(a: ad.AnnData, setup: dict, r: np.random.Generator):
     import scipy.sparse as sp
 
     prot = a.obsm[setup.pop("protein_expression_obsm_key")]
-    names = (
-        list(prot.columns) if hasattr(prot, "columns") else [f"p{i}" for i in range(prot.shape[1])]
-    )
+    uns_key = setup.pop("protein_names_uns_key", None)
+    if hasattr(prot, "columns"):
+        names = list(prot.columns)
+    elif uns_key:
+        names = [str(n) for n in a.uns[uns_key]]
+    else:
+        names = [f"p{i}" for i in range(prot.shape[1])]
     values = np.asarray(prot, dtype=np.float32)
     rna_layer = setup.pop("layer", None)
     rna = ad.AnnData(sp.csr_matrix(a.X), obs=a.obs[[]].copy(), var=a.var[[]].copy())

@@ -186,6 +186,13 @@ SCVI_CONFIGS = {
             deeply_inject_covariates=False,
         ),
     ),
+    # scvi-tools accepts a dispersion for Poisson and ignores it: the scoring graph takes no
+    # labels (the export failed on its graph IO before)
+    "poisson-genelabel-ignored": Tiny(
+        "SCVI",
+        dict(batch_key="batch", labels_key="cell_type"),
+        dict(gene_likelihood="poisson", dispersion="gene-label"),
+    ),
     "normal-genelabel-nolog": Tiny(
         "SCVI",
         dict(labels_key="cell_type"),

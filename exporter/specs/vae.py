@@ -227,7 +227,9 @@ def scorer_graph(dec: GraphExport, config: dict, arrays: dict, t: dict) -> Graph
 
     lik = config["gene_likelihood"]
     inputs = [*dec.io.inputs, F.IN_COUNTS]
-    if config["dispersion"] == "gene-label" and config["n_labels"] > 1:
+    # the labels pick a per-label dispersion; Poisson has none (scvi-tools accepts and ignores
+    # dispersion="gene-label" for it, and the traced graph would not take the input)
+    if lik != "poisson" and config["dispersion"] == "gene-label" and config["n_labels"] > 1:
         inputs.append(F.IN_LABELS)
     io = GraphIO(tuple(inputs), (F.OUT_LOG_PX,))
     graph = ScoreGraph(dec.module, io, config, arrays.get(F.ARR_PX_R))

@@ -204,6 +204,16 @@ def _validate(spec, folder, config, arrays, graphs, probe_arrays, atol, rtol) ->
             "exported graphs do not reproduce the torch modules: "
             + "; ".join(json.dumps(r) for r in failed)
         )
+    odd = [r for r in reports if r.get("reason")]
+    if odd:
+        warnings.warn(
+            "the model gives non-finite values on some probe cells, as scvi-tools' torch modules "
+            "do on the same cells (the graphs reproduce them): "
+            + "; ".join(f"{r['output']}: {r['reason']}" for r in odd)
+            + ". Cells like them will get non-finite values from scvi-tools and scvi-onnx alike.",
+            UserWarning,
+            stacklevel=4,
+        )
     for r in reports:
         logger.info(
             "validated %s: max abs %.3g, max rel %.3g",

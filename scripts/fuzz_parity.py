@@ -359,11 +359,12 @@ def check(kind: str, r: np.random.Generator, work: Path, res: dict) -> dict:
             cls.setup_mudata(a, **{k: v for k, v in setup.items() if k != "mudata"})
         else:
             cls.setup_anndata(a, **setup)
-        scvi.settings.seed = int(r.integers(1 << 30))
+        res["train_seed"] = scvi.settings.seed = int(r.integers(1 << 30))
         m = cls(a, **model_kw)
         extra = dict(reduce_lr_on_plateau=False) if kind == "totalvi" else {}  # needs a logger
         try:
-            m.train(max_epochs=int(r.integers(2, 6)), **QUIET_TRAINING, **extra)
+            res["epochs"] = int(r.integers(2, 6))
+            m.train(max_epochs=res["epochs"], **QUIET_TRAINING, **extra)
         except (ValueError, RuntimeError) as e:  # diverged (NaN): nothing to compare
             res.update(passed=True, skipped=f"scvi-tools' training failed: {str(e)[:120]}")
             return res

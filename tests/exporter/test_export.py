@@ -195,3 +195,41 @@ def test_encoder_takes_log1p_from_the_runtime_and_old_bundles_still_load(small, 
     )
     want = model.get_latent_representation(adata)
     np.testing.assert_allclose(m_new.get_latent_representation(adata), want, atol=1e-4)
+
+
+def test_decoder_overflow_on_probe_cells_is_reproduced_not_refused(pbmc_small, tmp_path):
+    """A learned library read from raw counts (``log_variational=False``) overflows
+    ``exp(library)`` for the synthetic probe cells with the largest libraries, in torch as in
+    ONNX: ``px_rate`` is inf at the same entries. The export reproduces that (equal non-finite
+    entries agree) and warns, instead of refusing a model scvi-tools runs; on the real cells
+    the numbers are scvi-tools' under the same noise. (Found by scripts/fuzz_parity.py.)"""
+    from ..conftest import same_noise
+
+    adata = pbmc_small.copy()
+    scvi.model.SCVI.setup_anndata(adata, continuous_covariate_keys=["pct"])
+    scvi.settings.seed = 1
+    opts = dict(
+        gene_likelihood="nb",
+        use_observed_lib_size=False,
+        log_variational=False,
+        use_batch_norm="decoder",
+        n_layers=2,
+        n_hidden=32,
+        n_latent=10,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = scvi.model.SCVI(adata, **opts)
+        model.train(max_epochs=3, accelerator="cpu", enable_progress_bar=False, logger=False)
+    with pytest.warns(UserWarning, match="non-finite values on some probe cells"):
+        path = export_model(model, tmp_path / "b")
+    reports = json.loads((path / B.MANIFEST_FILE).read_text())["validation"]["reports"]
+    odd = [r for r in reports if r["reason"]]
+    assert odd and all(r["ok"] and "equal in both" in r["reason"] for r in odd), odd
+    assert scvi_onnx.verify(path).ok
+    om = scvi_onnx.load(path, device="cpu", seed=3)
+    n = adata.n_obs
+    with same_noise(model, om, n, 1):
+        ref = model.get_elbo(adata, batch_size=n, return_mean=False).numpy()
+    assert np.isfinite(ref).all()
+    np.testing.assert_allclose(om.get_elbo(adata, return_mean=False), ref, rtol=2e-5, atol=2e-3)

@@ -76,3 +76,22 @@ def test_verify_refuses_probes_that_do_not_fit_the_graph(capsys, tmp_path):
     reseal(bundle, B.PROBES_FILE)
     raises(BundleIntegrityError, lambda: scvi_onnx.verify(bundle), "probes.npz", "encoder.onnx")
     assert_refused(cli(capsys, "verify", bundle, "--device", "cpu"), "probes.npz")
+
+
+def test_deviation_non_finite_entries():
+    """Equal non-finite entries (the same infinity, NaN in both) agree: a decoder that
+    overflows for a cell overflows in torch too. Any other non-finite entry fails, and the
+    deviations are measured over the finite entries."""
+    from scvi_onnx.selfcheck import deviation
+
+    inf, nan = np.inf, np.nan
+    want = np.array([1.0, 2.0, inf, -inf, nan])
+    row = deviation("x", want + [1e-6, 0, 0, 0, 0], want, 1e-4, 1e-4)
+    assert row.ok and row.reason == "3 non-finite entries, equal in both"
+    assert row.max_abs_diff == pytest.approx(1e-6) and np.isfinite(row.max_rel_diff)
+    odd = ([1.0, 2.0, -inf, -inf, nan], [1.0, 2.0, inf, -inf, 0.0], [inf, 2.0, inf, -inf, nan])
+    for got in odd:
+        row = deviation("x", np.array(got), want, 1e-4, 1e-4)
+        assert not row.ok and row.reason == "non-finite values: 1 entries differ", got
+    assert not deviation("x", want + [1.0, 0, 0, 0, 0], want, 1e-4, 1e-4).ok
+    assert deviation("x", np.ones(3), np.ones(3), 0, 0).reason == ""

@@ -182,7 +182,7 @@ def draw_scvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
         n_latent=int(r.integers(2, 12)),
         n_hidden=int(pick(r, [16, 32, 64])),
         n_layers=int(r.integers(1, 3)),
-        gene_likelihood=pick(r, ["zinb", "nb", "nb", "poisson"]),
+        gene_likelihood=pick(r, ["zinb", "nb", "nb", "poisson", "normal"]),
         dispersion=pick(r, dispersions),
         latent_distribution=pick(r, ["normal", "normal", "ln"]),
         use_observed_lib_size=bool(r.random() < 0.6),

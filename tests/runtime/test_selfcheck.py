@@ -94,4 +94,9 @@ def test_deviation_non_finite_entries():
         row = deviation("x", np.array(got), want, 1e-4, 1e-4)
         assert not row.ok and row.reason == "non-finite values: 1 entries differ", got
     assert not deviation("x", want + [1.0, 0, 0, 0, 0], want, 1e-4, 1e-4).ok
+    # a float32 output against a float64 reference beyond float32's range: the same -inf
+    f32 = np.array([-np.inf, 5.0], dtype=np.float32)
+    assert deviation("x", f32, np.array([-1e39, 5.0]), 1e-4, 1e-4).ok
+    assert not deviation("x", f32, np.array([-1e38, 5.0]), 1e-4, 1e-4).ok
+    assert not deviation("x", f32.astype(np.float64), np.array([-1e39, 5.0]), 1e-4, 1e-4).ok
     assert deviation("x", np.ones(3), np.ones(3), 0, 0).reason == ""

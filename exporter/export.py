@@ -203,6 +203,10 @@ def _validate(spec, folder, config, arrays, graphs, probe_arrays, atol, rtol) ->
         raise ExportValidationError(
             "exported graphs do not reproduce the torch modules: "
             + "; ".join(json.dumps(r) for r in failed)
+            + ". A few entries just past the tolerance (max_rel_diff near rtol) are float32 "
+            "rounding of a model with large activations, which torch's own float32 has too: "
+            "export_model(..., rtol=1e-3) / scvi-onnx export --rtol 1e-3 accepts them; "
+            "larger differences are a defect: please report them"
         )
     odd = [r for r in reports if r.get("reason")]
     if odd:

@@ -77,11 +77,15 @@ def deviation(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: f
     ok = bool(same.all() and np.all(diff <= atol + rtol * np.abs(w)))
     n_odd = int((~same).sum())
     n_equal = int((same & ~finite).sum())
-    reason = ""
+    n_far = int((diff > atol + rtol * np.abs(w)).sum())
+    reasons = []
+    if n_far:
+        reasons.append(f"{n_far} of {got64.size} entries beyond atol + rtol * |want|")
     if n_odd:
-        reason = f"non-finite values: {n_odd} entries differ"
+        reasons.append(f"non-finite values: {n_odd} entries differ")
     elif n_equal:
-        reason = f"{n_equal} non-finite entries, equal in both"
+        reasons.append(f"{n_equal} non-finite entries, equal in both")
+    reason = "; ".join(reasons)
     return VerifyRow(
         name,
         float(diff.max(initial=0.0)),

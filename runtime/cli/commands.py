@@ -149,6 +149,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             seed=args.seed,
             reproduce=args.reproduce,
+            atol=args.atol,
+            rtol=args.rtol,
         )
     from ..bundle import read_manifest
 

@@ -6,6 +6,7 @@ import argparse
 from typing import Any, NoReturn
 
 from ..arguments import check_positive_int, check_seed
+from ..bundle import format as F
 from ..errors import InvalidArgumentError
 from ..models.registry import MODELS
 from ..sessions import DEVICES
@@ -43,6 +44,16 @@ def _positive_int(text: str) -> int:
 
 def _seed(text: str) -> int:
     return _library_check(check_seed, text)
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def _assignment(text: str) -> tuple[str, str]:
@@ -221,6 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="seed of the validation probes (default: 0)",
     )
+    for name, default in (("atol", F.DEFAULT_ATOL), ("rtol", F.DEFAULT_RTOL)):
+        p.add_argument(
+            f"--{name}",
+            type=_tolerance,
+            default=default,
+            metavar="X",
+            help=(
+                f"validation tolerance, |onnx - torch| <= atol + rtol * |torch| (default "
+                f"{default:g}); a few entries just past it are float32 rounding of a model "
+                "with large activations"
+            ),
+        )
     p.add_argument(
         "--reproduce",
         choices=("trained", "installed"),

@@ -66,6 +66,15 @@ def test_export_writes_a_loadable_bundle(capsys, tmp_path, query):
     )
     code, stdout, err = cli(capsys, "export", MODELS / "pbmc_scvi_torch", out)
     assert_refused((code, stdout, err))
+    # the validation tolerance: recorded in the manifest; a bad value refused before any work
+    code, stdout, err = cli(
+        capsys, "export", MODELS / "pbmc_scvi_torch", out, "--overwrite", "--rtol", "1e-3"
+    )
+    assert code == 0, err
+    assert "rtol=0.001" in stdout and scvi_onnx.load(out).manifest.validation["rtol"] == 1e-3
+    for bad in ("-1", "inf", "x"):
+        code, stdout, err = cli(capsys, "export", MODELS / "pbmc_scvi_torch", out, "--atol", bad)
+        assert code == 2 and "--atol" in err, (bad, err)
 
 
 BLOCK_TORCH = textwrap.dedent(

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scvi_onnx.arguments import check_tolerance
 from scvi_onnx.bundle import Manifest, read_config, sha256_file
 from scvi_onnx.bundle import format as F
 from scvi_onnx.errors import ExportValidationError, InvalidArgumentError, UnsupportedModelError
@@ -118,6 +119,7 @@ def export_model(
         raise FileExistsError(f"{out} exists; pass overwrite=True (or --overwrite) to replace it")
     if reproduce not in REPRODUCE:
         raise InvalidArgumentError(f"reproduce={reproduce!r}: choose one of {REPRODUCE}")
+    atol, rtol = check_tolerance("atol", atol), check_tolerance("rtol", rtol)
     # Nothing here may advance the user's torch RNG (building nn.Linear modules would).
     with torch.random.fork_rng(devices=[]):
         return _export(

@@ -49,6 +49,17 @@ def check_fraction(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_tolerance(name: str, value: Any) -> float:
+    """A finite number >= 0 (a validation tolerance: ``atol``, ``rtol``)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0.0 <= float(value) < float("inf")
+    ):
+        raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_choice(name: str, value: Any, choices: tuple) -> Any:
     """One of ``choices``."""
     if not isinstance(value, str | int | bool | None) or value not in choices:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, NoReturn
 
-from ..arguments import check_positive_int, check_seed
+from ..arguments import check_positive_int, check_seed, check_tolerance
 from ..bundle import format as F
 from ..errors import InvalidArgumentError
 from ..models.registry import MODELS
@@ -26,12 +26,13 @@ class _Parser(argparse.ArgumentParser):
 INPUT_HELP = "input AnnData (.h5ad), or MuData (.h5mu) for models set up with setup_mudata"
 
 
-def _library_check(check, text: str):
+def _library_check(check, text: str, parse=int):
     """An argparse type from the library's own check (one implementation of each)."""
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        kind = "an integer" if parse is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
     try:
         return check(value)
     except InvalidArgumentError as e:
@@ -47,13 +48,7 @@ def _seed(text: str) -> int:
 
 
 def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (value >= 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+    return _library_check(lambda v: check_tolerance("the tolerance", v), text, float)
 
 
 def _assignment(text: str) -> tuple[str, str]:

@@ -130,6 +130,19 @@ def test_not_a_model_refused(tmp_path):
         export_model(tmp_path, tmp_path / "b")
 
 
+@pytest.mark.parametrize(
+    "kw", [dict(atol=-1e-4), dict(rtol=float("nan")), dict(rtol=float("inf")), dict(atol="1e-4")]
+)
+def test_bad_tolerance_refused_before_loading(kw, tmp_path):
+    """Checked once (``arguments.check_tolerance``, as the CLI's ``--atol`` / ``--rtol``),
+    before the model loads: a negative or NaN tolerance would refuse every export."""
+    from scvi_onnx.errors import InvalidArgumentError
+
+    name = next(iter(kw))
+    with pytest.raises(InvalidArgumentError, match=f"{name} must be a finite number >= 0"):
+        export_model(tmp_path / "no_such_folder", tmp_path / "b", **kw)
+
+
 def test_export_from_saved_folder_without_adata(tmp_path):
     path = export_model(MODELS / "pbmc_scvi_torch", tmp_path / "b")
     shipped = json.loads((SHIPPED_BUNDLE / B.MANIFEST_FILE).read_text())

@@ -273,6 +273,7 @@ class InferenceServer:
         rec = self._record(request, "infer")
         loop = asyncio.get_running_loop()
         opts = self.options
+        gone: asyncio.Task | None = None  # watches the connection once the body is read
         try:
             served = self._model(request, rec)
             if not self.ready:
@@ -295,6 +296,8 @@ class InferenceServer:
                         raise _Refusal(400, f"invalid {HEADER_LENGTH} {header_length[:40]!r}")
                     header_length = int(header_length)
                 body = await self._body(request, header_length)
+                # the body is read: the next message can only say that the client went away
+                gone = loop.create_task(_client_gone(request.receive))
                 if self._slots is None:
                     self._slots = asyncio.Semaphore(opts.max_concurrency)
                 batch = self._batchable(served, body, header_length)
@@ -304,21 +307,38 @@ class InferenceServer:
                     future = self._batcher(served).submit(*batch)
                     handed_over = True
                 else:
+                    acquire = loop.create_task(self._slots.acquire())
+                    await asyncio.wait(
+                        (acquire, gone),
+                        timeout=max(0.0, deadline - loop.time()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    acquire.cancel()  # nothing when it has its slot already
                     try:
-                        await asyncio.wait_for(self._slots.acquire(), deadline - loop.time())
-                    except TimeoutError:
+                        held = await acquire
+                    except asyncio.CancelledError:
+                        held = False
+                    if gone.done():  # left while queued: nothing is computed for it
+                        if held:
+                            self._slots.release()
+                        raise ClientDisconnect()
+                    if not held:
                         raise _Refusal(
                             503,
                             f"no worker became free within {opts.request_timeout:g} s; retry later",
                             {"Retry-After": str(RETRY_AFTER_S)},
-                        ) from None
+                        )
             finally:
                 if not handed_over:
                     self.metrics.queued -= 1
                     self._gauges_changed()
         except _Refusal as r:
+            if gone is not None:
+                gone.cancel()
             return _error(r.status, str(r), r.headers)
         except ClientDisconnect:
+            if gone is not None:
+                gone.cancel()
             rec.error = "ClientDisconnect"
             return Response(status_code=CLIENT_CLOSED)
 
@@ -337,16 +357,25 @@ class InferenceServer:
 
             future.add_done_callback(finished)
         try:
-            result = await asyncio.wait_for(
-                asyncio.shield(future), max(0.0, deadline - loop.time())
+            await asyncio.wait(
+                (future, gone),
+                timeout=max(0.0, deadline - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
             )
-        except TimeoutError:
-            rec.error = "Timeout"
-            return _error(
-                504,
-                f"the request took longer than this server allows ({opts.request_timeout:g} s, "
-                "--request-timeout); send fewer cells or samples per request",
-            )
+            if gone.done():  # computed for nobody: say so in the audit log now
+                if batch is not None:
+                    future.cancel()  # the batcher leaves it out if its batch has not started
+                rec.error = "ClientDisconnect"
+                return Response(status_code=CLIENT_CLOSED)
+            if not future.done():
+                rec.error = "Timeout"
+                return _error(
+                    504,
+                    f"the request took longer than this server allows "
+                    f"({opts.request_timeout:g} s, --request-timeout); send fewer cells or "
+                    "samples per request",
+                )
+            result = future.result()
         except (ProtocolError, ScviOnnxError) as e:
             rec.error = type(e).__name__
             return JSONResponse({"error": str(e), "error_type": type(e).__name__}, status_code=400)
@@ -354,10 +383,9 @@ class InferenceServer:
             rec.error = type(e).__name__
             logger.error("request %s failed", rec.request_id, exc_info=e)
             return _error(500, f"internal error (request {rec.request_id}); see the server log")
+        finally:
+            gone.cancel()
         rec.n_cells, rec.outputs = result.n_cells, result.outputs
-        if await request.is_disconnected():  # computed for nobody: say so in the audit log
-            rec.error = "ClientDisconnect"
-            return Response(status_code=CLIENT_CLOSED)
         headers = {}
         if result.header_length is not None:
             headers[HEADER_LENGTH] = str(result.header_length)
@@ -474,6 +502,14 @@ class _Batcher:
             else:
                 f.set_result(outcome)
             f.add_done_callback(lambda x: x.cancelled() or x.exception())
+
+
+async def _client_gone(receive: Any) -> None:
+    """Returns when the client closes its connection. Only called once the request's body is
+    read, so the server reads the socket while it computes; uvicorn stops reading a large body
+    it buffered, and would not see the close until the response is written."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _run(served: ServedModel, body: memoryview, header_length: int | None):

@@ -155,18 +155,24 @@ def test_full_queue_is_503_with_retry_after_and_the_client_retries(
     assert 'scvi_onnx_request_errors_total{route="infer",model="pbmc_scvi",code="503"}' in text
 
 
-def test_client_disconnecting_mid_request(busy_server, shipped, query, cells):
-    """A client that closes its connection while its request is computed: the computation
-    ends, the slot is freed, the audit log says 499, and the next request is served."""
-    x, batch = cells
-    port = busy_server.port
-    body = json.dumps(doc_for(x[:50], batch[:50], **SLOW)).encode()
+def send_raw(port, doc):
+    """A request sent on a socket that the test closes itself, without reading the answer."""
+    body = json.dumps(doc).encode()
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     s.sendall(
         b"POST /v2/models/pbmc_scvi/infer HTTP/1.1\r\nHost: x\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
+    return s
+
+
+def test_client_disconnecting_mid_request(busy_server, shipped, query, cells):
+    """A client that closes its connection while its request is computed: the audit log says
+    499, the slot is freed when the computation ends, and the next request is served."""
+    x, batch = cells
+    port = busy_server.port
+    s = send_raw(port, doc_for(x[:50], batch[:50], **SLOW))
     wait_for(port, "scvi_onnx_inference_in_flight", 1)
     s.close()
     wait_for(port, "scvi_onnx_inference_in_flight", 0)
@@ -177,6 +183,27 @@ def test_client_disconnecting_mid_request(busy_server, shipped, query, cells):
     lines = [json.loads(line) for line in busy_server.audit.read_text().splitlines()]
     infer = [r for r in lines if r["route"] == "infer"]
     assert [r["status"] for r in infer] == [499, 200]
+
+
+def test_client_leaving_the_queue_is_not_computed(busy_server, cells):
+    """A queued request whose client goes away leaves the queue at once (499 in the audit
+    log, before the request ahead of it ends): its cells are never computed."""
+    x, batch = cells
+    port = busy_server.port
+    with ThreadPoolExecutor(1) as ex:
+        slow = ex.submit(post, port, doc_for(x, batch, **SLOW))
+        wait_for(port, "scvi_onnx_inference_in_flight", 1)
+        s = send_raw(port, doc_for(x[:50], batch[:50], **SLOW))
+        wait_for(port, "scvi_onnx_inference_queued", 1)
+        s.close()
+        wait_for(port, "scvi_onnx_inference_queued", 0)
+        assert slow.result()[0] == 200
+    wait_for(port, "scvi_onnx_inference_in_flight", 0)
+    lines = [json.loads(line) for line in busy_server.audit.read_text().splitlines()]
+    infer = [r for r in lines if r["route"] == "infer"]
+    assert [(r["status"], r.get("n_cells")) for r in infer] == [(499, None), (200, len(x))]
+    cells_total = gauge(port, "scvi_onnx_inference_in_flight")[1]
+    assert re.search(rf"^scvi_onnx_cells_total{{[^}}]*}} {len(x)}(\.0)?$", cells_total, re.M)
 
 
 def test_sigterm_drains_in_flight_requests(busy_server, shipped, query, cells):

@@ -31,17 +31,11 @@ def _train(adata, out: Path, epochs: int, model_class: str = "SCVI", **model_kw)
     import scvi
 
     from scvi_onnx.exporter import export_model
+    from scvi_onnx.exporter.parity import QUIET_TRAINING
 
     scvi.settings.seed = 0
     model = getattr(scvi.model, model_class)(adata, **model_kw)
-    model.train(
-        max_epochs=epochs,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    model.train(max_epochs=epochs, **QUIET_TRAINING)
     model.save(str(out / "torch"), overwrite=True, save_anndata=False)
     export_model(model, out / "bundle", overwrite=True)
 

@@ -29,6 +29,7 @@ def _eq(x, y):
 def scanvi(pbmc_small, tmp_path_factory):
     scvi = require("scvi")
     from scvi_onnx.exporter import export_model
+    from scvi_onnx.exporter.parity import QUIET_TRAINING
 
     a = pbmc_small.copy()
     lab = a.obs["cell_type"].astype(str).to_numpy().copy()
@@ -41,12 +42,7 @@ def scanvi(pbmc_small, tmp_path_factory):
             a, labels_key="ct_unk", unlabeled_category="Unknown", batch_key="batch"
         )
         model = scvi.model.SCANVI(a, n_hidden=16, n_latent=4)
-        model.train(
-            max_epochs=2,
-            accelerator="cpu",
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        model.train(max_epochs=2, **QUIET_TRAINING)
         path = export_model(model, tmp_path_factory.mktemp("scanvi") / "bundle")
     return scvi_onnx.load(path, device="cpu", seed=5), a
 

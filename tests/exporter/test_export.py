@@ -19,6 +19,7 @@ from scvi_onnx import bundle as B  # noqa: E402
 from scvi_onnx.errors import ExportValidationError, UnsupportedModelError  # noqa: E402
 from scvi_onnx.exporter import export_model  # noqa: E402
 from scvi_onnx.exporter.graphs import layers as _graphs  # noqa: E402
+from scvi_onnx.exporter.parity import QUIET_TRAINING  # noqa: E402
 
 from ..conftest import MODELS, SHIPPED_BUNDLE  # noqa: E402
 
@@ -29,14 +30,7 @@ def _train(adata, setup=None, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = scvi.model.SCVI(adata, n_hidden=16, n_latent=4, **kw)
-        m.train(
-            max_epochs=1,
-            accelerator="cpu",
-            enable_progress_bar=False,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-        )
+        m.train(max_epochs=1, **QUIET_TRAINING)
     return m, adata
 
 
@@ -233,7 +227,7 @@ def test_decoder_overflow_on_probe_cells_is_reproduced_not_refused(pbmc_small, t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = scvi.model.SCVI(adata, **opts)
-        model.train(max_epochs=3, accelerator="cpu", enable_progress_bar=False, logger=False)
+        model.train(max_epochs=3, **QUIET_TRAINING)
     with pytest.warns(UserWarning, match="non-finite values on some probe cells"):
         path = export_model(model, tmp_path / "b")
     reports = json.loads((path / B.MANIFEST_FILE).read_text())["validation"]["reports"]

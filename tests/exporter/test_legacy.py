@@ -29,15 +29,9 @@ from scvi_onnx import bundle as B  # noqa: E402
 from scvi_onnx.errors import UnsupportedModelError  # noqa: E402
 from scvi_onnx.exporter import SUPPORTED_MODELS, export_model  # noqa: E402
 from scvi_onnx.exporter.legacy import load_saved_model  # noqa: E402
+from scvi_onnx.exporter.parity import QUIET_TRAINING  # noqa: E402
 
-TRAIN = dict(
-    max_epochs=1,
-    accelerator="cpu",
-    enable_progress_bar=False,
-    logger=False,
-    enable_checkpointing=False,
-    enable_model_summary=False,
-)
+TRAIN = dict(max_epochs=1, **QUIET_TRAINING)
 
 
 def _save(cls, adata, folder: Path, setup: dict, **kw) -> Path:

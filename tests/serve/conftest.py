@@ -119,6 +119,7 @@ def scanvi_bundle(tmp_path_factory):
     import anndata as ad
 
     from scvi_onnx.exporter import export_model
+    from scvi_onnx.exporter.parity import QUIET_TRAINING
 
     a = ad.read_h5ad(TRAIN)
     top = np.argsort(-np.asarray(a.X.sum(0)).ravel(), kind="stable")[:120]
@@ -142,14 +143,7 @@ def scanvi_bundle(tmp_path_factory):
             continuous_covariate_keys=["pct"],
         )
         m = scvi.model.SCANVI(a, n_hidden=16, n_latent=4)
-        m.train(
-            max_epochs=1,
-            accelerator="cpu",
-            enable_progress_bar=False,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-        )
+        m.train(max_epochs=1, **QUIET_TRAINING)
     path = export_model(m, tmp_path_factory.mktemp("scanvi") / "scanvi_cov")
     q = a[:90].copy()
     del q.obs["cell_type"]  # query cells come without labels

@@ -165,6 +165,7 @@ def mudata_served(tmp_path_factory, cells):
     scvi = require("scvi")
     md = require("mudata")
     from scvi_onnx.exporter import export_model
+    from scvi_onnx.exporter.parity import QUIET_TRAINING
 
     a = ad.read_h5ad(CITE)
     prot = a.obsm["protein_expression"]
@@ -187,12 +188,8 @@ def mudata_served(tmp_path_factory, cells):
         model = scvi.model.TOTALVI(mdata, n_hidden=16, n_latent=5)
         model.train(
             max_epochs=2,
-            accelerator="cpu",
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            logger=False,
-            enable_checkpointing=False,
             reduce_lr_on_plateau=False,  # its learning-rate monitor needs a logger
+            **QUIET_TRAINING,
         )
     path = export_model(model, tmp_path_factory.mktemp("mudata") / "totalvi_mu")
     proc = ServerProcess([str(path), "--port", "0", "--host", "127.0.0.1"])

@@ -184,3 +184,7 @@ PROTEIN_EXPRESSED_WEIGHT = 1e-3
 #: Default export-validation tolerances (float32 graphs vs torch float32 modules).
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
+#: The manifest's ``validation`` key for outputs accepted within their float32 rounding spread
+#: (a model with large activations): ``{"graph.output": {"atol": ..., "rtol": ...}}``, the
+#: tolerance each passed with at export and ``verify`` applies (absent: the global one).
+VALIDATION_WIDENED = "widened"

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import EXPORT_HINT, PROG, CLIError, one_line, print_json
+from .common import EXPORT_HINT, PROG, CLIError, one_line, print_json, widened_text
 from .io import check_output, close, frame, read_h5ad, save_csv, save_npy, write_atomic
 
 LATENT_SUFFIXES = (".h5ad", ".npy", ".csv", ".h5mu")
@@ -159,6 +159,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"wrote bundle {path} ({man.model_class}, {man.n_genes} genes, "
         f"n_latent={man.config.get('n_latent')}); validated at atol="
         f"{man.validation.get('atol')}, rtol={man.validation.get('rtol')}"
+        + widened_text(man.validation)
     )
     return 0
 

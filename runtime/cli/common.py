@@ -73,3 +73,15 @@ def json_safe(obj: Any) -> Any:
 
 def print_json(obj: Any) -> None:
     print(json.dumps(json_safe(obj), indent=1, allow_nan=False))
+
+
+def widened_text(validation: dict) -> str:
+    """The outputs the export accepted within their float32 rounding spread, for a line of
+    text ("" for none)."""
+    from ..bundle.format import VALIDATION_WIDENED
+
+    widened = validation.get(VALIDATION_WIDENED) or {}
+    return "".join(
+        f"; {name} at rtol {t['rtol']:.3g} (float32 rounding of large activations)"
+        for name, t in widened.items()
+    )

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .common import human_size, one_line, preview, print_json
+from .common import human_size, one_line, preview, print_json, widened_text
 
 logger = logging.getLogger("scvi_onnx.cli")
 
@@ -125,6 +125,7 @@ def _provenance_lines(prov: dict[str, Any] | None) -> list[tuple[str, str]]:
 def cmd_info(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..bundle import read_manifest
+    from ..bundle.format import VALIDATION_WIDENED
     from ..models.base import Module
     from ..models.registry import MODELS
 
@@ -172,7 +173,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         **({"modalities": reg.modalities} if reg.modalities is not None else {}),
         "versions": {**versions, "opset": opset},
         "runtime_version": __version__,
-        "validation": {k: man.validation.get(k) for k in ("atol", "rtol", "seed")},
+        "validation": {
+            k: man.validation.get(k) for k in ("atol", "rtol", "seed", VALIDATION_WIDENED)
+        },
         "config": c,
         "files": files,
         "checksums_ok": all(f["ok"] is not False for f in files),
@@ -239,7 +242,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("this runtime", f"scvi-onnx {__version__}"),
         (
             "validation",
-            f"atol {man.validation.get('atol')}, rtol {man.validation.get('rtol')}",
+            f"atol {man.validation.get('atol')}, rtol {man.validation.get('rtol')}"
+            + widened_text(man.validation),
         ),
     ]
     width = max(len(k) for k, _ in lines) + 1

@@ -369,6 +369,8 @@ class InferenceServer:
                 return Response(status_code=CLIENT_CLOSED)
             if not future.done():
                 rec.error = "Timeout"
+                if batch is not None:
+                    future.cancel()  # not computed if its batch has not started
                 return _error(
                     504,
                     f"the request took longer than this server allows "

@@ -215,6 +215,54 @@ def test_client_leaving_the_queue_is_not_computed(busy_server, cells, batched):
     assert gauge(port, "scvi_onnx_batches_total")[0] == 0
 
 
+def test_request_timeout_is_504_and_a_timed_out_queued_request_is_not_computed(tmp_path, cells):
+    """--request-timeout counts the queue: a computation past it is answered 504 (and keeps
+    its worker until it ends); a small latent request queued for the dynamic batcher behind
+    it is answered 504 too and left out of any batch; then the server serves again."""
+    x, batch = cells
+    audit = tmp_path / "audit.jsonl"
+    s = ServerProcess(
+        [
+            str(SHIPPED),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--max-concurrency",
+            "1",
+            "--request-timeout",
+            "0.2",
+            "--audit-log",
+            str(audit),
+        ]
+    )
+    try:
+        port = s.port
+        # ~4.5 s of work on a quiet 2-core machine, far past the 0.2 s limit
+        long = doc_for(x, batch, outputs=("marginal_ll",), parameters={"n_mc_samples": 2000})
+        with ThreadPoolExecutor(2) as ex:
+            slow = ex.submit(post, port, long)
+            wait_for(port, "scvi_onnx_inference_in_flight", 1)
+            queued = ex.submit(post, port, doc_for(x[:3], batch[:3]))
+            for status, _, body in (slow.result(), queued.result()):
+                assert status == 504
+                assert "--request-timeout" in json.loads(body)["error"]
+        wait_for(port, "scvi_onnx_inference_in_flight", 0)
+        status, _, data = post(port, doc_for(x[:3], batch[:3]))
+        assert status == 200
+        assert gauge(port, "scvi_onnx_batches_total")[0] == 1  # the last request's alone
+        infer = [
+            r for r in map(json.loads, audit.read_text().splitlines()) if r["route"] == "infer"
+        ]
+        assert [(r["status"], r["error"]) for r in infer] == [
+            (504, "Timeout"),
+            (504, "Timeout"),
+            (200, None),
+        ]
+    finally:
+        s.stop()
+
+
 def test_sigterm_drains_in_flight_requests(busy_server, shipped, query, cells):
     x, batch = cells
     port = busy_server.port

@@ -37,7 +37,7 @@ SPREAD_FACTOR = 4.0
 MAX_WIDENED = 1e-2
 
 
-def float32_spread(graph) -> dict[str, np.ndarray] | None:
+def float32_spread(graph) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     """The graph module's float32 and float64 outputs on its probe feeds, by output name:
     ``{name: (out32, out64)}``; None when the module cannot run in float64."""
     inputs = graph.io.inputs

@@ -362,15 +362,14 @@ class InferenceServer:
                 timeout=max(0.0, deadline - loop.time()),
                 return_when=asyncio.FIRST_COMPLETED,
             )
-            if gone.done():  # computed for nobody: say so in the audit log now
-                if batch is not None:
-                    future.cancel()  # the batcher leaves it out if its batch has not started
+            left, late = gone.done(), not future.done()
+            if (left or late) and batch is not None:
+                future.cancel()  # answered without it: the batcher leaves it out if it can
+            if left:  # computed for nobody: say so in the audit log now
                 rec.error = "ClientDisconnect"
                 return Response(status_code=CLIENT_CLOSED)
-            if not future.done():
+            if late:
                 rec.error = "Timeout"
-                if batch is not None:
-                    future.cancel()  # not computed if its batch has not started
                 return _error(
                     504,
                     f"the request took longer than this server allows "

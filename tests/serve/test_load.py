@@ -73,26 +73,19 @@ def wait_for(port, name, value, token=None, timeout=120):
     raise AssertionError(f"{name} never reached {value}")
 
 
+def one_worker_server(tmp_path, *options) -> ServerProcess:
+    """The shipped model on one worker, with an audit log (``.audit``) and ``options``."""
+    audit = tmp_path / "audit.jsonl"
+    args = [str(SHIPPED), "--port", "0", "--device", "cpu", "--max-concurrency", "1"]
+    s = ServerProcess([*args, "--audit-log", str(audit), *options])
+    s.audit = audit
+    return s
+
+
 @pytest.fixture()
 def busy_server(tmp_path):
     """One worker, one queue place, an audit log: easy to fill."""
-    audit = tmp_path / "audit.jsonl"
-    s = ServerProcess(
-        [
-            str(SHIPPED),
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-            "--max-concurrency",
-            "1",
-            "--max-queue",
-            "1",
-            "--audit-log",
-            str(audit),
-        ]
-    )
-    s.audit = audit
+    s = one_worker_server(tmp_path, "--max-queue", "1")
     yield s
     s.stop()
 
@@ -220,22 +213,7 @@ def test_request_timeout_is_504_and_a_timed_out_queued_request_is_not_computed(t
     its worker until it ends); a small latent request queued for the dynamic batcher behind
     it is answered 504 too and left out of any batch; then the server serves again."""
     x, batch = cells
-    audit = tmp_path / "audit.jsonl"
-    s = ServerProcess(
-        [
-            str(SHIPPED),
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-            "--max-concurrency",
-            "1",
-            "--request-timeout",
-            "0.2",
-            "--audit-log",
-            str(audit),
-        ]
-    )
+    s = one_worker_server(tmp_path, "--request-timeout", "0.2")
     try:
         port = s.port
         # ~4.5 s of work on a quiet 2-core machine, far past the 0.2 s limit
@@ -252,7 +230,7 @@ def test_request_timeout_is_504_and_a_timed_out_queued_request_is_not_computed(t
         assert status == 200
         assert gauge(port, "scvi_onnx_batches_total")[0] == 1  # the last request's alone
         infer = [
-            r for r in map(json.loads, audit.read_text().splitlines()) if r["route"] == "infer"
+            r for r in map(json.loads, s.audit.read_text().splitlines()) if r["route"] == "infer"
         ]
         assert [(r["status"], r["error"]) for r in infer] == [
             (504, "Timeout"),

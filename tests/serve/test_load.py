@@ -168,7 +168,7 @@ def test_client_disconnecting_mid_request(busy_server, shipped, query, cells):
     499, the slot is freed when the computation ends, and the next request is served."""
     x, batch = cells
     port = busy_server.port
-    s = send_raw(port, doc_for(x[:50], batch[:50], **SLOW))
+    s = send_raw(port, doc_for(x[:50], batch[:50], **LONG))
     wait_for(port, "scvi_onnx_inference_in_flight", 1)
     s.close()
     wait_for(port, "scvi_onnx_inference_in_flight", 0)

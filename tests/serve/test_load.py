@@ -24,11 +24,11 @@ from .conftest import SHIPPED, ServerProcess
 
 tc = require("tritonclient.http")
 
-#: A request that keeps a worker busy for a while on any machine: the marginal LL with 500
-#: importance samples (of 50-100 cells: 0.15-0.3 s of work on a quiet 2-core machine).
+#: A request that keeps a worker busy for a while: the marginal LL with 500 importance
+#: samples (of 50 cells: ~0.35 s of work on a quiet 2-core machine).
 SLOW = {"outputs": ["marginal_ll"], "parameters": {"n_mc_samples": 500}}
-#: Longer (of all 200 query cells: ~4.5 s here), for a test that must do several things
-#: while it runs, even on a machine many times faster.
+#: Longer (50 / 100 / 200 cells: ~1.4 / 2.3 / 4.5 s here), for a request that must still be
+#: computing while the test does several things, even on a machine many times faster.
 LONG = {"outputs": ["marginal_ll"], "parameters": {"n_mc_samples": 2000}}
 
 
@@ -134,7 +134,7 @@ def test_full_queue_is_503_with_retry_after_and_the_client_retries(
     x, batch = cells
     port = busy_server.port
     with ThreadPoolExecutor(3) as ex:
-        slow = ex.submit(post, port, doc_for(x[:100], batch[:100], **SLOW))
+        slow = ex.submit(post, port, doc_for(x[:100], batch[:100], **LONG))
         wait_for(port, "scvi_onnx_inference_in_flight", 1)
         queued = ex.submit(post, port, doc_for(x[:5], batch[:5]))
         wait_for(port, "scvi_onnx_inference_queued", 1)
@@ -351,7 +351,7 @@ def test_dynamic_batching_gives_each_request_its_own_numbers(shipped, query, cel
         bad = x[7:8].copy()
         bad[0, 3] = np.nan
         with ThreadPoolExecutor(12) as ex:
-            slow = ex.submit(post, port, doc_for(x[:100], batch[:100], **SLOW))
+            slow = ex.submit(post, port, doc_for(x[:100], batch[:100], **LONG))
             wait_for(port, "scvi_onnx_inference_in_flight", 1)
             small = [
                 ex.submit(post, port, doc_for(x[i : i + 2], batch[i : i + 2]))

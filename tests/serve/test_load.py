@@ -292,8 +292,9 @@ def test_audit_log_records_requests_never_data(server, query, cells, shipped):
     assert not re.search(r"\d+\.\d{4,}", text.replace(str(ok["duration_ms"]), ""))
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_tls(tmp_path, shipped, query, workers):
+@pytest.fixture()
+def tls_cert(tmp_path):
+    """A self-signed certificate for 127.0.0.1 / localhost: (cert, key) paths."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -303,6 +304,12 @@ def test_tls(tmp_path, shipped, query, workers):
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tls(tmp_path, shipped, query, workers, tls_cert):
+    cert, key = tls_cert
     s = ServerProcess(
         [str(SHIPPED), "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key)]
         + ["--workers", str(workers)]
@@ -324,6 +331,49 @@ def test_tls(tmp_path, shipped, query, workers):
         # handshake's timeout (30 s); these close theirs
         conn.close()
         remote.close()
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tls_client_leaving_mid_request(tmp_path, cells, workers, tls_cert):
+    """A client that closes its TLS connection while its request is computed is noticed (499
+    in the audit log) before the computation ends, in the supervisor's worker processes too."""
+    cert, key = tls_cert
+    x, batch = cells
+    s = one_worker_server(
+        tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), "--workers", str(workers)
+    )
+    try:
+        body = json.dumps(doc_for(x[:100], batch[:100], **LONG)).encode()
+        ctx = ssl.create_default_context(cafile=str(cert))
+        raw = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        conn = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        conn.sendall(
+            b"POST /v2/models/pbmc_scvi/infer HTTP/1.1\r\nHost: x\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        metrics = http.client.HTTPSConnection("127.0.0.1", s.port, context=ctx, timeout=30)
+
+        def in_flight():
+            metrics.request("GET", "/metrics")
+            text = metrics.getresponse().read().decode()
+            return float(re.search(r"^scvi_onnx_inference_in_flight (\S+)$", text, re.M)[1])
+
+        while in_flight() != 1:
+            time.sleep(0.02)
+        conn.close()
+        infer = []
+        while not infer:  # the audit line is written when the request is answered
+            time.sleep(0.02)
+            lines = s.audit.read_text().splitlines()
+            infer = [r for r in map(json.loads, lines) if r["route"] == "infer"]
+        assert [(r["status"], r["error"]) for r in infer] == [(499, "ClientDisconnect")]
+        assert in_flight() == 1  # answered while its computation still runs
+        while in_flight() != 0:
+            time.sleep(0.05)
+        metrics.close()
     finally:
         assert s.stop() == 0
 

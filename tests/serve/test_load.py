@@ -58,8 +58,12 @@ def post(port, doc, token=None, timeout=300):
     return r.status, dict(r.getheaders()), body
 
 
-def gauge(port, name, token=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def gauge(port, name, token=None, tls=None):
+    """(value, the whole /metrics text); ``tls``: an ssl context for an HTTPS server."""
+    if tls is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=tls, timeout=30)
     conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"} if token else {})
     text = conn.getresponse().read().decode()
     conn.close()
@@ -67,10 +71,10 @@ def gauge(port, name, token=None):
     return float(m.group(1)), text
 
 
-def wait_for(port, name, value, token=None, timeout=120):
+def wait_for(port, name, value, token=None, timeout=120, tls=None):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if gauge(port, name, token)[0] == value:
+        if gauge(port, name, token, tls)[0] == value:
             return
         time.sleep(0.02)
     raise AssertionError(f"{name} never reached {value}")
@@ -151,10 +155,13 @@ def test_full_queue_is_503_with_retry_after_and_the_client_retries(
     assert 'scvi_onnx_request_errors_total{route="infer",model="pbmc_scvi",code="503"}' in text
 
 
-def send_raw(port, doc):
-    """A request sent on a socket that the test closes itself, without reading the answer."""
+def send_raw(port, doc, tls=None):
+    """A request sent on a socket that the test closes itself, without reading the answer
+    (``tls``: an ssl context for an HTTPS server)."""
     body = json.dumps(doc).encode()
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    if tls is not None:
+        s = tls.wrap_socket(s, server_hostname="127.0.0.1")
     s.sendall(
         b"POST /v2/models/pbmc_scvi/infer HTTP/1.1\r\nHost: x\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
@@ -345,24 +352,9 @@ def test_tls_client_leaving_mid_request(tmp_path, cells, workers, tls_cert):
         tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), "--workers", str(workers)
     )
     try:
-        body = json.dumps(doc_for(x[:100], batch[:100], **LONG)).encode()
         ctx = ssl.create_default_context(cafile=str(cert))
-        raw = socket.create_connection(("127.0.0.1", s.port), timeout=30)
-        conn = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
-        conn.sendall(
-            b"POST /v2/models/pbmc_scvi/infer HTTP/1.1\r\nHost: x\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        metrics = http.client.HTTPSConnection("127.0.0.1", s.port, context=ctx, timeout=30)
-
-        def in_flight():
-            metrics.request("GET", "/metrics")
-            text = metrics.getresponse().read().decode()
-            return float(re.search(r"^scvi_onnx_inference_in_flight (\S+)$", text, re.M)[1])
-
-        while in_flight() != 1:
-            time.sleep(0.02)
+        conn = send_raw(s.port, doc_for(x[:100], batch[:100], **LONG), tls=ctx)
+        wait_for(s.port, "scvi_onnx_inference_in_flight", 1, tls=ctx)
         conn.close()
         infer = []
         while not infer:  # the audit line is written when the request is answered
@@ -370,10 +362,9 @@ def test_tls_client_leaving_mid_request(tmp_path, cells, workers, tls_cert):
             lines = s.audit.read_text().splitlines()
             infer = [r for r in map(json.loads, lines) if r["route"] == "infer"]
         assert [(r["status"], r["error"]) for r in infer] == [(499, "ClientDisconnect")]
-        assert in_flight() == 1  # answered while its computation still runs
-        while in_flight() != 0:
-            time.sleep(0.05)
-        metrics.close()
+        # answered while its computation still runs
+        assert gauge(s.port, "scvi_onnx_inference_in_flight", tls=ctx)[0] == 1
+        wait_for(s.port, "scvi_onnx_inference_in_flight", 0, tls=ctx)
     finally:
         assert s.stop() == 0
 

@@ -28,7 +28,7 @@ from scvi_onnx.bundle import Manifest, read_config, sha256_file
 from scvi_onnx.bundle import format as F
 from scvi_onnx.errors import ExportValidationError, InvalidArgumentError, UnsupportedModelError
 from scvi_onnx.models.registry import MODELS, entry
-from scvi_onnx.selfcheck import deviation
+from scvi_onnx.selfcheck import VerifyRow, deviation
 
 from .precision import MAX_WIDENED, SPREAD_FACTOR, float32_spread, tolerance_scale
 from .provenance import folder_provenance, model_provenance
@@ -256,7 +256,7 @@ def _validate(
     return reports, widened
 
 
-def _within_rounding(row, got, want, spread) -> Any:
+def _within_rounding(row: VerifyRow, got, want, spread) -> VerifyRow:
     """``row`` (a failed output) checked again with its tolerance widened by the output's float32
     rounding spread (``(out32, out64)`` of the traced graph, or None), up to
     :data:`.precision.MAX_WIDENED`; the row that decides."""

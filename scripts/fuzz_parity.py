@@ -39,6 +39,7 @@ import scvi
 import torch
 
 import scvi_onnx
+from scvi_onnx.bundle import format as F
 from scvi_onnx.exporter import export_model
 from scvi_onnx.exporter.parity import QUIET_TRAINING, torch_draws
 from scvi_onnx.maths import rng as noise
@@ -375,7 +376,8 @@ def check(kind: str, r: np.random.Generator, work: Path, res: dict) -> dict:
             src = work / "saved"
         path = export_model(src, work / "bundle", overwrite=True)
     # outputs the export accepted within their float32 rounding spread (large activations)
-    widened = json.loads((path / "manifest.json").read_text())["validation"].get("widened")
+    validation = json.loads((path / F.MANIFEST_FILE).read_text())["validation"]
+    widened = validation.get(F.VALIDATION_WIDENED)
     if widened:
         res["widened"] = widened
     om = scvi_onnx.load(path, device="cpu", seed=int(r.integers(1000)))

@@ -264,3 +264,72 @@ def test_repeated_calls_do_not_grow_memory(model, query):
     gc.collect()
     grown = _rss_bytes() - before
     assert grown < 30 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 30 calls"
+
+
+# ---- another CPU: numpy's vectorised paths of another instruction set ------------------------
+_ISA_SCRIPT = """
+import sys
+import anndata as ad
+import numpy as np
+import scvi_onnx
+
+out = {}
+for name, data in [("pbmc_scvi", "pbmc_query.h5ad"), ("pbmc_totalvi", "pbmc_cite.h5ad"),
+                   ("pbmc_peakvi", "pbmc_peaks.h5ad")]:
+    m = scvi_onnx.load(sys.argv[1] + "/" + name, device="cpu", seed=3)
+    cells = ad.read_h5ad(sys.argv[1] + "/example/" + data)[:120]
+    out[name + "/latent"] = m.get_latent_representation(cells)
+    out[name + "/elbo"] = m.get_elbo(cells, return_mean=False)
+    for k, v in m.get_reconstruction_error(cells, return_mean=False).items():
+        out[name + "/" + k] = v
+    out[name + "/mll"] = m.get_marginal_ll(cells[:40], n_mc_samples=50, return_mean=False)
+np.savez(sys.argv[2], **out)
+"""
+
+
+def _numpy_target(func: str = "log") -> str:
+    from numpy.lib.introspect import opt_func_info
+
+    return opt_func_info(func_name=f"^{func}$")[func]["ff"]["current"]
+
+
+@pytest.mark.skipif(
+    _numpy_target() != "X86_V4", reason="needs numpy's AVX-512 (X86_V4) paths to switch off"
+)
+def test_numbers_with_numpy_restricted_to_avx2(tmp_path):
+    """What moves on a CPU without AVX-512: numpy's vectorised kernels (log, exp, log1p of the
+    likelihoods) take their AVX2 or scalar paths. In a fresh process with them switched off
+    (``NPY_DISABLE_CPU_FEATURES=X86_V4``), the shipped models give this process's numbers
+    within float32 rounding: the draws are integer arithmetic and the same bits on every CPU,
+    and no step amplifies a last-bit difference. (ONNX Runtime picks its kernels by CPU too;
+    they cannot be switched here.)"""
+    import subprocess
+    import sys
+
+    base, avx2 = tmp_path / "base.npz", tmp_path / "avx2.npz"
+    env = dict(os.environ)
+    env.pop("NPY_DISABLE_CPU_FEATURES", None)
+    for path, extra in ((base, {}), (avx2, {"NPY_DISABLE_CPU_FEATURES": "X86_V4"})):
+        res = subprocess.run(
+            [sys.executable, "-c", _ISA_SCRIPT, str(MODELS), str(path)],
+            capture_output=True,
+            text=True,
+            env={**env, **extra},
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from numpy.lib.introspect import opt_func_info as f; "
+            "print(f(func_name='^log$')['log']['ff']['current'])",
+        ],
+        capture_output=True,
+        text=True,
+        env={**env, "NPY_DISABLE_CPU_FEATURES": "X86_V4"},
+    )
+    assert check.stdout.strip() != "X86_V4"  # the switch took
+    want, got = np.load(base), np.load(avx2)
+    assert sorted(want) == sorted(got)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=0, err_msg=k)

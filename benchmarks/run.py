@@ -170,16 +170,26 @@ def floor_ratio(times: list[float], floor_times: list[float]) -> float:
 
 
 def cpu_model() -> str | None:
-    """The CPU's model name (``/proc/cpuinfo``): ratios between the product and the
-    elementwise work differ between CPUs (the same code took 1.5-1.9 s on one VM and 3.4 s on
-    another for the same marginal LL, with a similar matmul speed)."""
+    """The CPU's model name with its family and model numbers (``/proc/cpuinfo``): ratios
+    between the product and the elementwise work differ between CPUs, and a VM's model name
+    alone ("AMD EPYC") does not tell them apart (family 25: Zen 3 / Zen 4; 26: Zen 5). The same
+    code took 2.9-3.4 s on a Zen 4 VM and 1.8 s on a Zen 5 one for the same marginal LL, with
+    the same numpy product speed (ONNX Runtime's twice as fast on Zen 5)."""
+    fields: dict[str, str] = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:  # the first processor's block is enough
+                break
     except OSError:
-        pass
-    return None
+        return None
+    name = fields.get("model name")
+    if name and "cpu family" in fields:
+        return f"{name} (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return name
 
 
 def _job(side, task, model_dir, data, work: Path, args) -> dict:
@@ -343,7 +353,7 @@ def render(report: dict) -> str:
         f"scvi-tools {env['scvi_tools']} (torch {env['torch']}, {env['torch_threads']} threads) "
         f"vs scvi-onnx {env['scvi_onnx']} (onnxruntime {env['onnxruntime']}, "
         f"{report['onnx_provider']}); {env['cpus']} CPUs"
-        f"{' (' + env['cpu'] + ')' if env.get('cpu') else ''}, python {env['python']}",
+        f"{': ' + env['cpu'] if env.get('cpu') else ''}, python {env['python']}",
         f"{a['n_cells']} cells, batch size {a['batch_size']}, medians of {a['repeats']} repeats "
         f"(cold: 1 run); marginal LL: {a['mll_cells']} cells x {a['n_mc']} samples "
         f"(median of {a.get('mll_repeats', 1)}); device {a.get('device', 'cpu')}"

@@ -46,7 +46,10 @@ def test_marginal_ll_whole_method(pair):
     ref, om, query, ordered = pair
     runs = [ref.get_marginal_ll(ordered[:64], n_mc_samples=50) for _ in range(3)]
     ours = om.get_marginal_ll(query[:64], n_mc_samples=50)
-    spread = max(np.std(runs), 0.05)
+    # three runs' std can come out far below the estimator's noise (then |ours - mean|, which
+    # carries that noise too, passes 6 of them in ~5% of runs): floored at 1e-3 of the value,
+    # as the other whole-method checks (the per-cell same-noise tests are the exact ones)
+    spread = max(np.std(runs, ddof=1), 1e-3 * abs(np.mean(runs)))
     assert abs(ours - np.mean(runs)) < 6 * spread, (ours, runs)
 
 
@@ -83,6 +86,9 @@ def test_stored_reference_is_what_scvi_tools_computes():
     assert sorted(fresh) == sorted(stored)
     for key, value in fresh.items():
         if value.dtype.kind in "fi":
-            np.testing.assert_allclose(stored[key], value, rtol=1e-6, atol=0, err_msg=key)
+            # float32 rounding differs between CPUs (torch's kernels on AVX2 / AVX-512: ~1e-6
+            # absolute on the latent, 3e-7 relative on the ELBO); a stale or edited reference
+            # differs by far more
+            np.testing.assert_allclose(stored[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
         elif key not in ("scvi_tools", "torch"):  # versions may move within the pins
             assert stored[key] == value, key

@@ -446,5 +446,6 @@ def test_shipped_bundle(shipped):
         warnings.simplefilter("ignore")
         runs = [ref.get_marginal_ll(ref_sub, n_mc_samples=25) for _ in range(3)]
     ours = om.get_marginal_ll(sub, n_mc_samples=25)
-    spread = max(np.std(runs, ddof=1), 0.05)
+    # floored at 1e-3 of the value: three runs' std alone fails ~3% of runs (test_shipped)
+    spread = max(np.std(runs, ddof=1), 1e-3 * abs(np.mean(runs)))
     assert abs(ours - np.mean(runs)) < 6 * spread, (ours, runs)

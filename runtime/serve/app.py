@@ -271,9 +271,18 @@ class InferenceServer:
 
     async def infer(self, request: Request) -> Response:
         rec = self._record(request, "infer")
+        watchers: list[asyncio.Task] = []  # the connection's watcher, once the body is read
+        try:
+            return await self._infer(request, rec, watchers)
+        finally:
+            for task in watchers:
+                task.cancel()
+
+    async def _infer(
+        self, request: Request, rec: RequestRecord, watchers: list[asyncio.Task]
+    ) -> Response:
         loop = asyncio.get_running_loop()
         opts = self.options
-        gone: asyncio.Task | None = None  # watches the connection once the body is read
         try:
             served = self._model(request, rec)
             if not self.ready:
@@ -298,6 +307,7 @@ class InferenceServer:
                 body = await self._body(request, header_length)
                 # the body is read: the next message can only say that the client went away
                 gone = loop.create_task(_client_gone(request.receive))
+                watchers.append(gone)  # cancelled by infer() on every exit
                 if self._slots is None:
                     self._slots = asyncio.Semaphore(opts.max_concurrency)
                 batch = self._batchable(served, body, header_length)
@@ -333,12 +343,8 @@ class InferenceServer:
                     self.metrics.queued -= 1
                     self._gauges_changed()
         except _Refusal as r:
-            if gone is not None:
-                gone.cancel()
             return _error(r.status, str(r), r.headers)
         except ClientDisconnect:
-            if gone is not None:
-                gone.cancel()
             rec.error = "ClientDisconnect"
             return Response(status_code=CLIENT_CLOSED)
 
@@ -384,8 +390,6 @@ class InferenceServer:
             rec.error = type(e).__name__
             logger.error("request %s failed", rec.request_id, exc_info=e)
             return _error(500, f"internal error (request {rec.request_id}); see the server log")
-        finally:
-            gone.cancel()
         rec.n_cells, rec.outputs = result.n_cells, result.outputs
         headers = {}
         if result.header_length is not None:

@@ -123,8 +123,14 @@ def count_constant(
         cr = cols[rest]
         tr = (theta[cr] if theta.ndim == 1 else theta[rows[rest], cr]).astype(np.float64)
         vals[rest] = _gammaln(xr + tr) - _gammaln(tr) - _gammaln(xr + 1.0)
-    if likelihood != "nb" and xv.min() <= LIKELIHOOD_EPS:
-        vals[xv <= LIKELIHOOD_EPS] = 0.0  # ZINB: outside its non-zero mask (adds exact zeros)
+    return _row_sums_in_mask(e, vals, likelihood)
+
+
+def _row_sums_in_mask(e: Entries, vals: np.ndarray, likelihood: str) -> np.ndarray:
+    """Per-row sums of per-entry ``vals`` over the entries where scvi-tools applies its count
+    terms: every non-zero count for NB, ``x > eps`` for ZINB (``vals`` is zeroed outside)."""
+    if likelihood != "nb" and e.vals.min() <= LIKELIHOOD_EPS:
+        vals[e.vals <= LIKELIHOOD_EPS] = 0.0  # ZINB: outside its non-zero mask (exact zeros)
     return e.row_sums(vals)
 
 
@@ -142,9 +148,7 @@ def x_log_theta(e: Entries, theta_eps: np.ndarray, likelihood: str = "nb") -> np
     else:
         vals = log_th[e.row_of_entry(), cols]
     vals *= xv
-    if likelihood != "nb" and xv.min() <= LIKELIHOOD_EPS:
-        vals[xv <= LIKELIHOOD_EPS] = 0.0
-    return e.row_sums(vals)
+    return _row_sums_in_mask(e, vals, likelihood)
 
 
 def poisson_count_constant(e: Entries) -> np.ndarray:

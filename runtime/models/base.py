@@ -166,6 +166,17 @@ class Module(ABC):
         """:meth:`obs_use` from a config and each graph's input names (as the manifest lists
         them), without sessions: what ``scvi-onnx info`` shows."""
 
+    @staticmethod
+    def feeds(mb: Minibatch) -> dict[str, Any]:
+        """The minibatch's covariate inputs, by graph input name (each graph takes the ones
+        among its inputs: :meth:`~scvi_onnx.sessions.Graph.run`)."""
+        return {
+            F.IN_BATCH: mb.batch,
+            F.IN_CAT: mb.cat_covs,
+            F.IN_CONT: mb.cont_covs,
+            F.IN_LABELS: mb.labels,
+        }
+
     @abstractmethod
     def encode(self, mb: Minibatch) -> dict[str, np.ndarray]:
         """The encoder's outputs for a minibatch: at least ``qz_m`` and ``qz_v``."""

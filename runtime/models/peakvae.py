@@ -207,11 +207,6 @@ class PEAKVAE(Module):
         return covariates_taken(graph_inputs, scoring)
 
     # ------------------------------------------------------------------ pieces
-    @staticmethod
-    def feeds(mb: Minibatch) -> dict[str, Any]:
-        """The minibatch's covariate inputs, by graph input name."""
-        return {F.IN_BATCH: mb.batch, F.IN_CAT: mb.cat_covs, F.IN_CONT: mb.cont_covs}
-
     def encode(self, mb: Minibatch) -> dict[str, np.ndarray]:
         """``qz_m``, ``qz_v`` (the latent space needs nothing else)."""
         return self.encoder.run({**self.feeds(mb), F.IN_X: mb.x})

@@ -318,15 +318,6 @@ class TOTALVAE(Module):
         return used
 
     # ------------------------------------------------------------------ pieces
-    @staticmethod
-    def feeds(mb: Minibatch) -> dict[str, Any]:
-        """The minibatch's covariate inputs, by graph input name."""
-        return {
-            F.IN_BATCH: mb.batch,
-            F.IN_CAT: mb.cat_covs,
-            F.IN_CONT: mb.cont_covs,
-        }
-
     def encoder_input(self, mb: Minibatch) -> np.ndarray:
         c = self.config
         return encoder_input(mb.x, mb.y, c.log_variational, c.encoder_input_scaling)

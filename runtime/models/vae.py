@@ -173,16 +173,6 @@ class VAE(Module):
         return used
 
     # ------------------------------------------------------------------ pieces
-    @staticmethod
-    def feeds(mb: Minibatch) -> dict[str, Any]:
-        """The minibatch's covariate inputs, by graph input name."""
-        return {
-            F.IN_BATCH: mb.batch,
-            F.IN_CAT: mb.cat_covs,
-            F.IN_CONT: mb.cont_covs,
-            F.IN_LABELS: mb.labels,
-        }
-
     def encode(self, mb: Minibatch) -> dict[str, np.ndarray]:
         feeds = self.feeds(mb)
         feeds[F.IN_X] = mb.x

@@ -134,6 +134,13 @@ def verify(
     atol = float(val.get("atol", F.DEFAULT_ATOL) if atol is None else atol)
     rtol = float(val.get("rtol", F.DEFAULT_RTOL) if rtol is None else rtol)
     probes = load_npz(root / F.PROBES_FILE)
+
+    def check(name: str, got: np.ndarray, want: np.ndarray) -> VerifyRow:
+        tol = widened.get(name, {})
+        return deviation(
+            name, got, want, float(tol.get("atol", atol)), float(tol.get("rtol", rtol))
+        )
+
     rows = []
     provider = None
     for graph in manifest.graph_names:
@@ -153,10 +160,7 @@ def verify(
         for name in names_out:
             key = F.probe_name(graph, "out", name)
             if key in probes:
-                out = f"{graph}.{name}"
-                tol = widened.get(out, {})
-                a, r = float(tol.get("atol", atol)), float(tol.get("rtol", rtol))
-                rows.append(deviation(out, got[name], probes[key], a, r))
+                rows.append(check(f"{graph}.{name}", got[name], probes[key]))
         theta_key = F.probe_name(graph, "out", F.PROBE_THETA)
         if graph == "decoder" and theta_key in probes:
             theta = cell_dispersion(
@@ -167,5 +171,5 @@ def verify(
                 probes[F.PROBE_LABELS],
             )
             want = probes[theta_key]
-            rows.append(deviation("theta", np.broadcast_to(theta, want.shape), want, atol, rtol))
+            rows.append(check("theta", np.broadcast_to(theta, want.shape), want))
     return VerifyReport(str(root), provider or "", tuple(rows))

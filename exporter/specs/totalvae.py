@@ -338,7 +338,9 @@ class TOTALVISpec(ExportSpec):
         return enc_np, dec_np, selections, to_np(z), to_np(library)
 
     # ------------------------------------------------------------------ validation
-    def checks(self, config, arrays, graphs, outputs, probes, atol, rtol) -> list[VerifyRow]:
+    def checks(
+        self, config, arrays, graphs, outputs, probes, atol, rtol, spread
+    ) -> list[VerifyRow]:
         """The runtime's numpy selections equal scvi-tools' on the probe cells: the gene and
         protein dispersions, the per-batch efficiency and the background prior."""
         batch, labels = probes[F.PROBE_BATCH], probes[F.PROBE_LABELS]

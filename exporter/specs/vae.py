@@ -16,6 +16,7 @@ from scvi_onnx.selfcheck import VerifyRow, deviation
 from .. import inspect
 from ..graphs import GraphIO
 from ..graphs.vae import DecoderGraph, EncoderGraph, ScoreGraph
+from ..precision import within_rounding
 from ..probes import N_PROBE_SAMPLES, module_eval, probe_cells, to_torch
 from .base import ExportSpec, GraphExport
 
@@ -187,21 +188,35 @@ class SCVISpec(ExportSpec):
         return enc_np, dec_np, to_np(z), to_np(library)
 
     # ------------------------------------------------------------------ validation
-    def checks(self, config, arrays, graphs, outputs, probes, atol, rtol) -> list[VerifyRow]:
-        """The dispersion the runtime selects equals scvi-tools' ``px.theta`` (or scale)."""
+    def checks(
+        self, config, arrays, graphs, outputs, probes, atol, rtol, spread
+    ) -> list[VerifyRow]:
+        """The dispersion the runtime selects equals scvi-tools' ``px.theta`` (or scale).
+
+        For gene-cell dispersion it is ``exp`` of the decoder's ``px_r``: where that fails,
+        the spread it is judged against is ``exp`` of the traced decoder's float32 and float64
+        ``px_r`` (its absolute rounding becomes relative in theta)."""
         ref = next(g.reference for g in graphs if g.name == "decoder")
         if F.PROBE_THETA not in ref:
             return []
-        theta = cell_dispersion(
-            config["dispersion"],
-            arrays.get(F.ARR_PX_R),
-            outputs["decoder"].get(F.OUT_PX_R),
-            probes[F.PROBE_BATCH],
-            probes[F.PROBE_LABELS],
-        )
         want = ref[F.PROBE_THETA]
-        theta = np.broadcast_to(theta, want.shape).astype(np.float32)
-        return [deviation("theta", theta, want, atol, rtol)]
+
+        def theta_of(px_r: np.ndarray | None) -> np.ndarray:
+            theta = cell_dispersion(
+                config["dispersion"],
+                arrays.get(F.ARR_PX_R),
+                px_r,
+                probes[F.PROBE_BATCH],
+                probes[F.PROBE_LABELS],
+            )
+            return np.broadcast_to(theta, want.shape)
+
+        theta = theta_of(outputs["decoder"].get(F.OUT_PX_R)).astype(np.float32)
+        row = deviation("theta", theta, want, atol, rtol)
+        px_r = spread("decoder").get(F.OUT_PX_R) if not row.ok else None
+        if px_r is not None and config["dispersion"] == "gene-cell":
+            row = within_rounding(row, theta, want, tuple(theta_of(v) for v in px_r))
+        return [row]
 
 
 def feeds(io: GraphIO, t: dict[str, np.ndarray], extra: dict[str, np.ndarray]) -> dict:

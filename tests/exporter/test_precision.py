@@ -115,19 +115,26 @@ def test_well_conditioned_outputs_are_not_widened(tmp_path):
     assert widened == {} and reports[0]["ok"] and reports[0]["rtol"] == 1e-4
 
 
-def test_verify_applies_the_recorded_tolerance(tmp_path, capsys):
-    """verify gives an output the tolerance the export recorded for it; an explicit atol /
-    rtol applies to every output instead; info shows it."""
+def shipped_with_widened(tmp_path, widened: dict):
+    """A copy of the shipped bundle whose manifest records ``widened``; (path, manifest)."""
     import shutil
 
     from ..conftest import SHIPPED_BUNDLE
-    from ..runtime.helpers import cli
 
     path = tmp_path / "b"
     shutil.copytree(SHIPPED_BUNDLE, path)
     man = json.loads((path / B.MANIFEST_FILE).read_text())
-    man["validation"][F.VALIDATION_WIDENED] = {"decoder.px_rate": {"atol": 0.0, "rtol": 0.0}}
+    man["validation"][F.VALIDATION_WIDENED] = widened
     (path / B.MANIFEST_FILE).write_text(json.dumps(man))
+    return path, man
+
+
+def test_verify_applies_the_recorded_tolerance(tmp_path, capsys):
+    """verify gives an output the tolerance the export recorded for it; an explicit atol /
+    rtol applies to every output instead; info shows it."""
+    from ..runtime.helpers import cli
+
+    path, man = shipped_with_widened(tmp_path, {"decoder.px_rate": {"atol": 0.0, "rtol": 0.0}})
     rows = {r.output: r for r in scvi_onnx.verify(path).rows}
     assert (rows["decoder.px_rate"].atol, rows["decoder.px_rate"].rtol) == (0.0, 0.0)
     assert not rows["decoder.px_rate"].ok  # exact equality with torch is not float32's
@@ -261,15 +268,7 @@ def test_peakvi_host_log_px_is_judged_by_the_scoring_graphs_spread():
 
 
 def test_verify_applies_a_recorded_theta_tolerance(tmp_path):
-    import shutil
-
-    from ..conftest import SHIPPED_BUNDLE
-
-    path = tmp_path / "b"
-    shutil.copytree(SHIPPED_BUNDLE, path)
-    man = json.loads((path / B.MANIFEST_FILE).read_text())
-    man["validation"][F.VALIDATION_WIDENED] = {"theta": {"atol": 0.5, "rtol": 0.25}}
-    (path / B.MANIFEST_FILE).write_text(json.dumps(man))
+    path, man = shipped_with_widened(tmp_path, {"theta": {"atol": 0.5, "rtol": 0.25}})
     rows = {r.output: r for r in scvi_onnx.verify(path).rows}
     assert (rows["theta"].atol, rows["theta"].rtol) == (0.5, 0.25)
     assert rows["decoder.px_rate"].rtol == man["validation"]["rtol"]

@@ -75,12 +75,22 @@ def to_torch(t: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def module_eval(module):
-    """Run the user's module in eval mode, then restore every submodule's train/eval flag."""
+    """Run the user's module in eval mode, then restore every submodule's train/eval flag.
+
+    torch.distributions' argument checks are off inside (and restored after): the references
+    need the modules' values, and a trained model's posterior variance can underflow to 0 on
+    a synthetic probe cell, which ``Normal(q_m, q_v.sqrt())`` refuses (a PEAKVI trained 191
+    epochs failed its export there). The graphs reproduce such values as they are."""
+    from torch.distributions import Distribution
+
     modes = {name: sub.training for name, sub in module.named_modules()}
+    validate = Distribution._validate_args
     with torch.inference_mode():
         module.eval()
+        Distribution.set_default_validate_args(False)
         try:
             yield
         finally:
+            Distribution.set_default_validate_args(validate)
             for name, sub in module.named_modules():
                 sub.train(modes[name])

@@ -97,6 +97,32 @@ def test_affine_layer_norm_refused(tmp_path):
         export_model(model, tmp_path / "b")
 
 
+def test_posterior_variance_underflowing_to_zero_exports(tmp_path):
+    """PEAKVAE's encoder has no variance floor (var_eps=0): a trained model's q_v can
+    underflow to 0 (a PEAKVI trained 191 epochs did on the synthetic probe cells), which
+    torch's ``Normal(q_m, q_v.sqrt())`` refuses when it checks its arguments. The export
+    computes its references without those checks (and restores them); the graphs give the
+    zeros as the module does, and the user's model still checks its arguments."""
+    from torch.distributions import Distribution
+
+    model, adata = _peakvi(peaks(200), {"batch_key": "batch"})
+    with torch.no_grad():  # one latent dimension's log-variance far below float32's range
+        model.module.z_encoder.var_encoder.bias[0] = -500.0
+    checking = Distribution._validate_args
+    om = scvi_onnx.load(export_model(model, tmp_path / "b"), device="cpu")
+    assert Distribution._validate_args == checking
+    m, v = om.get_latent_representation(adata, return_dist=True)
+    assert (v[:, 0] == 0).all() and (v[:, 1:] > 0).all()
+    Distribution.set_default_validate_args(False)
+    try:
+        rm, rv = model.get_latent_representation(adata, return_dist=True)
+    finally:
+        Distribution.set_default_validate_args(checking)
+    np.testing.assert_allclose(m, rm, atol=1e-4)
+    np.testing.assert_array_equal(v[:, 0], rv[:, 0])
+    np.testing.assert_allclose(v, rv, atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- old folders
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):

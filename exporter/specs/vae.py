@@ -213,9 +213,10 @@ class SCVISpec(ExportSpec):
 
         theta = theta_of(outputs["decoder"].get(F.OUT_PX_R)).astype(np.float32)
         row = deviation("theta", theta, want, atol, rtol)
-        px_r = spread("decoder").get(F.OUT_PX_R) if not row.ok else None
-        if px_r is not None and config["dispersion"] == "gene-cell":
-            row = within_rounding(row, theta, want, tuple(theta_of(v) for v in px_r))
+        if not row.ok and config["dispersion"] == "gene-cell":  # else theta is from arrays
+            px_r = spread("decoder").get(F.OUT_PX_R)
+            if px_r is not None:
+                row = within_rounding(row, theta, want, tuple(theta_of(v) for v in px_r))
         return [row]
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "MissingColumnError",
     "InvalidValuesError",
     "ZeroLibrarySizeError",
+    "DegeneratePosteriorError",
     "InvalidArgumentError",
     "ProviderError",
     "UnsupportedModelError",
@@ -63,6 +64,11 @@ class InvalidValuesError(InputDataError):
 
 class ZeroLibrarySizeError(InputDataError):
     """Cells with zero total counts where the model uses the observed library size."""
+
+
+class DegeneratePosteriorError(InputDataError):
+    """Cells whose posterior variance is zero or not finite: their ELBO's KL term is infinite
+    and the importance-sampling marginal LL undefined (scvi-tools refuses them too)."""
 
 
 class InvalidArgumentError(ScviOnnxError, ValueError):

@@ -48,7 +48,7 @@ def marginal_ll(
         for mb in mbs:
             n_cells = mb.n
             log_w = np.empty((n_mc, n_cells))
-            enc = module.encode(mb)
+            enc = module.encode_scored(mb)
             group = max(1, min(n_cells, chunk // (G * MLL_MIN_SAMPLES)))
             step = per_pass or max(1, chunk // (group * G))
             step = min(step, n_mc)

@@ -33,7 +33,8 @@ import numpy as np
 from ..bundle import Manifest, NpzArrays, Registry
 from ..bundle import format as F
 from ..data import DataNeeds, Minibatch
-from ..errors import BundleIntegrityError
+from ..data.text import cells_phrase, preview
+from ..errors import BundleIntegrityError, DegeneratePosteriorError
 from ..maths import distributions as D
 from ..maths import rng
 from ..sessions import Graph
@@ -77,6 +78,35 @@ def library_description(config: Mapping[str, Any], registry: Registry) -> str:
     if config.get("use_observed_lib_size", True):
         return "observed (log total counts of each cell)"
     return "learned (per-batch log-normal prior)"
+
+
+def check_posterior(enc: Mapping[str, np.ndarray], mb: Minibatch) -> None:
+    """Refuse cells whose posterior variance (``qz_v``, and ``ql_v`` where the library is
+    learned) is zero or not finite, with a :class:`DegeneratePosteriorError` naming them.
+
+    An encoder without a variance floor (PEAKVAE's, ``var_eps=0``) can underflow to exactly
+    0 in float32: the KL term is then infinite and the importance weights undefined. scvi-tools
+    refuses such cells in all four methods (``torch.distributions.Normal`` rejects a zero
+    scale); :meth:`get_latent_representation` gives their posterior, which is well defined.
+    """
+    for key in (F.OUT_QZ_V, F.OUT_QL_V):
+        v = enc.get(key)
+        if v is None:
+            continue
+        ok = (v > 0) & np.isfinite(v)  # NaN fails both
+        if ok.all():
+            continue
+        bad = np.flatnonzero(~ok.all(axis=1))
+        zero = bool((v[bad] == 0).any())
+        what = "exactly 0 (float32 underflow)" if zero else "not a positive finite number"
+        raise DegeneratePosteriorError(
+            f"the encoder's posterior variance ({key}) is {what} in "
+            f"{cells_phrase(bad.size)}, e.g. {preview(mb.cell_names(bad))}; "
+            f"{'its' if bad.size == 1 else 'their'} KL term is infinite and the "
+            "importance-sampling marginal LL undefined, so the scoring methods refuse them, as "
+            "scvi-tools does (torch's Normal rejects a zero scale); get_latent_representation "
+            "gives their posterior. Drop them to score the other cells"
+        )
 
 
 @dataclass(frozen=True)
@@ -180,6 +210,13 @@ class Module(ABC):
     @abstractmethod
     def encode(self, mb: Minibatch) -> dict[str, np.ndarray]:
         """The encoder's outputs for a minibatch: at least ``qz_m`` and ``qz_v``."""
+
+    def encode_scored(self, mb: Minibatch) -> dict[str, np.ndarray]:
+        """:meth:`encode` for the scoring methods (ELBO, reconstruction error, marginal LL),
+        refusing cells whose posterior is degenerate: see :func:`check_posterior`."""
+        enc = self.encode(mb)
+        check_posterior(enc, mb)
+        return enc
 
     def z_draws(
         self, mb: Minibatch, enc: Mapping[str, np.ndarray], seed: int, start: int, n: int

@@ -232,7 +232,7 @@ class PEAKVAE(Module):
 
     # ------------------------------------------------------------------ the terms
     def elbo_terms(self, mb: Minibatch, seed: int) -> ElboTerms:
-        enc = self.encode(mb)
+        enc = self.encode_scored(mb)
         _, z = self.z_draws(mb, enc, seed, 0, 1)
         rec = -self.prepare(mb).log_px(self.feeds(mb), z)[0]
         kl = D.kl_normal_standard(

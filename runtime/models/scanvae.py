@@ -118,7 +118,7 @@ class SCANVAE(VAE):
 
     def elbo_terms(self, mb: Minibatch, seed: int) -> ElboTerms:
         """Per-cell (reconstruction_loss, kl_local) of ``SCANVAE.loss``, one posterior draw."""
-        enc = self.encode(mb)
+        enc = self.encode_scored(mb)
         t = self._terms(mb, enc, self.prepare(mb), seed, 0, 1)
         kl = t["kl"][0]
         if self.learned_library:

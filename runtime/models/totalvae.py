@@ -426,7 +426,7 @@ class TOTALVAE(Module):
 
     # ------------------------------------------------------------------ the terms
     def elbo_terms(self, mb: Minibatch, seed: int) -> ElboTerms:
-        enc = self.encode(mb)
+        enc = self.encode_scored(mb)
         state = self.prepare(mb)
         t = self._terms(mb, enc, state, seed, 0, 1)
         kl = D.kl_normal_standard(

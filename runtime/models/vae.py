@@ -221,7 +221,7 @@ class VAE(Module):
 
     # ------------------------------------------------------------------ the terms
     def elbo_terms(self, mb: Minibatch, seed: int) -> ElboTerms:
-        enc = self.encode(mb)
+        enc = self.encode_scored(mb)
         _, z = self.z_draws(mb, enc, seed, 0, 1)
         library = self.library(mb, enc, seed, 0, 1)
         rec = -self.prepare(mb).log_px(self.feeds(mb), z, library)[0]

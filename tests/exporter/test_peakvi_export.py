@@ -17,7 +17,7 @@ require("onnx")
 
 import scvi_onnx  # noqa: E402
 from scvi_onnx import bundle as B  # noqa: E402
-from scvi_onnx.errors import UnsupportedModelError  # noqa: E402
+from scvi_onnx.errors import DegeneratePosteriorError, UnsupportedModelError  # noqa: E402
 from scvi_onnx.exporter import SUPPORTED_MODELS, export_model  # noqa: E402
 from scvi_onnx.exporter.graphs.layers import ACTIVATIONS  # noqa: E402
 from scvi_onnx.exporter.legacy import load_saved_model  # noqa: E402
@@ -121,6 +121,16 @@ def test_posterior_variance_underflowing_to_zero_exports(tmp_path):
     np.testing.assert_allclose(m, rm, atol=1e-4)
     np.testing.assert_array_equal(v[:, 0], rv[:, 0])
     np.testing.assert_allclose(v, rv, atol=1e-4, rtol=1e-4)
+
+    # The scoring methods refuse these cells, naming them, as scvi-tools does (checks on):
+    # a point-mass posterior has an infinite KL term and no importance-sampling estimate.
+    sub = adata[:7].copy()
+    for method in ("get_elbo", "get_reconstruction_error", "get_marginal_ll"):
+        with pytest.raises(DegeneratePosteriorError, match=r"qz_v.*exactly 0.*7 cells") as e:
+            getattr(om, method)(sub)
+        assert repr(sub.obs_names[0]) in str(e.value)
+    with pytest.raises(ValueError, match="scale"):
+        model.get_elbo(sub)
 
 
 # ----------------------------------------------------------------------------- old folders

@@ -22,7 +22,7 @@ fails in scvi-tools itself (it diverges: a few unnormalised ones do) is reported
 compared.
 
     python scripts/fuzz_parity.py [--n 12] [--seed 0] [--models totalvi scanvi ...] [--out FILE]
-                                  [--epochs MIN MAX]
+                                  [--epochs MIN MAX] [--all-features]
 """
 
 from __future__ import annotations
@@ -52,6 +52,19 @@ ROOT = Path(__file__).resolve().parents[1]
 NORMS = ["encoder", "decoder", "none", "both"]
 
 
+#: ``--all-features``: every gene / region of the example data, not a drawn subset.
+ALL_FEATURES = {"on": False}
+
+
+def features(r: np.random.Generator, n_vars: int, lo: int, hi: int) -> np.ndarray:
+    """A sorted random subset of ``lo..hi`` of the data's features (all with
+    ``--all-features``: full-width models, as users train them)."""
+    n = int(r.integers(lo, hi))
+    if ALL_FEATURES["on"]:
+        return np.arange(n_vars)
+    return np.sort(r.choice(n_vars, n, replace=False))
+
+
 def pick(r: np.random.Generator, options):
     return options[int(r.integers(len(options)))]
 
@@ -69,7 +82,7 @@ def obs_columns(a: ad.AnnData, r: np.random.Generator) -> ad.AnnData:
 
 def draw_totalvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
     a = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_cite.h5ad")
-    genes = np.sort(r.choice(a.n_vars, int(r.integers(80, 250)), replace=False))
+    genes = features(r, a.n_vars, 80, 250)
     a = obs_columns(a[:, genes].copy(), r)
     prot = a.obsm["protein_expression"]
     common = [c for c in prot.columns if (prot.loc[a.obs["batch"] == "pbmc_10k", c] > 0).any()]
@@ -170,7 +183,7 @@ def as_mudata(a: ad.AnnData, setup: dict, r: np.random.Generator):
 
 def draw_scvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
     a = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_train.h5ad")
-    genes = np.sort(r.choice(a.n_vars, int(r.integers(100, 400)), replace=False))
+    genes = features(r, a.n_vars, 100, 400)
     a = obs_columns(a[:, genes].copy(), r)
     a.obs["label"] = np.array(["t", "b", "m"])[r.integers(0, 3, a.n_obs)]
     setup = dict(batch_key=pick(r, ["batch", "batch", "many", None]))
@@ -247,7 +260,7 @@ def draw_scanvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
 
 def draw_peakvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
     a = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_peaks.h5ad")
-    regions = np.sort(r.choice(a.n_vars, int(r.integers(100, 400)), replace=False))
+    regions = features(r, a.n_vars, 100, 400)
     a = obs_columns(a[:, regions].copy(), r)
     setup = dict(batch_key=pick(r, ["batch", "many", None]))
     if r.random() < 0.4:
@@ -454,7 +467,13 @@ def main() -> None:
         help="training epochs, drawn from MIN..MAX (default 2 5: briefly trained models; "
         "hundreds give trained ones, with larger activations)",
     )
+    p.add_argument(
+        "--all-features",
+        action="store_true",
+        help="every gene / region of the example data (2,000), not a subset of 80-400",
+    )
     args = p.parse_args()
+    ALL_FEATURES["on"] = args.all_features
     torch.set_num_threads(2)
     r = np.random.default_rng(args.seed)
     results, failed = [], 0

@@ -52,17 +52,11 @@ ROOT = Path(__file__).resolve().parents[1]
 NORMS = ["encoder", "decoder", "none", "both"]
 
 
-#: ``--all-features``: every gene / region of the example data, not a drawn subset.
-ALL_FEATURES = {"on": False}
-
-
-def features(r: np.random.Generator, n_vars: int, lo: int, hi: int) -> np.ndarray:
-    """A sorted random subset of ``lo..hi`` of the data's features (all with
-    ``--all-features``: full-width models, as users train them)."""
+def features(r: np.random.Generator, n_vars: int, lo: int, hi: int, every: bool) -> np.ndarray:
+    """A sorted random subset of ``lo..hi`` of the data's features, or all of them with
+    ``every`` (``--all-features``: full-width models, as users train them)."""
     n = int(r.integers(lo, hi))
-    if ALL_FEATURES["on"]:
-        return np.arange(n_vars)
-    return np.sort(r.choice(n_vars, n, replace=False))
+    return np.arange(n_vars) if every else np.sort(r.choice(n_vars, n, replace=False))
 
 
 def pick(r: np.random.Generator, options):
@@ -80,9 +74,9 @@ def obs_columns(a: ad.AnnData, r: np.random.Generator) -> ad.AnnData:
     return a
 
 
-def draw_totalvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
+def draw_totalvi(r: np.random.Generator, every: bool) -> tuple[ad.AnnData, dict, dict]:
     a = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_cite.h5ad")
-    genes = features(r, a.n_vars, 80, 250)
+    genes = features(r, a.n_vars, 80, 250, every)
     a = obs_columns(a[:, genes].copy(), r)
     prot = a.obsm["protein_expression"]
     common = [c for c in prot.columns if (prot.loc[a.obs["batch"] == "pbmc_10k", c] > 0).any()]
@@ -181,9 +175,9 @@ def as_mudata(a: ad.AnnData, setup: dict, r: np.random.Generator):
     return m
 
 
-def draw_scvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
+def draw_scvi(r: np.random.Generator, every: bool) -> tuple[ad.AnnData, dict, dict]:
     a = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_train.h5ad")
-    genes = features(r, a.n_vars, 100, 400)
+    genes = features(r, a.n_vars, 100, 400, every)
     a = obs_columns(a[:, genes].copy(), r)
     a.obs["label"] = np.array(["t", "b", "m"])[r.integers(0, 3, a.n_obs)]
     setup = dict(batch_key=pick(r, ["batch", "batch", "many", None]))
@@ -215,8 +209,8 @@ def draw_scvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
     return a, setup, model
 
 
-def draw_linear(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
-    a, setup, _ = draw_scvi(r)
+def draw_linear(r: np.random.Generator, every: bool) -> tuple[ad.AnnData, dict, dict]:
+    a, setup, _ = draw_scvi(r, every)
     for key in ("categorical_covariate_keys", "continuous_covariate_keys", "size_factor_key"):
         setup.pop(key, None)  # LinearSCVI.setup_anndata: layer, batch and labels only
     # not gene-cell (scvi-tools 1.4.2's LDVAE decoder gives no px_r) nor gene-label
@@ -236,8 +230,8 @@ def draw_linear(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
     return a, setup, model
 
 
-def draw_scanvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
-    a, setup, _ = draw_scvi(r)
+def draw_scanvi(r: np.random.Generator, every: bool) -> tuple[ad.AnnData, dict, dict]:
+    a, setup, _ = draw_scvi(r, every)
     lab = a.obs["label"].to_numpy().astype(object)
     lab[r.random(a.n_obs) < 0.3] = "Unknown"
     a.obs["label"] = lab
@@ -258,9 +252,9 @@ def draw_scanvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
     return a, setup, model
 
 
-def draw_peakvi(r: np.random.Generator) -> tuple[ad.AnnData, dict, dict]:
+def draw_peakvi(r: np.random.Generator, every: bool) -> tuple[ad.AnnData, dict, dict]:
     a = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_peaks.h5ad")
-    regions = features(r, a.n_vars, 100, 400)
+    regions = features(r, a.n_vars, 100, 400, every)
     a = obs_columns(a[:, regions].copy(), r)
     setup = dict(batch_key=pick(r, ["batch", "many", None]))
     if r.random() < 0.4:
@@ -374,9 +368,14 @@ def close(got, ref, rtol=2e-5, atol=2e-3) -> float:
 
 
 def check(
-    kind: str, r: np.random.Generator, work: Path, res: dict, epochs: tuple[int, int] = (2, 5)
+    kind: str,
+    r: np.random.Generator,
+    work: Path,
+    res: dict,
+    epochs: tuple[int, int] = (2, 5),
+    every_feature: bool = False,
 ) -> dict:
-    a, setup, model_kw = DRAWS[kind](r)
+    a, setup, model_kw = DRAWS[kind](r, every_feature)
     cls = getattr(scvi.model, CLASSES[kind])
     from_folder = bool(r.random() < 0.5)
     res.update(setup=setup, options=model_kw, n_vars=a.n_vars, from_folder=from_folder)
@@ -473,7 +472,6 @@ def main() -> None:
         help="every gene / region of the example data (2,000), not a subset of 80-400",
     )
     args = p.parse_args()
-    ALL_FEATURES["on"] = args.all_features
     torch.set_num_threads(2)
     r = np.random.default_rng(args.seed)
     results, failed = [], 0
@@ -483,7 +481,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 res = dict(model=kind)
                 try:
-                    check(kind, r, Path(tmp), res, tuple(args.epochs))
+                    check(kind, r, Path(tmp), res, tuple(args.epochs), args.all_features)
                 except Exception:  # noqa: BLE001 - a configuration that errors is a failure
                     res.update(passed=False, error=traceback.format_exc(limit=-3))
             res["seconds"] = round(time.perf_counter() - t, 1)

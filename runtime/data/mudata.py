@@ -12,7 +12,7 @@ type name and read through its attributes (``mod``, ``obs``, ``obs_names``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,17 @@ _OBS_FIELDS = {
 }
 
 
+class ModelInput(NamedTuple):
+    """What a model reads, already gathered from its input: the AnnData (the expression matrix
+    and the registered obs columns) and the protein counts (``None`` without proteins).
+
+    :func:`split_input` gives one from a MuData and takes one as it is: the Dask path gathers
+    a MuData's modalities on the client and each worker hands its chunk on in this form."""
+
+    adata: Any
+    proteins: ProteinInput | None
+
+
 def is_mudata(obj: Any) -> bool:
     """Whether ``obj`` is a ``mudata.MuData`` (without importing mudata)."""
     return any(c.__name__ == "MuData" for c in type(obj).__mro__) and hasattr(obj, "mod")
@@ -40,13 +51,16 @@ def is_mudata(obj: Any) -> bool:
 
 def split_input(data: Any, registry: Registry) -> tuple[Any, ProteinInput | None]:
     """What a model reads from ``data``: a MuData's modalities as an AnnData and its protein
-    counts (:func:`from_mudata`), or ``data`` itself (proteins, if any, from its obsm).
+    counts (:func:`from_mudata`), a :class:`ModelInput` as it is, or ``data`` itself
+    (proteins, if any, from its obsm).
 
     Raises
     ------
     InputDataError
         ``data`` is not a MuData but the model was set up with ``setup_mudata``.
     """
+    if isinstance(data, ModelInput):
+        return data.adata, data.proteins
     if is_mudata(data):
         return from_mudata(data, registry)
     if registry.modalities is not None:
@@ -58,7 +72,7 @@ def split_input(data: Any, registry: Registry) -> tuple[Any, ProteinInput | None
     return data, None
 
 
-def from_mudata(mdata: Any, registry: Registry) -> tuple[Any, ProteinInput | None]:
+def from_mudata(mdata: Any, registry: Registry) -> ModelInput:
     """The AnnData a model set up with ``setup_mudata`` reads, and its protein counts.
 
     Parameters
@@ -166,4 +180,4 @@ def from_mudata(mdata: Any, registry: Registry) -> tuple[Any, ProteinInput | Non
         else:
             matrix, where = prot.X, f"{where}.X"
         proteins = ProteinInput(matrix, prot.var_names, where)
-    return adata, proteins
+    return ModelInput(adata, proteins)

@@ -8,8 +8,9 @@ active, else Dask's default. The public methods dispatch here by themselves
 (:func:`dask_dispatch`); per-cell results come back as lazy Dask arrays.
 
 A TOTALVI model's protein counts (the registered ``obsm`` entry: a DataFrame, an array, a Dask
-array or a lazily read DataFrame) travel with each chunk (:mod:`~scvi_onnx.distributed.proteins`);
-a MuData runs in memory only and is refused here with the reason.
+array or a lazily read DataFrame; or, for a model set up with ``setup_mudata``, a MuData whose
+RNA modality holds a Dask array, the protein modality's counts) travel with each chunk
+(:mod:`~scvi_onnx.distributed.proteins`).
 
 The same numbers as in memory: a cell's noise is keyed by its global row, so per-cell outputs
 are bit-identical whatever the chunking and the number of workers. Models travel as paths: each
@@ -73,8 +74,9 @@ def is_dask_anndata(adata: Any, layer: str | None = None) -> bool:
 
 
 def _is_dask_mudata(data: Any) -> bool:
-    """A MuData holding a Dask array in a modality's ``X`` or layers: sent to the Dask methods,
-    which refuse it with the reason (the in-memory path would read it on the client)."""
+    """A MuData holding a Dask array in a modality's ``X`` or layers: sent to the Dask methods
+    (which run a ``setup_mudata`` model on it and refuse it, with the reason, for others; the
+    in-memory path would read it on the client)."""
     from ..data.mudata import is_mudata
 
     if not is_mudata(data):

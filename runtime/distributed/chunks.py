@@ -5,7 +5,8 @@ read of the input blocks it spans (:class:`BlockRead`, run here), the registered
 of its rows (:class:`ChunkObs`, rebuilt as a pandas DataFrame indexed by the cells' names), the
 global key of its rows and, for a model with proteins (TOTALVI), its rows of the protein counts
 (:mod:`~scvi_onnx.distributed.proteins`). It becomes a plain in-memory AnnData (the proteins in
-its registered ``obsm`` entry) and goes through exactly the
+its registered ``obsm`` entry; for a model set up with ``setup_mudata``, beside it, as the
+in-memory run gathers a MuData's modalities) and goes through exactly the
 code an in-memory call runs (:func:`scvi_onnx.methods.inputs.minibatches`, then the loop of
 :mod:`scvi_onnx.methods`), with the rows keyed by their global position: the chunk gives its
 cells' numbers in the whole run, bit for bit. Chunks start on a multiple of ``batch_size``
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..data.mudata import ModelInput
 from ..data.obs import ObsUse
 from ..errors import NonIntegerCountsWarning
 from .cache import ModelRef, cached_model
@@ -67,7 +69,8 @@ class ChunkJob:
         The input's gene names in ``read``'s ``gene_key`` column (None: ``var_names``).
     proteins
         For a model with proteins (TOTALVI): how a chunk's protein rows become its AnnData's
-        ``obsm`` entry (:class:`~scvi_onnx.distributed.proteins.ProteinCarry`).
+        ``obsm`` entry, or a modality's counts
+        (:class:`~scvi_onnx.distributed.proteins.ProteinCarry`).
     """
 
     model: ModelRef
@@ -204,13 +207,19 @@ def run_chunk(
     gene_key = job.read_option("gene_key")
     if gene_key is not None:
         var[gene_key] = np.asarray(job.gene_names)
-    obsm, uns = {}, {}
-    if job.proteins is not None:
+    obsm, uns, modality_proteins = {}, {}, None
+    if job.proteins is not None and job.proteins.modality is not None:
+        modality_proteins = job.proteins.modality_input(proteins)
+    elif job.proteins is not None:
         obsm, uns = job.proteins.obsm_and_uns(proteins, obs.index)
     if job.layer is None:
         adata = anndata.AnnData(X=block, obs=obs, var=var, obsm=obsm, uns=uns)
     else:
         adata = anndata.AnnData(obs=obs, var=var, layers={job.layer: block}, obsm=obsm, uns=uns)
+    data: Any = adata
+    if model.manifest.registry.modalities is not None:
+        # a model set up with setup_mudata: its modalities, gathered on the client
+        data = ModelInput(adata, modality_proteins)
     scoring = SCORING[job.method]
     needs = module.needs if scoring else module.needs.for_latent()
     engine = model.engine
@@ -219,7 +228,7 @@ def run_chunk(
         warnings.simplefilter("always", NonIntegerCountsWarning)
         mbs: Iterator = inputs.minibatches(
             model.manifest,
-            adata,
+            data,
             None,
             job.batch_size,
             None,

@@ -18,10 +18,12 @@ minibatches. A task reads the input blocks it spans itself where each is one tas
 (a file read); otherwise the input is rechunked to the tasks' rows. Outputs are given the
 input's row chunks back.
 
-A model with proteins (TOTALVI set up with ``setup_anndata``) reads them from the registered
-``obsm`` entry, which may be in memory or a Dask array: the client checks it as in memory, and
-each chunk's task gets its rows (:mod:`~scvi_onnx.distributed.proteins`). A MuData, and models
-set up with ``setup_mudata``, run in memory only and are refused here with the reason.
+A model with proteins (TOTALVI) reads them from the registered ``obsm`` entry (``setup_anndata``)
+or from a MuData modality (``setup_mudata``: the MuData's modalities are gathered on the client
+as in memory, the RNA matrix a Dask array), in memory or as a Dask array: the client checks
+them as in memory, and each chunk's task gets its rows
+(:mod:`~scvi_onnx.distributed.proteins`). A MuData for a model set up with ``setup_anndata``
+is refused with what to pass instead.
 
 The means: ``get_elbo`` / ``get_reconstruction_error`` sum each chunk's cells in float64 on
 its worker (numpy's pairwise sum), add the chunk sums with ``math.fsum`` (correctly rounded)
@@ -48,12 +50,13 @@ import pandas as pd
 
 from ..arguments import check_positive_int
 from ..data import AnnDataSource, resolve_indices
-from ..errors import InvalidArgumentError
+from ..data.mudata import ModelInput
+from ..errors import InputDataError, InvalidArgumentError
 from ..methods.engine import DEFAULT_BATCH_SIZE
 from . import _registered_matrix, is_dask_array
 from .cache import ModelRef, manifest_digest
 from .chunks import SCORING, BlockRead, ChunkJob, ChunkObs, run_chunk
-from .proteins import Proteins, obsm_placeholders, protein_input
+from .proteins import Proteins, modality_proteins, obsm_placeholders, protein_input
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +325,7 @@ def plan(
     from ..data.obs import ObsUse
 
     _import_dask()
-    _refuse_mudata(model, adata)
+    adata, gathered = _gather(model, adata)
     batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
     bs = batch_size or DEFAULT_BATCH_SIZE
     layer = read.get("layer") or model.manifest.registry.layer
@@ -351,11 +354,15 @@ def plan(
     obs = _obs_frame(adata, model, use)
     var = _var_frame(adata, gene_key)
     field = model.manifest.registry.proteins
-    proteins = None if field is None else protein_input(adata, field)
+    if gathered is not None:  # a modality's counts, gathered from the MuData
+        proteins = None if gathered.proteins is None else modality_proteins(gathered.proteins)
+    else:
+        proteins = None if field is None else protein_input(adata, field)
     # the in-memory checks (genes, layer, dtype, shape, obs columns and categories, then the
     # proteins) on a view holding the Dask matrix: nothing is read
     layers = {} if layer is None else {layer: matrix}
-    obsm = obsm_placeholders(adata) if field is not None and proteins is None else None
+    missing = field is not None and proteins is None and gathered is None
+    obsm = obsm_placeholders(adata) if missing else None
     view = anndata.AnnData(
         X=matrix if layer is None else None, obs=obs, var=var, layers=layers, obsm=obsm
     )
@@ -416,20 +423,20 @@ def plan(
     )
 
 
-def _refuse_mudata(model, adata: Any) -> None:
-    """A MuData, and models that read one (``setup_mudata``), run in memory only."""
-    from ..data.mudata import is_mudata
-    from ..errors import InputDataError
+def _gather(model, data: Any) -> tuple[Any, Any]:
+    """The AnnData the Dask path reads, and for a model set up with ``setup_mudata`` what it
+    reads gathered from the MuData's modalities (a :class:`~scvi_onnx.data.mudata.ModelInput`,
+    else ``None``): the in-memory gathering, checks and errors (a missing modality, layer or
+    column, modalities of other cells, an AnnData given instead), reading nothing of the
+    Dask arrays. A MuData for a model set up with ``setup_anndata`` is refused with what to
+    pass instead."""
+    from ..data.mudata import is_mudata, split_input
 
     reg = model.manifest.registry
     if reg.modalities is not None:
-        mods = sorted({m for m in reg.modalities.values() if m is not None})
-        raise InputDataError(
-            f"this model was set up with setup_mudata: it reads a MuData with the modalities "
-            f"{mods}, which runs in memory only, not on Dask; pass an in-memory MuData (compute "
-            "its modalities' Dask arrays into memory first)"
-        )
-    if is_mudata(adata):
+        gathered = ModelInput(*split_input(data, reg))
+        return gathered.adata, gathered
+    if is_mudata(data):
         if reg.proteins is not None:
             hint = (
                 "an AnnData whose matrix is a Dask array, with the protein counts in "
@@ -440,9 +447,10 @@ def _refuse_mudata(model, adata: Any) -> None:
         else:
             hint = "an AnnData whose matrix is a Dask array (e.g. the RNA modality)"
         raise InputDataError(
-            "a MuData does not run on Dask (the Dask path reads one AnnData, chunk by chunk), "
-            f"and this model was set up with setup_anndata (one AnnData): pass {hint}"
+            "this model was set up with setup_anndata (one AnnData), not setup_mudata: on "
+            f"Dask, pass {hint}"
         )
+    return data, None
 
 
 # =============================================================================================

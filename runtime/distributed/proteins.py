@@ -1,7 +1,11 @@
 """TOTALVI's protein counts on the Dask path: checked on the client, carried to each chunk.
 
-A model set up with ``setup_anndata`` reads its protein counts from an ``obsm`` entry of the
-AnnData (:attr:`~scvi_onnx.bundle.Registry.proteins`). On the Dask path that entry may be:
+A model set up with ``setup_mudata`` reads them from the X or a layer of a MuData modality,
+which :func:`~scvi_onnx.data.mudata.from_mudata` gathers on the client (:func:`modality_proteins`:
+a Dask array, or an in-memory array, carried as below; the worker hands its rows on with the
+modality's protein names). A model set up with ``setup_anndata`` reads its protein counts from
+an ``obsm`` entry of the AnnData (:attr:`~scvi_onnx.bundle.Registry.proteins`). On the Dask
+path that entry may be:
 
 * a pandas DataFrame or a numpy / scipy array (in memory, as a user builds it): each chunk's
   task gets its rows, as it gets its rows of obs;
@@ -39,18 +43,28 @@ class ProteinCarry:
     Attributes
     ----------
     key
-        The registered ``obsm`` key.
+        The registered ``obsm`` key (``None`` for a modality's counts).
     columns
         The proteins' names when the rows travel as an array but were a DataFrame on the
         client (a lazily read one): the worker makes them a DataFrame with these columns.
     uns
         ``(key, names)`` when the input names an array's proteins in ``uns`` (the model's
         ``protein_names_uns_key``): the worker's AnnData gets that ``uns`` entry.
+    modality
+        ``(where, names)`` for a MuData modality's counts (``setup_mudata``): the worker hands
+        its rows on as the :class:`~scvi_onnx.data.proteins.ProteinInput` the in-memory run
+        gathers, named by the modality's ``var_names`` (``where`` words its messages).
     """
 
-    key: str
+    key: str | None
     columns: tuple[str, ...] | None = None
     uns: tuple[str, tuple[str, ...]] | None = None
+    modality: tuple[str, tuple[str, ...]] | None = None
+
+    def modality_input(self, rows: Any) -> ProteinInput:
+        """A chunk's rows of a modality's protein counts, as the in-memory run reads them."""
+        where, names = self.modality
+        return ProteinInput(rows, pd.Index(names), where)
 
     def obsm_and_uns(self, rows: Any, obs_names: pd.Index) -> tuple[dict, dict]:
         """The ``obsm`` and ``uns`` of a chunk's AnnData, from its protein ``rows``."""
@@ -144,6 +158,14 @@ def protein_input(adata: Any, field: ProteinField) -> Proteins | None:
         inp, rows, names = _from_lazy_frame(inp)
         return Proteins(inp=inp, rows=rows, carry=ProteinCarry(field.attr_key, columns=names))
     return Proteins(inp=inp, rows=inp.matrix, carry=ProteinCarry(field.attr_key, uns=uns))
+
+
+def modality_proteins(inp: ProteinInput) -> Proteins:
+    """A MuData modality's protein counts, as :func:`~scvi_onnx.data.mudata.from_mudata`
+    gathers them (its X or layer: a Dask array or an in-memory matrix), as the checks and the
+    tasks read them."""
+    names = tuple(str(n) for n in inp.names)
+    return Proteins(inp=inp, rows=inp.matrix, carry=ProteinCarry(None, modality=(inp.where, names)))
 
 
 def obsm_placeholders(adata: Any) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ import time
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ..conftest import require
@@ -761,32 +762,17 @@ def test_totalvi_lazy_h5ad_and_cli(client, totalvi, cite, tmp_path, capsys):
 
 
 def test_totalvi_mudata_and_soma_refused(client, totalvi, cite, tmp_path, capsys):
-    """A MuData on Dask, and a SOMA experiment for the CLI (its proteins would be in another
-    measurement): refused with the reason and what to pass instead."""
+    """A MuData for a model set up with setup_anndata, and a SOMA experiment for the CLI (its
+    proteins would be in another measurement): refused with the reason and what to pass
+    instead."""
     md = require("mudata")
     prot = ad.AnnData(cite.obsm[PROT].to_numpy(), obs=cite.obs[[]].copy())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mdata = md.MuData({"rna": _dask_x(cite), "prot": prot})
-    with pytest.raises(scvi_onnx.InputDataError, match="MuData does not run on Dask") as e:
+    with pytest.raises(scvi_onnx.InputDataError, match="setup_anndata.*not setup_mudata") as e:
         totalvi.get_latent_representation(mdata)
     assert f"obsm['{PROT}']" in str(e.value)
-    # a model set up with setup_mudata (the shipped bundle with the registry TOTALVI.setup_mudata
-    # writes: proteins in a layer of modality "prot"; tests/parity exports a trained one): its
-    # MuData runs in memory only, and a Dask AnnData is no input for it
-    import json
-    import shutil
-
-    bundle = tmp_path / "mudata_bundle"
-    shutil.copytree(SHIPPED_BUNDLE.parent / "pbmc_totalvi", bundle)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["registry"]["proteins"].update(attr_name="layers", attr_key="counts")
-    manifest["registry"]["modalities"] = {"X": "rna", "proteins": "prot", "batch": None}
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    from_mudata = scvi_onnx.load(bundle, device="cpu")
-    for data in (mdata, _dask_x(cite)):
-        with pytest.raises(scvi_onnx.InputDataError, match="setup_mudata.*in memory only"):
-            from_mudata.get_elbo(data)
     soma_io = require("tiledbsoma.io")
     uri = str(tmp_path / "exp")
     rna = ad.AnnData(X=cite.X, obs=cite.obs, var=cite.var)
@@ -799,3 +785,125 @@ def test_totalvi_mudata_and_soma_refused(client, totalvi, cite, tmp_path, capsys
     )
     assert rc == 2
     assert "another measurement" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# TOTALVI set up with setup_mudata: the MuData's modalities gathered on the client
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def totalvi_mudata(tmp_path_factory):
+    """The shipped TOTALVI with the registry TOTALVI.setup_mudata writes (RNA in modality
+    "rna", proteins in layer "counts" of modality "prot", the batch column in the MuData's own
+    obs; tests/parity exports a trained setup_mudata model and checks it against scvi-tools)."""
+    import json
+    import shutil
+
+    bundle = tmp_path_factory.mktemp("mudata") / "bundle"
+    shutil.copytree(SHIPPED_BUNDLE.parent / "pbmc_totalvi", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["registry"]["proteins"].update(attr_name="layers", attr_key="counts")
+    manifest["registry"]["modalities"] = {"X": "rna", "proteins": "prot", "batch": None}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return scvi_onnx.load(bundle, device="cpu", seed=5)
+
+
+def _mudata(cells, rna_x, prot_counts, prot_names=None):
+    md = require("mudata")
+    rna = ad.AnnData(X=rna_x, obs=cells.obs[[]].copy(), var=cells.var[[]].copy())
+    names = list(cells.obsm[PROT].columns) if prot_names is None else prot_names
+    prot = ad.AnnData(
+        obs=cells.obs[[]].copy(),
+        var=pd.DataFrame(index=pd.Index(names)),
+        layers={"counts": prot_counts},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mdata = md.MuData({"rna": rna, "prot": prot})
+    mdata.obs["batch"] = cells.obs["batch"].to_numpy()
+    return mdata
+
+
+def test_totalvi_setup_mudata_bit_identical(client, totalvi_mudata, cite):
+    """A MuData whose RNA modality holds a Dask array (uneven row chunks), the proteins an
+    in-memory layer of another modality, in another protein order: latent, ELBO, both
+    reconstruction terms and marginal LL per cell bit-identical to the in-memory MuData; the
+    proteins as a Dask array and an indices= selection too. The same model's in-memory
+    numbers equal the setup_anndata bundle's on the same cells (same weights)."""
+    model = totalvi_mudata
+    counts = cite.obsm[PROT]
+    order = list(counts.columns[::-1])
+    mem = _mudata(cite, cite.X.toarray(), counts[order].to_numpy(), order)
+    lazy = _mudata(cite, _dask_x(cite).X, counts[order].to_numpy(), order)
+    z = model.get_latent_representation(lazy, batch_size=BS)
+    assert isinstance(z, da.Array) and z.chunks == ((40, 70, 40), (model.n_latent,))
+    _eq(z.compute(), model.get_latent_representation(mem, batch_size=BS))
+    m, v = model.get_latent_representation(lazy, return_dist=True)
+    m0, v0 = model.get_latent_representation(mem, return_dist=True)
+    _eq(m.compute(), m0)
+    _eq(v.compute(), v0)
+    kw = {"return_mean": False, "batch_size": BS}
+    e0 = model.get_elbo(mem, **kw)
+    _eq(model.get_elbo(lazy, **kw).compute(), e0)
+    r = model.get_reconstruction_error(lazy, **kw)
+    r0 = model.get_reconstruction_error(mem, **kw)
+    assert list(r) == list(r0) == ["reconst_loss_gene", "reconst_loss_protein"]
+    for k in r0:
+        _eq(r[k].compute(), r0[k])
+    kw_ll = {"n_mc_samples": 20, "batch_size": BS}
+    ll = model.get_marginal_ll(lazy, return_mean=False, **kw_ll)
+    _eq(ll.compute(), model.get_marginal_ll(mem, return_mean=False, **kw_ll))
+    assert model.get_marginal_ll(lazy, **kw_ll) == model.get_marginal_ll(mem, **kw_ll)
+    # the weights are the shipped setup_anndata model's: the same numbers from its AnnData
+    totalvi = scvi_onnx.load(SHIPPED_BUNDLE.parent / "pbmc_totalvi", device="cpu", seed=5)
+    _eq(e0, totalvi.get_elbo(cite, **kw))
+    # proteins as a Dask array (chunked unlike X), and a selection of the cells
+    lazy_prot = _mudata(
+        cite, _dask_x(cite).X, da.from_array(counts[order].to_numpy(), chunks=(64, 10)), order
+    )
+    idx = np.array([140, 3, 99, 4, 5, 6, 120, 0, 149, 75])
+    kw = {"indices": idx, "return_mean": False, "batch_size": 4}
+    _eq(model.get_elbo(lazy_prot, **kw).compute(), model.get_elbo(mem, **kw))
+
+
+def test_totalvi_setup_mudata_errors_as_in_memory(client, totalvi_mudata, cite):
+    """An AnnData for a setup_mudata model, a missing modality, a protein missing by name,
+    a modality of other cells (refused on the client, before any task), a negative protein
+    count (found by a worker): the in-memory error, word for word."""
+    md = require("mudata")
+    model = totalvi_mudata
+    counts = cite.obsm[PROT]
+    err = _same_error(model.get_elbo, cite, _dask_x(cite))
+    assert "set up with setup_mudata" in str(err)
+
+    def pair(prot_counts, names=None):
+        return (
+            _mudata(cite, cite.X.toarray(), prot_counts, names),
+            _mudata(cite, _dask_x(cite).X, prot_counts, names),
+        )
+
+    mem, dsk = pair(counts.to_numpy())
+    for m in (mem, dsk):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m.mod["adt"] = m.mod.pop("prot")
+            m.update()
+    err = _same_error(model.get_latent_representation, mem, dsk)
+    assert isinstance(err, scvi_onnx.MissingColumnError) and "'prot'" in str(err)
+    names = list(counts.columns)
+    names[1] = "not_CD4"
+    err = _same_error(model.get_elbo, *pair(counts.to_numpy(), names))
+    assert isinstance(err, scvi_onnx.MissingGenesError) and "CD4_TotalSeqB" in str(err)
+    neg = counts.to_numpy().copy()
+    neg[100, 2] = -1.0
+    err = _same_error(lambda a: model.get_elbo(a, batch_size=BS), *pair(neg))
+    assert cite.obs_names[100] in str(err) and "negative" in str(err)
+    mem, dsk = pair(counts.to_numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fewer = [
+            md.MuData({"rna": m.mod["rna"], "prot": m.mod["prot"][10:].copy()}) for m in (mem, dsk)
+        ]
+    for m in fewer:
+        m.obs["batch"] = cite.obs["batch"].reindex(m.obs_names).to_numpy()
+    err = _same_error(model.get_elbo, *fewer)
+    assert "not the MuData's" in str(err)

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,11 @@ _KINDS = {"zarr": "an AnnData .zarr store", "soma": "a SOMA experiment"}
 
 
 def _input_kind(path: str) -> str:
-    """``"h5ad"``, ``"zarr"`` or ``"soma"``; a folder that is neither of the last two is
-    ``"h5ad"`` (the reader then says what is wrong with it)."""
+    """``"h5ad"``, ``"h5mu"``, ``"zarr"`` or ``"soma"``; a folder that is neither of the last
+    two is ``"h5ad"`` (the reader then says what is wrong with it)."""
     p = Path(path)
+    if p.suffix.lower() == ".h5mu":
+        return "h5mu"
     if p.suffix.lower() == ".h5ad" or p.is_file():
         return "h5ad"
     if p.is_dir() and any((p / f).exists() for f in (".zgroup", "zarr.json", ".zattrs")):
@@ -168,8 +171,10 @@ def open_input(args: argparse.Namespace, model) -> Any:
     """The input as an AnnData whose registered matrix is a Dask array of ``chunk`` rows."""
     chunk = _chunk_rows(args)
     kind = _input_kind(args.input)
-    if kind == "h5ad" and not Path(args.input).exists():
+    if kind in ("h5ad", "h5mu") and not Path(args.input).exists():
         raise CLIError(f"input file not found: {args.input}")
+    if kind == "h5mu":
+        return lazy_mudata(args.input, model, chunk)
     if kind == "soma":
         from ..distributed.soma import read_soma
 
@@ -219,6 +224,58 @@ def open_input(args: argparse.Namespace, model) -> Any:
     else:
         adata.layers[layer] = matrix
     return adata
+
+
+def lazy_mudata(path: str, model, chunk: int) -> Any:
+    """An ``.h5mu`` file as a MuData for a model set up with ``setup_mudata``: every modality's
+    obs and var and the file's own obs in memory, their matrices (``X`` and layers) read lazily,
+    ``chunk`` rows at a time (the RNA matrix is what the tasks split; the proteins' tens of
+    columns come with each task's rows). The file stays open while the run reads it."""
+    reg = model.manifest.registry
+    if reg.modalities is None:
+        field = reg.proteins
+        hint = "" if field is None else f" with the proteins in obsm[{field.attr_key!r}]"
+        raise CLIError(
+            f"{path} is a MuData file, but this {model.manifest.model_class} model was set up "
+            f"with setup_anndata (one AnnData): pass an .h5ad or .zarr{hint}"
+        )
+    try:
+        import mudata
+    except ImportError as e:
+        raise CLIError(
+            f"reading {path} needs the mudata package: pip install 'scvi-onnx[mudata]'"
+        ) from e
+    import anndata
+    import h5py
+    from anndata.experimental import read_elem_lazy
+    from anndata.io import read_elem
+
+    try:
+        f = h5py.File(path, "r")
+        mods = {}
+        for name, g in f["mod"].items():
+            obs, var = read_elem(g["obs"]), read_elem(g["var"])
+            shape = (chunk, var.shape[0])
+            x = None  # absent, or written as an encoded null (a modality of layers only)
+            if "X" in g and g["X"].attrs.get("encoding-type") != "null":
+                x = read_elem_lazy(g["X"], chunks=shape)
+            layers = {k: read_elem_lazy(v, chunks=shape) for k, v in g.get("layers", {}).items()}
+            mods[name] = anndata.AnnData(X=x, obs=obs, var=var, layers=layers)
+        own = read_elem(f["obs"]) if "obs" in f else None
+    except Exception as e:
+        raise CLIError(
+            f"cannot read {path} as an .h5mu file: {e}; pass a MuData file written by mudata "
+            "(MuData.write)"
+        ) from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mdata = mudata.MuData(mods)
+    if own is not None:  # the MuData's own columns (modality columns are prefixed)
+        own = own.reindex(mdata.obs_names)
+        for col in own.columns:
+            if col not in mdata.obs.columns:
+                mdata.obs[col] = own[col].to_numpy()
+    return mdata
 
 
 def _chunk_rows(args: argparse.Namespace) -> int:

@@ -907,3 +907,43 @@ def test_totalvi_setup_mudata_errors_as_in_memory(client, totalvi_mudata, cite):
         m.obs["batch"] = cite.obs["batch"].reindex(m.obs_names).to_numpy()
     err = _same_error(model.get_elbo, *fewer)
     assert "not the MuData's" in str(err)
+
+
+def test_totalvi_setup_mudata_h5mu_cli(client, totalvi_mudata, cite, tmp_path, capsys):
+    """The CLI with --scheduler on an .h5mu file: its modalities read lazily (the RNA matrix
+    in --chunk-size rows), the MuData's own batch column from the file; the latent and the
+    per-cell reconstruction terms equal the in-memory MuData's. A setup_anndata model refuses
+    the .h5mu with what to pass instead."""
+    model = totalvi_mudata
+    counts = cite.obsm[PROT]
+    mem = _mudata(cite, cite.X, counts.to_numpy())
+    src = tmp_path / "cite.h5mu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mem.write(src)
+    bundle = str(model.path)
+    out = tmp_path / "z.zarr"
+    rc = main(
+        ["latent", bundle, str(src), "-o", str(out), "--seed", "5", "--chunk-size", "64"]
+        + ["--scheduler", client.scheduler.address, "--no-progress"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    z = ad.read_zarr(out)
+    assert list(z.obs_names) == list(cite.obs_names)
+    _eq(z.obsm["X_scVI"], model.get_latent_representation(mem))
+    out = tmp_path / "rec.zarr"
+    rc = main(
+        ["reconstruction-error", bundle, str(src), "--per-cell", str(out), "--seed", "5"]
+        + ["--chunk-size", "64", "--scheduler", client.scheduler.address, "--no-progress"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    got = ad.read_zarr(out).obs
+    for k, v in model.get_reconstruction_error(mem, return_mean=False, seed=5).items():
+        _eq(got[k].to_numpy(), v)
+    capsys.readouterr()
+    rc = main(
+        ["latent", str(SHIPPED_BUNDLE.parent / "pbmc_totalvi"), str(src), "-o"]
+        + [str(tmp_path / "no.zarr"), "--scheduler", client.scheduler.address, "--no-progress"]
+    )
+    assert rc == 2
+    assert "set up with setup_anndata" in capsys.readouterr().err

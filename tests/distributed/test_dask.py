@@ -790,21 +790,27 @@ def test_totalvi_mudata_and_soma_refused(client, totalvi, cite, tmp_path, capsys
 # --------------------------------------------------------------------------------------------
 # TOTALVI set up with setup_mudata: the MuData's modalities gathered on the client
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def totalvi_mudata(tmp_path_factory):
+def _mudata_bundle(folder, rna_layer=None):
     """The shipped TOTALVI with the registry TOTALVI.setup_mudata writes (RNA in modality
-    "rna", proteins in layer "counts" of modality "prot", the batch column in the MuData's own
-    obs; tests/parity exports a trained setup_mudata model and checks it against scvi-tools)."""
+    "rna", in X or ``rna_layer``, proteins in layer "counts" of modality "prot", the batch
+    column in the MuData's own obs; tests/parity exports a trained setup_mudata model and
+    checks it against scvi-tools)."""
     import json
     import shutil
 
-    bundle = tmp_path_factory.mktemp("mudata") / "bundle"
+    bundle = folder / "bundle"
     shutil.copytree(SHIPPED_BUNDLE.parent / "pbmc_totalvi", bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["registry"]["proteins"].update(attr_name="layers", attr_key="counts")
     manifest["registry"]["modalities"] = {"X": "rna", "proteins": "prot", "batch": None}
+    manifest["registry"]["layer"] = rna_layer
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     return scvi_onnx.load(bundle, device="cpu", seed=5)
+
+
+@pytest.fixture(scope="module")
+def totalvi_mudata(tmp_path_factory):
+    return _mudata_bundle(tmp_path_factory.mktemp("mudata"))
 
 
 def _mudata(cells, rna_x, prot_counts, prot_names=None):
@@ -947,3 +953,19 @@ def test_totalvi_setup_mudata_h5mu_cli(client, totalvi_mudata, cite, tmp_path, c
     )
     assert rc == 2
     assert "set up with setup_anndata" in capsys.readouterr().err
+
+
+def test_totalvi_setup_mudata_rna_layer(client, cite, tmp_path):
+    """The RNA counts registered in a layer of their modality (``rna_layer``), a Dask array
+    there, X holding something else: the layer is read, as in memory."""
+    model = _mudata_bundle(tmp_path, rna_layer="raw")
+    counts = cite.obsm[PROT].to_numpy()
+    mem = _mudata(cite, np.zeros(cite.shape, dtype=np.float32), counts)
+    lazy = _mudata(cite, np.zeros(cite.shape, dtype=np.float32), counts)
+    mem.mod["rna"].layers["raw"] = cite.X.toarray()
+    lazy.mod["rna"].layers["raw"] = _dask_x(cite).X
+    kw = {"return_mean": False, "batch_size": BS}
+    want = model.get_elbo(mem, **kw)
+    _eq(model.get_elbo(lazy, **kw).compute(), want)
+    totalvi = scvi_onnx.load(SHIPPED_BUNDLE.parent / "pbmc_totalvi", device="cpu", seed=5)
+    _eq(want, totalvi.get_elbo(cite, **kw))

@@ -73,14 +73,20 @@ def is_dask_anndata(adata: Any, layer: str | None = None) -> bool:
     return adata is not None and is_dask_array(_registered_matrix(adata, layer))
 
 
-def _is_dask_mudata(data: Any) -> bool:
-    """A MuData holding a Dask array in a modality's ``X`` or layers: sent to the Dask methods
-    (which run a ``setup_mudata`` model on it and refuse it, with the reason, for others; the
-    in-memory path would read it on the client)."""
+def _is_dask_mudata(data: Any, registry: Any) -> bool:
+    """A MuData that runs on Dask: for a model set up with ``setup_mudata``, one whose RNA
+    modality's registered matrix is a Dask array (as for an AnnData; other Dask arrays, e.g.
+    the proteins, are read in memory); for any other model, one holding a Dask array in any
+    modality, which the Dask methods refuse with the reason (the in-memory path would read it
+    on the client)."""
     from ..data.mudata import is_mudata
 
     if not is_mudata(data):
         return False
+    mods = getattr(registry, "modalities", None)
+    if mods is not None:
+        rna = data.mod[mods["X"]] if mods.get("X") in data.mod else None
+        return rna is not None and is_dask_anndata(rna, registry.layer)
     for mod in data.mod.values():
         layers = getattr(mod, "layers", None) or {}
         if is_dask_array(getattr(mod, "X", None)) or any(
@@ -110,7 +116,7 @@ def dask_dispatch(method: Callable) -> Callable:
         if data is None:
             data = self.adata
         layer = given.get("layer") or self.manifest.registry.layer
-        if not (is_dask_anndata(data, layer) or _is_dask_mudata(data)):
+        if not (is_dask_anndata(data, layer) or _is_dask_mudata(data, self.manifest.registry)):
             return method(self, *args, **kwargs)
         from ..errors import InvalidArgumentError
         from . import methods

@@ -346,7 +346,8 @@ def plan(
     matrix = _registered_matrix(adata, layer)
     if not is_dask_array(matrix):
         # no such layer, no X, or not a Dask array: the in-memory checks say what is wrong
-        AnnDataSource(adata, model.manifest, **source_options)
+        given = None if gathered is None else gathered.proteins
+        AnnDataSource(adata, model.manifest, **source_options, proteins=given)
         raise InvalidArgumentError(
             f"the registered matrix is a {type(matrix).__name__}, not a Dask array: call the "
             "model's method for in-memory or backed data"

@@ -859,6 +859,12 @@ def test_totalvi_setup_mudata_bit_identical(client, totalvi_mudata, cite):
     ll = model.get_marginal_ll(lazy, return_mean=False, **kw_ll)
     _eq(ll.compute(), model.get_marginal_ll(mem, return_mean=False, **kw_ll))
     assert model.get_marginal_ll(lazy, **kw_ll) == model.get_marginal_ll(mem, **kw_ll)
+    # the RNA in memory and only the proteins a Dask array: an in-memory run, as for an AnnData
+    # whose X is in memory (the Dask path splits the cells by the RNA matrix's chunks)
+    dask_prot = da.from_array(counts[order].to_numpy(), chunks=(64, 10))
+    mixed = model.get_elbo(_mudata(cite, cite.X.toarray(), dask_prot, order), **kw)
+    assert isinstance(mixed, np.ndarray)
+    _eq(mixed, e0)
     # the weights are the shipped setup_anndata model's: the same numbers from its AnnData
     totalvi = scvi_onnx.load(SHIPPED_BUNDLE.parent / "pbmc_totalvi", device="cpu", seed=5)
     _eq(e0, totalvi.get_elbo(cite, **kw))

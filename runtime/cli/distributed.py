@@ -51,8 +51,8 @@ def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
         metavar="ADDRESS|local:N",
         help="run on Dask: the address of a running dask-scheduler (e.g. tcp://host:8786), or "
         "local:N for a LocalCluster of N worker processes. The input may then be .h5ad, an "
-        "AnnData .zarr or a TileDB-SOMA experiment; outputs are written to a .zarr store by "
-        "the workers, chunk by chunk",
+        "AnnData .zarr, a TileDB-SOMA experiment or (setup_mudata models) .h5mu; outputs are "
+        "written to a .zarr store by the workers, chunk by chunk",
     )
     g.add_argument(
         "--chunk-size",
@@ -81,6 +81,23 @@ def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
         metavar="COLUMN",
         help="SOMA input: the var column of the gene names the model knows (default: var_id; "
         "the Census's: feature_id or feature_name)",
+    )
+    g.add_argument(
+        "--soma-protein-measurement",
+        metavar="NAME",
+        help="SOMA input for a TOTALVI: the measurement holding the protein (antibody) counts, "
+        "e.g. ADT; its layer is --soma-protein-layer, its names --soma-protein-var-names",
+    )
+    g.add_argument(
+        "--soma-protein-layer",
+        metavar="NAME",
+        help="SOMA input: the X layer of the protein counts (default: --soma-layer)",
+    )
+    g.add_argument(
+        "--soma-protein-var-names",
+        default="var_id",
+        metavar="COLUMN",
+        help="SOMA input: the var column of the protein names the model knows (default: var_id)",
     )
     local = parser.get_default("func")
     parser.set_defaults(func=_choose(local))
@@ -176,21 +193,19 @@ def open_input(args: argparse.Namespace, model) -> Any:
     if kind == "h5mu":
         return lazy_mudata(args.input, model, chunk)
     if kind == "soma":
-        from ..distributed.soma import read_soma
+        from ..data.mudata import ModelInput
+        from ..distributed.soma import read_soma, read_soma_proteins
 
         field = model.manifest.registry.proteins
-        if field is not None:
+        if field is not None and not args.soma_protein_measurement:
             raise CLIError(
                 f"{args.bundle} holds a {model.manifest.model_class} model, which reads protein "
                 "counts besides the genes; in a SOMA experiment they live in another "
-                "measurement, which the SOMA input does not read yet: write the cells to .h5ad "
-                f"or .zarr with the proteins in obsm[{field.attr_key!r}], or build the AnnData "
-                "in Python (scvi_onnx.distributed.read_soma, then the proteins as a Dask array "
-                f"in obsm[{field.attr_key!r}])"
+                "measurement: pass --soma-protein-measurement NAME (e.g. ADT; and "
+                "--soma-protein-layer, --soma-protein-var-names where they differ)"
             )
-
         keys = [k for k, _ in model.manifest.registry.obs_columns()]
-        return read_soma(
+        rna = read_soma(
             args.input,
             measurement=args.soma_measurement,
             layer=args.soma_layer,
@@ -198,6 +213,16 @@ def open_input(args: argparse.Namespace, model) -> Any:
             obs_columns=keys,
             chunk_size=chunk,
         )
+        if field is None:
+            return rna
+        proteins = read_soma_proteins(
+            args.input,
+            measurement=args.soma_protein_measurement,
+            layer=args.soma_protein_layer or args.soma_layer,
+            var_names=args.soma_protein_var_names,
+            chunk_size=chunk,
+        )
+        return ModelInput(rna, proteins)
     from anndata.experimental import read_elem_lazy, read_lazy
 
     try:
@@ -476,7 +501,14 @@ def _with_obs(adata, model, assignments: list[tuple[str, str]]):
     import anndata
     import pandas as pd
 
+    from ..data.mudata import ModelInput, is_mudata
     from .commands import _set_obs
+
+    if isinstance(adata, ModelInput):  # a SOMA experiment's RNA and proteins
+        return ModelInput(_with_obs(adata.adata, model, assignments), adata.proteins)
+    if is_mudata(adata):  # in memory: the MuData's own obs, as the in-memory command sets it
+        _set_obs(model, adata, assignments)
+        return adata
 
     def in_memory(frame, names):
         out = frame.to_memory() if hasattr(frame, "to_memory") else frame.copy()

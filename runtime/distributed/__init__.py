@@ -27,7 +27,15 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["WORKER_CONFIG", "dask_dispatch", "is_dask_anndata", "is_dask_array", "read_soma"]
+__all__ = [
+    "WORKER_CONFIG",
+    "ModelInput",
+    "dask_dispatch",
+    "is_dask_anndata",
+    "is_dask_array",
+    "read_soma",
+    "read_soma_proteins",
+]
 
 #: Dask config for the clusters that run scvi-onnx: ``with dask.config.set(WORKER_CONFIG):
 #: cluster = LocalCluster(...)`` (or ``MALLOC_MMAP_THRESHOLD_=33554432
@@ -96,6 +104,14 @@ def _is_dask_mudata(data: Any, registry: Any) -> bool:
     return False
 
 
+def _is_dask_gathered(data: Any, layer: str | None) -> bool:
+    """A :class:`~scvi_onnx.data.mudata.ModelInput` whose AnnData's registered matrix is a
+    Dask array (e.g. a SOMA experiment's RNA and protein measurements)."""
+    from ..data.mudata import ModelInput
+
+    return isinstance(data, ModelInput) and is_dask_anndata(data.adata, layer)
+
+
 def dask_dispatch(method: Callable) -> Callable:
     """Run a public method on Dask when its AnnData's registered matrix is a Dask array.
 
@@ -116,7 +132,11 @@ def dask_dispatch(method: Callable) -> Callable:
         if data is None:
             data = self.adata
         layer = given.get("layer") or self.manifest.registry.layer
-        if not (is_dask_anndata(data, layer) or _is_dask_mudata(data, self.manifest.registry)):
+        if not (
+            is_dask_anndata(data, layer)
+            or _is_dask_mudata(data, self.manifest.registry)
+            or _is_dask_gathered(data, layer)
+        ):
             return method(self, *args, **kwargs)
         from ..errors import InvalidArgumentError
         from . import methods
@@ -136,8 +156,12 @@ def dask_dispatch(method: Callable) -> Callable:
 
 
 def __getattr__(name: str):
-    if name == "read_soma":
-        from .soma import read_soma
+    if name in ("read_soma", "read_soma_proteins"):
+        from . import soma
 
-        return read_soma
+        return getattr(soma, name)
+    if name == "ModelInput":
+        from ..data.mudata import ModelInput
+
+        return ModelInput
     raise AttributeError(f"module 'scvi_onnx.distributed' has no attribute {name!r}")

@@ -217,8 +217,8 @@ def run_chunk(
     else:
         adata = anndata.AnnData(obs=obs, var=var, layers={job.layer: block}, obsm=obsm, uns=uns)
     data: Any = adata
-    if model.manifest.registry.modalities is not None:
-        # a model set up with setup_mudata: its modalities, gathered on the client
+    if modality_proteins is not None or model.manifest.registry.modalities is not None:
+        # gathered on the client (a MuData's modalities, a SOMA experiment's measurements)
         data = ModelInput(adata, modality_proteins)
     scoring = SCORING[job.method]
     needs = module.needs if scoring else module.needs.for_latent()

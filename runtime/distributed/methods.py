@@ -425,15 +425,18 @@ def plan(
 
 
 def _gather(model, data: Any) -> tuple[Any, Any]:
-    """The AnnData the Dask path reads, and for a model set up with ``setup_mudata`` what it
-    reads gathered from the MuData's modalities (a :class:`~scvi_onnx.data.mudata.ModelInput`,
-    else ``None``): the in-memory gathering, checks and errors (a missing modality, layer or
+    """The AnnData the Dask path reads, and what it reads gathered (a
+    :class:`~scvi_onnx.data.mudata.ModelInput`: given as one, or, for a model set up with
+    ``setup_mudata``, from the MuData's modalities; else ``None``): the in-memory gathering,
+    checks and errors (a missing modality, layer or
     column, modalities of other cells, an AnnData given instead), reading nothing of the
     Dask arrays. A MuData for a model set up with ``setup_anndata`` is refused with what to
     pass instead."""
     from ..data.mudata import is_mudata, split_input
 
     reg = model.manifest.registry
+    if isinstance(data, ModelInput):  # gathered by the caller (e.g. a SOMA experiment's two)
+        return data.adata, data
     if reg.modalities is not None:
         gathered = ModelInput(*split_input(data, reg))
         return gathered.adata, gathered

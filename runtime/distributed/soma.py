@@ -3,7 +3,11 @@
 :func:`read_soma` reads the experiment's obs (the columns asked for) and var names on the
 client, and makes its X layer a Dask array of scipy CSR row chunks: each chunk's task opens
 the experiment where it runs and reads its cells' rows with ``tiledbsoma``. The result runs
-through the methods like any Dask-backed AnnData. Needs the ``soma`` extra (``tiledbsoma``).
+through the methods like any Dask-backed AnnData. A TOTALVI's protein counts live in another
+measurement of the experiment (CITE-seq's antibody counts, e.g. ``"ADT"``):
+:func:`read_soma_proteins` reads them the same way, and
+``ModelInput(read_soma(...), read_soma_proteins(...))`` is the methods' input. Needs the
+``soma`` extra (``tiledbsoma``).
 """
 
 from __future__ import annotations
@@ -139,6 +143,36 @@ def read_soma(
     X_dask = da.concatenate(parts, axis=0)
     var_index = pd.Index(var[var_names].astype(str).to_numpy())
     return anndata.AnnData(X=X_dask, obs=frame, var=pd.DataFrame(index=var_index))
+
+
+def read_soma_proteins(
+    uri: str,
+    *,
+    measurement: str = "ADT",
+    layer: str = "data",
+    var_names: str = "var_id",
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
+) -> Any:
+    """A SOMA experiment's protein counts (CITE-seq antibodies) for a TOTALVI model.
+
+    The measurement's X layer as a Dask array of the experiment's cells in ``soma_joinid``
+    order and ``chunk_size`` rows (as :func:`read_soma` reads the RNA), named by its
+    ``var_names`` column: a :class:`~scvi_onnx.data.proteins.ProteinInput`, matched to the
+    model's proteins by name as an ``obsm`` DataFrame would be. Pass
+    ``ModelInput(read_soma(uri, ...), read_soma_proteins(uri, ...))`` to the methods (the same
+    ``chunk_size`` for both).
+    """
+    from ..data.proteins import ProteinInput
+
+    adt = read_soma(
+        uri,
+        measurement=measurement,
+        layer=layer,
+        obs_columns=[],
+        var_names=var_names,
+        chunk_size=chunk_size,
+    )
+    return ProteinInput(adt.X, adt.var_names, f"measurement {measurement!r} of {uri}")
 
 
 def _read_rows(

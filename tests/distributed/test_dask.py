@@ -761,10 +761,9 @@ def test_totalvi_lazy_h5ad_and_cli(client, totalvi, cite, tmp_path, capsys):
     _eq(ad.read_zarr(out).obsm["X_scVI"], totalvi.get_latent_representation(cite))
 
 
-def test_totalvi_mudata_and_soma_refused(client, totalvi, cite, tmp_path, capsys):
-    """A MuData for a model set up with setup_anndata, and a SOMA experiment for the CLI (its
-    proteins would be in another measurement): refused with the reason and what to pass
-    instead."""
+def test_totalvi_mudata_refused(client, totalvi, cite):
+    """A MuData for a model set up with setup_anndata: refused with the reason and what to
+    pass instead."""
     md = require("mudata")
     prot = ad.AnnData(cite.obsm[PROT].to_numpy(), obs=cite.obs[[]].copy())
     with warnings.catch_warnings():
@@ -773,18 +772,58 @@ def test_totalvi_mudata_and_soma_refused(client, totalvi, cite, tmp_path, capsys
     with pytest.raises(scvi_onnx.InputDataError, match="setup_anndata.*not setup_mudata") as e:
         totalvi.get_latent_representation(mdata)
     assert f"obsm['{PROT}']" in str(e.value)
+
+
+def test_totalvi_soma_protein_measurement(client, totalvi, cite, tmp_path, capsys):
+    """A TileDB-SOMA experiment with the RNA in one measurement and the antibody counts in
+    another ("ADT", its proteins in another order, plus one the model does not know): the
+    Python input ModelInput(read_soma(...), read_soma_proteins(...)) and the CLI with
+    --soma-protein-measurement give the in-memory numbers per cell; the CLI without it
+    refuses with what to pass; a protein missing from the measurement is the in-memory
+    error."""
     soma_io = require("tiledbsoma.io")
+    import scipy.sparse as sp
+
+    from scvi_onnx.data.proteins import ProteinInput
+    from scvi_onnx.distributed import ModelInput, read_soma, read_soma_proteins
+
+    counts = cite.obsm[PROT]
+    adt_frame = counts[list(counts.columns[::-1])].copy()
+    adt_frame["not_in_the_model"] = 3.0
     uri = str(tmp_path / "exp")
-    rna = ad.AnnData(X=cite.X, obs=cite.obs, var=cite.var)
+    rna = ad.AnnData(X=cite.X, obs=cite.obs[["batch"]].copy(), var=cite.var[[]].copy())
+    adt = ad.AnnData(
+        X=sp.csr_matrix(adt_frame.to_numpy(np.float32)),
+        obs=cite.obs[["batch"]].copy(),
+        var=pd.DataFrame(index=adt_frame.columns),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         soma_io.from_anndata(uri, rna, measurement_name="RNA")
-    rc = main(
-        ["latent", str(SHIPPED_BUNDLE.parent / "pbmc_totalvi"), uri, "-o", str(tmp_path / "z.zarr")]
-        + ["--scheduler", client.scheduler.address, "--no-progress"]
+        soma_io.from_anndata(uri, adt, measurement_name="ADT", ingest_mode="resume")
+    data = ModelInput(
+        read_soma(uri, obs_columns=["batch"], chunk_size=64),
+        read_soma_proteins(uri, measurement="ADT", chunk_size=64),
     )
-    assert rc == 2
-    assert "another measurement" in capsys.readouterr().err
+    kw = {"return_mean": False, "batch_size": BS}
+    _eq(totalvi.get_elbo(data, **kw).compute(), totalvi.get_elbo(cite, **kw))
+    out = tmp_path / "z.zarr"
+    bundle = str(SHIPPED_BUNDLE.parent / "pbmc_totalvi")
+    cmd = ["latent", bundle, uri, "-o", str(out), "--seed", "5", "--chunk-size", "64"]
+    cmd += ["--scheduler", client.scheduler.address, "--no-progress"]
+    assert main(cmd) == 2
+    assert "--soma-protein-measurement" in capsys.readouterr().err
+    assert main([*cmd, "--soma-protein-measurement", "ADT"]) == 0, capsys.readouterr().err
+    z = ad.read_zarr(out)
+    assert list(z.obs_names) == list(cite.obs_names)
+    _eq(z.obsm["X_scVI"], totalvi.get_latent_representation(cite))
+    # a protein of the model absent from the measurement: the in-memory error
+    p = data.proteins
+    names = np.array(p.names, dtype=object)
+    names[names == "CD4_TotalSeqB"] = "renamed"
+    renamed = ModelInput(data.adata, ProteinInput(p.matrix, pd.Index(names), p.where))
+    with pytest.raises(scvi_onnx.MissingGenesError, match="CD4_TotalSeqB"):
+        totalvi.get_elbo(renamed)
 
 
 # --------------------------------------------------------------------------------------------

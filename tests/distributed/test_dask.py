@@ -991,6 +991,18 @@ def test_totalvi_setup_mudata_h5mu_cli(client, totalvi_mudata, cite, tmp_path, c
     got = ad.read_zarr(out).obs
     for k, v in model.get_reconstruction_error(mem, return_mean=False, seed=5).items():
         _eq(got[k].to_numpy(), v)
+    # --obs sets the MuData's own column, as the in-memory command does
+    out = tmp_path / "z_obs.zarr"
+    rc = main(
+        ["latent", bundle, str(src), "-o", str(out), "--obs", "batch=pbmc_10k"]
+        + ["--chunk-size", "64", "--scheduler", client.scheduler.address, "--no-progress"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    one_batch = _mudata(cite, cite.X, counts.to_numpy())
+    one_batch.obs["batch"] = "pbmc_10k"
+    got = ad.read_zarr(out).obsm["X_scVI"]
+    _eq(got, model.get_latent_representation(one_batch))
+    assert not np.array_equal(got, model.get_latent_representation(mem))
     capsys.readouterr()
     rc = main(
         ["latent", str(SHIPPED_BUNDLE.parent / "pbmc_totalvi"), str(src), "-o"]

@@ -49,10 +49,10 @@ def is_mudata(obj: Any) -> bool:
     return any(c.__name__ == "MuData" for c in type(obj).__mro__) and hasattr(obj, "mod")
 
 
-def split_input(data: Any, registry: Registry) -> tuple[Any, ProteinInput | None]:
+def split_input(data: Any, registry: Registry) -> ModelInput:
     """What a model reads from ``data``: a MuData's modalities as an AnnData and its protein
     counts (:func:`from_mudata`), a :class:`ModelInput` as it is, or ``data`` itself
-    (proteins, if any, from its obsm).
+    (``proteins`` ``None``: read, if any, from its obsm).
 
     Raises
     ------
@@ -60,7 +60,7 @@ def split_input(data: Any, registry: Registry) -> tuple[Any, ProteinInput | None
         ``data`` is not a MuData but the model was set up with ``setup_mudata``.
     """
     if isinstance(data, ModelInput):
-        return data.adata, data.proteins
+        return data
     if is_mudata(data):
         return from_mudata(data, registry)
     if registry.modalities is not None:
@@ -69,7 +69,7 @@ def split_input(data: Any, registry: Registry) -> tuple[Any, ProteinInput | None
             f"this model was set up with setup_mudata: pass a MuData with the modalities "
             f"{mods} it was trained on (got a {type(data).__name__})"
         )
-    return data, None
+    return ModelInput(data, None)
 
 
 def from_mudata(mdata: Any, registry: Registry) -> ModelInput:

@@ -355,7 +355,7 @@ def plan(
     obs = _obs_frame(adata, model, use)
     var = _var_frame(adata, gene_key)
     field = model.manifest.registry.proteins
-    if gathered is not None:  # a modality's counts, gathered from the MuData
+    if gathered is not None:  # gathered beside the AnnData (a MuData's, a SOMA experiment's)
         proteins = None if gathered.proteins is None else modality_proteins(gathered.proteins)
     else:
         proteins = None if field is None else protein_input(adata, field)
@@ -438,7 +438,7 @@ def _gather(model, data: Any) -> tuple[Any, Any]:
     if isinstance(data, ModelInput):  # gathered by the caller (e.g. a SOMA experiment's two)
         return data.adata, data
     if reg.modalities is not None:
-        gathered = ModelInput(*split_input(data, reg))
+        gathered = split_input(data, reg)
         return gathered.adata, gathered
     if is_mudata(data):
         if reg.proteins is not None:

@@ -51,9 +51,10 @@ class ProteinCarry:
         ``(key, names)`` when the input names an array's proteins in ``uns`` (the model's
         ``protein_names_uns_key``): the worker's AnnData gets that ``uns`` entry.
     modality
-        ``(where, names)`` for a MuData modality's counts (``setup_mudata``): the worker hands
-        its rows on as the :class:`~scvi_onnx.data.proteins.ProteinInput` the in-memory run
-        gathers, named by the modality's ``var_names`` (``where`` words its messages).
+        ``(where, names)`` for counts gathered beside the AnnData (a MuData modality's, for
+        ``setup_mudata``; a SOMA experiment's protein measurement): the worker hands its rows
+        on as the :class:`~scvi_onnx.data.proteins.ProteinInput` the in-memory run reads,
+        named by the modality's or measurement's var names (``where`` words its messages).
     """
 
     key: str | None
@@ -161,9 +162,10 @@ def protein_input(adata: Any, field: ProteinField) -> Proteins | None:
 
 
 def modality_proteins(inp: ProteinInput) -> Proteins:
-    """A MuData modality's protein counts, as :func:`~scvi_onnx.data.mudata.from_mudata`
-    gathers them (its X or layer: a Dask array or an in-memory matrix), as the checks and the
-    tasks read them."""
+    """Protein counts gathered beside the AnnData, as the checks and the tasks read them: a
+    MuData modality's (:func:`~scvi_onnx.data.mudata.from_mudata`: its X or layer) or a SOMA
+    measurement's (:func:`~scvi_onnx.distributed.soma.read_soma_proteins`); a Dask array or
+    an in-memory matrix."""
     names = tuple(str(n) for n in inp.names)
     return Proteins(inp=inp, rows=inp.matrix, carry=ProteinCarry(None, modality=(inp.where, names)))
 

@@ -115,6 +115,12 @@ def test_softplus_var_activation_parity(pbmc_small, tmp_path):
     rm, rv = model.get_latent_representation(adata, return_dist=True)
     np.testing.assert_allclose(m, rm, atol=1e-4)
     np.testing.assert_allclose(v, rv, atol=1e-4)
+    # the encoder's Softplus runs padded: the same bits for any batch size
+    assert om.module.encoder.pads_cells
+    m7, v7 = om.get_latent_representation(adata, return_dist=True, batch_size=7)
+    assert np.array_equal(m7, m) and np.array_equal(v7, v)
+    elbo = om.get_elbo(adata, return_mean=False)
+    assert np.array_equal(om.get_elbo(adata, return_mean=False, batch_size=9), elbo)
 
 
 def test_not_a_model_refused(tmp_path):

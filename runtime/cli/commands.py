@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import EXPORT_HINT, PROG, CLIError, one_line, print_json, widened_text
+from .common import EXPORT_HINT, PROG, CLIError, one_line, preview, print_json, widened_text
 from .io import check_output, close, frame, read_h5ad, save_csv, save_npy, write_atomic
 
 LATENT_SUFFIXES = (".h5ad", ".npy", ".csv", ".h5mu")
@@ -62,6 +62,8 @@ def _set_obs(model, adata, assignments: list[tuple[str, str]]) -> None:
     covariates and size factors)."""
     if not assignments:
         return
+    from ..data.mudata import is_mudata, obs_modality
+
     reg = model.manifest.registry
     numeric = set(reg.continuous_covariates) | {reg.size_factor_key}
     registered = {k for k, _ in reg.obs_columns()}
@@ -80,7 +82,15 @@ def _set_obs(model, adata, assignments: list[tuple[str, str]]) -> None:
                 ) from None
         else:
             v = value
-        adata.obs[column] = v
+        if not is_mudata(adata):
+            adata.obs[column] = v
+            continue
+        # a MuData: where setup_mudata registered the column (a modality's obs or its own)
+        for key, what in reg.obs_columns():
+            mod = obs_modality(reg, what)
+            if key != column or (mod is not None and mod not in adata.mod):
+                continue  # a missing modality: from_mudata's error names it
+            (adata.obs if mod is None else adata.mod[mod].obs)[column] = v
 
 
 def _check_not_input(out: Path, args: argparse.Namespace) -> None:
@@ -117,14 +127,41 @@ def _provenance(model, args: argparse.Namespace, command: str) -> dict[str, Any]
 
 
 def _note_overlap(model, adata, args: argparse.Namespace) -> None:
-    """Report zero-filled genes (the data layer refuses below --min-gene-overlap)."""
+    """Report zero-filled genes and proteins (the data layer refuses genes below
+    --min-gene-overlap; a model's proteins are filled by name too, for TOTALVI)."""
     if args.missing_genes != "zero":
         return
-    ov = model.gene_overlap(adata)
+    from ..data.mudata import split_input
+    from ..data.proteins import obsm_proteins
+    from ..errors import ScviOnnxError
+
+    reg = model.manifest.registry
+    try:
+        inp = split_input(adata, reg)
+    except ScviOnnxError:
+        return  # the command's own call raises it, with its message
+    ov = model.gene_overlap(inp.adata)
     if ov["fraction"] >= args.min_gene_overlap and ov["n_found"] < ov["n_model_genes"]:
         sys.stderr.write(
             f"{PROG}: note: {ov['n_found']} of {ov['n_model_genes']} model genes found "
             f"({100 * ov['fraction']:.1f}%); {len(ov['missing'])} filled with zeros\n"
+        )
+    field = reg.proteins
+    if field is None or not field.named:
+        return
+    prot = inp.proteins
+    if prot is None and field.attr_name == "obsm" and field.attr_key in inp.adata.obsm:
+        prot = obsm_proteins(inp.adata, field)
+    names = None if prot is None else prot.names
+    if names is None or isinstance(names, str | bytes):
+        return
+    present = set(map(str, names))
+    missing = [p for p in field.names if p not in present]
+    if missing and len(missing) < field.n_proteins:
+        sys.stderr.write(
+            f"{PROG}: note: {field.n_proteins - len(missing)} of {field.n_proteins} model "
+            f"proteins found; {len(missing)} filled with zeros ({preview(missing, 5)}), "
+            "scored as measured zeros\n"
         )
 
 

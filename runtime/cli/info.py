@@ -188,20 +188,34 @@ def cmd_info(args: argparse.Namespace) -> int:
         n = field.n_categories
         return f"{n} {'category' if n == 1 else 'categories'}: {preview(field.categories)}"
 
+    from ..data.mudata import obs_location
+
+    def obs(what: str, key: str) -> str:  # a MuData model: the modality setup_mudata named
+        return f"{obs_location(reg, what)}[{key!r}]"
+
     batch = (
-        f"obs[{reg.batch.key!r}] ({cats(reg.batch)})"
+        f"{obs('batch_key', reg.batch.key)} ({cats(reg.batch)})"
         if reg.batch.key is not None
         else "none (trained without a batch key)"
     )
     labels = (
-        f"obs[{reg.labels.key!r}] ({cats(reg.labels)})"
+        f"{obs('labels_key', reg.labels.key)} ({cats(reg.labels)})"
         if reg.labels.key is not None
         else "none (trained without a labels key)"
     )
     cat_covs = (
-        "; ".join(f"obs[{f.key!r}] ({cats(f)})" for f in reg.categorical_covariates) or "none"
+        "; ".join(
+            f"{obs('categorical_covariate_keys', f.key)} ({cats(f)})"
+            for f in reg.categorical_covariates
+        )
+        or "none"
     )
-    cont_covs = ", ".join(f"obs[{k!r}]" for k in reg.continuous_covariates) or "none"
+    cont_covs = (
+        ", ".join(obs("continuous_covariate_keys", k) for k in reg.continuous_covariates) or "none"
+    )
+    expression = f"layers[{reg.layer!r}]" if reg.layer else "X"
+    if reg.modalities is not None:
+        expression = f"mdata.mod[{reg.modalities.get('X')!r}].{expression}"
     ver_names = (
         ("scvi-tools", "scvi_tools"),
         ("torch", "torch"),
@@ -218,12 +232,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("genes", f"{man.n_genes} ({preview(man.genes)})"),
         ("n_latent", str(c.get("n_latent"))),
         *described.items(),
-        ("expression from", f"layers[{reg.layer!r}]" if reg.layer else "X"),
+        ("expression from", expression),
         ("batch", batch),
         ("labels", labels),
         ("categorical covariates", cat_covs),
         ("continuous covariates", cont_covs),
-        ("size factor key", f"obs[{reg.size_factor_key!r}]" if reg.size_factor_key else "none"),
+        (
+            "size factor key",
+            obs("size_factor_key", reg.size_factor_key) if reg.size_factor_key else "none",
+        ),
     ]
     if reg.proteins is not None:
         pr = info["proteins"]
@@ -231,7 +248,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if pr["missing_in_some_panels"]:
             lines.append(("protein panels", "some proteins missing in some panels (a mask)"))
     if reg.panel is not None:
-        lines.append(("panel", f"obs[{reg.panel.key!r}] ({cats(reg.panel)})"))
+        lines.append(("panel", f"{obs('panel_key', reg.panel.key)} ({cats(reg.panel)})"))
     if reg.modalities is not None:
         mods = sorted({m for m in reg.modalities.values() if m is not None})
         lines.append(("MuData modalities", ", ".join(mods)))

@@ -129,18 +129,29 @@ class ValueChecker:
             )
 
 
-def dtype_is_numeric(dtype: Any) -> bool:
+def _numpy_dtype(dtype: Any) -> np.dtype | None:
+    """``dtype`` as a numpy dtype; a pandas nullable (``Int64``, ``Float64``, ``boolean``) or
+    sparse dtype as the numpy dtype of its values; ``None`` for anything else."""
     try:
-        dt = np.dtype(dtype)
+        return np.dtype(dtype)
     except TypeError:
+        pass
+    inner = getattr(dtype, "numpy_dtype", None) or getattr(dtype, "subtype", None)
+    if inner is None or inner is dtype:
+        return None
+    return _numpy_dtype(inner)
+
+
+def dtype_is_numeric(dtype: Any) -> bool:
+    dt = _numpy_dtype(dtype)
+    if dt is None:
         return False
     return dt.kind == "b" or np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)
 
 
 def dtype_is_integer(dtype: Any) -> bool:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
+    dt = _numpy_dtype(dtype)
+    if dt is None:
         return False
     return dt.kind == "b" or np.issubdtype(dt, np.integer)
 

@@ -118,6 +118,7 @@ class GeneMatch:
             pass
         else:
             names = pd.Index(np.asarray(names).astype(str))
+        self.what = what
         one = what[:-1]  # "gene", "protein"
         ids = " (symbols vs Ensembl IDs)" if what == "genes" else ""
         if not names.is_unique:
@@ -194,7 +195,16 @@ class GeneMatch:
         self.order_kept = bool(np.all(np.diff(self.model_pos[by_source]) > 0))
 
     def _hint(self, var, model: pd.Index, where: str, lead: str = "") -> str:
-        """Suggest the var columns that name more of the model's genes than ``where`` does."""
+        """Suggest the var columns that name more of the model's genes than ``where`` does
+        (proteins: rename the input's, which have no ``gene_key``)."""
+        if self.what != "genes":
+            if self.n_found == 0:
+                return (
+                    f"{lead}Rename the input's {self.what} to the model's names ({self.what} "
+                    "are matched by name; `model.proteins` and `scvi-onnx info --json BUNDLE` "
+                    "list them)"
+                )
+            return ""
         better = [(c, k) for c, k in _columns_naming(var, model) if k > self.n_found]
         if better:
             cols = ", ".join(f"{c!r} ({k} of {model.size})" for c, k in better[:3])

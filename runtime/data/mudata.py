@@ -33,6 +33,23 @@ _OBS_FIELDS = {
 }
 
 
+def obs_modality(registry: Registry, what: str) -> str | None:
+    """The modality whose ``obs`` holds a registered obs column of kind ``what`` (a kind of
+    :meth:`~scvi_onnx.bundle.Registry.obs_columns`, e.g. ``"batch_key"``); ``None``: the
+    MuData's own ``obs`` (``setup_mudata`` without a modality for it), or, for a model set up
+    with ``setup_anndata``, the AnnData's."""
+    return (registry.modalities or {}).get(_OBS_FIELDS[what])
+
+
+def obs_location(registry: Registry, what: str) -> str:
+    """Where an input holds a registered obs column of kind ``what``, for messages and
+    ``scvi-onnx info``: ``"obs"``, ``"mdata.obs"`` or ``"mdata.mod['rna'].obs"``."""
+    if registry.modalities is None:
+        return "obs"
+    mod = obs_modality(registry, what)
+    return "mdata.obs" if mod is None else f"mdata.mod[{mod!r}].obs"
+
+
 class ModelInput(NamedTuple):
     """What a model reads, already gathered from its input: the AnnData (the expression matrix
     and the registered obs columns) and the protein counts (``None`` without proteins).
@@ -125,6 +142,15 @@ def from_mudata(mdata: Any, registry: Registry) -> ModelInput:
         if m.n_obs != mdata.n_obs or not np.array_equal(
             np.asarray(m.obs_names), np.asarray(mdata.obs_names)
         ):
+            if m.n_obs == mdata.n_obs and pd.Index(m.obs_names).sort_values().equals(
+                pd.Index(mdata.obs_names).sort_values()
+            ):
+                raise InputDataError(
+                    f"modality {name!r} holds the MuData's cells in another order; the model "
+                    "reads every modality row by row for the same cells: put them in the "
+                    f"MuData's order, e.g. mdata.mod[{name!r}] = "
+                    f"mdata.mod[{name!r}][mdata.obs_names].copy()"
+                )
             raise InputDataError(
                 f"modality {name!r} holds {m.n_obs} cells, not the MuData's {mdata.n_obs} in "
                 "the same order; the model reads every modality for the same cells: subset "
@@ -144,10 +170,21 @@ def from_mudata(mdata: Any, registry: Registry) -> ModelInput:
         place = "mdata.obs" if src is None else f"mdata.mod[{mods[field]!r}].obs"
         if key not in frame.columns:
             present = [str(c) for c in frame.columns]
+            elsewhere = [
+                p
+                for p, f in [("mdata.obs", mdata.obs)]
+                + [(f"mdata.mod[{k!r}].obs", mdata.mod[k].obs) for k in names]
+                if p != place and key in f.columns
+            ]
+            hint = (
+                f"; it is in {elsewhere[0]}, but setup_mudata registered it in {place}: "
+                f"copy it there ({place}[{key!r}] = {elsewhere[0]}[{key!r}])"
+                if elsewhere
+                else ". Add the column, with the same name and meaning as in training"
+            )
             raise MissingColumnError(
                 f"{place} has no column {key!r} ({what} registered at training time); "
-                f"present: {preview(present, 10) if present else 'none'}. Add the column, "
-                "with the same name and meaning as in training"
+                f"present: {preview(present, 10) if present else 'none'}{hint}"
             )
         obs[key] = frame[key].values
     layer = registry.layer

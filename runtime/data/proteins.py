@@ -95,7 +95,8 @@ class ProteinReader:
                     "numeric; convert them to raw protein counts"
                 )
             self.integer_input = all(dtype_is_integer(dt) for dt in matrix.dtypes)
-            matrix = matrix.to_numpy(dtype=np.float32)
+            # nullable columns (Int64, Float64): a missing value is NaN, refused as such below
+            matrix = matrix.to_numpy(dtype=np.float32, na_value=np.nan)
         else:
             dtype = getattr(matrix, "dtype", None)
             if dtype is None or not dtype_is_numeric(dtype):
@@ -110,9 +111,20 @@ class ProteinReader:
                 f"{inp.where} has shape {shape}, expected (n_obs, n_proteins) with n_obs = {n_obs}"
             )
         n_model = field.n_proteins
-        if field.named and inp.names is not None:
+        names = inp.names
+        if names is not None and (isinstance(names, (str, bytes)) or np.ndim(names) != 1):
+            raise InputDataError(
+                f"{inp.where}: the protein names are a {type(names).__name__}, not a list of "
+                f"names; store one name per column ({shape[1]}), in the columns' order"
+            )
+        if names is not None and len(names) != shape[1]:
+            raise InputDataError(
+                f"{inp.where} has {shape[1]} columns but {len(names)} protein names; the "
+                "names must list the columns' proteins, one per column, in order"
+            )
+        if field.named and names is not None:
             match = GeneMatch(
-                inp.names,
+                names,
                 field.names,
                 missing_genes=missing_genes,
                 min_gene_overlap=min_gene_overlap,

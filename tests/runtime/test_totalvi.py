@@ -382,3 +382,148 @@ def test_command_line(model, cite, tmp_path, capsys):
     mll = model.get_marginal_ll(cite, n_mc_samples=10, seed=5)
     assert line.startswith("marginal_ll:")
     assert float(line.split()[-1]) == pytest.approx(mll, abs=1e-4)
+
+
+def test_proteins_named_in_uns_must_name_every_column(cite):
+    """An obsm array named by ``protein_names_uns_key``: names that do not list the columns one
+    by one are refused with the counts of both (ONNX Runtime's shape error, an IndexError or a
+    silent pairing of the first names with the first columns, before)."""
+    from scvi_onnx.data.proteins import ProteinInput, ProteinReader, obsm_proteins
+
+    names = ("CD3", "CD4", "CD8", "CD14")
+    field = ProteinField("obsm", "prot", names, True, "prot_names")
+    adata = ad.AnnData(X=np.zeros((5, 2), np.float32))
+    adata.obsm["prot"] = np.arange(20, dtype=np.float32).reshape(5, 4)
+    adata.uns["prot_names"] = list(names[::-1])
+    reader = ProteinReader(obsm_proteins(adata, field), field, 5)
+    np.testing.assert_array_equal(reader.read(np.arange(5))(), adata.obsm["prot"][:, ::-1])
+    for bad, match in [
+        (list(names[:3]), r"4 columns but 3 protein names"),
+        (["EXTRA", *names], r"4 columns but 5 protein names"),
+        ("CD3", r"protein names are a str, not a list"),
+    ]:
+        adata.uns["prot_names"] = bad
+        with pytest.raises(InputDataError, match=match) as err:
+            ProteinReader(obsm_proteins(adata, field), field, 5, missing_genes="zero")
+        assert "uns['prot_names']" in str(err.value)
+    two_d = ProteinInput(adata.obsm["prot"], np.array([list(names)]), "here")
+    with pytest.raises(InputDataError, match="not a list of names"):
+        ProteinReader(two_d, field, 5)
+
+
+def test_proteins_with_nullable_dtypes(model, cite, reference):
+    """pandas' nullable columns (Int64, Float64) are numbers; a missing value (pd.NA) is a
+    NaN, refused as such."""
+    prot = cite.obsm["protein_expression"]
+    same_as_reference(model, with_proteins(cite, prot.astype("Int64")), reference)
+    same_as_reference(model, with_proteins(cite, prot.astype("Float64")), reference)
+    holed = prot.astype("Float64")
+    holed.iloc[4, 1] = pd.NA
+    with pytest.raises(InvalidValuesError, match="NaN"):
+        model.get_elbo(with_proteins(cite, holed))
+
+
+# ------------------------------------------------------------- setup_mudata: obs in a modality
+def _batch_in_modality_bundle(folder):
+    """The shipped TOTALVI with the registry setup_mudata writes when the batch column is in
+    the RNA modality's obs (``modalities={"rna_layer": "rna", "protein_layer": "prot",
+    "batch_key": "rna"}``); a trained export of that kind is checked in tests/parity."""
+    import shutil
+
+    bundle = folder / "bundle"
+    shutil.copytree(TOTALVI_BUNDLE, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["registry"]["proteins"].update(attr_name="X", attr_key=None)
+    manifest["registry"]["modalities"] = {"X": "rna", "proteins": "prot", "batch": "rna"}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return bundle
+
+
+def _cite_mudata(cells, batch_in="rna"):
+    md = require("mudata")
+    import warnings
+
+    rna = ad.AnnData(X=cells.X, obs=cells.obs[[]].copy(), var=cells.var[[]].copy())
+    prot = cells.obsm["protein_expression"]
+    adt = ad.AnnData(X=prot.to_numpy(), obs=cells.obs[[]].copy())
+    adt.var_names = list(prot.columns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mdata = md.MuData({"rna": rna, "prot": adt})
+    target = mdata.obs if batch_in == "mdata" else mdata.mod[batch_in].obs
+    target["batch"] = cells.obs["batch"].to_numpy()
+    return mdata
+
+
+def test_mudata_obs_column_in_a_modality_cli_and_messages(cite, tmp_path, capsys):
+    """--obs sets a column where setup_mudata registered it (here the RNA modality's obs; it
+    was set on the MuData's own obs and ignored: the numbers did not change); the column
+    misplaced gets an error saying where it is and where it belongs; cells of a modality in
+    another order get an error saying how to reorder them; ``info`` names the modality."""
+    md = require("mudata")
+    from scvi_onnx.cli import main
+
+    bundle = _batch_in_modality_bundle(tmp_path)
+    om = scvi_onnx.load(bundle, device="cpu", seed=5)
+    mdata = _cite_mudata(cite)
+    src = tmp_path / "cells.h5mu"
+    mdata.write(src)
+    as_is = om.get_elbo(mdata, return_mean=False)
+    set_to = _cite_mudata(cite)
+    set_to.mod["rna"].obs["batch"] = "pbmc_10k"
+    want = om.get_elbo(set_to, return_mean=False)
+    assert not np.array_equal(want, as_is)
+    for i, (extra, expected) in enumerate([([], as_is), (["--obs", "batch=pbmc_10k"], want)]):
+        out = tmp_path / f"e{i}.npy"
+        assert (
+            main(["elbo", str(bundle), str(src), "--seed", "5", "--per-cell", str(out), *extra])
+            == 0
+        )
+        np.testing.assert_array_equal(np.load(out), expected)
+    # no batch column anywhere: --obs supplies it
+    bare = _cite_mudata(cite)
+    del bare.mod["rna"].obs["batch"]
+    bare.write(tmp_path / "bare.h5mu")
+    out = tmp_path / "b.npy"
+    args = ["elbo", str(bundle), str(tmp_path / "bare.h5mu"), "--seed", "5", "--per-cell", str(out)]
+    assert main([*args, "--obs", "batch=pbmc_10k"]) == 0
+    np.testing.assert_array_equal(np.load(out), want)
+    # the column in the MuData's own obs, not the modality's
+    with pytest.raises(MissingColumnError, match=r"mdata.mod\['rna'\].obs has no column "
+                       r"'batch'.*it is in mdata.obs.*copy it there"):  # fmt: skip
+        om.get_elbo(_cite_mudata(cite, batch_in="mdata"))
+    # a modality holding the same cells in another order
+    swapped = _cite_mudata(cite)
+    order = np.arange(cite.n_obs)[::-1]
+    swapped.mod["prot"] = swapped.mod["prot"][order].copy()
+    with pytest.raises(InputDataError, match=r"'prot' holds the MuData's cells in another "
+                       r"order.*mdata.mod\['prot'\]\[mdata.obs_names\]"):  # fmt: skip
+        om.get_elbo(swapped)
+    swapped.mod["prot"] = swapped.mod["prot"][swapped.obs_names].copy()
+    np.testing.assert_array_equal(om.get_elbo(swapped, return_mean=False), as_is)
+    capsys.readouterr()
+    assert main(["info", str(bundle)]) == 0
+    text = capsys.readouterr().out
+    assert "mdata.mod['rna'].obs['batch']" in text
+    assert "mdata.mod['rna'].X" in text
+    assert md is not None
+
+
+def test_cli_notes_zero_filled_proteins(model, cite, tmp_path, capsys):
+    """--missing-genes zero fills missing proteins by name as it fills genes, and says so
+    (the note named genes only: a protein filled with zeros is scored as a measured 0)."""
+    from scvi_onnx.cli import main
+
+    data = with_proteins(cite, cite.obsm["protein_expression"].drop(columns=["CD4_TotalSeqB"]))
+    path = tmp_path / "q.h5ad"
+    data.write_h5ad(path)
+    capsys.readouterr()
+    args = ["elbo", str(TOTALVI_BUNDLE), str(path), "--seed", "5", "--json"]
+    assert main([*args, "--missing-genes", "zero"]) == 0
+    cap = capsys.readouterr()
+    assert "28 of 29 model proteins found; 1 filled with zeros (CD4_TotalSeqB)" in cap.err
+    assert "model genes found" not in cap.err  # every gene is there
+    want = model.get_elbo(data, missing_genes="zero")
+    assert json.loads(cap.out)["value"] == pytest.approx(want)
+    assert main(args) == 2
+    assert "1 of the model's 29 proteins are missing" in capsys.readouterr().err

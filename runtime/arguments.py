@@ -14,11 +14,21 @@ import numpy as np
 
 from .errors import InvalidArgumentError
 
+#: Seeds torch's ``manual_seed`` accepts: [-2**63, 2**64). The draws use the seed modulo 2**64
+#: (a negative seed ``s`` is ``s + 2**64``, as in torch); beyond that range two seeds would
+#: silently give the same draws, so they are refused.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
 
 def check_seed(seed: Any) -> int:
-    """A seed is any integer (not a bool, float or string); negative seeds are valid."""
+    """A seed is an integer in ``[-2**63, 2**64)`` (not a bool, float or string)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise InvalidArgumentError(f"seed must be an integer, got {seed!r}")
+    if not SEED_MIN <= int(seed) <= SEED_MAX:
+        raise InvalidArgumentError(
+            f"seed must be in [-2**63, 2**64 - 1] (as torch.manual_seed), got {seed}: the draws "
+            "use it modulo 2**64, so a larger seed would repeat a smaller one's draws"
+        )
     return int(seed)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..distributed import dask_dispatch
 from ..errors import InvalidArgumentError
 from .base import OnnxVAEModel, _read
 
@@ -42,6 +43,7 @@ class OnnxPEAKVI(OnnxVAEModel):
             )
         return self.module.region_factors.copy()
 
+    @dask_dispatch  # an AnnData whose matrix is a Dask array runs on Dask
     def get_library_size_factors(
         self,
         adata: Any = None,

@@ -384,6 +384,7 @@ def cmd_metric(args: argparse.Namespace) -> int:
         }
         if args.metric_command == "marginal-ll":
             result["n_mc_samples"] = args.n_mc_samples
+            result["reduction"] = "mean of per-minibatch means"
         if out is not None:
             result["per_cell"] = str(out)
         if args.notes:
@@ -393,7 +394,8 @@ def cmd_metric(args: argparse.Namespace) -> int:
         for key, v in (values or {}).items():
             print(f"{key}: {v:.4f}")
         print(f"{metric}: {value:.4f}")
-    what = f"{metric} (mean {value:.4f})" + (f", per cell in {out}" if out is not None else "")
+    mean = "mean of per-minibatch means" if args.metric_command == "marginal-ll" else "mean"
+    what = f"{metric} ({mean} {value:.4f})" + (f", per cell in {out}" if out is not None else "")
     _summary(args, what, n_cells, started)
     return 0
 

@@ -93,7 +93,16 @@ def _digest_option(parser: Any) -> None:
     )
 
 
-def _data_options(parser: argparse.ArgumentParser) -> None:
+BATCH_SIZE_HELP = "cells per minibatch: memory only, results do not depend on it (default: 128)"
+#: marginal-ll: the printed value is scvi-tools' reduction, which the batch size changes
+MLL_BATCH_SIZE_HELP = (
+    "cells per minibatch (default: 128): each cell's value does not depend on it, but the "
+    "printed value is scvi-tools' mean of per-minibatch means, which does where the last "
+    "minibatch is smaller (--per-cell gives each cell's)"
+)
+
+
+def _data_options(parser: argparse.ArgumentParser, batch_size_help: str = BATCH_SIZE_HELP) -> None:
     g = parser.add_argument_group("model and data options")
     _device_option(g)
     g.add_argument(
@@ -108,7 +117,7 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="cells per minibatch: memory only, results do not depend on it (default: 128)",
+        help=batch_size_help,
     )
     g.add_argument(
         "--missing-genes",
@@ -347,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
             "marginal-ll",
             "importance-sampled marginal log-likelihood",
             "Importance-sampled marginal log-likelihood, as SCVI.get_marginal_ll. The printed "
-            "value is scvi-tools' reduction: the mean over minibatches of per-minibatch means.",
+            "value is scvi-tools' reduction: the mean over minibatches of per-minibatch means "
+            "(it moves with --batch-size where the last minibatch is smaller; the mean of the "
+            "--per-cell values does not).",
         ),
     )
     for name, short, long in metrics:
@@ -379,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="OUT",
             help="also write the per-cell values: .csv (indexed by obs_names) or .npy",
         )
-        _data_options(p)
+        _data_options(p, MLL_BATCH_SIZE_HELP if name == "marginal-ll" else BATCH_SIZE_HELP)
         p.set_defaults(func=commands.cmd_metric, metric_command=name)
         add_scheduler_options(p)
 

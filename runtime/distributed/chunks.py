@@ -34,7 +34,13 @@ from .cache import ModelRef, cached_model
 from .proteins import ProteinCarry
 
 #: Methods a chunk runs, and whether their minibatches carry what the scoring methods need.
-SCORING = {"latent": False, "predict": False, "elbo": True, "marginal_ll": True}
+SCORING = {
+    "latent": False,
+    "predict": False,
+    "depth": False,
+    "elbo": True,
+    "marginal_ll": True,
+}
 
 #: The non-integer counts of the data layer's warning (see data/checks.py), summed over
 #: chunks by the client, which words the one warning of the run as in memory.
@@ -51,7 +57,8 @@ class ChunkJob:
     model
         The bundle to load (:class:`~scvi_onnx.distributed.cache.ModelRef`).
     method
-        ``"latent"``, ``"predict"``, ``"elbo"`` (the ELBO terms) or ``"marginal_ll"``.
+        ``"latent"``, ``"predict"``, ``"depth"`` (PEAKVI's depth factors), ``"elbo"`` (the
+        ELBO terms) or ``"marginal_ll"``.
     options
         The method's arguments, as ``(name, value)`` pairs (seed, give_mean, ...).
     var_names
@@ -286,6 +293,9 @@ def _compute(job, module, engine, mbs, elbo_loop, latent_loop, mll_loop) -> dict
             module, engine, mbs, use_posterior_mean=job.option("use_posterior_mean"), seed=seed
         )
         return {"probs": probs, "codes": probs.argmax(axis=1).astype(np.int64)}
+    if job.method == "depth":
+        tasks = engine.tasks(mbs, module.n_features)
+        return {"depth": np.concatenate(list(engine.pmap(module.depth, tasks))).reshape(-1)}
     if job.method == "elbo":
         terms = elbo_loop.elbo_terms(module, engine, mbs, seed)
         out = {f"rec:{k}": v for k, v in terms.reconstruction.items()}

@@ -809,6 +809,42 @@ def predict_plan(model, adata, indices, batch_size, use_posterior_mean, seed, re
     )
 
 
+def get_library_size_factors(
+    model,
+    adata=None,
+    indices=None,
+    batch_size=None,
+    dataloader=None,
+    *,
+    missing_genes="error",
+    min_gene_overlap=0.8,
+    layer=None,
+    gene_key=None,
+    unseen_as=None,
+    progress_bar=False,
+):
+    """PEAKVI's depth factors as a lazy ``(n_cells,)`` float32 array; see the in-memory
+    method."""
+    from ..errors import InvalidArgumentError
+
+    if not model.config.model_depth:
+        raise InvalidArgumentError(
+            "this model has no depth factors (model_depth=False): its depth is 1 for every cell"
+        )
+    p = plan(
+        model,
+        adata,
+        indices,
+        batch_size,
+        method="depth",
+        options={"seed": model._seed(None)},  # unused: the depth encoder draws nothing
+        read=_read(
+            missing_genes, min_gene_overlap, layer, gene_key, unseen_as, "the depth factors"
+        ),
+    )
+    return p.array(p.results(), "depth", (), np.float32)
+
+
 def label_names(model) -> np.ndarray:
     """The labels as the in-memory ``predict`` types them (``np.array`` of the names)."""
     return np.array(list(model.module.labels))
@@ -821,6 +857,7 @@ def _label_of(codes: np.ndarray, names: np.ndarray) -> np.ndarray:
 __all__ = [
     "get_elbo",
     "get_latent_representation",
+    "get_library_size_factors",
     "get_marginal_ll",
     "get_reconstruction_error",
     "predict",

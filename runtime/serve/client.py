@@ -328,6 +328,8 @@ class RemoteModel:
         # the narrow integer datatypes the server takes for counts (a server from before they
         # were accepted lists none of them: the client then sends FP32, as it did)
         self._count_datatypes = frozenset(params.get("count_datatypes", ("FP32",)))
+        # whether the library warns about non-integer values (servers before 0.3: no)
+        self._count_data = bool(params.get("count_data", False))
         self.adata = adata
         self.seed = check_seed(seed)
         max_cells = int(params.get("max_cells", DEFAULT_CHUNK_CELLS))
@@ -423,6 +425,7 @@ class RemoteModel:
 
         from ..arguments import check_choice, check_fraction
         from ..data import GeneMatch, resolve_indices
+        from ..data.checks import ValueChecker, dtype_is_integer, where_phrase
         from ..data.genes import MISSING_GENES_MODES, gene_names
         from ..data.mudata import split_input
         from ..data.proteins import ProteinReader, obsm_proteins
@@ -470,7 +473,18 @@ class RemoteModel:
                     f"{unseen_as!r}"
                 )
             params = {**params, "unseen_as": {str(k): str(v) for k, v in unseen_as.items()}}
-        reader = MatrixReader(self._expression(data, layer), genes)
+        matrix = self._expression(data, layer)
+        reader = MatrixReader(matrix, genes)
+        # the library's value checks, here, where the cells have their names (the server
+        # checks again, naming cells by their row in a request), and its one warning about
+        # non-integer values, which a server can only log
+        layer_used = self.registry.layer if layer is None else layer
+        checker = ValueChecker(
+            require_positive_library=False,
+            count_data=self._count_data,
+            source="adata.X" if layer_used is None else f"adata.layers[{layer_used!r}]",
+        )
+        integer_x = dtype_is_integer(getattr(matrix, "dtype", None))
         proteins = None
         field = self.registry.proteins
         if field is not None:  # TOTALVI: the protein counts, in the model's order
@@ -480,6 +494,11 @@ class RemoteModel:
                 data.n_obs,
                 missing_genes=missing_genes,
                 min_gene_overlap=min_gene_overlap,
+            )
+        prot_checker = None
+        if proteins is not None:
+            prot_checker = ValueChecker(
+                require_positive_library=False, count_data=self._count_data, source=proteins.where
             )
         order = np.argsort(idx, kind="stable")
         rows_sorted = idx[order]
@@ -495,10 +514,19 @@ class RemoteModel:
             for a, b in _runs(rows_sorted, self.chunk_cells):
                 lo, hi = int(rows_sorted[a]), int(rows_sorted[b - 1]) + 1
                 x, _ = reader.read(np.arange(lo, hi))()
+
+                def names(rows, lo=lo):
+                    return [str(n) for n in data.obs_names[lo + np.asarray(rows)]]
+
+                where = where_phrase(lo, hi - lo, data.n_obs)
+                checker.record(checker.check(x, names, integer_x, where=where))
                 counts = _counts_tensor(x, self._count_datatypes)
                 inputs = [("counts", *counts), *self._obs_tensors(data.obs, lo, hi)]
                 if proteins is not None:
                     p = proteins.read(np.arange(lo, hi))()
+                    prot_checker.record(
+                        prot_checker.check(p, names, proteins.integer_input, where=where)
+                    )
                     inputs.append(("proteins", *_counts_tensor(p, self._count_datatypes)))
                 yield a, b, (inputs, outputs, {**params, "first_key": first_key + lo})
 
@@ -520,6 +548,9 @@ class RemoteModel:
         finally:
             if bar is not None:
                 bar.close()
+        checker.finish()
+        if prot_checker is not None:
+            prot_checker.finish()
         return results, data, idx
 
     def _infer(

@@ -42,8 +42,20 @@ PROTEINS = "proteins"
 PROTEIN_NAMES = "protein_names"
 #: Counts (and TOTALVI's protein counts) in any of these. Integer counts sent as UINT8 or UINT16
 #: (what :func:`scvi_onnx.connect` sends when they fit) are a quarter or half of FP32's bytes and
-#: give the same numbers: the library reads every one of them as float32, exactly.
-COUNT_DATATYPES = ("FP32", "FP64", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "INT16")
+#: give the same numbers: the library reads every one of them as float32, exactly. BOOL: a
+#: binary matrix (PEAKVI's accessibility) as 0 / 1, as the library reads a bool AnnData.
+COUNT_DATATYPES = (
+    "FP32",
+    "FP64",
+    "INT32",
+    "INT64",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "INT16",
+    "INT8",
+    "BOOL",
+)
 OBS_DATATYPES = ("BYTES", "FP32", "FP64", "INT32", "INT64")
 
 
@@ -268,6 +280,8 @@ class ServedModel:
                 for key, what in reg.obs_columns()
             },
             "count_datatypes": list(COUNT_DATATYPES),
+            # the model's likelihood reads counts: non-integer values get the library's warning
+            "count_data": bool(self.model.module.needs.count_data),
             "request_parameters": sorted(PARAMETERS),
             "default_outputs": ["latent"],
             "output_descriptions": {k: v[2] for k, v in self.outputs.items()},

@@ -565,6 +565,16 @@ def test_peakvi_through_dask(client):
     )
     kw = {"n_mc_samples": 20, "return_mean": False, "batch_size": BS}
     _eq(peakvi.get_marginal_ll(lazy, **kw).compute(), peakvi.get_marginal_ll(cells, **kw))
+    # the depth factors too (they crashed in pandas on a lazily read file: not dispatched)
+    depth = peakvi.get_library_size_factors(cells)
+    _eq(peakvi.get_library_size_factors(lazy).compute(), depth)
+    idx = np.array([140, 2, 77])
+    _eq(peakvi.get_library_size_factors(lazy, indices=idx).compute(), depth[idx])
+    from anndata.experimental import read_lazy
+
+    path = ROOT / "models" / "example" / "pbmc_peaks.h5ad"
+    on_disk = peakvi.get_library_size_factors(read_lazy(path)).compute()
+    _eq(on_disk, peakvi.get_library_size_factors(ad.read_h5ad(path)))
 
 
 # ============================================================================================

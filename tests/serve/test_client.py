@@ -199,6 +199,37 @@ def test_typed_errors(remote, query):
         remote.get_elbo(new)  # the decoder has no weights for an unseen batch
 
 
+def test_value_problems_named_and_warned_as_in_memory(remote, shipped, query):
+    """Non-integer values get the library's one NonIntegerCountsWarning (a server can only
+    log it); bad values the library's error, naming the cells by obs_names (the server names
+    them by their row in a request): the messages are the in-memory ones."""
+    import warnings
+
+    from scvi_onnx.errors import InvalidValuesError, NonIntegerCountsWarning
+
+    frac = query[:40].copy()
+    frac.X = frac.X.astype(np.float32) * 1.5
+    said = []
+    for m in (remote, shipped):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m.get_elbo(frac)
+        got = [str(w.message) for w in caught if issubclass(w.category, NonIntegerCountsWarning)]
+        assert len(got) == 1 and "non-integer value(s)" in got[0], got
+        said.append(got[0])
+    assert said[0] == said[1]
+    bad = query[:40].copy()
+    bad.X = bad.X.toarray() if hasattr(bad.X, "toarray") else bad.X.copy()
+    bad.X[37, 5] = -2.0
+    errors = []
+    for m in (remote, shipped):
+        with pytest.raises(InvalidValuesError, match="negative") as e:
+            m.get_elbo(bad)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+    assert str(bad.obs_names[37]) in errors[0]
+
+
 def test_reference_mapping_options(remote, shipped, query):
     """The library's reference-mapping options work remotely as locally: the latent space of
     an unseen batch (this encoder does not take the batch), ``unseen_as`` for the scoring

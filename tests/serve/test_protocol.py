@@ -160,14 +160,19 @@ def test_scvi_outputs_equal_the_library(server, shipped, query, binary):
         np.testing.assert_array_equal(got, value, err_msg=name)
 
 
-@pytest.mark.parametrize("datatype", ["UINT8", "UINT16", "INT16", "UINT32", "INT64"])
+@pytest.mark.parametrize(
+    "datatype", ["UINT8", "UINT16", "INT16", "UINT32", "INT64", "INT8", "BOOL"]
+)
 def test_integer_count_datatypes_give_the_fp32_numbers(server, shipped, query, datatype):
     """Integer counts in any accepted integer datatype (UINT8 / UINT16: a quarter / half of
-    FP32's bytes) give exactly the numbers of the same counts sent as FP32."""
+    FP32's bytes; BOOL: a binary matrix, PEAKVI's) give exactly the numbers of the same counts
+    sent as FP32."""
     c = client(server)
     x = dense(query, shipped.genes)
-    if datatype == "UINT8":  # every count must fit: clip a copy for this datatype
-        x = np.minimum(x, 255)
+    if datatype in ("UINT8", "INT8"):  # every count must fit: clip a copy for this datatype
+        x = np.minimum(x, 255 if datatype == "UINT8" else 127)
+    if datatype == "BOOL":
+        x = (x > 0).astype(np.float32)
     assert np.array_equal(x, np.rint(x))
     outputs = [tc.InferRequestedOutput(n, binary_data=True) for n in ("latent", "elbo")]
     got = {}

@@ -30,6 +30,23 @@ def test_seed_must_be_an_integer(model, query, seed):
         scvi_onnx.load(SHIPPED_BUNDLE, device="cpu", seed=seed)
 
 
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 2**70])
+def test_seed_out_of_range_refused(model, query, seed, capsys):
+    """Seeds are used modulo 2**64: beyond torch's range [-2**63, 2**64) two seeds would give
+    the same draws (2**64 was seed 0), so they are refused, in the API and the CLI."""
+    from scvi_onnx.cli import main
+
+    with pytest.raises(InvalidArgumentError, match=r"seed must be in \[-2\*\*63"):
+        model.get_elbo(query, seed=seed)
+    assert main(["elbo", str(SHIPPED_BUNDLE), "x.h5ad", "--seed", str(seed)]) == 2
+    assert "seed must be in [-2**63" in capsys.readouterr().err
+    # the range's ends are seeds, and a negative seed is itself plus 2**64 (as in torch)
+    sub = query[:20]
+    top = model.get_elbo(sub, seed=2**64 - 1, return_mean=False)
+    np.testing.assert_array_equal(model.get_elbo(sub, seed=-1, return_mean=False), top)
+    assert np.isfinite(model.get_elbo(sub, seed=-(2**63)))
+
+
 def test_seed_none_is_the_models_seed(model, query):
     # seed=None (the default) draws with the model's seed, given explicitly or at load; the
     # comparison with another seed shows the seed reaches the draws at all

@@ -127,6 +127,10 @@ def test_metric_lines_equal_api(capsys, model, query):
     name, value = out.strip().split(": ")
     want = model.get_marginal_ll(query, n_mc_samples=10)
     assert name == "marginal_ll" and float(value) == pytest.approx(want, abs=1e-4)
+    # what the printed value is, said where it moves with --batch-size
+    assert "marginal_ll (mean of per-minibatch means " in err
+    code, out, _ = cli(capsys, "marginal-ll", "--help")
+    assert "mean of per-minibatch means, which does" in " ".join(out.split())
 
 
 @pytest.mark.parametrize(
@@ -154,6 +158,8 @@ def test_metric_json_and_per_cell(capsys, tmp_path, model, query, command, extra
     assert res["provider"] == "CPUExecutionProvider"
     want = api(model, query)
     assert res["value"] == want
+    if command == "marginal-ll":
+        assert res["reduction"] == "mean of per-minibatch means"
 
     # --per-cell: same printed value, per-cell values as the API's return_mean=False
     per_cell = tmp_path / "cells.csv"

@@ -119,8 +119,7 @@ def export_model(
         ``path`` exists and ``overwrite`` is False.
     """
     out = Path(path)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (or --overwrite) to replace it")
+    check_output(out, overwrite, Path(model) if isinstance(model, (str, os.PathLike)) else None)
     if reproduce not in REPRODUCE:
         raise InvalidArgumentError(f"reproduce={reproduce!r}: choose one of {REPRODUCE}")
     atol, rtol = check_tolerance("atol", atol), check_tolerance("rtol", rtol)
@@ -128,6 +127,42 @@ def export_model(
     with torch.random.fork_rng(devices=[]):
         return _export(
             model, out, adata=adata, atol=atol, rtol=rtol, seed=seed, reproduce=reproduce
+        )
+
+
+def check_output(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Refuse, before any work, an output path that exists (without ``overwrite``) or whose
+    replacement would delete what is not a bundle: a file, a folder holding other things
+    than a bundle, the model folder being exported or a folder holding it, the current folder
+    or one above it. ``overwrite`` replaces an existing bundle (or an empty folder) only."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (or --overwrite) to replace it")
+    if not out.is_dir():
+        raise InvalidArgumentError(
+            f"{out} exists and is not a folder; overwrite replaces a bundle folder only: remove "
+            "the file yourself or write the bundle to another path"
+        )
+    target = out.resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise InvalidArgumentError(
+            f"{out} is the current folder or one above it; overwrite would delete it: write the "
+            "bundle to a new folder"
+        )
+    if source is not None:
+        src = source.resolve()
+        if target == src or target in src.parents:
+            raise InvalidArgumentError(
+                f"{out} is (or holds) the model folder being exported, {source}; overwrite "
+                "would delete it: write the bundle to another folder"
+            )
+    if not (out / F.MANIFEST_FILE).is_file() and any(out.iterdir()):
+        raise InvalidArgumentError(
+            f"{out} exists and is not a bundle (no {F.MANIFEST_FILE}); overwrite replaces only "
+            "a bundle folder or an empty one: remove it yourself or write the bundle to "
+            "another path"
         )
 
 
@@ -159,6 +194,8 @@ def _export(model, out: Path, *, adata, atol, rtol, seed, reproduce) -> Path:
     # the runtime must read this config: the same check as at load
     read_config(manifest, entry(spec.model_class).load("module").Config)
 
+    # the folders created for the bundle are removed again if the export fails
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -179,6 +216,11 @@ def _export(model, out: Path, *, adata, atol, rtol, seed, reproduce) -> Path:
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # innermost first; only if still empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
         raise
     logger.info("wrote bundle %s", out)
     return out

@@ -527,19 +527,52 @@ def _init_param_home(saved: SavedModel, name: str) -> dict:
     return init["non_kwargs"]
 
 
-def _restore_protein_mask(model, saved: SavedModel) -> None:
-    """TOTALVI built on a stand-in (all proteins observed) has no protein_batch_mask: the
-    saved registry holds the one it was trained with (unless override_missing_proteins)."""
+def _restore_protein_mask(model, saved: SavedModel, stand_in: bool) -> None:
+    """The protein_batch_mask TOTALVI was trained with, from the saved registry.
+
+    ``TOTALVI.load`` recomputes the mask from the data it is given: a stand-in (every protein
+    observed) gives none, and an AnnData other than the training data (query cells, a subset,
+    one panel) gives another mask or none, which would change every protein likelihood of the
+    exported model. The saved registry holds the trained one (none with
+    ``override_missing_proteins``); it is restored, with a warning where the data's differed.
+    """
     st = saved.registry["field_registries"].get("proteins", {}).get("state_registry") or {}
-    mask = st.get("protein_batch_mask")
+    if "protein_batch_mask" not in st:
+        return  # not recorded by the saving version: as loaded
     override = _init_param_home(saved, "override_missing_proteins").get(
         "override_missing_proteins", False
     )
-    if mask is None or override:
+    mask = None if override else st.get("protein_batch_mask")
+    if mask is not None:
+        items = mask.items() if hasattr(mask, "items") else enumerate(mask)
+        mask = {str(k): np.asarray(v, dtype=bool) for k, v in items}
+    loaded = model.module.protein_batch_mask
+    if _same_mask(loaded, mask):
         return
-    items = mask.items() if hasattr(mask, "items") else enumerate(mask)
-    model.module.protein_batch_mask = {str(k): np.asarray(v, dtype=bool) for k, v in items}
+    model.module.protein_batch_mask = mask
     saved.changes.append("restored protein_batch_mask from the saved registry")
+    if not stand_in:
+        warnings.warn(
+            "the AnnData given to load the model gives another protein panel mask "
+            f"(protein_batch_mask: {_mask_text(loaded)}) than the one the model was trained "
+            f"with ({_mask_text(mask)}, in its saved registry); the bundle keeps the trained "
+            "one. scvi-tools' TOTALVI.load(folder, adata=...) would use the AnnData's",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _same_mask(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    a = {str(k): np.asarray(v, dtype=bool) for k, v in a.items()}
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _mask_text(mask) -> str:
+    if mask is None:
+        return "none"
+    return ", ".join(f"batch {k}: {int(np.sum(v))} proteins" for k, v in mask.items())
 
 
 def _detach(model, adata) -> None:
@@ -695,9 +728,9 @@ def load_saved_model(
                 ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if saved.model_name == "TOTALVI":
+        _restore_protein_mask(model, saved, stand_in)
     if stand_in:
-        if saved.model_name == "TOTALVI":
-            _restore_protein_mask(model, saved)
         _detach(model, adata)
     if saved.scvi_version != "unknown":
         # the version that trained the weights, not the installed one that loaded them (as

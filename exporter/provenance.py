@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from scvi_onnx.bundle import sha256_file
+
 from . import inspect
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,16 @@ def _field(body: str, label: str) -> str | None:
 
 def folder_provenance(folder: Path, scvi_version: str | None = None) -> dict[str, Any]:
     """Provenance of a saved model folder (a model hub folder has the most to say)."""
-    prov: dict[str, Any] = {"source": str(folder)}
+    prov: dict[str, Any] = {"source": str(Path(folder).resolve())}
+    # the saved weights' checksums: which files this bundle was made from
+    weights = sorted(
+        f
+        for pattern in ("*model.pt", "*model_params.pt", "*attr.pkl", "*var_names.csv")
+        for f in Path(folder).glob(pattern)
+        if f.is_file()
+    )
+    if weights:
+        prov["source_sha256"] = {f.name: sha256_file(f) for f in weights}
     if scvi_version:
         prov["trained_with"] = f"scvi-tools {scvi_version}"
     meta_file = folder / HUB_METADATA_FILE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,11 @@ onnx = require("onnx")
 
 import scvi_onnx  # noqa: E402
 from scvi_onnx import bundle as B  # noqa: E402
-from scvi_onnx.errors import ExportValidationError, UnsupportedModelError  # noqa: E402
+from scvi_onnx.errors import (  # noqa: E402
+    ExportValidationError,
+    InvalidArgumentError,
+    UnsupportedModelError,
+)
 from scvi_onnx.exporter import export_model  # noqa: E402
 from scvi_onnx.exporter.graphs import layers as _graphs  # noqa: E402
 from scvi_onnx.exporter.parity import QUIET_TRAINING  # noqa: E402
@@ -100,6 +105,50 @@ def test_validation_failure_is_an_error(small, tmp_path, monkeypatch):
         export_model(model, tmp_path / "b")
     assert not (tmp_path / "b").exists()
     assert list(tmp_path.iterdir()) == []  # no temporary leftovers
+    # nor the folders made for a bundle in a new place
+    with pytest.raises(ExportValidationError):
+        export_model(model, tmp_path / "new" / "deeper" / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_only_a_bundle(small, tmp_path, monkeypatch, capsys):
+    """overwrite deletes the old bundle: it refuses, before any work, paths whose deletion
+    would lose what is not a bundle (the model folder, a folder holding it, the current
+    folder, a file, a folder of other things). They were deleted."""
+    from scvi_onnx.cli import main
+
+    model, _ = small
+    src = tmp_path / "work" / "model"
+    src.mkdir(parents=True)
+    (src / "model.pt").write_bytes(b"weights")
+    (tmp_path / "work" / "notes.txt").write_text("keep")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.h5ad").write_text("keep")
+    a_file = tmp_path / "file.onnx"
+    a_file.write_text("keep")
+    monkeypatch.chdir(tmp_path / "work")
+    for out, why in [
+        (src, "holds\\) the model folder"),
+        (tmp_path / "work", "current folder"),
+        (Path("."), "current folder"),
+        (tmp_path, "current folder or one above"),
+        (other, "not a bundle"),
+        (a_file, "not a folder"),
+    ]:
+        with pytest.raises(InvalidArgumentError, match=why):
+            export_model(src, out, overwrite=True)
+    assert main(["export", str(src), str(src), "--overwrite"]) == 2
+    assert "the model folder being exported" in capsys.readouterr().err
+    assert (src / "model.pt").read_bytes() == b"weights"
+    assert (tmp_path / "work" / "notes.txt").read_text() == "keep"
+    assert (other / "data.h5ad").read_text() == "keep" and a_file.read_text() == "keep"
+    # an in-memory model into a folder of other things: refused too; an empty folder is fine
+    with pytest.raises(InvalidArgumentError, match="not a bundle"):
+        export_model(model, other, overwrite=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert scvi_onnx.load(export_model(model, empty, overwrite=True), device="cpu")
 
 
 def test_unsupported_activation_refused(pbmc_small, tmp_path):

@@ -16,6 +16,7 @@ torch = require("torch")
 scvi = require("scvi")
 
 import scvi_onnx  # noqa: E402
+from scvi_onnx import bundle as B  # noqa: E402
 from scvi_onnx.cli import main  # noqa: E402
 from scvi_onnx.exporter import export_model  # noqa: E402
 
@@ -126,6 +127,11 @@ def test_plain_folder_and_in_memory_model_record_their_source(tmp_path):
         "scvi-tools "
     )
     assert "model_card" not in prov
+    # where it came from, whatever folder `info` runs in, and which weights exactly
+    assert prov["source"] == str((MODELS / "pbmc_scvi_torch").resolve())
+    assert prov["source_sha256"] == {
+        "model.pt": B.sha256_file(MODELS / "pbmc_scvi_torch" / "model.pt")
+    }
 
 
 def test_malformed_model_card_header_is_kept_as_text(hub_folder, tmp_path):

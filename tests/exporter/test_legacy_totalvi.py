@@ -172,6 +172,28 @@ def test_model_pt_variants(variant, saved, cite_data, tmp_path):
     _compare(bundle, _reference(saved, cite_data, exp=exp, zero_efficiency=zero), cite_data)
 
 
+def test_mask_of_the_trained_model_whatever_the_adata(saved, cite_data, tmp_path):
+    """An AnnData given at export whose proteins are all observed (query cells, another
+    panel): TOTALVI.load computes no mask from it, which would change every protein
+    likelihood of pbmc_10k's cells. The bundle keeps the trained mask (saved registry), with
+    a warning, and gives the trained model's numbers."""
+    other = cite_data.copy()
+    prot = other.obsm["protein_expression"].copy()
+    prot[prot == 0] = 1.0  # nothing missing anywhere: no mask from these cells
+    other.obsm["protein_expression"] = prot
+    with pytest.warns(UserWarning, match="another protein panel mask.*keeps the trained one"):
+        bundle = export_model(saved, tmp_path / "b", adata=other)
+    om = scvi_onnx.load(bundle, device="cpu")
+    assert om.config.protein_batch_mask
+    stand_in = scvi_onnx.load(export_model(saved, tmp_path / "s"), device="cpu")
+    np.testing.assert_array_equal(om.module._mask, stand_in.module._mask)
+    _compare(bundle, _reference(saved, cite_data), cite_data)
+    # the training data itself: the same mask, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        export_model(saved, tmp_path / "t", adata=cite_data.copy())
+
+
 def test_without_efficiency_scvi_tools_own_load_fails(saved, cite_data, tmp_path):
     content = _load_pt(saved)
     as_without_efficiency(content)

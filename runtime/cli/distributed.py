@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -169,6 +170,9 @@ def connect(spec: str) -> Iterator[Any]:
                 processes=True,
                 host="127.0.0.1",
                 dashboard_address=None,
+                # the workers' own logs (a task's traceback, a worker killed at Ctrl-C) are
+                # not the command's: its errors are the one line the client raises
+                silence_logs=logging.CRITICAL,
             )
         try:
             with Client(cluster) as client:
@@ -312,15 +316,51 @@ def _chunk_rows(args: argparse.Namespace) -> int:
     return max(bs, int(round(args.chunk_size / bs)) * bs)
 
 
-def _check_store(path: str, what: str, overwrite: bool) -> Path:
+def _check_store(path: str, what: str, overwrite: bool, source: str) -> Path:
+    """The output store, refused before any work where writing it would lose data: the
+    input itself (or a folder holding it, or inside it), or, with ``--overwrite``, anything
+    but an AnnData store or an empty folder (``overwrite`` replaces the whole folder)."""
     p = Path(path)
     if p.suffix.lower() != ".zarr":
         raise CLIError(f"with --scheduler, {what} must be a .zarr store, got {p}")
-    if p.exists() and not overwrite:
-        raise CLIError(f"output {p} exists; pass --overwrite to replace it")
+    target = p.resolve()
+    src = Path(source).resolve() if "://" not in source else None
+    if src is not None and (target == src or target in src.parents or src in target.parents):
+        raise CLIError(
+            f"{what} {p} is the input {source} (or holds it, or is inside it); the input is "
+            "read while the output is written: write the results to another store"
+        )
+    if p.exists() or p.is_symlink():
+        if not overwrite:
+            raise CLIError(f"output {p} exists; pass --overwrite to replace it")
+        here = Path.cwd().resolve()
+        if target == here or target in here.parents:
+            raise CLIError(f"{what} {p} is the current folder or one above it; not replaced")
+        if not _replaceable_store(p):
+            raise CLIError(
+                f"output {p} exists and is not an AnnData store; --overwrite replaces only an "
+                "AnnData .zarr store (or an empty folder): remove it yourself or write to "
+                "another path"
+            )
     if not p.parent.is_dir():
         raise CLIError(f"output folder {p.parent} does not exist")
     return p
+
+
+def _replaceable_store(p: Path) -> bool:
+    """Whether ``p`` is an empty folder or an AnnData zarr store (what --overwrite may
+    replace: the results of an earlier run)."""
+    if not p.is_dir():
+        return False
+    if not any(p.iterdir()):
+        return True
+    try:
+        import zarr
+
+        attrs = dict(zarr.open_group(str(p), mode="r").attrs)
+    except Exception:  # not a zarr group (zarr raises several types)
+        return False
+    return attrs.get("encoding-type") == "anndata"
 
 
 class Store:
@@ -422,9 +462,13 @@ def cmd_dask(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     command = args.command
     if command in ("latent", "predict"):
-        out = _check_store(args.output, "-o/--output", args.overwrite)
+        out = _check_store(args.output, "-o/--output", args.overwrite, args.input)
     else:
-        out = _check_store(args.per_cell, "--per-cell", args.overwrite) if args.per_cell else None
+        out = (
+            _check_store(args.per_cell, "--per-cell", args.overwrite, args.input)
+            if args.per_cell
+            else None
+        )
     if command in ("latent", "predict"):
         if not args.key or "/" in args.key:
             raise CLIError(f"--key must be a non-empty name without '/', got {args.key!r}")

@@ -501,6 +501,26 @@ def test_cli_zarr_input_and_failure_leaves_nothing(client, model, mem, tmp_path,
     # a folder input without --scheduler is refused with the hint
     assert main(["elbo", str(SHIPPED_BUNDLE), str(good)]) == 2
     assert "--scheduler" in capsys.readouterr().err
+    # --overwrite replaces an earlier run's store only: not the input (it replaced the
+    # counts with the results), not a folder of other things (rmtree'd), before any work
+    run = ["elbo", str(SHIPPED_BUNDLE), str(good), "--seed", "3"]
+    run += ["--scheduler", address, "--no-progress", "--overwrite", "--per-cell"]
+    for target, why in [
+        (good, "is the input"),
+        (tmp_path / "good.zarr" / "sub.zarr", "is the input"),
+    ]:
+        assert main([*run, str(target)]) == 2
+        assert why in capsys.readouterr().err
+    other = tmp_path / "other.zarr"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep")
+    assert main([*run, str(other)]) == 2
+    assert "not an AnnData store" in capsys.readouterr().err
+    assert (other / "keep.txt").read_text() == "keep"
+    _eq(ad.read_zarr(good).X.toarray() if hasattr(ad.read_zarr(good).X, "toarray")
+        else ad.read_zarr(good).X, mem.X.toarray())  # fmt: skip
+    assert main([*run, str(out)]) == 0  # an earlier run's store: replaced
+    _eq(ad.read_zarr(out).obs["elbo"].to_numpy(), model.get_elbo(mem, return_mean=False))
 
 
 def test_import_loads_no_dask():

@@ -328,7 +328,8 @@ class RemoteModel:
         # the narrow integer datatypes the server takes for counts (a server from before they
         # were accepted lists none of them: the client then sends FP32, as it did)
         self._count_datatypes = frozenset(params.get("count_datatypes", ("FP32",)))
-        # whether the library warns about non-integer values (servers before 0.3: no)
+        # whether the library warns about non-integer values (a server that does not say:
+        # no warning, as before)
         self._count_data = bool(params.get("count_data", False))
         self.adata = adata
         self.seed = check_seed(seed)

@@ -99,27 +99,30 @@ class Graph:
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run on the graph's inputs taken from ``feeds``; outputs by name."""
         inputs = {n: feeds[n] for n in self.inputs}
+        n, extra = self._padding(inputs)
+        if extra:
+            for k, a in self._pad_axes[0].items():
+                widths = [(0, 0)] * np.ndim(inputs[k])
+                widths[a] = (0, extra)
+                inputs[k] = np.pad(inputs[k], widths, mode="edge")
+        out = self.session.run(None, inputs)
+        if extra:
+            out = [
+                np.ascontiguousarray(o[(slice(None),) * a + (slice(0, n),)])
+                for o, a in zip(out, self._pad_axes[2], strict=True)
+            ]
+        return dict(zip(self.outputs, out, strict=True))
+
+    def _padding(self, inputs: Mapping[str, Any]) -> tuple[int, int]:
+        """``(cells, cells to add)`` for a run on ``inputs`` (0 added: run as given)."""
         if self._pad_axes is None:
-            out = self.session.run(None, inputs)
-            return dict(zip(self.outputs, out, strict=True))
-        cells, samples, out_axes = self._pad_axes
+            return 0, 0
+        cells, samples, _ = self._pad_axes
         n = next(np.shape(inputs[k])[a] for k, a in cells.items())
         # rows per cell: the samples axis, where an input has one (the decoder's z)
         s = max((np.shape(inputs[k])[a] for k, a in samples.items()), default=1)
         step = ROW_MULTIPLE // math.gcd(int(s), ROW_MULTIPLE)
-        extra = -n % step
-        if extra == 0 or n == 0:
-            out = self.session.run(None, inputs)
-            return dict(zip(self.outputs, out, strict=True))
-        for k, a in cells.items():
-            widths = [(0, 0)] * np.ndim(inputs[k])
-            widths[a] = (0, extra)
-            inputs[k] = np.pad(inputs[k], widths, mode="edge")
-        out = self.session.run(None, inputs)
-        return {
-            name: np.ascontiguousarray(o[(slice(None),) * a + (slice(0, n),)])
-            for name, o, a in zip(self.outputs, out, out_axes, strict=True)
-        }
+        return n, (-n % step if n else 0)
 
     def to_device(self, array: np.ndarray) -> Any:
         """``array`` as an ``OrtValue`` on the session's device (sent once, bound many times)."""

@@ -135,34 +135,23 @@ def check_output(out: Path, overwrite: bool, source: Path | None = None) -> None
     replacement would delete what is not a bundle: a file, a folder holding other things
     than a bundle, the model folder being exported or a folder holding it, the current folder
     or one above it. ``overwrite`` replaces an existing bundle (or an empty folder) only."""
+    from scvi_onnx.cli.io import replacement_refusal
+
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (or --overwrite) to replace it")
-    if not out.is_dir():
+    why = replacement_refusal(
+        out,
+        lambda p: (p / F.MANIFEST_FILE).is_file(),
+        f"a bundle (no {F.MANIFEST_FILE})",
+        source,
+        "the model folder being exported",
+    )
+    if why is not None:
         raise InvalidArgumentError(
-            f"{out} exists and is not a folder; overwrite replaces a bundle folder only: remove "
-            "the file yourself or write the bundle to another path"
-        )
-    target = out.resolve()
-    here = Path.cwd().resolve()
-    if target == here or target in here.parents:
-        raise InvalidArgumentError(
-            f"{out} is the current folder or one above it; overwrite would delete it: write the "
-            "bundle to a new folder"
-        )
-    if source is not None:
-        src = source.resolve()
-        if target == src or target in src.parents:
-            raise InvalidArgumentError(
-                f"{out} is (or holds) the model folder being exported, {source}; overwrite "
-                "would delete it: write the bundle to another folder"
-            )
-    if not (out / F.MANIFEST_FILE).is_file() and any(out.iterdir()):
-        raise InvalidArgumentError(
-            f"{out} exists and is not a bundle (no {F.MANIFEST_FILE}); overwrite replaces only "
-            "a bundle folder or an empty one: remove it yourself or write the bundle to "
-            "another path"
+            f"{out} exists and {why}: overwrite replaces only a bundle folder or an empty one, "
+            "and would delete it: remove it yourself or write the bundle to another path"
         )
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .common import PROG, CLIError, print_json
+from .io import replacement_refusal
 
 #: Rows per chunk by default (a multiple of the default minibatch of 128 cells).
 DEFAULT_CHUNK_ROWS = 8192
@@ -333,13 +334,11 @@ def _check_store(path: str, what: str, overwrite: bool, source: str) -> Path:
     if p.exists() or p.is_symlink():
         if not overwrite:
             raise CLIError(f"output {p} exists; pass --overwrite to replace it")
-        here = Path.cwd().resolve()
-        if target == here or target in here.parents:
-            raise CLIError(f"{what} {p} is the current folder or one above it; not replaced")
-        if not _replaceable_store(p):
+        why = replacement_refusal(p, _anndata_store, "an AnnData store")
+        if why is not None:
             raise CLIError(
-                f"output {p} exists and is not an AnnData store; --overwrite replaces only an "
-                "AnnData .zarr store (or an empty folder): remove it yourself or write to "
+                f"output {p} exists and {why}: --overwrite replaces only an AnnData .zarr "
+                "store (an earlier run's) or an empty folder: remove it yourself or write to "
                 "another path"
             )
     if not p.parent.is_dir():
@@ -347,13 +346,8 @@ def _check_store(path: str, what: str, overwrite: bool, source: str) -> Path:
     return p
 
 
-def _replaceable_store(p: Path) -> bool:
-    """Whether ``p`` is an empty folder or an AnnData zarr store (what --overwrite may
-    replace: the results of an earlier run)."""
-    if not p.is_dir():
-        return False
-    if not any(p.iterdir()):
-        return True
+def _anndata_store(p: Path) -> bool:
+    """Whether the folder ``p`` is an AnnData zarr store (an earlier run's results)."""
     try:
         import zarr
 

@@ -100,6 +100,32 @@ def check_output(path: str, suffixes: tuple[str, ...], what: str, *, overwrite: 
     return p
 
 
+def replacement_refusal(
+    out: Path,
+    replaceable: Callable[[Path], bool],
+    kind: str,
+    source: Path | None = None,
+    source_is: str = "the input",
+) -> str | None:
+    """Why replacing the existing folder ``out`` (``--overwrite``: removed, then written
+    again) would lose what is not an earlier output, or ``None`` where it may be replaced: a
+    file, the current folder or one above it, ``source`` (``source_is``) or a folder holding
+    it, or a non-empty folder that ``replaceable`` does not recognise as ``kind``."""
+    if not out.is_dir():
+        return "it is not a folder"
+    target = out.resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        return "it is the current folder or one above it"
+    if source is not None:
+        src = source.resolve()
+        if target == src or target in src.parents:
+            return f"it is (or holds) {source_is}, {source}"
+    if any(out.iterdir()) and not replaceable(out):
+        return f"it is not {kind}"
+    return None
+
+
 def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

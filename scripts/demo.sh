@@ -20,7 +20,11 @@ scvi-onnx info models/pbmc_peakvi
 scvi-onnx verify models/pbmc_peakvi --device auto
 scvi-onnx latent models/pbmc_peakvi models/example/pbmc_peaks.h5ad -o out/pbmc_peaks_latent.h5ad --key X_PeakVI --overwrite
 scvi-onnx elbo models/pbmc_peakvi models/example/pbmc_peaks.h5ad
+scvi-onnx reconstruction-error models/pbmc_peakvi models/example/pbmc_peaks.h5ad
 scvi-onnx marginal-ll models/pbmc_peakvi models/example/pbmc_peaks.h5ad --n-mc-samples 1000
+scvi-onnx info models/pbmc_totalvi
 scvi-onnx verify models/pbmc_totalvi --device auto
 scvi-onnx latent models/pbmc_totalvi models/example/pbmc_cite.h5ad -o out/pbmc_cite_latent.h5ad --key X_totalVI --overwrite
+scvi-onnx elbo models/pbmc_totalvi models/example/pbmc_cite.h5ad
 scvi-onnx reconstruction-error models/pbmc_totalvi models/example/pbmc_cite.h5ad
+scvi-onnx marginal-ll models/pbmc_totalvi models/example/pbmc_cite.h5ad --n-mc-samples 1000

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -93,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         args.notes = notes
         try:
             return int(args.func(args))
+        except BrokenPipeError:
+            # the reader of stdout left (`scvi-onnx info --json | head`): no error line; stdout
+            # pointed at devnull so Python's flush at exit does not fail again (Python's docs)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
         except (ScviOnnxError, *_USER_ERRORS) as e:
             if args.debug:
                 raise

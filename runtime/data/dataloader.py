@@ -131,12 +131,15 @@ def normalize_dataloader(
     manifest: Manifest,
     *,
     needs: DataNeeds = NO_NEEDS,
+    missing_labels_code: int | None = None,
 ) -> Iterator[Minibatch]:
     """Normalize a user-given iterable of minibatch dicts (scvi-tools ``REGISTRY_KEYS`` names).
 
     Values may be numpy arrays, lists, or anything with ``__array__`` (e.g. CPU torch tensors).
     ``X`` must have ``manifest.n_genes`` columns in the model's gene order. ``batch`` and
-    ``labels`` may be left out when the model did not register them (they default to 0);
+    ``labels`` may be left out when the model did not register them (they default to 0), or,
+    with ``missing_labels_code`` (SCANVI: its unlabeled category), as an AnnData without a
+    labels column (every cell unlabeled);
     covariates and size factors the model registered are required. Cells are named
     ``"cell i"`` (their running position) in error messages, and their key (``cells``) is
     that running position.
@@ -162,10 +165,12 @@ def normalize_dataloader(
         raise InvalidArgumentError(
             f"dataloader must be an iterable of minibatch dicts, got {type(dataloader).__name__}"
         ) from e
-    return _normalize_iter(it, manifest, needs)
+    return _normalize_iter(it, manifest, needs, missing_labels_code)
 
 
-def _normalize_iter(it: Iterator[Any], manifest: Manifest, needs: DataNeeds) -> Iterator[Minibatch]:
+def _normalize_iter(
+    it: Iterator[Any], manifest: Manifest, needs: DataNeeds, missing_labels_code: int | None
+) -> Iterator[Minibatch]:
     reg = manifest.registry
     n_genes = manifest.n_genes
     checker = ValueChecker(
@@ -226,6 +231,8 @@ def _normalize_iter(it: Iterator[Any], manifest: Manifest, needs: DataNeeds) -> 
                 out[key] = _integer_codes(arr, key, (f,), i, first)
             elif f.key is None:
                 out[key] = np.zeros((n, 1), dtype=np.int64)
+            elif key == LABELS_KEY and missing_labels_code is not None:
+                out[key] = np.full((n, 1), int(missing_labels_code), dtype=np.int64)
             else:
                 raise MissingColumnError(
                     f"minibatch {i} has no {key!r} entry, but the model was trained with "

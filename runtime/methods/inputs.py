@@ -56,7 +56,9 @@ def minibatches(
                 f"first_key={first_key!r} applies to adata; a dataloader's cells are keyed by "
                 "their running position from 0"
             )
-        it = normalize_dataloader(dataloader, manifest, needs=needs)
+        it = normalize_dataloader(
+            dataloader, manifest, needs=needs, missing_labels_code=missing_labels_code
+        )
         total = None
     else:
         if adata is None:

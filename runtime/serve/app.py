@@ -31,6 +31,7 @@ import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from starlette.applications import Starlette
@@ -74,6 +75,14 @@ class _Refusal(Exception):
         super().__init__(message)
         self.status = status
         self.headers = headers or {}
+
+
+def _status_name(status: int) -> str:
+    """An HTTP status as an error class name for the audit log (404: ``NotFound``)."""
+    try:
+        return HTTPStatus(status).phrase.title().replace(" ", "").replace("-", "")
+    except ValueError:
+        return f"HTTP{status}"
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -571,6 +580,8 @@ class _Guard:
                 rec.status = CLIENT_CLOSED
             if rec.status == 404 and rec.route == "unknown":
                 rec.route = "not_found"
+            if rec.status >= 400 and rec.error is None:  # a refusal without an error type
+                rec.error = _status_name(rec.status)
             self.server.metrics.observe(rec)
             self.server._gauges_changed()  # and the counters
             if self.server.audit is not None and path not in HEALTH_PATHS:

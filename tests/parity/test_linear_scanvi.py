@@ -261,3 +261,21 @@ def test_scanvi_query_without_labels_column(trained):
         om.get_marginal_ll(bare[:40], n_mc_samples=5, return_mean=False),
         om.get_marginal_ll(adata[:40], n_mc_samples=5, return_mean=False),
     )
+    # a dataloader's minibatches without a "labels" entry, the same (they were refused)
+    reg = om.manifest.registry
+    x = adata[:, list(om.genes)].X
+    x = np.asarray(x.todense() if hasattr(x, "todense") else x, dtype=np.float32)
+    codes = {}
+    for field, key in ((reg.batch, "batch"), *((f, None) for f in reg.categorical_covariates)):
+        if field.key is not None and key is not None:
+            cats = list(field.categories)
+            codes[key] = np.array([cats.index(v) for v in adata.obs[field.key]])[:, None]
+    if reg.categorical_covariates or reg.continuous_covariates or reg.size_factor_key:
+        return  # the dataloader would need those too: the AnnData checks above suffice
+    loader = [{"X": x[i : i + 64], **{k: v[i : i + 64] for k, v in codes.items()}}
+              for i in range(0, len(x), 64)]  # fmt: skip
+    np.testing.assert_array_equal(
+        om.get_elbo(dataloader=loader, return_mean=False), om.get_elbo(adata, return_mean=False)
+    )
+    soft = om.predict(dataloader=loader, soft=True)
+    np.testing.assert_array_equal(soft.to_numpy(), om.predict(adata, soft=True).to_numpy())

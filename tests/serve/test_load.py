@@ -277,10 +277,15 @@ def test_audit_log_records_requests_never_data(server, query, cells, shipped):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("GET", "/v2/health/live")  # health checks are not audited
     conn.getresponse().read()
+    auth = {"Authorization": f"Bearer {server.token}"}
+    conn.request("GET", "/v2/models/no_such_model", headers=auth)
+    conn.getresponse().read()  # an unknown model: 404, its error named too (it was null)
     conn.close()
     lines = server.audit.read_text().splitlines()
     new = [json.loads(line) for line in lines[len(before) :]]
-    assert [r["status"] for r in new] == [200, 400, 401]
+    assert [r["status"] for r in new] == [200, 400, 401, 404]
+    assert new[3]["error"] == "NotFound"
+    new = new[:3]
     keys = {
         "time", "request_id", "client", "method", "route", "model", "version",
         "outputs", "n_cells", "status", "error", "duration_ms", "worker",

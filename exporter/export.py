@@ -184,7 +184,11 @@ def _export(model, out: Path, *, adata, atol, rtol, seed, reproduce) -> Path:
     read_config(manifest, entry(spec.model_class).load("module").Config)
 
     # the folders created for the bundle are removed again if the export fails
-    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    made: list[Path] = []  # innermost first, as mkdir(parents=True) makes them ("new/../b")
+    for p in (out.parent, *out.parent.parents):
+        q = Path(os.path.abspath(p))
+        if not q.exists() and q not in made:
+            made.append(q)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -205,11 +209,11 @@ def _export(model, out: Path, *, adata, atol, rtol, seed, reproduce) -> Path:
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for p in made:  # innermost first; only if still empty
+        for p in made:  # only if still empty
             try:
                 p.rmdir()
             except OSError:
-                break
+                continue
         raise
     logger.info("wrote bundle %s", out)
     return out

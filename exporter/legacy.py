@@ -537,8 +537,9 @@ def _restore_protein_mask(model, saved: SavedModel, stand_in: bool) -> None:
     ``override_missing_proteins``); it is restored, with a warning where the data's differed.
     """
     st = saved.registry["field_registries"].get("proteins", {}).get("state_registry") or {}
-    if "protein_batch_mask" not in st:
-        return  # not recorded by the saving version: as loaded
+    # scvi-tools' ProteinObsmField writes the key only where some protein is missing in some
+    # batch: no key is no mask (a query AnnData with a protein all zero in one batch would
+    # otherwise give the bundle a mask the model never had)
     override = _init_param_home(saved, "override_missing_proteins").get(
         "override_missing_proteins", False
     )

@@ -61,7 +61,9 @@ def _field(body: str, label: str) -> str | None:
 
 def folder_provenance(folder: Path, scvi_version: str | None = None) -> dict[str, Any]:
     """Provenance of a saved model folder (a model hub folder has the most to say)."""
-    prov: dict[str, Any] = {"source": str(Path(folder).resolve())}
+    # the folder as given (an absolute path would make the manifest, and the bundle's digest,
+    # depend on where the export ran); its weights' checksums say which model it was
+    prov: dict[str, Any] = {"source": str(folder)}
     # the saved weights' checksums: which files this bundle was made from
     weights = sorted(
         f

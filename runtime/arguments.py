@@ -15,8 +15,8 @@ import numpy as np
 from .errors import InvalidArgumentError
 
 #: Seeds torch's ``manual_seed`` accepts: [-2**63, 2**64). The draws use the seed modulo 2**64
-#: (a negative seed ``s`` is ``s + 2**64``, as in torch); beyond that range two seeds would
-#: silently give the same draws, so they are refused.
+#: (a negative seed ``s`` is ``s + 2**64``, as in torch: -1 and 2**64 - 1 are one seed); a seed
+#: outside that range would repeat the draws of one inside it, so it is refused.
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
 
 
@@ -27,7 +27,8 @@ def check_seed(seed: Any) -> int:
     if not SEED_MIN <= int(seed) <= SEED_MAX:
         raise InvalidArgumentError(
             f"seed must be in [-2**63, 2**64 - 1] (as torch.manual_seed), got {seed}: the draws "
-            "use it modulo 2**64, so a larger seed would repeat a smaller one's draws"
+            "use it modulo 2**64, so a seed outside that range would repeat the draws of one "
+            "inside it"
         )
     return int(seed)
 

@@ -111,6 +111,8 @@ def replacement_refusal(
     again) would lose what is not an earlier output, or ``None`` where it may be replaced: a
     file, the current folder or one above it, ``source`` (``source_is``) or a folder holding
     it, or a non-empty folder that ``replaceable`` does not recognise as ``kind``."""
+    if out.is_symlink():
+        return "it is a symbolic link"
     if not out.is_dir():
         return "it is not a folder"
     target = out.resolve()

@@ -519,7 +519,8 @@ class RemoteModel:
                 def names(rows, lo=lo):
                     return [str(n) for n in data.obs_names[lo + np.asarray(rows)]]
 
-                where = where_phrase(lo, hi - lo, data.n_obs)
+                # as the library words it: positions in the selection, in the order read
+                where = where_phrase(a, b - a, idx.size)
                 checker.record(checker.check(x, names, integer_x, where=where))
                 counts = _counts_tensor(x, self._count_datatypes)
                 inputs = [("counts", *counts), *self._obs_tensors(data.obs, lo, hi)]

@@ -119,7 +119,11 @@ class Graph:
             return 0, 0
         cells, samples, _ = self._pad_axes
         n = next(np.shape(inputs[k])[a] for k, a in cells.items())
-        # rows per cell: the samples axis, where an input has one (the decoder's z)
+        # rows per cell: the samples axis, where an input has one (the decoder's z). This
+        # assumes the operators act on tensors carrying that axis (S x n' rows); true of every
+        # graph the exporter writes (their Softplus / Log act on decoder outputs broadcast over
+        # the samples: checked per shipped model by tests/runtime/test_graph_rows.py). A graph
+        # applying one to a per-cell tensor alone would need n' a multiple of 16 itself.
         s = max((np.shape(inputs[k])[a] for k, a in samples.items()), default=1)
         step = ROW_MULTIPLE // math.gcd(int(s), ROW_MULTIPLE)
         return n, (-n % step if n else 0)

@@ -20,7 +20,9 @@ from pathlib import Path
 #: A graph holding one is run with its cells padded (see ``Graph``); ``Exp``, ``Sigmoid``,
 #: ``Tanh``, ``Softmax``, ``Erf``, ``Gelu`` (ONNX Runtime's own vectorised kernels) do not
 #: depend on the position.
-POSITION_DEPENDENT_OPS = frozenset({"Log", "Softplus", "Elu", "Selu", "Celu", "Mish"})
+POSITION_DEPENDENT_OPS = frozenset(
+    {"Log", "Softplus", "Elu", "Selu", "Celu", "Mish", "Sin", "Cos", "Atan"}
+)
 
 # protobuf wire types
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5

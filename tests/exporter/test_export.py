@@ -109,6 +109,9 @@ def test_validation_failure_is_an_error(small, tmp_path, monkeypatch):
     with pytest.raises(ExportValidationError):
         export_model(model, tmp_path / "new" / "deeper" / "b")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ExportValidationError):  # "new/../b" made new, and removes it
+        export_model(model, tmp_path / "new" / ".." / "b")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_overwrite_replaces_only_a_bundle(small, tmp_path, monkeypatch, capsys):
@@ -149,6 +152,12 @@ def test_overwrite_replaces_only_a_bundle(small, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert scvi_onnx.load(export_model(model, empty, overwrite=True), device="cpu")
+    # a symbolic link (to a bundle): refused before any work (rmtree refused it at the end)
+    link = tmp_path / "link"
+    link.symlink_to(empty)
+    with pytest.raises(InvalidArgumentError, match="symbolic link"):
+        export_model(model, link, overwrite=True)
+    assert (empty / "manifest.json").is_file()
 
 
 def test_unsupported_activation_refused(pbmc_small, tmp_path):

@@ -194,6 +194,27 @@ def test_mask_of_the_trained_model_whatever_the_adata(saved, cite_data, tmp_path
         export_model(saved, tmp_path / "t", adata=cite_data.copy())
 
 
+def test_no_mask_stays_no_mask_whatever_the_adata(cite_data, tmp_path):
+    """A TOTALVI trained with every protein observed in every batch has no mask (its registry
+    has no protein_batch_mask key); query cells with a protein all zero in one batch would
+    give TOTALVI.load a mask the model never had: the export keeps none, with a warning."""
+    full = cite_data.copy()
+    prot = full.obsm["protein_expression"].copy()
+    prot[prot == 0] = 1.0
+    full.obsm["protein_expression"] = prot
+    model = _train(full.copy())
+    assert model.module.protein_batch_mask is None
+    folder = tmp_path / "orig"
+    model.save(str(folder), save_anndata=False)
+    query = full.copy()
+    q = query.obsm["protein_expression"].copy()
+    q.loc[(query.obs["batch"] == "pbmc_10k").to_numpy(), q.columns[0]] = 0.0
+    query.obsm["protein_expression"] = q
+    with pytest.warns(UserWarning, match=r"another protein panel mask \(protein_batch_mask: batch"):
+        bundle = export_model(folder, tmp_path / "b", adata=query)
+    assert not scvi_onnx.load(bundle, device="cpu").config.protein_batch_mask
+
+
 def test_without_efficiency_scvi_tools_own_load_fails(saved, cite_data, tmp_path):
     content = _load_pt(saved)
     as_without_efficiency(content)

@@ -23,7 +23,7 @@ PEAKS_H5AD = MODELS / "example" / "pbmc_peaks.h5ad"
 CANDIDATES = (
     "Exp", "Log", "Sqrt", "Reciprocal", "Sigmoid", "Tanh", "Softplus", "Relu", "LeakyRelu",
     "Elu", "Selu", "Celu", "Gelu", "Mish", "Softmax", "LogSoftmax", "Erf", "HardSigmoid",
-    "Softsign", "Abs", "Neg",
+    "Softsign", "Abs", "Neg", "Sin", "Cos", "Atan",
 )  # fmt: skip
 
 

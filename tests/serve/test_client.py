@@ -221,13 +221,15 @@ def test_value_problems_named_and_warned_as_in_memory(remote, shipped, query):
     bad = query[:40].copy()
     bad.X = bad.X.toarray() if hasattr(bad.X, "toarray") else bad.X.copy()
     bad.X[37, 5] = -2.0
-    errors = []
-    for m in (remote, shipped):
-        with pytest.raises(InvalidValuesError, match="negative") as e:
-            m.get_elbo(bad)
-        errors.append(str(e.value))
-    assert errors[0] == errors[1]
-    assert str(bad.obs_names[37]) in errors[0]
+    for kw in ({}, {"indices": np.arange(30, 40)}):  # where: positions in the selection
+        errors = []
+        for m in (remote, shipped):
+            with pytest.raises(InvalidValuesError, match="negative") as e:
+                m.get_elbo(bad, **kw)
+            errors.append(str(e.value))
+        assert errors[0] == errors[1]
+        assert str(bad.obs_names[37]) in errors[0]
+    assert "(of all 10 cells)" in errors[0]
 
 
 def test_reference_mapping_options(remote, shipped, query):

@@ -33,10 +33,21 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
+#: The largest ``first_key``: cell keys are int64 row numbers (first_key + row); beyond this
+#: the key of a cell of any real input would not fit (numpy's OverflowError, a server's 500).
+FIRST_KEY_MAX = (1 << 62) - 1
+
+
 def check_first_key(value: Any) -> int:
-    """A cell key offset: an integer >= 0 (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 0:
-        raise InvalidArgumentError(f"first_key must be an integer >= 0, got {value!r}")
+    """A cell key offset: an integer in ``[0, 2**62)`` (not a bool)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or not 0 <= int(value) <= FIRST_KEY_MAX
+    ):
+        raise InvalidArgumentError(
+            f"first_key must be an integer in [0, 2**62 - 1] (a cell key), got {value!r}"
+        )
     return int(value)
 
 

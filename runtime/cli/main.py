@@ -29,8 +29,14 @@ from .parser import build_parser
 
 
 class _Formatter(logging.Formatter):
+    """One line per record; a record carrying an exception (a server's internal error) adds
+    its traceback below it: the only place an operator can read it."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return f"{PROG}: {record.levelname.lower()}: {one_line(record.getMessage())}"
+        line = f"{PROG}: {record.levelname.lower()}: {one_line(record.getMessage())}"
+        if record.exc_info and record.exc_info[0] is not None:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 class _Notes(logging.Handler):

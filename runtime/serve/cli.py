@@ -50,6 +50,11 @@ def split_digest(text: str) -> tuple[str, str | None]:
     path, at, tail = text.rpartition("@")
     if at and _DIGEST.fullmatch(tail):
         return path, tail
+    if at and tail.lower().startswith("sha256:"):  # meant as a pin, but not a whole digest
+        raise CLIError(
+            f"{text}: a pinned digest is sha256: and 64 hex digits (got {len(tail) - 7} "
+            f"characters); `scvi-onnx info {path}` prints the bundle's digest"
+        )
     return text, None
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..arguments import check_first_key, check_seed
 from ..errors import InvalidArgumentError, ScviOnnxError
 from .protocol import InferRequest, ProtocolError, RequestedOutput, encode_response
 
@@ -421,7 +422,8 @@ class ServedModel:
         obs = {}
         for key, arr in inputs.items():
             if key not in self.obs_inputs:
-                expected = [COUNTS, GENE_NAMES, *self.obs_inputs]
+                proteins = [PROTEINS, PROTEIN_NAMES] if self.proteins is not None else []
+                expected = [COUNTS, GENE_NAMES, *proteins, *self.obs_inputs]
                 raise InvalidArgumentError(
                     f"unknown input {key!r}; this model takes {', '.join(map(repr, expected))}"
                 )
@@ -594,7 +596,13 @@ class ServedModel:
         params = {k: v for k, v in req.parameters.items() if k not in PROTOCOL_PARAMETERS}
         if not set(params) <= {"seed", "first_key"} or GENE_NAMES in req.inputs:
             return None  # (seed and first_key only key noise, which these outputs never draw)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in params.values()):
+        try:  # the library's checks, as the request alone gets them (else it is refused
+            # alone or batched depending on what else is in flight)
+            if "seed" in params:
+                check_seed(params["seed"])
+            if "first_key" in params:
+                check_first_key(params["first_key"])
+        except InvalidArgumentError:
             return None
         counts = req.inputs.get(COUNTS)
         if counts is None or counts.ndim != 2 or counts.shape[1] != len(self.genes):

@@ -144,6 +144,13 @@ def _json_tensor(name: str, datatype: str, shape: tuple[int, ...], data: Any) ->
 def _binary_tensor(name: str, datatype: str, shape: tuple[int, ...], buf: memoryview) -> np.ndarray:
     n = math.prod(shape)
     if datatype == "BYTES":
+        # each element takes at least its 4-byte length: a shape the data cannot hold is
+        # refused before anything is allocated (a tiny request asked for gigabytes)
+        if n * 4 > len(buf):
+            raise ProtocolError(
+                f"input {name!r}: shape {list(shape)} holds {n} BYTES elements but its "
+                f"{len(buf)} bytes of data hold at most {len(buf) // 4}"
+            )
         out = np.empty(n, dtype=object)
         pos, size = 0, len(buf)
         for i in range(n):

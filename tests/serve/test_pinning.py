@@ -94,3 +94,6 @@ def test_serve_names_and_pins(shipped, tmp_path):
         specs("--name", "nopath")
     with pytest.raises(InvalidArgumentError, match="letters, digits"):
         specs("--name", f"bad/name={SHIPPED}")
+    # a pin cut short: said so (it was read as part of the path, then refused as a bad name)
+    with pytest.raises(CLIError, match="sha256: and 64 hex digits .got 8 characters"):
+        specs(f"{SHIPPED}@{shipped.digest[:15]}")

@@ -358,3 +358,25 @@ def test_metrics_prometheus_text(server):
         if line and not line.startswith("#"):
             float(line.rsplit(" ", 1)[1])
     assert 'scvi_onnx_model_ready{model="pbmc_scvi"' in text
+
+
+def test_bytes_shape_beyond_its_data_is_refused_before_allocating():
+    """A BYTES input whose shape asks for more elements than its data can hold (each takes at
+    least 4 bytes) is refused at once: a request of a few hundred bytes made the server
+    allocate gigabytes (shape [300000000]) before noticing."""
+    import json as _json
+    import time
+
+    from scvi_onnx.serve.protocol import ProtocolError, parse_request
+
+    header = {
+        "inputs": [
+            {"name": "batch", "datatype": "BYTES", "shape": [300_000_000],
+             "parameters": {"binary_data_size": 8}},
+        ]
+    }  # fmt: skip
+    head = _json.dumps(header).encode()
+    started = time.perf_counter()
+    with pytest.raises(ProtocolError, match="holds 300000000 BYTES elements but its 8 bytes"):
+        parse_request(head + b"\x01\x00\x00\x00a\x00\x00\x00", len(head))
+    assert time.perf_counter() - started < 0.5

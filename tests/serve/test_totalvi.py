@@ -130,6 +130,12 @@ def test_protein_names_reorder_and_refusals(server, local, cells):
     with pytest.raises(tc.InferenceServerException) as e:
         c.infer("pbmc_totalvi", _inputs(cells, local)[:2])
     assert e.value.status() == "400" and "missing input 'proteins'" in str(e.value)
+    # an unknown input: the message lists the protein inputs too (it left them out)
+    extra = tc.InferInput("foo", [N], "FP32")
+    extra.set_data_from_numpy(np.zeros(N, np.float32))
+    with pytest.raises(tc.InferenceServerException) as e:
+        c.infer("pbmc_totalvi", [*_inputs(cells, local), extra])
+    assert e.value.status() == "400" and "'proteins', 'protein_names'" in str(e.value)
     # a negative protein count: the library's typed value error
     bad = prot[list(local.proteins)].to_numpy(np.float32)
     bad[3, 2] = -1

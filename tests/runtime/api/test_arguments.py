@@ -47,6 +47,15 @@ def test_seed_out_of_range_refused(model, query, seed, capsys):
     assert np.isfinite(model.get_elbo(sub, seed=-(2**63)))
 
 
+@pytest.mark.parametrize("first_key", [-1, 2**62, 2**70])
+def test_first_key_out_of_range_refused(model, query, first_key):
+    """A cell key that cannot be an int64 row key is refused (2**70: numpy's OverflowError,
+    a server's 500)."""
+    with pytest.raises(InvalidArgumentError, match=r"first_key must be an integer in \[0, 2\*\*62"):
+        model.get_elbo(query[:5], first_key=first_key)
+    assert np.isfinite(model.get_elbo(query[:5], first_key=2**62 - 1))
+
+
 def test_seed_none_is_the_models_seed(model, query):
     # seed=None (the default) draws with the model's seed, given explicitly or at load; the
     # comparison with another seed shows the seed reaches the draws at all

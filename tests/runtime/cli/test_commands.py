@@ -287,3 +287,26 @@ def test_missing_genes_zero_fill_reports_overlap(tmp_path, capsys):
         == 0
     )
     assert m.gene_overlap(c)["n_found"] == 1400
+
+
+def test_log_records_with_an_exception_keep_the_traceback():
+    """The CLI's log lines are one line each, but a record carrying an exception (a server's
+    internal error: `request ... failed`) keeps its traceback: the only place an operator can
+    read it (it was dropped, even with --debug)."""
+    import logging
+
+    from scvi_onnx.cli.main import _Formatter
+
+    try:
+        raise RuntimeError("boom in a worker")
+    except RuntimeError:
+        import sys
+
+        info = sys.exc_info()
+    record = logging.LogRecord("scvi_onnx.serve", logging.ERROR, __file__, 1, "request %s failed",
+                               ("abc",), info)  # fmt: skip
+    text = _Formatter().format(record)
+    assert text.splitlines()[0] == "scvi-onnx: error: request abc failed"
+    assert "Traceback" in text and "RuntimeError: boom in a worker" in text
+    plain = logging.LogRecord("x", logging.WARNING, __file__, 1, "a\nb", (), None)
+    assert "\n" not in _Formatter().format(plain)

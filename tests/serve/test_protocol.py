@@ -380,3 +380,29 @@ def test_bytes_shape_beyond_its_data_is_refused_before_allocating():
     with pytest.raises(ProtocolError, match="holds 300000000 BYTES elements but its 8 bytes"):
         parse_request(head + b"\x01\x00\x00\x00a\x00\x00\x00", len(head))
     assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize(
+    "params, batched", [({}, True), ({"first_key": 3, "seed": 7}, True),
+                        ({"first_key": -1}, False), ({"first_key": 2**70}, False),
+                        ({"seed": 2**64}, False)]
+)  # fmt: skip
+def test_requests_the_library_refuses_are_never_batched(shipped, params, batched):
+    """A batched request is computed by one library call with the others' parameters: one
+    whose seed / first_key the library refuses must take the single-request path, where it
+    gets its 400 (it got 200 or 400 depending on what else was in flight)."""
+    from scvi_onnx.serve.models import Limits, ServedModel
+    from scvi_onnx.serve.protocol import parse_request
+
+    served = ServedModel("pbmc_scvi", shipped, Limits())
+    doc = {
+        "inputs": [
+            {"name": "counts", "datatype": "FP32", "shape": [1, len(shipped.genes)],
+             "data": [0.0] * len(shipped.genes)},
+            {"name": "batch", "datatype": "BYTES", "shape": [1], "data": ["pbmc_5k"]},
+        ],
+        "outputs": [{"name": "qz_mean"}],
+        "parameters": params,
+    }  # fmt: skip
+    req = parse_request(json.dumps(doc).encode(), None)
+    assert (served.batch_key(req) is not None) is batched

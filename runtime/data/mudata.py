@@ -167,7 +167,7 @@ def from_mudata(mdata: Any, registry: Registry) -> ModelInput:
         field = _OBS_FIELDS[what]
         src = modality(field, f"obs column {key!r}")
         frame = mdata.obs if src is None else src.obs
-        place = "mdata.obs" if src is None else f"mdata.mod[{mods[field]!r}].obs"
+        place = obs_location(registry, what)
         if key not in frame.columns:
             present = [str(c) for c in frame.columns]
             elsewhere = [

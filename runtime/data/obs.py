@@ -252,7 +252,9 @@ def encode_categorical(
         parts.append(f"categories never seen in training: {preview(unseen)}")
     if n_nan:
         parts.append(f"missing values (NaN) in {cells_phrase(n_nan)}")
-    found = f"obs column {field.key!r} ({what}) holds {'; '.join(parts)} ({cells_phrase(n_bad)})"
+    # the cells, counted once (a NaN-only column's part already counts them)
+    total = f" ({cells_phrase(n_bad)})" if unseen else ""
+    found = f"obs column {field.key!r} ({what}) holds {'; '.join(parts)}{total}"
     use = ObsUse(used={kind: "the model takes it"}) if use is None else use
     if field.key in use.unseen_as:
         target = str(use.unseen_as[field.key])
@@ -268,14 +270,21 @@ def encode_categorical(
                 "as any other cell"
             )
         return np.where(bad, 0, codes)
+    example = (
+        f"unseen_as={{{field.key!r}: {plain(field.categories[0])!r}}} (CLI: --unseen-as "
+        f"{field.key}={plain(field.categories[0])})"
+    )
+    known = f"The model knows {len(field.categories)} categories: {preview(field.categories, 10)}"
+    reads = f"{use.what[:1].upper() + use.what[1:]} reads {field.key!r} ({use.used[kind]})"
+    if not unseen:  # missing values only: no category at all, not an unseen one
+        raise UnknownCategoryError(
+            f"{found}. {reads} and a missing value is none of its categories. {known}. Fill "
+            f"them (or drop these cells), or compute them as a training category, {example}"
+        )
     raise UnknownCategoryError(
-        f"{found}. {use.what[:1].upper() + use.what[1:]} reads {field.key!r} "
-        f"({use.used[kind]}) and the model has no weights for categories it never saw. The "
-        f"model knows {len(field.categories)} categories: {preview(field.categories, 10)}. "
-        f"Either compute these cells as a training category, unseen_as={{{field.key!r}: "
-        f"{plain(field.categories[0])!r}}} (CLI: --unseen-as {field.key}="
-        f"{plain(field.categories[0])}), or fine-tune a query model with scvi-tools "
-        "(model.load_query_data(query, reference), train, then export it)"
+        f"{found}. {reads} and the model has no weights for categories it never saw. {known}. "
+        f"Either compute these cells as a training category, {example}, or fine-tune a query "
+        "model with scvi-tools (model.load_query_data(query, reference), train, then export it)"
     )
 
 

@@ -69,6 +69,9 @@ def test_nan_category():
     with pytest.raises(UnknownCategoryError) as e:
         AnnDataSource(make_adata(obs=obs), make_manifest(**FULL))
     assert "'batch'" in str(e.value) and "NaN" in str(e.value)
+    # said as missing values, counted once (not "in 1 cell (1 cell)", not "never saw")
+    assert "missing values (NaN) in 1 cell." in str(e.value)
+    assert "none of its categories" in str(e.value) and "never saw" not in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,13 @@ class OnnxPEAKVI(OnnxVAEModel):
             )
         return self.module.region_factors.copy()
 
+    def _require_depth(self) -> None:
+        """Refuse the depth factors of a model without them (in memory and on Dask)."""
+        if not self.config.model_depth:
+            raise InvalidArgumentError(
+                "this model has no depth factors (model_depth=False): its depth is 1 for every cell"
+            )
+
     @dask_dispatch  # an AnnData whose matrix is a Dask array runs on Dask
     def get_library_size_factors(
         self,
@@ -78,10 +85,7 @@ class OnnxPEAKVI(OnnxVAEModel):
         InvalidArgumentError
             The model was trained with ``model_depth=False`` (it has no depth encoder).
         """
-        if not self.config.model_depth:
-            raise InvalidArgumentError(
-                "this model has no depth factors (model_depth=False): its depth is 1 for every cell"
-            )
+        self._require_depth()
         mbs = self._minibatches(
             adata,
             indices,

@@ -274,6 +274,9 @@ def run_chunk(
 
 
 def _compute(job, module, engine, mbs, elbo_loop, latent_loop, mll_loop) -> dict[str, np.ndarray]:
+    if job.method == "depth":  # no draws: no seed
+        tasks = engine.tasks(mbs, module.n_features)
+        return {"depth": np.concatenate(list(engine.pmap(module.depth, tasks))).reshape(-1)}
     seed = job.option("seed")
     if job.method == "latent":
         res = latent_loop.latent(
@@ -293,9 +296,6 @@ def _compute(job, module, engine, mbs, elbo_loop, latent_loop, mll_loop) -> dict
             module, engine, mbs, use_posterior_mean=job.option("use_posterior_mean"), seed=seed
         )
         return {"probs": probs, "codes": probs.argmax(axis=1).astype(np.int64)}
-    if job.method == "depth":
-        tasks = engine.tasks(mbs, module.n_features)
-        return {"depth": np.concatenate(list(engine.pmap(module.depth, tasks))).reshape(-1)}
     if job.method == "elbo":
         terms = elbo_loop.elbo_terms(module, engine, mbs, seed)
         out = {f"rec:{k}": v for k, v in terms.reconstruction.items()}

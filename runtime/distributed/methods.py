@@ -825,19 +825,14 @@ def get_library_size_factors(
 ):
     """PEAKVI's depth factors as a lazy ``(n_cells,)`` float32 array; see the in-memory
     method."""
-    from ..errors import InvalidArgumentError
-
-    if not model.config.model_depth:
-        raise InvalidArgumentError(
-            "this model has no depth factors (model_depth=False): its depth is 1 for every cell"
-        )
+    model._require_depth()
     p = plan(
         model,
         adata,
         indices,
         batch_size,
         method="depth",
-        options={"seed": model._seed(None)},  # unused: the depth encoder draws nothing
+        options={},  # the depth encoder draws nothing
         read=_read(
             missing_genes, min_gene_overlap, layer, gene_key, unseen_as, "the depth factors"
         ),

@@ -185,6 +185,12 @@ def test_depth_and_region_factors(trained):
     else:
         with pytest.raises(InvalidArgumentError, match="model_depth=False"):
             om.get_library_size_factors(adata)
+        # on Dask too (the refusal comes before any cluster is needed)
+        da = require("dask.array")
+        lazy = adata.copy()
+        lazy.X = da.from_array(lazy.X.toarray() if hasattr(lazy.X, "toarray") else lazy.X)
+        with pytest.raises(InvalidArgumentError, match="model_depth=False"):
+            om.get_library_size_factors(lazy)
     if model.module.region_factors is not None:
         np.testing.assert_array_equal(om.get_region_factors(), model.get_region_factors())
     else:

@@ -239,7 +239,7 @@ class OnnxVAEModel:
             gene_key=gene_key,
             first_key=check_first_key(first_key),
             progress=progress,
-            read_elements=self.engine.read_elements if per_cell else None,
+            read_cells=self.engine.read_cells(self.module.n_features) if per_cell else None,
         )
 
     def _seed(self, seed: int | None) -> int:

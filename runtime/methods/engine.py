@@ -30,6 +30,16 @@ DECODER_CHUNK_ELEMENTS = 1 << 21
 #: regions), the latent space -3% to -18%: fewer ONNX Runtime calls and numpy calls per cell;
 #: peak memory +10-25 MB. 2^21 was faster still, but PBMC ZINB's ELBO peak went 288 -> 370 MB.
 TASK_ELEMENTS = 1 << 20
+#: Fewest cells (or sample x cell rows) one ONNX Runtime call carries, whatever the bounds
+#: above say: each call reads the graph's weights from memory once, and a wide model's do not
+#: stay in cache (PEAKVI on 100,000 regions: 126 MB per graph, n_hidden sqrt(R) = 316). A row
+#: is ~2 x weights FLOPs against 4 x weights bytes read per call, so at ~100 GFLOP/s and
+#: ~10 GB/s per core a call needs tens of rows before its products, not the weight reads, set
+#: its time. Measured there (3,000 cells, 2 threads): ELBO 7.6 s with 10 cells per call (2^20
+#: elements), 3.6 s with 64 (scvi-tools 9.0 s), 3.3 s with 128 at +250 MB; the marginal LL
+#: 4.8 s with 20 rows per decoder call, 3.9 s with 64. Models up to 16,384 features (2^20 /
+#: 64) already have at least this many.
+MIN_CALL_ROWS = 64
 #: The same two bounds on CUDA, where one call must carry enough work to hide its launches.
 CUDA_DECODER_CHUNK_ELEMENTS = 1 << 26
 CUDA_TASK_ELEMENTS = 1 << 23
@@ -88,9 +98,20 @@ class Engine:
         """``map(fn, items)`` on the worker threads, in order, with bounded work in flight."""
         return ordered_map(fn, items, self.n_workers if self.n_workers > 1 else 0, "scvi-onnx")
 
+    def task_cells(self, n_features: int) -> int:
+        """Cells of one per-cell task: ``task_elements`` cells x features, at least
+        ``MIN_CALL_ROWS``."""
+        return max(MIN_CALL_ROWS, self.task_elements // max(1, n_features))
+
+    def read_cells(self, n_features: int) -> int:
+        """Most cells of one dense minibatch in the per-cell methods: ``read_elements``
+        cells x features, a whole number of tasks (at least one)."""
+        task = self.task_cells(n_features)
+        return task * max(1, self.read_elements // max(1, n_features) // task)
+
     def tasks(self, mbs: Iterable[Minibatch], n_features: int) -> Iterator[Minibatch]:
-        """Split minibatches into tasks of at most ``task_elements`` cells x features."""
-        step = max(1, self.task_elements // n_features)
+        """Split minibatches into tasks of at most :meth:`task_cells` cells."""
+        step = self.task_cells(n_features)
         for mb in mbs:
             n = mb.n
             if n <= step:

@@ -33,7 +33,7 @@ def minibatches(
     layer: str | None = None,
     gene_key: str | None = None,
     progress: bool = False,
-    read_elements: int | None = None,
+    read_cells: int | None = None,
 ) -> Iterator[Minibatch]:
     """Checked, completed minibatches of ``adata`` (or of a user's ``dataloader``).
 
@@ -43,9 +43,10 @@ def minibatches(
     (a chunk of a larger input passes its first global row, and ``n_total``, the whole's
     number of cells); ``progress`` shows a bar over minibatches; ``use``, ``layer``,
     ``gene_key``: see
-    :class:`~scvi_onnx.data.anndata.AnnDataSource`; ``read_elements``: for methods whose results
-    do not depend on how cells are grouped, minibatches are cut to at most this many cells x
-    genes (memory; a user's dataloader is taken as it comes).
+    :class:`~scvi_onnx.data.anndata.AnnDataSource`; ``read_cells``: for methods whose results
+    do not depend on how cells are grouped, minibatches are cut to at most this many cells
+    (memory: :meth:`~scvi_onnx.methods.engine.Engine.read_cells`; a user's dataloader is
+    taken as it comes).
     """
     batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
     if dataloader is not None:
@@ -83,8 +84,8 @@ def minibatches(
         )
         idx = resolve_indices(indices, src.n_obs)
         bs = batch_size or DEFAULT_BATCH_SIZE
-        if read_elements:
-            bs = min(bs, max(1, read_elements // max(1, manifest.n_genes)))
+        if read_cells:
+            bs = min(bs, read_cells)
         it = src.minibatches(idx, bs, needs=needs, prefetch=prefetch)
         total = math.ceil(len(idx) / bs)
     if progress:

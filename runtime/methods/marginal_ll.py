@@ -9,7 +9,7 @@ import numpy as np
 from ..data import Minibatch
 from ..maths import distributions as D
 from ..models.base import Module
-from .engine import Engine
+from .engine import MIN_CALL_ROWS, Engine
 
 #: Fewest Monte-Carlo samples per marginal-LL task (cells are split into groups to get them).
 MLL_MIN_SAMPLES = 32
@@ -38,7 +38,8 @@ def marginal_ll(
 
     A task decodes ``samples x cells`` rows, at most ``engine.chunk_elements`` elements, with
     at least ``MLL_MIN_SAMPLES`` samples (cells split into groups): the group's counts stay in
-    cache while its samples are scored. Every quantity is per cell, so the groups change no
+    cache while its samples are scored; and at least ``MIN_CALL_ROWS`` rows (a wide model's
+    weights are read once per call). Every quantity is per cell, so the groups change no
     number.
     """
     G = module.n_features
@@ -50,7 +51,7 @@ def marginal_ll(
             log_w = np.empty((n_mc, n_cells))
             enc = module.encode_scored(mb)
             group = max(1, min(n_cells, chunk // (G * MLL_MIN_SAMPLES)))
-            step = per_pass or max(1, chunk // (group * G))
+            step = per_pass or max(1, chunk // (group * G), -(-MIN_CALL_ROWS // group))
             step = min(step, n_mc)
             groups = range(0, n_cells, group)
             for c in groups:

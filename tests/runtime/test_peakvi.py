@@ -312,30 +312,91 @@ def test_bit_identical_across_batch_sizes(model, cells):
 def test_wide_models_read_fewer_cells_at_a_time(model, cells, monkeypatch):
     import dataclasses
 
+    from scvi_onnx.methods.engine import MIN_CALL_ROWS
+
     ref_latent = model.get_latent_representation(cells, batch_size=400)
     ref_elbo = model.get_elbo(cells, return_mean=False, batch_size=400)
     ref_mll = model.get_marginal_ll(cells, n_mc_samples=3, batch_size=400)
-    # a cap of 37 cells x the model's regions: the per-cell methods read 37 cells at a time
+    # bounds of 10 and 150 cells x the model's regions: tasks of MIN_CALL_ROWS (64) cells,
+    # reads of two tasks (128 cells)
+    R = cells.n_vars
     monkeypatch.setattr(
-        model, "engine", dataclasses.replace(model.engine, read_elements=37 * cells.n_vars)
+        model,
+        "engine",
+        dataclasses.replace(model.engine, task_elements=10 * R, read_elements=150 * R),
     )
-    seen = []
+    assert MIN_CALL_ROWS == 64 and model.engine.read_cells(R) == 128
+    reads, seen = [], []
+    minibatches = model._minibatches
+    monkeypatch.setattr(
+        model,
+        "_minibatches",
+        lambda *a, **k: (reads.append(mb.n) or mb for mb in minibatches(*a, **k)),
+    )
     encode = model.module.encode
     monkeypatch.setattr(model.module, "encode", lambda mb: seen.append(mb.n) or encode(mb))
     np.testing.assert_array_equal(
         model.get_latent_representation(cells, batch_size=400), ref_latent
     )
-    assert max(seen) == 37 and sum(seen) == cells.n_obs
+    assert reads == [128, 128, 128, 16]
+    assert sorted(seen) == [16] + [64] * 6
     seen.clear()
     np.testing.assert_array_equal(
         model.get_elbo(cells, return_mean=False, batch_size=400), ref_elbo
     )
-    assert max(seen) == 37
+    assert sorted(seen) == [16] + [64] * 6
     seen.clear()
     # the marginal LL groups cells by batch_size (a mean of minibatch means): not cut
     assert cells.n_obs == 400
     assert model.get_marginal_ll(cells, n_mc_samples=3, batch_size=400) == ref_mll
     assert seen == [400]  # the 400 cells in one minibatch
+
+
+def test_every_call_carries_enough_rows_to_amortise_the_weights(model, cells, monkeypatch):
+    """A wide model's weights are read from memory once per ONNX Runtime call: a call
+    carries at least MIN_CALL_ROWS cells (or sample x cell rows), whatever the element bounds
+    say (they cut a 100,000-region model's calls to 10 cells, 20 rows in the marginal LL)."""
+    import dataclasses
+
+    from scvi_onnx.methods.engine import MIN_CALL_ROWS, Engine
+
+    cpu = Engine.for_provider("CPUExecutionProvider", 2)
+    for R in (2_000, 15_792, 100_000, 300_000):
+        assert cpu.task_cells(R) == max(MIN_CALL_ROWS, cpu.task_elements // R)
+        assert cpu.read_cells(R) % cpu.task_cells(R) == 0
+        assert cpu.read_cells(R) <= max(cpu.read_elements // R, cpu.task_cells(R))
+    assert cpu.task_cells(100_000) == cpu.read_cells(100_000) == MIN_CALL_ROWS
+    assert cpu.task_cells(2_000) == cpu.task_elements // 2_000  # narrow models: unchanged
+
+    idx = np.arange(40)
+    ref_elbo = model.get_elbo(cells, indices=idx, return_mean=False)
+    ref_mll = model.get_marginal_ll(cells, indices=idx, n_mc_samples=100, return_mean=False)
+    # element bounds of 5 cells (or rows) x the regions: as a model 100x wider has
+    R = cells.n_vars
+    monkeypatch.setattr(
+        model,
+        "engine",
+        dataclasses.replace(
+            model.engine, task_elements=5 * R, read_elements=5 * R, chunk_elements=5 * R
+        ),
+    )
+    rows = []
+    decoder = model.module.decoder
+    run = decoder.run
+    monkeypatch.setattr(
+        decoder, "run", lambda feeds: rows.append(int(np.prod(feeds["z"].shape[:-1]))) or run(feeds)
+    )
+    np.testing.assert_array_equal(model.get_elbo(cells, indices=idx, return_mean=False), ref_elbo)
+    assert rows == [40]  # 40 cells: one task (8 of 5 cells without the floor)
+    rows.clear()
+    np.testing.assert_array_equal(
+        model.get_marginal_ll(cells, indices=idx, n_mc_samples=100, return_mean=False),
+        ref_mll,
+    )
+    assert sum(rows) == 100 * 40
+    # one cell per group, its 100 samples in calls of 64 and 36 (5 rows per call without the
+    # floor)
+    assert sorted(rows) == [36] * 40 + [MIN_CALL_ROWS] * 40
 
 
 def test_reads_are_cut_to_a_bound_never_below_one_task():
@@ -348,6 +409,7 @@ def test_reads_are_cut_to_a_bound_never_below_one_task():
     assert cpu.read_elements == max(READ_ELEMENTS, cpu.task_elements)
     # CUDA's tasks are larger than the bound: a read still carries one whole task
     assert cuda.read_elements == cuda.task_elements > READ_ELEMENTS
+    assert cuda.read_cells(2_000) == cuda.task_cells(2_000)
 
 
 def test_extra_methods_and_repr(model, cells):

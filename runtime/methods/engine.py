@@ -16,9 +16,10 @@ DEFAULT_BATCH_SIZE = 128
 #: Most cells x features (16 MB of float32) one dense minibatch holds in the per-cell methods
 #: (latent space, ELBO, reconstruction error), whose results do not depend on how cells are
 #: grouped: a wider model reads fewer cells at a time, and a few minibatches are in flight.
-#: PEAKVI on 15,792 regions reads 265 cells (not 1,024: 65 MB each), and its ELBO's peak went
-#: from 474 to 309 MB; a Census-sized model (8,000 genes) reads 524 (ELBO peak 432 -> 355 MB,
-#: its time the same within this machine's noise); 2,000 genes are not cut at 1,024 cells.
+#: PEAKVI on 15,792 regions reads 264 cells (four tasks; not 1,024: 65 MB each), and its
+#: ELBO's peak went from 474 to 309 MB; a Census-sized model (8,000 genes) reads 524 (ELBO
+#: peak 432 -> 355 MB, its time the same within this machine's noise); 2,000 genes are not
+#: cut at 1,024 cells. Never fewer than one task (``MIN_CALL_ROWS`` cells at least).
 #: The marginal LL keeps ``batch_size`` (it groups cells: a mean of minibatch means).
 READ_ELEMENTS = 1 << 22
 #: Upper bound on elements of one (samples x cells x genes) decoder output per session call.

@@ -58,6 +58,17 @@ def test_op_types_of_malformed_bytes_raise_value_error():
     assert op_types(b"") == frozenset()
 
 
+def test_op_types_of_malformed_files_raise_value_error(tmp_path):
+    """The file is memory-mapped: a malformed one still raises ``ValueError`` (the map's
+    slices held by the parser's frames must not turn it into a ``BufferError``)."""
+    bad, empty = tmp_path / "bad.onnx", tmp_path / "empty.onnx"
+    bad.write_bytes(b"\x3a\xff\xff\xff\x0f")
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="truncated"):
+        file_op_types(bad)
+    assert file_op_types(empty) == frozenset()
+
+
 def test_position_dependent_ops_cover_this_onnxruntime():
     """Each candidate operator alone, on 1-64 rows of 7 against the same rows in a tensor of
     256: those whose results move are in POSITION_DEPENDENT_OPS (an ONNX Runtime upgrade

@@ -229,7 +229,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("model", f"{man.model_class} (module {c.get('module_class')}; {arch})"),
         ("schema version", str(man.schema_version)),
         ("digest", man.digest),
-        ("genes", f"{man.n_genes} ({preview(man.genes)})"),
+        (module.feature_name, f"{man.n_genes} ({preview(man.genes)})"),
         ("n_latent", str(c.get("n_latent"))),
         *described.items(),
         ("expression from", expression),

@@ -151,6 +151,8 @@ class Module(ABC):
     reconstruction_keys: ClassVar[tuple[str, ...]] = ("reconstruction_loss",)
     #: Config entries the public class's ``repr`` shows.
     repr_config: ClassVar[tuple[str, ...]] = ("latent_distribution",)
+    #: What the bundle's features (``manifest.genes``) are, for messages: PEAKVI's are regions.
+    feature_name: ClassVar[str] = "genes"
 
     config: Any
     #: The execution provider that runs the graphs.

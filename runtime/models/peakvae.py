@@ -104,6 +104,7 @@ class PEAKVAE(Module):
 
     Config = PEAKVAEConfig
     repr_config = ("latent_distribution", "model_depth", "region_factors")
+    feature_name = "regions"
 
     @classmethod
     def describe(cls, config: Mapping[str, Any], registry: Registry) -> dict[str, str]:

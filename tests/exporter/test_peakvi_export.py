@@ -204,3 +204,16 @@ def test_pre_0_15_layout_export(adata_file, saved, tmp_path):
     model = load_saved_model(old)
     assert type(model).__name__ == "PEAKVI"
     _check(export_model(old, tmp_path / "b"), ref, data)
+
+
+def test_cli_export_names_regions(capsys, tmp_path):
+    """The CLI's summary line counts a PEAKVI's features as regions (they are not genes)."""
+    from pathlib import Path
+
+    from ..runtime.helpers import cli
+
+    shipped = Path(__file__).resolve().parents[2] / "models" / "pbmc_peakvi_torch"
+    out = tmp_path / "bundle"
+    code, stdout, err = cli(capsys, "export", shipped, out)
+    assert code == 0, err
+    assert f"wrote bundle {out} (PEAKVI, 2000 regions, n_latent=" in stdout

@@ -469,6 +469,7 @@ def test_cli_info_verify_latent_and_metrics(capsys, tmp_path, model, cells):
     assert code == 0, err
     assert "PEAKVI" in out and "PEAKVAE" in out and "binary cross-entropy" in out
     assert "gene likelihood" not in out and "library size" not in out
+    assert "regions:" in out and "2000 (" in out and "genes:" not in out
     code, out, err = _run(capsys, "info", BUNDLE, "--json")
     info = json.loads(out)
     assert info["model_class"] == "PEAKVI" and info["n_genes"] == 2000

@@ -58,6 +58,7 @@ def test_export_writes_a_loadable_bundle(capsys, tmp_path, query):
     code, stdout, err = cli(capsys, "export", MODELS / "pbmc_scvi_torch", out)
     assert code == 0, err
     assert stdout.startswith(f"wrote bundle {out}")
+    assert "(SCVI, 2000 genes, n_latent=" in stdout
     m = scvi_onnx.load(out, device="cpu")
     assert m.manifest.model_class == "SCVI" and len(m.genes) == 2000
     shipped = scvi_onnx.load(SHIPPED_BUNDLE, device="cpu")

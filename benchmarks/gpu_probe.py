@@ -267,7 +267,7 @@ def profile(args) -> dict:
             },
         )
     # densifying alone, one thread, in the engine's read size
-    step = max(1, m.engine.read_elements // csr.n_vars)
+    step = m.engine.read_cells(csr.n_vars)
 
     def densify(x):
         for i in range(0, n, step):

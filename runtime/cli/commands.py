@@ -190,13 +190,12 @@ def cmd_export(args: argparse.Namespace) -> int:
             rtol=args.rtol,
         )
     from ..bundle import read_manifest
-    from ..models.base import Module
-    from ..models.registry import MODELS
+    from ..models.registry import feature_name
 
     man = read_manifest(path, check_files=False)
-    module = MODELS[man.model_class].load("module") if man.model_class in MODELS else Module
     print(
-        f"wrote bundle {path} ({man.model_class}, {man.n_genes} {module.feature_name}, "
+        f"wrote bundle {path} ({man.model_class}, {man.n_genes} "
+        f"{feature_name(man.model_class)}, "
         f"n_latent={man.config.get('n_latent')}); validated at atol="
         f"{man.validation.get('atol')}, rtol={man.validation.get('rtol')}"
         + widened_text(man.validation)

@@ -127,7 +127,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..bundle import read_manifest
     from ..bundle.format import VALIDATION_WIDENED
     from ..models.base import Module
-    from ..models.registry import MODELS
+    from ..models.registry import MODELS, feature_name
 
     root = Path(args.bundle)
     man = read_manifest(root, check_files=False)
@@ -229,7 +229,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("model", f"{man.model_class} (module {c.get('module_class')}; {arch})"),
         ("schema version", str(man.schema_version)),
         ("digest", man.digest),
-        (module.feature_name, f"{man.n_genes} ({preview(man.genes)})"),
+        (feature_name(man.model_class), f"{man.n_genes} ({preview(man.genes)})"),
         ("n_latent", str(c.get("n_latent"))),
         *described.items(),
         ("expression from", expression),

@@ -109,12 +109,15 @@ class AnnDataSource:
         self._n_total = n_total
         self._obs_names = adata.obs_names
         self._n_obs = int(adata.n_obs)
+        from ..models.registry import feature_name  # (models import this module)
+
         names, names_where = gene_names(adata, gene_key)
         self.genes = GeneMatch(
             names,
             manifest.gene_index,
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
+            what=feature_name(manifest.model_class),
             where=names_where,
             var=adata.var,
         )

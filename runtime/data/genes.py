@@ -7,6 +7,7 @@ Ensembl ID, clinics by symbol; an AnnData often holds both).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +66,13 @@ def _columns_naming(var: pd.DataFrame | None, model: pd.Index) -> list[tuple[str
         if hits:
             found.append((str(c), hits))
     return sorted(found, key=lambda t: -t[1])
+
+
+def _percent(part: int, whole: int) -> str:
+    """``part / whole`` as a percentage rounded down to 0.1 (99,990 of 100,000 is "99.9%",
+    not "100.0%", in a message about the ten that are missing)."""
+    tenths = math.floor(1000 * part / whole) if whole else 1000
+    return "<0.1%" if tenths == 0 and part else f"{tenths / 10:.1f}%"
 
 
 class GeneMatch:
@@ -158,7 +166,8 @@ class GeneMatch:
             if missing_genes == "error":
                 raise MissingGenesError(
                     f"{n_missing} of the model's {n_model} {what} are missing from {where}"
-                    f" ({self.overlap:.1%} found), e.g. {preview(missing, SHOW_GENES)}. "
+                    f" ({_percent(self.n_found, n_model)} found), e.g. "
+                    f"{preview(missing, SHOW_GENES)}. "
                     f"Pass the {what} the model was trained on, or opt in to filling missing "
                     f'{what} with zeros with missing_genes="zero" (as scvi-tools\' '
                     "prepare_query_anndata does)" + self._hint(var, model, where, lead="; ")
@@ -166,7 +175,7 @@ class GeneMatch:
             if self.overlap < min_gene_overlap:
                 raise MissingGenesError(
                     f"only {self.n_found} of the model's {n_model} {what} are in "
-                    f"{where} ({self.overlap:.1%} overlap, below "
+                    f"{where} ({_percent(self.n_found, n_model)} overlap, below "
                     f"min_gene_overlap={min_gene_overlap:g}); missing e.g. "
                     f"{preview(missing, SHOW_GENES)}. Check that the data uses the same {one} "
                     f"identifiers as the model{ids}; to score anyway pass min_gene_overlap=0"

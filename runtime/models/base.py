@@ -136,10 +136,18 @@ class BundleContents:
     config: Any
     arrays: NpzArrays
 
-    def graph(self, name: str, device: str, intra_op_threads: int | None) -> Graph:
-        return Graph(
-            self.path / self.manifest.graph_file(name), device, intra_op_threads=intra_op_threads
-        )
+    def graph(
+        self, name: str, device: str, intra_op_threads: int | None, *, like: Graph | None = None
+    ) -> Graph:
+        """Graph ``name`` in a session on ``device``; with ``like`` (a graph of the bundle
+        already open, whose provider it takes), opened on its first run instead: a call that
+        needs only the encoder (the latent space) never reads the decoder's weights (126 MB
+        per graph for a 100,000-region PEAKVI)."""
+        path = self.path / self.manifest.graph_file(name)
+        if like is None:
+            return Graph(path, device, intra_op_threads=intra_op_threads)
+        device = "cuda" if like.on_cuda else "cpu"
+        return Graph(path, device, intra_op_threads=intra_op_threads, lazy=True)
 
 
 class Module(ABC):
@@ -151,8 +159,6 @@ class Module(ABC):
     reconstruction_keys: ClassVar[tuple[str, ...]] = ("reconstruction_loss",)
     #: Config entries the public class's ``repr`` shows.
     repr_config: ClassVar[tuple[str, ...]] = ("latent_distribution",)
-    #: What the bundle's features (``manifest.genes``) are, for messages: PEAKVI's are regions.
-    feature_name: ClassVar[str] = "genes"
 
     config: Any
     #: The execution provider that runs the graphs.

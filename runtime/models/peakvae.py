@@ -104,7 +104,6 @@ class PEAKVAE(Module):
 
     Config = PEAKVAEConfig
     repr_config = ("latent_distribution", "model_depth", "region_factors")
-    feature_name = "regions"
 
     @classmethod
     def describe(cls, config: Mapping[str, Any], registry: Registry) -> dict[str, str]:
@@ -143,7 +142,7 @@ class PEAKVAE(Module):
         self._n_regions = contents.manifest.n_genes
         self.encoder = contents.graph("encoder", device, intra_op_threads)
         self.provider = self.encoder.provider
-        self.decoder = contents.graph("decoder", device, intra_op_threads)
+        self.decoder = contents.graph("decoder", device, intra_op_threads, like=self.encoder)
         self.depth_encoder = None
         if c.model_depth:
             if not contents.manifest.has_graph("depth"):
@@ -151,7 +150,9 @@ class PEAKVAE(Module):
                     f"the model has model_depth=True but the bundle has no {F.DEPTH_FILE}; "
                     "re-export it"
                 )
-            self.depth_encoder = contents.graph("depth", device, intra_op_threads)
+            self.depth_encoder = contents.graph(
+                "depth", device, intra_op_threads, like=self.encoder
+            )
         self.score_graph = choose_score_graph(
             contents, scoring, self.provider, device, intra_op_threads
         )

@@ -28,6 +28,7 @@ class ModelEntry:
     api: str  # the public runtime class
     module: str  # its scvi-tools module's terms (a Module subclass)
     export_spec: str  # the exporter's spec (needs the export extra)
+    features: str = "genes"  # what the bundle's features (manifest ``genes``) are, in messages
 
     def load(self, which: str) -> Any:
         path, _, name = getattr(self, which).partition(":")
@@ -59,6 +60,7 @@ MODELS: dict[str, ModelEntry] = {
         "scvi_onnx.api.peakvi:OnnxPEAKVI",
         "scvi_onnx.models.peakvae:PEAKVAE",
         "scvi_onnx.exporter.specs.peakvae:PEAKVISpec",
+        features="regions",
     ),
 }
 
@@ -70,6 +72,11 @@ def entry(model_class: str) -> ModelEntry:
             f"bundle holds a {model_class} model; this runtime reads {', '.join(MODELS)}"
         )
     return MODELS[model_class]
+
+
+def feature_name(model_class: str) -> str:
+    """What ``model_class``'s features are called in messages ("genes"; PEAKVI's "regions")."""
+    return MODELS[model_class].features if model_class in MODELS else "genes"
 
 
 def open_bundle(

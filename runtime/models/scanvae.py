@@ -60,9 +60,9 @@ class SCANVAE(VAE):
         if missing:
             raise BundleError(f"SCANVI bundle {contents.path} lacks the graphs {missing}")
         threads = kwargs.get("intra_op_threads")
-        self.classifier = contents.graph("classifier", device, threads)
-        self.z2_encoder = contents.graph("z2_encoder", device, threads)
-        self.z1_decoder = contents.graph("z1_decoder", device, threads)
+        self.classifier = contents.graph("classifier", device, threads, like=self.encoder)
+        self.z2_encoder = contents.graph("z2_encoder", device, threads, like=self.encoder)
+        self.z1_decoder = contents.graph("z1_decoder", device, threads, like=self.encoder)
         self.n_labels = int(self.config.n_labels)
         prior = self.arrays[F.ARR_Y_PRIOR].astype(np.float64).reshape(-1)
         self.y_prior = prior / prior.sum()

@@ -231,7 +231,7 @@ class TOTALVAE(Module):
         self._check_arrays()
         self.encoder = contents.graph("encoder", device, intra_op_threads)
         self.provider = self.encoder.provider
-        self.decoder = contents.graph("decoder", device, intra_op_threads)
+        self.decoder = contents.graph("decoder", device, intra_op_threads, like=self.encoder)
         width = self.encoder.input_shape(F.IN_XY_NORM)[-1]
         if width not in (self._n_genes + self._n_proteins, None) and not isinstance(width, str):
             raise BundleIntegrityError(

@@ -92,7 +92,7 @@ class VAE(Module):
         self._check_arrays(contents)
         self.encoder = contents.graph("encoder", device, intra_op_threads)
         self.provider = self.encoder.provider
-        self.decoder = contents.graph("decoder", device, intra_op_threads)
+        self.decoder = contents.graph("decoder", device, intra_op_threads, like=self.encoder)
         score_graph = choose_score_graph(contents, scoring, self.provider, device, intra_op_threads)
         self.genes = GeneLikelihood(
             c.gene_likelihood,

@@ -228,8 +228,11 @@ def serve(
 
 
 def serving_lines(served: dict[str, ServedModel]) -> list[str]:
+    from ..models.registry import feature_name
+
     return [
-        f"serving {m.name} ({m.model.manifest.model_class}, {len(m.genes)} genes, version "
+        f"serving {m.name} ({m.model.manifest.model_class}, {len(m.genes)} "
+        f"{feature_name(m.model.manifest.model_class)}, version "
         f"{m.version}, digest {m.digest}) from {m.path} on {m.model.provider}"
         for m in served.values()
     ]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .ops import POSITION_DEPENDENT_OPS, file_op_types
-from .providers import CUDA, create_session
+from ..errors import BundleIntegrityError, ProviderError
+from .ops import POSITION_DEPENDENT_OPS, file_op_types, file_signature
+from .providers import CPU, CUDA, create_session
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +43,62 @@ class Graph:
     """
 
     def __init__(
-        self, path: str | Path, device: str = "auto", *, intra_op_threads: int | None = None
+        self,
+        path: str | Path,
+        device: str = "auto",
+        *,
+        intra_op_threads: int | None = None,
+        lazy: bool = False,
     ):
         self.path = Path(path)
-        self.session, self.provider = create_session(
-            self.path, device, intra_op_threads=intra_op_threads
-        )
-        self.inputs = tuple(i.name for i in self.session.get_inputs())
-        self.outputs = tuple(o.name for o in self.session.get_outputs())
+        self._device, self._threads = device, intra_op_threads
+        self._session = None
+        self._lock = threading.Lock()
+        if lazy:
+            # opened on first use; its inputs and outputs from the file meanwhile. The device
+            # must be settled ("cpu" or "cuda": the provider another graph of the bundle got)
+            if device not in ("cpu", "cuda"):
+                raise ValueError("a graph opened on first use needs device 'cpu' or 'cuda'")
+            self.provider = CUDA if device == "cuda" else CPU
+            try:
+                inputs, outputs = file_signature(self.path)
+            except (OSError, ValueError) as e:
+                raise BundleIntegrityError(
+                    f"{self.path.name} is not a valid ONNX graph ({e}); re-export the bundle"
+                ) from e
+        else:
+            self._session, self.provider = create_session(
+                self.path, device, intra_op_threads=intra_op_threads
+            )
+            inputs = [(i.name, i.shape) for i in self._session.get_inputs()]
+            outputs = [(o.name, o.shape) for o in self._session.get_outputs()]
+        self._input_shapes = dict(inputs)
+        self._output_shapes = [shape for _, shape in outputs]
+        self.inputs = tuple(name for name, _ in inputs)
+        self.outputs = tuple(name for name, _ in outputs)
         self._pad_axes = self._padding_axes() if self.provider != CUDA else None
+
+    @property
+    def session(self):
+        """The ONNX Runtime session (created on first use for a graph loaded ``lazy``)."""
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    session, provider = create_session(
+                        self.path, self._device, intra_op_threads=self._threads
+                    )
+                    if provider != self.provider:
+                        raise ProviderError(
+                            f"{self.path.name} opened on {provider}, not {self.provider} as "
+                            "the bundle's other graphs; load it with device='cpu'"
+                        )
+                    self._session = session
+        return self._session
+
+    @property
+    def opened(self) -> bool:
+        """Whether the session exists (a ``lazy`` graph opens on its first run)."""
+        return self._session is not None
 
     def _padding_axes(self) -> tuple[dict[str, int], dict[str, int], tuple[int, ...]] | None:
         """``(input -> cells axis, input -> samples axis, output cells axes)`` when this graph
@@ -66,9 +115,9 @@ class Graph:
         def axis(shape, name):
             return next((k for k, d in enumerate(shape) if d == name), None)
 
-        cells = {i.name: axis(i.shape, CELLS_AXIS) for i in self.session.get_inputs()}
-        samples = {i.name: axis(i.shape, SAMPLES_AXIS) for i in self.session.get_inputs()}
-        out = tuple(axis(o.shape, CELLS_AXIS) for o in self.session.get_outputs())
+        cells = {k: axis(shape, CELLS_AXIS) for k, shape in self._input_shapes.items()}
+        samples = {k: axis(shape, SAMPLES_AXIS) for k, shape in self._input_shapes.items()}
+        out = tuple(axis(shape, CELLS_AXIS) for shape in self._output_shapes)
         if None in out or not any(a is not None for a in cells.values()):
             logger.debug("%s has %s but no named cells axis: runs unpadded", self.path, found)
             return None
@@ -94,7 +143,7 @@ class Graph:
 
     def input_shape(self, name: str) -> list:
         """The declared shape of input ``name`` (dynamic axes are names or None)."""
-        return next(i.shape for i in self.session.get_inputs() if i.name == name)
+        return self._input_shapes[name]
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run on the graph's inputs taken from ``feeds``; outputs by name."""

@@ -1,11 +1,14 @@
-"""Which operators an ONNX graph uses, read from its protobuf without the ``onnx`` package.
+"""Which operators an ONNX graph uses, and its inputs and outputs, read from its protobuf
+without the ``onnx`` package.
 
 The runtime needs one fact about a graph before it runs it on the CPU: whether it holds an
 operator whose ONNX Runtime kernel computes an element differently depending on where it lies
-in its tensor (see :data:`POSITION_DEPENDENT_OPS`). ``onnx`` is an export-time dependency, so
-this reads the few protobuf fields that name operators (``ModelProto.graph`` and
-``.functions``, ``GraphProto.node``, ``NodeProto.op_type`` and the subgraphs in a node's
-attributes) and skips everything else (the weights) by its length.
+in its tensor (see :data:`POSITION_DEPENDENT_OPS`); and, for a graph opened on first use, its
+inputs' and outputs' names and shapes before it has a session. ``onnx`` is an export-time
+dependency, so this reads the few protobuf fields that hold them (``ModelProto.graph`` and
+``.functions``, ``GraphProto.node`` / ``.input`` / ``.output`` / initializer names,
+``NodeProto.op_type`` and the subgraphs in a node's attributes) and skips everything else (the
+weights) by its length.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ _GRAPH_NODE = 1
 _FUNCTION_NODE = 7
 _NODE_OP_TYPE, _NODE_ATTRIBUTE = 4, 5
 _ATTR_G, _ATTR_GRAPHS = 6, 11
+_GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_OUTPUT = 5, 11, 12
+_TENSOR_NAME = 8
+_VALUE_NAME, _VALUE_TYPE = 1, 2
+_TYPE_TENSOR, _TENSOR_SHAPE = 1, 2
+_DIM_VALUE, _DIM_PARAM = 1, 2
 
 
 class _Malformed(ValueError):
@@ -110,17 +118,73 @@ def op_types(model: bytes | memoryview) -> frozenset[str]:
     return frozenset(ops)
 
 
-def file_op_types(path: str | Path) -> frozenset[str]:
-    """:func:`op_types` of an ``.onnx`` file, memory-mapped: the weights are skipped by their
+def signature(model: bytes | memoryview) -> tuple[list[tuple[str, list]], list[tuple[str, list]]]:
+    """``(inputs, outputs)`` of a serialized ``ModelProto``'s graph: ``(name, shape)`` pairs in
+    order, as ONNX Runtime's ``get_inputs()`` / ``get_outputs()`` give them (a dimension is
+    an ``int``, the name of a dynamic axis, or ``None``; graph inputs that are initializers
+    are not inputs). Raises ``ValueError`` for bytes that are not a protobuf message."""
+    for field, wire, value in _fields(memoryview(model)):
+        if field == _MODEL_GRAPH and wire == _LEN:
+            return _graph_signature(value)
+    return [], []
+
+
+def _graph_signature(graph: memoryview) -> tuple[list[tuple[str, list]], list[tuple[str, list]]]:
+    inputs, outputs, initializers = [], [], set()
+    for field, wire, value in _fields(graph):
+        if wire != _LEN:
+            continue
+        if field == _GRAPH_INPUT:
+            inputs.append(_value_info(value))
+        elif field == _GRAPH_OUTPUT:
+            outputs.append(_value_info(value))
+        elif field == _GRAPH_INITIALIZER:
+            initializers.add(_string_field(value, _TENSOR_NAME))
+    return [i for i in inputs if i[0] not in initializers], outputs
+
+
+def _string_field(message: memoryview, number: int) -> str:
+    for field, wire, value in _fields(message):
+        if field == number and wire == _LEN:
+            return bytes(value).decode("utf-8", "replace")
+    return ""
+
+
+def _value_info(info: memoryview) -> tuple[str, list]:
+    """``ValueInfoProto`` -> ``(name, shape)``."""
+    name, shape = "", []
+    for field, wire, value in _fields(info):
+        if field == _VALUE_NAME and wire == _LEN:
+            name = bytes(value).decode("utf-8", "replace")
+        elif field == _VALUE_TYPE and wire == _LEN:
+            for f, w, tensor in _fields(value):
+                if f == _TYPE_TENSOR and w == _LEN:
+                    for f2, w2, dims in _fields(tensor):
+                        if f2 == _TENSOR_SHAPE and w2 == _LEN:
+                            shape = [_dimension(d) for f3, w3, d in _fields(dims) if f3 == 1]
+    return name, shape
+
+
+def _dimension(dim: memoryview) -> int | str | None:
+    for field, wire, value in _fields(dim):
+        if field == _DIM_VALUE and wire == _VARINT:
+            return value
+        if field == _DIM_PARAM and wire == _LEN:
+            return bytes(value).decode("utf-8", "replace")
+    return None
+
+
+def _read_mapped(path: str | Path, parse):
+    """``parse`` of an ``.onnx`` file, memory-mapped: the weights are skipped by their
     length, never read (a 100,000-region PEAKVI graph is 126 MB)."""
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
-            return op_types(b"")
+            return parse(b"")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             view = memoryview(m)
             message = None
             try:
-                ops = op_types(view)
+                result = parse(view)
             except ValueError as e:
                 # the traceback's frames hold slices of the map: keep only the message, so
                 # that they are gone before the map closes
@@ -128,4 +192,14 @@ def file_op_types(path: str | Path) -> frozenset[str]:
             view.release()
     if message is not None:
         raise _Malformed(message)
-    return ops
+    return result
+
+
+def file_op_types(path: str | Path) -> frozenset[str]:
+    """:func:`op_types` of an ``.onnx`` file (memory-mapped)."""
+    return _read_mapped(path, op_types)
+
+
+def file_signature(path: str | Path) -> tuple[list[tuple[str, list]], list[tuple[str, list]]]:
+    """:func:`signature` of an ``.onnx`` file (memory-mapped)."""
+    return _read_mapped(path, signature)

@@ -522,3 +522,16 @@ def test_new_sample_of_an_unseen_batch(model, cells):
         model.get_elbo(new, return_mean=False, unseen_as={"batch": "pbmc_10k"}),
         model.get_elbo(known, return_mean=False),
     )
+
+
+def test_missing_regions_are_named_regions_and_never_rounded_to_all_found(model, cells):
+    from scvi_onnx.data.genes import _percent
+    from scvi_onnx.errors import MissingGenesError
+
+    with pytest.raises(MissingGenesError) as e:
+        model.get_latent_representation(cells[:5, :1999].copy())
+    msg = str(e.value)
+    assert "1 of the model's 2000 regions are missing" in msg and "(99.9% found)" in msg
+    assert "genes" not in msg.split("missing_genes=")[0]
+    assert _percent(99_990, 100_000) == "99.9%" and _percent(100_000, 100_000) == "100.0%"
+    assert _percent(1, 100_000) == "<0.1%" and _percent(0, 10) == "0.0%"

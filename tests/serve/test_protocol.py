@@ -406,3 +406,15 @@ def test_requests_the_library_refuses_are_never_batched(shipped, params, batched
     }  # fmt: skip
     req = parse_request(json.dumps(doc).encode(), None)
     assert (served.batch_key(req) is not None) is batched
+
+
+def test_the_start_line_counts_a_peakvis_regions():
+    import scvi_onnx
+    from scvi_onnx.serve.models import Limits, ServedModel
+    from scvi_onnx.serve.server import serving_lines
+
+    from ..conftest import MODELS
+
+    peakvi = scvi_onnx.load(MODELS / "pbmc_peakvi", device="cpu")
+    (line,) = serving_lines({"p": ServedModel("p", peakvi, Limits())})
+    assert "(PEAKVI, 2000 regions, version" in line

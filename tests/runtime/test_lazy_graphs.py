@@ -1,0 +1,130 @@
+"""Graphs other than the encoder open on their first run: a call that needs only the encoder
+(the latent space, a latent-only server) never reads the decoder's weights. Their inputs and
+outputs come from the file meanwhile (``sessions.ops.signature``), as ONNX Runtime gives them."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import scvi_onnx
+from scvi_onnx.errors import BundleIntegrityError
+from scvi_onnx.sessions import Graph
+from scvi_onnx.sessions import graph as graph_module
+from scvi_onnx.sessions.ops import file_signature
+
+from ..conftest import MODELS
+
+BUNDLES = ("pbmc_scvi", "pbmc_peakvi", "pbmc_totalvi")
+DATA = {
+    "pbmc_scvi": MODELS / "example" / "pbmc_query.h5ad",
+    "pbmc_peakvi": MODELS / "example" / "pbmc_peaks.h5ad",
+    "pbmc_totalvi": MODELS / "example" / "pbmc_cite.h5ad",
+}
+
+
+def test_signature_read_as_onnxruntime_reads_it():
+    import onnxruntime as ort
+
+    graphs = sorted(MODELS.glob("*/*.onnx"))
+    assert len(graphs) >= 8
+    for p in graphs:
+        s = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        want = (
+            [(i.name, i.shape) for i in s.get_inputs()],
+            [(o.name, o.shape) for o in s.get_outputs()],
+        )
+        assert file_signature(p) == want, p
+
+
+def test_graph_without_initializers_listed_as_inputs(tmp_path):
+    """An older graph may list its initializers among the graph inputs: they are not inputs
+    (ONNX Runtime does not list them either)."""
+    onnx = pytest.importorskip("onnx")
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((3, 2), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n_cells", 3]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [3, 2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n_cells", 2])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "g.onnx"
+    onnx.save(model, path)
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert file_signature(path) == (
+        [(i.name, i.shape) for i in s.get_inputs()],
+        [(o.name, o.shape) for o in s.get_outputs()],
+    )
+    assert file_signature(path)[0] == [("x", ["n_cells", 3])]
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_only_the_encoder_opens_at_load_and_for_the_latent_space(name):
+    model = scvi_onnx.load(MODELS / name, device="cpu")
+    module = model.module
+    others = [g for g in vars(module).values() if isinstance(g, Graph) and g is not module.encoder]
+    assert others and module.encoder.opened and not any(g.opened for g in others)
+    adata = ad.read_h5ad(DATA[name])
+    idx = np.arange(50)
+    z = model.get_latent_representation(adata, indices=idx)
+    assert not any(g.opened for g in others)
+    elbo = model.get_elbo(adata, indices=idx, return_mean=False)
+    assert module.decoder.opened
+    # the same numbers as graphs opened at load
+    eager = scvi_onnx.load(MODELS / name, device="cpu")
+    for key, g in vars(eager.module).items():
+        if isinstance(g, Graph) and not g.opened:
+            assert g.session is not None  # opened now
+            assert g.opened, key
+    np.testing.assert_array_equal(eager.get_latent_representation(adata, indices=idx), z)
+    np.testing.assert_array_equal(eager.get_elbo(adata, indices=idx, return_mean=False), elbo)
+
+
+def test_concurrent_first_runs_open_one_session(monkeypatch):
+    model = scvi_onnx.load(MODELS / "pbmc_scvi", device="cpu")
+    decoder = model.module.decoder
+    created = []
+    create = graph_module.create_session
+
+    def counting(*a, **k):
+        created.append(1)
+        return create(*a, **k)
+
+    monkeypatch.setattr(graph_module, "create_session", counting)
+    barrier = threading.Barrier(8)
+    sessions = []
+
+    def first_use():
+        barrier.wait()
+        sessions.append(decoder.session)
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(created) == 1 and len({id(s) for s in sessions}) == 1
+
+
+def test_a_malformed_graph_is_refused_at_load_without_checksums(tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(MODELS / "pbmc_scvi", bundle)
+    (bundle / "decoder.onnx").write_bytes(b"\x3a\xff\xff\xff\x0f")
+    with pytest.raises(BundleIntegrityError, match="decoder.onnx is not a valid ONNX graph"):
+        scvi_onnx.load(bundle, device="cpu", verify_checksums=False)
+    # with the checksums (the default), the altered file is named before anything is read
+    with pytest.raises(BundleIntegrityError, match="decoder.onnx"):
+        scvi_onnx.load(bundle, device="cpu")

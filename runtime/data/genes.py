@@ -132,7 +132,7 @@ class GeneMatch:
         if not names.is_unique:
             dup = pd.unique(names[names.duplicated()])
             fix = (
-                "call adata.var_names_make_unique() or deduplicate the genes"
+                f"call adata.var_names_make_unique() or deduplicate the {what}"
                 if where == "adata.var_names"
                 else f"deduplicate the {what}"
             )
@@ -204,9 +204,9 @@ class GeneMatch:
         self.order_kept = bool(np.all(np.diff(self.model_pos[by_source]) > 0))
 
     def _hint(self, var, model: pd.Index, where: str, lead: str = "") -> str:
-        """Suggest the var columns that name more of the model's genes than ``where`` does
-        (proteins: rename the input's, which have no ``gene_key``)."""
-        if self.what != "genes":
+        """Suggest the var columns that name more of the model's genes (or regions) than
+        ``where`` does (proteins: rename the input's, which have no ``gene_key``)."""
+        if self.what == "proteins":
             if self.n_found == 0:
                 return (
                     f"{lead}Rename the input's {self.what} to the model's names ({self.what} "
@@ -218,13 +218,14 @@ class GeneMatch:
         if better:
             cols = ", ".join(f"{c!r} ({k} of {model.size})" for c, k in better[:3])
             return (
-                f"{lead}adata.var columns that name the model's genes: {cols}: match by one "
+                f"{lead}adata.var columns that name the model's {self.what}: {cols}: match by one "
                 f"with gene_key={better[0][0]!r} (CLI: --var-column {better[0][0]})"
             )
         if self.n_found == 0:
             return (
-                f"{lead}Match by a var column holding the model's gene identifiers with "
-                "gene_key=... (CLI: --var-column ...), or map the identifiers first"
+                f"{lead}Match by a var column holding the model's {self.what[:-1]} "
+                "identifiers with gene_key=... (CLI: --var-column ...), or map the identifiers "
+                "first"
             )
         return ""
 

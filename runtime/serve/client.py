@@ -431,6 +431,7 @@ class RemoteModel:
         from ..data.mudata import split_input
         from ..data.proteins import ProteinReader, obsm_proteins
         from ..data.readers import MatrixReader
+        from ..models.registry import feature_name
 
         if dataloader is not None:
             raise InvalidArgumentError(
@@ -464,6 +465,7 @@ class RemoteModel:
             self.genes,
             missing_genes=missing_genes,
             min_gene_overlap=min_gene_overlap,
+            what=feature_name(self.model_class),
             where=where,
             var=data.var,
         )

@@ -70,13 +70,28 @@ class Graph:
             self._session, self.provider = create_session(
                 self.path, device, intra_op_threads=intra_op_threads
             )
-            inputs = [(i.name, i.shape) for i in self._session.get_inputs()]
-            outputs = [(o.name, o.shape) for o in self._session.get_outputs()]
+            inputs, outputs = self._session_io()
+        self._set_io(inputs, outputs)
+        found = self._position_dependent_ops() if self.provider != CUDA else []
+        self._pad_axes = self._padding_axes(found)
+        if lazy and found and self._pad_axes is None:
+            # the file does not name the axes ONNX Runtime would infer (a bundle the exporter
+            # did not write): open now and pad by ONNX Runtime's shapes, as an eager graph does
+            self._set_io(*self._session_io(self.session))
+            self._pad_axes = self._padding_axes(found)
+
+    def _session_io(self, session=None) -> tuple[list, list]:
+        session = session or self._session
+        return (
+            [(i.name, i.shape) for i in session.get_inputs()],
+            [(o.name, o.shape) for o in session.get_outputs()],
+        )
+
+    def _set_io(self, inputs: list, outputs: list) -> None:
         self._input_shapes = dict(inputs)
         self._output_shapes = [shape for _, shape in outputs]
         self.inputs = tuple(name for name, _ in inputs)
         self.outputs = tuple(name for name, _ in outputs)
-        self._pad_axes = self._padding_axes() if self.provider != CUDA else None
 
     @property
     def session(self):
@@ -100,15 +115,20 @@ class Graph:
         """Whether the session exists (a ``lazy`` graph opens on its first run)."""
         return self._session is not None
 
-    def _padding_axes(self) -> tuple[dict[str, int], dict[str, int], tuple[int, ...]] | None:
-        """``(input -> cells axis, input -> samples axis, output cells axes)`` when this graph
-        runs padded, else ``None``."""
+    def _position_dependent_ops(self) -> list[str]:
+        """The graph's operators in :data:`~.ops.POSITION_DEPENDENT_OPS`, sorted."""
         try:
             ops = file_op_types(self.path)
         except (OSError, ValueError) as e:  # the session loaded it: an unusual encoding
             logger.warning("cannot list the operators of %s (%s): runs unpadded", self.path, e)
-            return None
-        found = sorted(ops & POSITION_DEPENDENT_OPS)
+            return []
+        return sorted(ops & POSITION_DEPENDENT_OPS)
+
+    def _padding_axes(
+        self, found: list[str]
+    ) -> tuple[dict[str, int], dict[str, int], tuple[int, ...]] | None:
+        """``(input -> cells axis, input -> samples axis, output cells axes)`` when this graph
+        runs padded (it holds the position-dependent operators ``found``), else ``None``."""
         if not found:
             return None
 

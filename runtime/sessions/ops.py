@@ -168,7 +168,7 @@ def _value_info(info: memoryview) -> tuple[str, list]:
 def _dimension(dim: memoryview) -> int | str | None:
     for field, wire, value in _fields(dim):
         if field == _DIM_VALUE and wire == _VARINT:
-            return value
+            return value if value < 1 << 63 else None  # a negative int64: no size
         if field == _DIM_PARAM and wire == _LEN:
             return bytes(value).decode("utf-8", "replace")
     return None
@@ -176,22 +176,29 @@ def _dimension(dim: memoryview) -> int | str | None:
 
 def _read_mapped(path: str | Path, parse):
     """``parse`` of an ``.onnx`` file, memory-mapped: the weights are skipped by their
-    length, never read (a 100,000-region PEAKVI graph is 126 MB)."""
+    length, never read (a 100,000-region PEAKVI graph is 126 MB). A file system that cannot
+    map files gets the file read whole instead."""
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return parse(b"")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            view = memoryview(m)
-            message = None
-            try:
-                result = parse(view)
-            except ValueError as e:
-                # the traceback's frames hold slices of the map: keep only the message, so
-                # that they are gone before the map closes
-                message = str(e)
-            view.release()
-    if message is not None:
-        raise _Malformed(message)
+        try:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError:  # e.g. FUSE with direct_io (ENODEV)
+            return parse(f.read())
+    with m:
+        view = memoryview(m)
+        error = None
+        try:
+            result = parse(view)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the map closes
+            # its traceback's frames hold slices of the map, which could not close while
+            # they live: drop the traceback first
+            error = e.with_traceback(None)
+        view.release()
+    if error is not None:
+        if isinstance(error, (ValueError, RecursionError)):  # RecursionError: nested too deep
+            raise _Malformed(str(error))
+        raise error
     return result
 
 

@@ -128,3 +128,83 @@ def test_a_malformed_graph_is_refused_at_load_without_checksums(tmp_path):
     # with the checksums (the default), the altered file is named before anything is read
     with pytest.raises(BundleIntegrityError, match="decoder.onnx"):
         scvi_onnx.load(bundle, device="cpu")
+
+
+def _softplus_graph(tmp_path, output_shape):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Softplus", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n_cells", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "g.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("output_shape", [None, [None, 3]])
+def test_a_lazy_graph_pads_as_an_eager_one_where_the_file_names_no_axis(tmp_path, output_shape):
+    """An output the file leaves without a named cells axis (ONNX Runtime infers one): the
+    lazy graph opens at once and pads by ONNX Runtime's shapes (it ran unpadded)."""
+    path = _softplus_graph(tmp_path, output_shape)
+    eager, lazy = Graph(path, "cpu"), Graph(path, "cpu", lazy=True)
+    assert eager.pads_cells and lazy.pads_cells and lazy.opened
+    x = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32) * 10
+    np.testing.assert_array_equal(eager.run({"x": x})["y"], lazy.run({"x": x})["y"])
+
+
+def test_signature_of_a_negative_dimension_is_none_as_onnxruntime_gives_it(tmp_path):
+    path = _softplus_graph(tmp_path, ["n_cells", 3])
+    import onnx
+
+    model = onnx.load(path)
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = -1
+    onnx.save(model, path)
+    assert file_signature(path)[1] == [("y", ["n_cells", None])]
+
+
+def test_files_that_cannot_be_mapped_are_read(tmp_path, monkeypatch):
+    import mmap
+
+    from scvi_onnx.sessions import ops
+
+    path = MODELS / "pbmc_totalvi" / "decoder.onnx"
+    want = ops.file_op_types(path), ops.file_signature(path)
+
+    def refuse(*a, **k):
+        raise OSError(19, "No such device")  # FUSE with direct_io
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    assert (ops.file_op_types(path), ops.file_signature(path)) == want
+
+
+def test_too_deeply_nested_graph_is_a_value_error(tmp_path):
+    """A parse that fails other than with ValueError (here RecursionError) is not turned into
+    a BufferError by the map it reads (its traceback held slices of it)."""
+    from scvi_onnx.sessions.ops import file_op_types
+
+    # 2,000 nested If subgraphs: ModelProto.graph > NodeProto (op If) > attribute g > ...
+    def varint(n):
+        out = bytearray()
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out.append(b | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    def field(number, payload):
+        return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+    graph = field(1, field(4, b"Relu"))
+    for _ in range(2000):
+        node = field(4, b"If") + field(5, field(6, graph))
+        graph = field(1, node)
+    path = tmp_path / "deep.onnx"
+    path.write_bytes(field(7, graph))
+    with pytest.raises(ValueError):
+        file_op_types(path)

@@ -535,3 +535,26 @@ def test_missing_regions_are_named_regions_and_never_rounded_to_all_found(model,
     assert "genes" not in msg.split("missing_genes=")[0]
     assert _percent(99_990, 100_000) == "99.9%" and _percent(100_000, 100_000) == "100.0%"
     assert _percent(1, 100_000) == "<0.1%" and _percent(0, 10) == "0.0%"
+
+
+def test_regions_named_in_a_var_column_get_the_var_column_hint(model, cells):
+    """A PEAKVI's regions are matched like genes: region names held in a var column are
+    suggested as gene_key (not the protein advice)."""
+    from scvi_onnx.errors import InputDataError, MissingGenesError
+
+    b = cells[:5].copy()
+    b.var["region_id"] = b.var_names.astype(str)
+    b.var_names = [f"r{i}" for i in range(b.n_vars)]
+    with pytest.raises(MissingGenesError, match="gene_key='region_id'") as e:
+        model.get_latent_representation(b)
+    assert "model.proteins" not in str(e.value) and "model's regions" in str(e.value)
+    np.testing.assert_array_equal(
+        model.get_latent_representation(b, gene_key="region_id"),
+        model.get_latent_representation(cells[:5].copy()),
+    )
+    d = cells[:5].copy()
+    names = d.var_names.astype(str).tolist()
+    names[1] = names[0]
+    d.var_names = names
+    with pytest.raises(InputDataError, match="deduplicate the regions"):
+        model.get_latent_representation(d)

@@ -105,7 +105,7 @@ class VAE(Module):
         if self.learned_library:
             self._lib_means = self.arrays[F.ARR_LIB_MEANS].reshape(-1).astype(np.float64)
             self._lib_vars = self.arrays[F.ARR_LIB_VARS].reshape(-1).astype(np.float64)
-        width = self.encoder.session.get_inputs()[0].shape[-1]
+        width = self.encoder.input_shape(self.encoder.inputs[0])[-1]
         if width not in (self._n_genes, None, "n_genes"):
             raise BundleIntegrityError(
                 f"{F.ENCODER_FILE} takes {width} genes but the manifest lists "

@@ -311,3 +311,28 @@ def test_graph_that_is_not_onnx_is_a_typed_error(capsys, tmp_path, out_dir):
     (bundle / B.ENCODER_FILE).write_bytes(b"not an onnx graph" * 10)
     reseal(bundle, B.ENCODER_FILE)
     assert_bundle_refused(capsys, bundle, out_dir, BundleError, B.ENCODER_FILE)
+
+
+@pytest.mark.parametrize("name", SHIPPED_FILES)
+def test_damage_found_when_hashed_on_threads(tmp_path, monkeypatch, name):
+    """Large bundles are hashed on several threads: a damaged file is refused the same way,
+    and an unreadable one is a BundleError naming it."""
+    from scvi_onnx.bundle import files
+
+    monkeypatch.setattr(files, "PARALLEL_HASH_BYTES", 0)
+    monkeypatch.setattr(files.os, "cpu_count", lambda: 4)
+    bundle = copy_bundle(tmp_path)
+    scvi_onnx.load(bundle, device="cpu")  # whole: loads
+    flip(bundle / name)
+    with pytest.raises(BundleIntegrityError, match=f"{name} is altered or truncated"):
+        scvi_onnx.load(bundle, device="cpu")
+    real = files.sha256_file
+
+    def unreadable(path, *a, **k):
+        if Path(path).name == name:
+            raise PermissionError(13, "Permission denied")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(files, "sha256_file", unreadable)
+    with pytest.raises(BundleError, match=f"cannot read bundle file {name}.*Permission denied"):
+        scvi_onnx.load(bundle, device="cpu")

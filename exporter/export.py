@@ -28,7 +28,7 @@ from scvi_onnx.bundle import Manifest, read_config, sha256_file
 from scvi_onnx.bundle import format as F
 from scvi_onnx.errors import ExportValidationError, InvalidArgumentError, UnsupportedModelError
 from scvi_onnx.models.registry import MODELS, entry
-from scvi_onnx.selfcheck import VerifyRow, deviation
+from scvi_onnx.selfcheck import VerifyRow, deviation, product_deviation
 
 from .precision import float32_spread, within_rounding
 from .provenance import folder_provenance, model_provenance
@@ -194,13 +194,27 @@ def _export(model, out: Path, *, adata, atol, rtol, seed, reproduce) -> Path:
     try:
         for g in graphs:
             trace(g.module, g.io, g.feeds, tmp / g.file)
+        layers = _input_layers(tmp, graphs)
         reports, widened = _validate(spec, tmp, config, arrays, graphs, probe_arrays, atol, rtol)
+        reports += [r for _, r in layers.values()]
         np.savez(tmp / F.ARRAYS_FILE, **arrays)
         probes: dict[str, np.ndarray] = {}
         for g in graphs:
             probes |= g.probes()
         np.savez_compressed(tmp / F.PROBES_FILE, **(probes | probe_arrays))
-        _write_manifest(tmp, manifest, graphs, arrays, extra, reports, widened, atol, rtol, seed)
+        _write_manifest(
+            tmp,
+            manifest,
+            graphs,
+            arrays,
+            extra,
+            reports,
+            widened,
+            atol,
+            rtol,
+            seed,
+            {name: entry for name, (entry, _) in layers.items()},
+        )
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is a normal folder
@@ -216,6 +230,60 @@ def _export(model, out: Path, *, adata, atol, rtol, seed, reproduce) -> Path:
                 continue
         raise
     logger.info("wrote bundle %s", out)
+    return out
+
+
+def _input_layers(folder: Path, graphs) -> dict[str, tuple[dict, dict]]:
+    """Each sparse graph's manifest ``input_layer`` entry and a validation report.
+
+    The first layer's weight is found among the full graph's initializers (by value: the
+    name is torch's), read back as the runtime reads it (memory-mapped from the file), and
+    its product over the probe cells' non-zero entries checked against the exact (float64)
+    one (:func:`~scvi_onnx.selfcheck.product_deviation`)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from scvi_onnx.data import Entries
+    from scvi_onnx.sessions.input_layer import InputLayer
+
+    out = {}
+    by_name = {g.name: g for g in graphs}
+    for g in graphs:
+        if g.input_layer is None:
+            continue
+        full_name, w, rows = g.input_layer
+        full = by_name[full_name]
+        want = w.detach().cpu().numpy()
+        model = onnx.load(str(folder / full.file))
+        name = None
+        for init in model.graph.initializer:
+            if len(init.dims) == 2 and init.dims[0] >= rows and init.dims[1] == want.shape[1]:
+                if np.array_equal(numpy_helper.to_array(init)[:rows], want):
+                    name = init.name
+                    break
+        if name is None:
+            raise ExportValidationError(
+                f"{full.file} holds no initializer equal to the first layer's weight "
+                f"{tuple(want.shape)} that {g.file} leaves out: please report this"
+            )
+        layer = InputLayer(folder / full.file, name, rows)
+        if not np.array_equal(layer.weight, want):
+            raise ExportValidationError(
+                f"{full.file}: initializer {name!r} reads back other values than were traced; "
+                "please report this"
+            )
+        x = np.ascontiguousarray(full.feeds[F.IN_X], dtype=np.float32)
+        got = layer.product(Entries.from_dense(x))
+        exact = x.astype(np.float64) @ want.astype(np.float64)
+        magnitude = np.abs(x).astype(np.float64) @ np.abs(want).astype(np.float64)
+        row = product_deviation(f"{g.name}.{F.IN_X_PRODUCT}", got, exact, magnitude)
+        if not row.ok:
+            raise ExportValidationError(
+                f"the sparse product of {g.name} does not match the dense one: "
+                f"{json.dumps(asdict(row))}; please report this"
+            )
+        entry = {"graph": full_name, "initializer": name, "rows": int(rows)}
+        out[g.name] = (entry, asdict(row))
     return out
 
 
@@ -302,7 +370,7 @@ def _validate(
 
 
 def _write_manifest(
-    folder, manifest, graphs, arrays, extra, reports, widened, atol, rtol, seed
+    folder, manifest, graphs, arrays, extra, reports, widened, atol, rtol, seed, layers
 ) -> None:
     import onnx
     import onnxruntime as ort
@@ -311,7 +379,12 @@ def _write_manifest(
     from scvi_onnx import __version__
 
     graph_entries: dict[str, Any] = {
-        g.name: {"file": g.file, "inputs": list(g.io.inputs), "outputs": list(g.io.outputs)}
+        g.name: {
+            "file": g.file,
+            "inputs": list(g.io.inputs),
+            "outputs": list(g.io.outputs),
+            **({F.INPUT_LAYER: layers[g.name]} if g.name in layers else {}),
+        }
         for g in graphs
     }
     files = (*(g.file for g in graphs), F.ARRAYS_FILE, F.PROBES_FILE)

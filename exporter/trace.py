@@ -22,6 +22,7 @@ _SAMPLES_CELLS = {0: "n_samples", 1: "n_cells"}
 DYNAMIC_AXES: dict[str, dict[int, str]] = {
     F.IN_X: _CELLS,
     F.IN_X_LOG1P: _CELLS,
+    F.IN_X_PRODUCT: _CELLS,
     F.IN_COUNTS: _CELLS,
     F.IN_LABELS: _CELLS,
     F.IN_CONT: _CELLS,

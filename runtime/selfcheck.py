@@ -97,6 +97,39 @@ def deviation(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: f
     )
 
 
+#: A first layer's product ``x @ W`` against another float32 computation of it: within this
+#: fraction of ``|x| @ |W|``, the sum of its terms' magnitudes (float32 sums in another order
+#: differ by a few units of float32 rounding of that sum, not of the result, which
+#: cancellation can make small).
+PRODUCT_RTOL = 1e-5
+
+
+def product_deviation(
+    name: str, got: np.ndarray, want: np.ndarray, magnitude: np.ndarray
+) -> VerifyRow:
+    """``got`` against ``want`` within :data:`PRODUCT_RTOL` of ``magnitude`` (``|x| @ |W|``),
+    entry by entry; ``max_rel_diff`` is the largest difference in units of ``magnitude``."""
+    got64, want64 = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got64.shape != want64.shape:
+        reason = f"shape {got64.shape} != {want64.shape}"
+        return VerifyRow(name, float("inf"), float("inf"), 0.0, PRODUCT_RTOL, False, reason)
+    diff = np.abs(got64 - want64)
+    rel = diff / np.maximum(np.asarray(magnitude, np.float64), 1e-30)
+    finite = bool(np.isfinite(diff).all())
+    n_far = int((~(rel <= PRODUCT_RTOL)).sum())
+    ok = finite and n_far == 0
+    reason = "" if ok else f"{n_far} of {diff.size} entries beyond {PRODUCT_RTOL} x |x| @ |W|"
+    return VerifyRow(
+        name,
+        float(diff.max(initial=0.0)),
+        float(rel.max(initial=0.0)),
+        0.0,
+        PRODUCT_RTOL,
+        ok,
+        reason,
+    )
+
+
 def verify(
     path: str | Path,
     device: str = "cpu",
@@ -172,4 +205,33 @@ def verify(
             )
             want = probes[theta_key]
             rows.append(check("theta", np.broadcast_to(theta, want.shape), want))
+        layer = manifest.graphs[graph].get(F.INPUT_LAYER)
+        if layer is not None:
+            rows.append(_input_layer_row(contents, graph, layer, probes))
     return VerifyReport(str(root), provider or "", tuple(rows))
+
+
+def _input_layer_row(contents, graph: str, layer: dict, probes) -> VerifyRow:
+    """A sparse graph's first layer as the runtime computes it (``x @ W`` from the non-zero
+    entries of the full graph's probe input, ``W`` read from the full graph's file) against
+    the ``x_w`` probe its outputs were checked with."""
+    from .data import Entries
+    from .sessions.input_layer import InputLayer
+
+    manifest = contents.manifest
+    try:
+        full = layer["graph"]
+        x = np.ascontiguousarray(probes[F.probe_name(full, "in", F.IN_X)], dtype=np.float32)
+        want = probes[F.probe_name(graph, "in", F.IN_X_PRODUCT)]
+        w = InputLayer(
+            contents.path / manifest.graph_file(full), layer["initializer"], layer["rows"]
+        )
+    except (KeyError, TypeError) as e:
+        raise BundleIntegrityError(
+            f"the manifest's {graph} entry or its probes do not describe its first layer "
+            f"({e!r}); re-export the bundle"
+        ) from None
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(w.weight).astype(np.float64)
+    return product_deviation(
+        f"{graph}.{F.IN_X_PRODUCT}", w.product(Entries.from_dense(x)), want, magnitude
+    )

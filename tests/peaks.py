@@ -35,3 +35,35 @@ def peaks(n_regions: int | None = None):
     """A fresh copy of the PEAKVI test cells (the first ``n_regions`` regions, or all)."""
     a = _peaks()
     return (a if n_regions is None else a[:, :n_regions]).copy()
+
+
+def export_sparse_peakvi(out, n_regions: int | None = None, epochs: int = 2, **model_kw):
+    """A small PEAKVI trained on these cells (batch, a categorical and a continuous covariate,
+    ``encode_covariates``) exported with the sparse encoders, which an export writes from
+    10,000 regions (here at any size). Needs torch and scvi-tools."""
+    import warnings
+
+    import pytest
+    import scvi
+
+    from scvi_onnx.exporter import export_model
+    from scvi_onnx.exporter.parity import QUIET_TRAINING
+    from scvi_onnx.exporter.specs import peakvae as spec
+
+    adata = peaks(n_regions)
+    scvi.model.PEAKVI.setup_anndata(
+        adata,
+        batch_key="batch",
+        categorical_covariate_keys=["donor"],
+        continuous_covariate_keys=["pct"],
+    )
+    scvi.settings.seed = 0
+    kw = dict(n_hidden=16, n_latent=5, encode_covariates=True) | model_kw
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = scvi.model.PEAKVI(adata, **kw)
+        model.train(max_epochs=epochs, **QUIET_TRAINING)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spec, "SPARSE_MIN_REGIONS", 0)
+        path = export_model(model, out)
+    return path, model, adata

@@ -140,7 +140,11 @@ class FoldedLayer(nn.Module):
         self.n_out = parts.weight.shape[0]
 
     def forward(self, x: torch.Tensor, cats: list[torch.Tensor]) -> torch.Tensor:
-        y = torch.matmul(x, self.weight_t) + self.bias
+        return self.finish(torch.matmul(x, self.weight_t), cats)
+
+    def finish(self, y: torch.Tensor, cats: list[torch.Tensor]) -> torch.Tensor:
+        """Everything after the product ``x @ W``: bias, tables, layer norm, activation."""
+        y = y + self.bias
         for pos, table in zip(self.cat_pos, self.cat_tables, strict=True):
             y = y + table[cats[pos]]  # (N, out), broadcasts over a leading sample axis
         if self.ln_eps is not None:
@@ -158,6 +162,46 @@ class FoldedFC(nn.Module):
 
     def forward(self, x: torch.Tensor, cats: list[torch.Tensor]) -> torch.Tensor:
         for layer in self.layers:
+            x = layer(x, cats)
+        return x
+
+
+class ProductLayer(nn.Module):
+    """A :class:`FoldedLayer` given ``x_w = x[:, :n_x] @ W[:n_x]``, the product over its
+    first ``n_x`` inputs, computed outside the graph (PEAKVI's regions, from the non-zero
+    entries): ``x_w + rest @ W[n_x:]``, then the layer's bias, tables, norm and activation.
+
+    Holds copies of the layer's small parameters only: ``W[:n_x]`` is not in the graph (the
+    runtime reads it from the full graph's file)."""
+
+    def __init__(self, layer: FoldedLayer, n_x: int):
+        super().__init__()
+        w = layer.weight_t.detach()
+        self.rest_t = (
+            nn.Parameter(w[n_x:].clone(), requires_grad=False) if w.shape[0] > n_x else None
+        )
+        # what FoldedLayer.finish reads (the same parameter objects: never modified)
+        self.bias = layer.bias
+        self.cat_pos = list(layer.cat_pos)
+        self.cat_tables = nn.ParameterList(list(layer.cat_tables))
+        self.ln_eps, self.act, self.n_out = layer.ln_eps, layer.act, layer.n_out
+
+    def forward(self, x_w: torch.Tensor, rest, cats: list[torch.Tensor]) -> torch.Tensor:
+        y = x_w if self.rest_t is None else x_w + torch.matmul(rest, self.rest_t)
+        return FoldedLayer.finish(self, y, cats)
+
+
+class ProductFC(nn.Module):
+    """A :class:`FoldedFC` whose first layer is a :class:`ProductLayer`."""
+
+    def __init__(self, fc: FoldedFC, n_x: int):
+        super().__init__()
+        self.first = ProductLayer(fc.layers[0], n_x)
+        self.others = nn.ModuleList(list(fc.layers)[1:])
+
+    def forward(self, x_w: torch.Tensor, rest, cats: list[torch.Tensor]) -> torch.Tensor:
+        x = self.first(x_w, rest, cats)
+        for layer in self.others:
             x = layer(x, cats)
         return x
 
@@ -195,7 +239,10 @@ class GaussianHead(nn.Module):
         self.var_act = var_activation_name(encoder)
 
     def forward(self, x, cats):
-        q = self.fc(x, cats)
+        return self.finish(self.fc(x, cats))
+
+    def finish(self, q):
+        """``(q_m, q_v)`` from the last hidden layer."""
         v = self.var(q)
         v = torch.exp(v) if self.var_act == "exp" else nn.functional.softplus(v)
         return self.mean(q), v + self.var_eps

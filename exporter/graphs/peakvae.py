@@ -23,7 +23,7 @@ from scvi_onnx.bundle import format as F
 from scvi_onnx.errors import UnsupportedModelError
 
 from . import GraphIO
-from .layers import FoldedFC, GaussianHead, copy_linear
+from .layers import FoldedFC, GaussianHead, ProductFC, copy_linear
 
 
 def _first_linear_inputs(fc) -> int:
@@ -78,7 +78,10 @@ class SigmoidHead(nn.Module):
                 self.out.bias.neg_()
 
     def forward(self, h, cats):
-        return sigmoid_of_negated(self.out(self.fc(h, cats)))
+        return self.finish(self.fc(h, cats))
+
+    def finish(self, q):
+        return sigmoid_of_negated(self.out(q))
 
 
 class _EncoderInput(nn.Module):
@@ -124,6 +127,40 @@ class DepthGraph(_EncoderInput):
 
     def forward(self, *args):
         return self.d(*self.inputs(args))
+
+
+class _SparseInput(nn.Module):
+    """What the sparse graphs read: ``x_w = x @ W`` (the first layer's product over the
+    regions, computed by the runtime), the continuous covariates (their rows of ``W`` stay
+    here) and the categorical covariates, with ``encode_covariates``."""
+
+    def __init__(self, full: _EncoderInput, head: nn.Module, io: GraphIO, n_regions: int):
+        super().__init__()
+        self.io = io
+        self.n_cat_covs = full.n_cat_covs
+        self.encode_covariates = full.encode_covariates
+        self.fc = ProductFC(head.fc, n_regions)
+        self.head = head  # its finish(); its first layer's weights are not traced
+
+    def forward(self, *args):
+        feeds = dict(zip(self.io.inputs, args, strict=True))
+        rest, cats = None, []
+        if self.encode_covariates:
+            rest = feeds.get(F.IN_CONT)
+            cats = _cats(feeds, self.n_cat_covs)
+        return self.head.finish(self.fc(feeds[F.IN_X_PRODUCT], rest, cats))
+
+
+def sparse_graph(full: EncoderGraph | DepthGraph, io: GraphIO, n_regions: int) -> _SparseInput:
+    """The encoder (or depth encoder) after its first layer's product over the regions."""
+    head = full.z if isinstance(full, EncoderGraph) else full.d
+    return _SparseInput(full, head, io, n_regions)
+
+
+def first_layer_weight(full: EncoderGraph | DepthGraph) -> torch.Tensor:
+    """The full graph's first-layer weight ``(n_in, H)``, as traced into its file."""
+    head = full.z if isinstance(full, EncoderGraph) else full.d
+    return head.fc.layers[0].weight_t
 
 
 class DecoderGraph(nn.Module):

@@ -18,11 +18,24 @@ from scvi_onnx.selfcheck import VerifyRow, deviation
 
 from .. import inspect
 from ..graphs import GraphIO
-from ..graphs.peakvae import DecoderGraph, DepthGraph, EncoderGraph, ScoreGraph
+from ..graphs.peakvae import (
+    DecoderGraph,
+    DepthGraph,
+    EncoderGraph,
+    ScoreGraph,
+    first_layer_weight,
+    sparse_graph,
+)
 from ..precision import within_rounding
 from ..probes import N_PROBE_SAMPLES, module_eval, probe_cells, to_torch
 from .base import ExportSpec, GraphExport
 from .vae import feeds
+
+#: Regions from which a PEAKVI bundle also gets the sparse encoders (``encoder_sparse.onnx``,
+#: ``depth_sparse.onnx``): the runtime then computes the first layer's product from the
+#: non-zero entries on the CPU. Below it the dense product is as fast (small weights stay in
+#: cache). See ``scvi_onnx.models.peakvae``.
+SPARSE_MIN_REGIONS = 10_000
 
 
 class PEAKVISpec(ExportSpec):
@@ -131,6 +144,8 @@ class PEAKVISpec(ExportSpec):
                     "depth", depth_graph, depth_io, feeds(depth_io, t, {}), {F.OUT_DEPTH: depth}
                 )
             )
+        if config["n_input"] >= SPARSE_MIN_REGIONS:
+            graphs += self._sparse_graphs(graphs, config["n_input"])
         graphs += [
             GraphExport("decoder", dec_graph, dec_io, dec_feeds, {F.OUT_PX: px}),
             GraphExport(
@@ -142,6 +157,31 @@ class PEAKVISpec(ExportSpec):
             ),
         ]
         return graphs, {F.PROBE_BATCH: t["batch"], F.PROBE_LABELS: t["labels"]}
+
+    @staticmethod
+    def _sparse_graphs(full: list[GraphExport], n_regions: int) -> list[GraphExport]:
+        """``encoder_sparse`` (and ``depth_sparse``): the full graphs after their first
+        layer's product over the regions, fed ``x @ W`` of the probe cells."""
+        out = []
+        for g in full:
+            io = GraphIO(
+                tuple(F.IN_X_PRODUCT if k == F.IN_X else k for k in g.io.inputs), g.io.outputs
+            )
+            w = first_layer_weight(g.module).detach()[:n_regions]
+            x = np.ascontiguousarray(g.feeds[F.IN_X], dtype=np.float32)
+            feeds = {k: v for k, v in g.feeds.items() if k != F.IN_X}
+            feeds[F.IN_X_PRODUCT] = x @ w.numpy()
+            out.append(
+                GraphExport(
+                    f"{g.name}_sparse",
+                    sparse_graph(g.module, io, n_regions),
+                    io,
+                    feeds,
+                    g.reference,
+                    input_layer=(g.name, w, n_regions),
+                )
+            )
+        return out
 
     def reference(self, config, t, rng):
         """scvi-tools' own module on the probes: ``q(z | x)``, ``d``, and ``px`` at probe z.

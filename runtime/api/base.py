@@ -92,6 +92,11 @@ class OnnxVAEModel:
         Where ``log p(x | z)`` is summed over genes: ``"auto"`` (the bundle's scoring graph
         on CUDA, so decoder outputs never come back to the host; numpy on the CPU),
         ``"host"`` or ``"graph"``.
+    input_layer
+        How a PEAKVI's encoders multiply the regions: ``"auto"`` (from the non-zero entries
+        on the CPU where the bundle has the sparse encoders: PEAKVI on 10,000 regions or
+        more; the dense minibatch on CUDA), ``"sparse"`` or ``"dense"``. The two differ by
+        float32 rounding. Other models have one way.
     expected_digest
         Refuse any bundle whose digest (:attr:`digest`) is not this one.
 
@@ -118,6 +123,7 @@ class OnnxVAEModel:
         intra_op_threads: int | None = None,
         n_threads: int | None = None,
         scoring: str = "auto",
+        input_layer: str = "auto",
         expected_digest: str | None = None,
     ):
         self.path = Path(path)
@@ -130,7 +136,11 @@ class OnnxVAEModel:
         n_threads = check_positive_int("n_threads", n_threads, allow_none=True)
         module_cls = model_entry.load("module")
         self.module: Module = module_cls(
-            contents, device=device, intra_op_threads=intra_op_threads, scoring=scoring
+            contents,
+            device=device,
+            intra_op_threads=intra_op_threads,
+            scoring=scoring,
+            input_layer=input_layer,
         )
         self.provider = self.module.provider
         self.engine = Engine.for_provider(self.provider, n_threads)
@@ -140,6 +150,7 @@ class OnnxVAEModel:
             "device": device,
             "intra_op_threads": intra_op_threads,
             "scoring": scoring,
+            "input_layer": input_layer,
         }
         logger.info("loaded %s (%s) on %s", self.path, self.manifest.model_class, self.provider)
 
@@ -562,6 +573,7 @@ def load(
     intra_op_threads: int | None = None,
     n_threads: int | None = None,
     scoring: str = "auto",
+    input_layer: str = "auto",
     expected_digest: str | None = None,
 ) -> OnnxVAEModel:
     """Load a scvi-onnx bundle as the runtime class of its model.
@@ -591,6 +603,11 @@ def load(
     scoring
         Where ``log p(x | z)`` is summed over genes: ``"auto"`` (the bundle's scoring graph on
         CUDA, numpy on the CPU), ``"host"`` or ``"graph"``.
+    input_layer
+        How a PEAKVI's encoders multiply the regions: ``"auto"`` (from the non-zero entries
+        on the CPU where the bundle has the sparse encoders: PEAKVI on 10,000 regions or
+        more; the dense minibatch on CUDA), ``"sparse"`` or ``"dense"``. The two differ by
+        float32 rounding. Other models have one way.
     expected_digest
         The bundle's pinned digest (``sha256:...``, as ``scvi-onnx info`` shows it): any
         other bundle is refused, as container images are pinned by digest. The checksums
@@ -620,5 +637,6 @@ def load(
         intra_op_threads=intra_op_threads,
         n_threads=n_threads,
         scoring=scoring,
+        input_layer=input_layer,
         expected_digest=expected_digest,
     )

@@ -15,6 +15,11 @@ runtime reads it. A bundle folder holds:
     the depth factor ``d`` of each cell (the latent space does not need it, so it is a graph of
     its own); PEAKVI's decoder gives the accessibility probability ``px`` of every region (the
     model's "genes").
+``encoder_sparse.onnx``, ``depth_sparse.onnx`` (optional; PEAKVI on many regions)
+    the encoder and the depth encoder after their first layer's product over the regions,
+    ``x_w = x @ W`` (``x_w`` (N, H) in, the same outputs): on the CPU the runtime computes
+    ``x_w`` from the non-zero entries (scATAC input is a few percent non-zero), ``W`` read
+    from the full graph's file (its initializer named in the manifest: never stored twice).
 ``classifier.onnx``, ``z2_encoder.onnx``, ``z1_decoder.onnx`` (SCANVI)
     the classifier ``q(y | z1)``, ``q(z2 | z1, y)`` and ``p(z1 | z2, y)`` for every label.
 ``arrays.npz``
@@ -42,6 +47,8 @@ CLASSIFIER_FILE = "classifier.onnx"
 Z2_ENCODER_FILE = "z2_encoder.onnx"
 Z1_DECODER_FILE = "z1_decoder.onnx"
 DEPTH_FILE = "depth.onnx"
+ENCODER_SPARSE_FILE = "encoder_sparse.onnx"
+DEPTH_SPARSE_FILE = "depth_sparse.onnx"
 ARRAYS_FILE = "arrays.npz"
 PROBES_FILE = "probes.npz"
 
@@ -104,6 +111,14 @@ OUT_PY_MIXING = "py_mixing"
 IN_DEPTH = "depth"
 OUT_DEPTH = "depth"
 OUT_PX = "px"
+#   encoder_sparse.onnx  x_w (N, H) [+ covariates] -> qz_m, qz_v   (the encoder after x @ W)
+#   depth_sparse.onnx    x_w (N, H) [+ covariates] -> depth (N, 1)
+#: The first layer's product over the regions, ``x @ W`` (the rows of ``W`` for the regions;
+#: the continuous covariates' rows, the bias and the categorical tables stay in the graph).
+IN_X_PRODUCT = "x_w"
+#: A sparse graph's manifest entry names where ``W`` is: ``{"graph": <full graph>,
+#: "initializer": <name>, "rows": <regions>}`` (``W`` is the initializer's first ``rows`` rows).
+INPUT_LAYER = "input_layer"
 
 # ---- arrays.npz ----------------------------------------------------------------------------
 ARR_PX_R = "px_r"
@@ -133,6 +148,8 @@ GRAPH_FILES = {
     "z2_encoder": Z2_ENCODER_FILE,
     "z1_decoder": Z1_DECODER_FILE,
     "depth": DEPTH_FILE,
+    "encoder_sparse": ENCODER_SPARSE_FILE,
+    "depth_sparse": DEPTH_SPARSE_FILE,
 }
 #: Graph name -> prefix of its probe arrays in probes.npz (inputs ``<prefix>_in.<name>``,
 #: torch outputs ``<prefix>_out.<name>``).
@@ -144,6 +161,8 @@ PROBE_PREFIXES = {
     "z2_encoder": "z2e",
     "z1_decoder": "z1d",
     "depth": "depth",
+    "encoder_sparse": "encs",
+    "depth_sparse": "depths",
 }
 #: Probe arrays that are not graph IO: each probe cell's batch and label codes, and the
 #: decoder's dispersion as scvi-tools computed it (``dec_out.theta``).

@@ -32,17 +32,21 @@ class DataNeeds:
         Refuse cells with zero total counts (their log-library is ``-inf``).
     count_data
         The likelihood is a count likelihood: non-integer values give one warning.
+    latent_entries
+        The encoder reads the entries too (a first layer computed from them: PEAKVI's sparse
+        encoders), so the latent space attaches them.
     """
 
     entries: bool = False
     log_library: bool = False
     positive_library: bool = False
     count_data: bool = True
+    latent_entries: bool = False
 
     def for_latent(self) -> DataNeeds:
-        """What the latent space and predictions need: the checks, no entries, no library
-        (holding the entries longer only keeps memory busy)."""
-        return dataclasses.replace(self, entries=False, log_library=False)
+        """What the latent space and predictions need: the checks, no library, no entries
+        unless the encoder reads them (holding them longer only keeps memory busy)."""
+        return dataclasses.replace(self, entries=self.latent_entries, log_library=False)
 
 
 #: Checks only: no entries, no library (what a plain read needs).

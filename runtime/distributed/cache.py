@@ -47,7 +47,7 @@ class ModelRef:
         Absolute bundle folder (the same path must hold the same bundle on every worker).
     digest
         sha256 of the client's ``manifest.json``.
-    device, intra_op_threads, scoring
+    device, intra_op_threads, scoring, input_layer
         As given to :func:`scvi_onnx.load` on the client.
     task_threads
         Worker threads of one task's engine (1: Dask's worker threads are the parallelism).
@@ -58,6 +58,7 @@ class ModelRef:
     device: str = "cpu"
     intra_op_threads: int | None = None
     scoring: str = "auto"
+    input_layer: str = "auto"
     task_threads: int = 1
 
 
@@ -112,6 +113,7 @@ def _load(ref: ModelRef) -> Any:
         intra_op_threads=ref.intra_op_threads,
         n_threads=ref.task_threads,
         scoring=ref.scoring,
+        input_layer=ref.input_layer,
     )
     logger.info("worker loaded %s (%s) on %s", ref.path, ref.digest[:12], model.provider)
     return model

@@ -230,6 +230,7 @@ def _model_ref(model) -> ModelRef:
         device=device,
         intra_op_threads=opts.get("intra_op_threads"),
         scoring=opts.get("scoring", "auto"),
+        input_layer=opts.get("input_layer", "auto"),
     )
 
 

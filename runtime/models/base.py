@@ -34,7 +34,7 @@ from ..bundle import Manifest, NpzArrays, Registry
 from ..bundle import format as F
 from ..data import DataNeeds, Minibatch
 from ..data.text import cells_phrase, preview
-from ..errors import BundleIntegrityError, DegeneratePosteriorError
+from ..errors import BundleIntegrityError, DegeneratePosteriorError, InvalidArgumentError
 from ..maths import distributions as D
 from ..maths import rng
 from ..sessions import Graph
@@ -148,6 +148,28 @@ class BundleContents:
             return Graph(path, device, intra_op_threads=intra_op_threads)
         device = "cuda" if like.on_cuda else "cpu"
         return Graph(path, device, intra_op_threads=intra_op_threads, lazy=True)
+
+
+#: ``input_layer=`` choices: how the encoders' first layer multiplies the regions.
+INPUT_LAYERS = ("auto", "sparse", "dense")
+
+
+def sparse_wanted(contents: BundleContents, input_layer: str) -> bool:
+    """Whether to open the bundle's sparse encoders: ``"auto"`` where it has them (the
+    caller keeps the dense ones on CUDA), ``"sparse"`` always (an error if it has none),
+    ``"dense"`` never."""
+    if input_layer not in INPUT_LAYERS:
+        raise InvalidArgumentError(
+            f"input_layer must be one of {INPUT_LAYERS}, got {input_layer!r}"
+        )
+    has = contents.manifest.has_graph("encoder_sparse")
+    if input_layer == "sparse" and not has:
+        raise InvalidArgumentError(
+            "input_layer='sparse' but this bundle has no sparse encoders (a PEAKVI exported "
+            "with fewer than 10,000 regions, another model, or an export before scvi-onnx "
+            "0.4); use input_layer='auto' or 'dense'"
+        )
+    return has and input_layer != "dense"
 
 
 class Module(ABC):

@@ -63,6 +63,7 @@ from .base import (
     check_array_shapes,
     covariates_taken,
     library_description,
+    sparse_wanted,
 )
 from .scoring import SCORING, GeneLikelihood
 
@@ -209,9 +210,11 @@ class TOTALVAE(Module):
         device: str = "auto",
         intra_op_threads: int | None = None,
         scoring: str = "auto",
+        input_layer: str = "auto",
     ):
         c: TOTALVAEConfig = contents.config
         self.config = c
+        sparse_wanted(contents, input_layer)  # checks the value; TOTALVI bundles have none
         if scoring not in SCORING:
             raise InvalidArgumentError(f"scoring must be one of {SCORING}, got {scoring!r}")
         if scoring == "graph":

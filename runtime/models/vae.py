@@ -34,6 +34,7 @@ from .base import (
     check_array_shapes,
     covariates_taken,
     library_description,
+    sparse_wanted,
 )
 from .scoring import GeneLikelihood, Scorer, choose_score_graph
 
@@ -84,12 +85,14 @@ class VAE(Module):
         device: str = "auto",
         intra_op_threads: int | None = None,
         scoring: str = "auto",
+        input_layer: str = "auto",
     ):
         c: VAEConfig = contents.config
         self.config = c
         self.arrays = contents.arrays
         self._n_genes = contents.manifest.n_genes
         self._check_arrays(contents)
+        sparse_wanted(contents, input_layer)  # checks the value; these bundles have none
         self.encoder = contents.graph("encoder", device, intra_op_threads)
         self.provider = self.encoder.provider
         self.decoder = contents.graph("decoder", device, intra_op_threads, like=self.encoder)

@@ -174,6 +174,74 @@ def _dimension(dim: memoryview) -> int | str | None:
     return None
 
 
+# TensorProto fields
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_FLOAT_DATA, _TENSOR_RAW_DATA = 1, 2, 4, 9
+_TENSOR_DATA_LOCATION = 14
+#: TensorProto.DataType FLOAT
+FLOAT = 1
+
+
+def _spans(buf: memoryview, start: int, end: int):
+    """``(field number, wire type, value, start, end)`` of one message lying at
+    ``buf[start:end]``: as :func:`_fields`, with each length-delimited value's position in
+    ``buf``."""
+    pos = start
+    while pos < end:
+        tag, pos = _varint(buf, pos)
+        field, wire = tag >> 3, tag & 7
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos)
+            yield field, wire, value, pos, pos
+        elif wire in (_I64, _I32):
+            pos += 8 if wire == _I64 else 4
+            yield field, wire, None, pos, pos
+        elif wire == _LEN:
+            n, pos = _varint(buf, pos)
+            if pos + n > end:
+                raise _Malformed("truncated field")
+            yield field, wire, None, pos, pos + n
+            pos += n
+        else:
+            raise _Malformed(f"unsupported wire type {wire}")
+
+
+def initializer(model: bytes | memoryview, name: str) -> tuple[list[int], int, int, int] | None:
+    """Where initializer ``name`` of a serialized ``ModelProto``'s graph keeps its values:
+    ``(dims, data type, byte offset, byte length)`` of its ``raw_data`` (or packed
+    ``float_data``: the same little-endian bytes) in ``model``; ``None`` when the graph has no
+    initializer of that name or keeps its values elsewhere (external data). Raises
+    ``ValueError`` for bytes that are not a protobuf message."""
+    buf = memoryview(model)
+    for field, wire, _, g0, g1 in _spans(buf, 0, len(buf)):
+        if field != _MODEL_GRAPH or wire != _LEN:
+            continue
+        for f, w, _, t0, t1 in _spans(buf, g0, g1):
+            if f != _GRAPH_INITIALIZER or w != _LEN:
+                continue
+            if _string_field(buf[t0:t1], _TENSOR_NAME) != name:
+                continue
+            dims: list[int] = []
+            dtype, data, external = 0, None, False
+            for tf, tw, value, d0, d1 in _spans(buf, t0, t1):
+                if tf == _TENSOR_DIMS and tw == _VARINT:
+                    dims.append(value)
+                elif tf == _TENSOR_DIMS and tw == _LEN:  # packed
+                    pos = d0
+                    while pos < d1:
+                        v, pos = _varint(buf, pos)
+                        dims.append(v)
+                elif tf == _TENSOR_DATA_TYPE and tw == _VARINT:
+                    dtype = value
+                elif tf in (_TENSOR_RAW_DATA, _TENSOR_FLOAT_DATA) and tw == _LEN:
+                    data = (d0, d1 - d0)
+                elif tf == _TENSOR_DATA_LOCATION and tw == _VARINT:
+                    external = value == 1
+            if data is None or external:
+                return None
+            return dims, dtype, data[0], data[1]
+    return None
+
+
 def _read_mapped(path: str | Path, parse):
     """``parse`` of an ``.onnx`` file, memory-mapped: the weights are skipped by their
     length, never read (a 100,000-region PEAKVI graph is 126 MB). A file system that cannot

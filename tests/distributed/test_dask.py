@@ -566,13 +566,30 @@ def test_reference_mapping_options_through_dask(client, model, mem):
     )
 
 
-def test_peakvi_through_dask(client):
-    """PEAKVI (regions as genes, a depth encoder, no library size): per-cell latent, ELBO and
-    marginal LL bit-identical to the in-memory run."""
+@pytest.fixture(scope="module", params=["shipped", "sparse encoders"])
+def peakvi_bundle(request, tmp_path_factory):
+    """The shipped PEAKVI, and one with the sparse encoders (x @ W from the non-zero entries
+    on the CPU: the workers compute it as the client does)."""
     from ..conftest import ROOT
 
-    peakvi = scvi_onnx.load(ROOT / "models" / "pbmc_peakvi", device="cpu")
-    cells = ad.read_h5ad(ROOT / "models" / "example" / "pbmc_peaks.h5ad")[:150].copy()
+    if request.param == "shipped":
+        return ROOT / "models" / "pbmc_peakvi", False
+    require("scvi")
+    from ..peaks import export_sparse_peakvi
+
+    return export_sparse_peakvi(tmp_path_factory.mktemp("sparse") / "b")[0], True
+
+
+def test_peakvi_through_dask(client, peakvi_bundle, tmp_path):
+    """PEAKVI (regions as genes, a depth encoder, no library size): per-cell latent, ELBO and
+    marginal LL bit-identical to the in-memory run."""
+    from ..peaks import peaks
+
+    path, sparse = peakvi_bundle
+    peakvi = scvi_onnx.load(path, device="cpu")
+    assert (peakvi.module.sparse is not None) == sparse
+    every = peaks()  # the shipped cells, with the covariates the sparse bundle's model reads
+    cells = every[:150].copy()
     lazy = cells.copy()
     lazy.X = da.from_array(cells.X, chunks=(64, cells.n_vars))
     _eq(
@@ -592,7 +609,8 @@ def test_peakvi_through_dask(client):
     _eq(peakvi.get_library_size_factors(lazy, indices=idx).compute(), depth[idx])
     from anndata.experimental import read_lazy
 
-    path = ROOT / "models" / "example" / "pbmc_peaks.h5ad"
+    path = tmp_path / "peaks.h5ad"
+    every.write_h5ad(path)
     on_disk = peakvi.get_library_size_factors(read_lazy(path)).compute()
     _eq(on_disk, peakvi.get_library_size_factors(ad.read_h5ad(path)))
 

@@ -217,3 +217,53 @@ def test_cli_export_names_regions(capsys, tmp_path):
     code, stdout, err = cli(capsys, "export", shipped, out)
     assert code == 0, err
     assert f"wrote bundle {out} (PEAKVI, 2000 regions, n_latent=" in stdout
+
+
+# ----------------------------------------------------------------------------- sparse encoders
+def _wide(copies: int):
+    """The PEAKVI test cells with their regions repeated ``copies`` times (distinct names)."""
+    import anndata as ad
+
+    a = peaks()
+    parts = []
+    for k in range(copies):
+        part = a.copy()
+        part.var_names = [f"{v}-{k}" for v in a.var_names]
+        parts.append(part)
+    wide = ad.concat(parts, axis=1)
+    wide.obs = a.obs.copy()
+    return wide
+
+
+def test_sparse_encoders_from_10000_regions(tmp_path):
+    """An export of 10,000 regions or more also writes the sparse encoders: the rest of each
+    encoder after its first layer, whose weight the manifest names inside the full graph
+    (not stored twice); ``verify`` checks the product; the CPU uses them by default and the
+    latent space equals scvi-tools'. 2,000 regions get none."""
+    from scvi_onnx.exporter.specs.peakvae import SPARSE_MIN_REGIONS
+
+    assert SPARSE_MIN_REGIONS == 10_000
+    adata = _wide(5)
+    model, adata = _peakvi(adata, {"batch_key": "batch"})
+    path = export_model(model, tmp_path / "wide")
+    man = json.loads((path / B.MANIFEST_FILE).read_text())
+    for name, full in (("encoder_sparse", "encoder"), ("depth_sparse", "depth")):
+        layer = man["graphs"][name][B.format.INPUT_LAYER]
+        assert layer["graph"] == full and layer["rows"] == 10_000
+        small, big = (path / f"{name}.onnx").stat().st_size, (path / f"{full}.onnx").stat().st_size
+        assert small * 20 < big, (small, big)  # the first layer's weight is not in it
+    report = scvi_onnx.verify(path)
+    assert report.ok and {"encoder_sparse.x_w", "depth_sparse.x_w"} <= {
+        r.output for r in report.rows
+    }
+    om = scvi_onnx.load(path, device="cpu")
+    assert om.module.sparse is not None
+    m, v = om.get_latent_representation(adata, return_dist=True)
+    rm, rv = model.get_latent_representation(adata, return_dist=True)
+    np.testing.assert_allclose(m, rm, atol=1e-4)
+    np.testing.assert_allclose(v, rv, atol=1e-4, rtol=1e-4)
+    assert om.module.encoder._session is None  # the full encoder was never opened
+
+    narrow, _ = _peakvi(peaks(2000), {"batch_key": "batch"})
+    man = json.loads((export_model(narrow, tmp_path / "narrow") / B.MANIFEST_FILE).read_text())
+    assert "encoder_sparse" not in man["graphs"] and "depth_sparse" not in man["graphs"]

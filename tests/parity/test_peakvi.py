@@ -34,6 +34,7 @@ import scvi_onnx  # noqa: E402
 from scvi_onnx.errors import InvalidArgumentError  # noqa: E402
 from scvi_onnx.exporter import export_model  # noqa: E402
 from scvi_onnx.exporter.parity import QUIET_TRAINING, torch_draws  # noqa: E402
+from scvi_onnx.exporter.specs import peakvae as peakvi_spec  # noqa: E402
 from scvi_onnx.maths import rng  # noqa: E402
 
 from ..peaks import peaks  # noqa: E402
@@ -104,10 +105,17 @@ def train(setup: dict, model_kw: dict, regions: int | None = N_REGIONS, epochs: 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def trained(request, tmp_path_factory):
+    """Each configuration exported with the sparse encoders too (a bundle gets them from
+    10,000 regions: here at any size), loaded as the CPU loads such a bundle (``"auto"``: the
+    sparse encoders). ``test_sparse_and_dense_input_layers_agree`` holds the dense ones to
+    them; the dense ones are held to scvi-tools by the shipped and fuzzed bundles too."""
     cfg = CONFIGS[request.param]
     model, adata = train(cfg["setup"], cfg["model"], cfg.get("regions", N_REGIONS))
-    path = export_model(model, tmp_path_factory.mktemp(request.param) / "bundle")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(peakvi_spec, "SPARSE_MIN_REGIONS", 0)
+        path = export_model(model, tmp_path_factory.mktemp(request.param) / "bundle")
     onnx_model = scvi_onnx.load(path, device="cpu", seed=123)
+    assert onnx_model.module.sparse is not None
     return request.param, model, adata, onnx_model
 
 
@@ -220,6 +228,45 @@ def test_elbo_and_reconstruction_same_noise(trained, scoring):
         rtol=2e-5,
         atol=2e-3,
     )
+
+
+def test_sparse_and_dense_input_layers_agree(trained):
+    """The sparse encoders (x @ W from the non-zero entries) and the full graphs give the same
+    numbers to float32 rounding, per cell, for every method; the sparse path never opens the
+    full encoders, and its numbers do not depend on the batch size."""
+    name, model, adata, om = trained
+    dense = scvi_onnx.load(om.path, device="cpu", seed=123, input_layer="dense")
+    assert dense.module.sparse is None
+    sparse = scvi_onnx.load(om.path, device="cpu", seed=123)
+    sm, sv = sparse.get_latent_representation(adata, return_dist=True)
+    dm, dv = dense.get_latent_representation(adata, return_dist=True)
+    np.testing.assert_allclose(sm, dm, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(sv, dv, atol=2e-6, rtol=1e-5)
+    for bs in (1, 37, 400):
+        np.testing.assert_array_equal(
+            sparse.get_latent_representation(adata, return_dist=True, batch_size=bs)[0], sm
+        )
+    se = sparse.get_elbo(adata, return_mean=False)
+    np.testing.assert_allclose(se, dense.get_elbo(adata, return_mean=False), rtol=1e-5)
+    np.testing.assert_array_equal(sparse.get_elbo(adata, return_mean=False, batch_size=7), se)
+    sr = sparse.get_reconstruction_error(adata, return_mean=False)["reconstruction_loss"]
+    dr = dense.get_reconstruction_error(adata, return_mean=False)["reconstruction_loss"]
+    np.testing.assert_allclose(sr, dr, rtol=1e-5)
+    sl = sparse.get_marginal_ll(adata, n_mc_samples=20, return_mean=False)
+    np.testing.assert_allclose(
+        sl, dense.get_marginal_ll(adata, n_mc_samples=20, return_mean=False), rtol=1e-5
+    )
+    if model.module.model_depth:
+        np.testing.assert_allclose(
+            sparse.get_library_size_factors(adata),
+            dense.get_library_size_factors(adata),
+            rtol=1e-5,
+            atol=1e-7,
+        )
+    # the full encoders were never opened by the sparse model
+    assert sparse.module.encoder._session is None
+    if sparse.module.depth_encoder is not None:
+        assert sparse.module.depth_encoder._session is None
 
 
 def test_stochastic_methods_within_scvi_spread(trained):

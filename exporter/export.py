@@ -251,7 +251,7 @@ def _input_layers(folder: Path, graphs) -> dict[str, tuple[dict, dict]]:
     for g in graphs:
         if g.input_layer is None:
             continue
-        full_name, w, rows = g.input_layer
+        full_name, w, rows, more = g.input_layer
         full = by_name[full_name]
         want = w.detach().cpu().numpy()
         model = onnx.load(str(folder / full.file))
@@ -282,7 +282,7 @@ def _input_layers(folder: Path, graphs) -> dict[str, tuple[dict, dict]]:
                 f"the sparse product of {g.name} does not match the dense one: "
                 f"{json.dumps(asdict(row))}; please report this"
             )
-        entry = {"graph": full_name, "initializer": name, "rows": int(rows)}
+        entry = {"graph": full_name, "initializer": name, "rows": int(rows), **more}
         out[g.name] = (entry, asdict(row))
     return out
 

@@ -66,6 +66,30 @@ def genes(model) -> list[str]:
     return [str(g) for g in list(names)]
 
 
+def density(model, max_cells: int = 20_000) -> float | None:
+    """The share of non-zero values in the registered ``X`` of the model's AnnData (its first
+    ``max_cells`` cells), or ``None`` without one (a model loaded without its data)."""
+    import scipy.sparse as sp
+
+    manager = getattr(model, "_adata_manager", None)
+    if manager is None:
+        return None
+    try:
+        x = manager.get_from_registry("X")
+    except (KeyError, ValueError, AttributeError):
+        return None
+    n, g = int(x.shape[0]), int(x.shape[1])
+    n = min(n, max_cells)
+    if n == 0 or g == 0:
+        return None
+    rows = x[:n]
+    if sp.issparse(rows):
+        nonzero = int(np.count_nonzero(sp.csr_matrix(rows).data))
+    else:
+        nonzero = int(np.count_nonzero(np.asarray(rows)))
+    return nonzero / (n * g)
+
+
 def norm_placement(fc) -> dict[str, bool]:
     seq = fc.fc_layers[0]
     return {"batch_norm": seq[1] is not None, "layer_norm": seq[2] is not None}

@@ -34,10 +34,10 @@ class GraphExport:
     io: GraphIO
     feeds: dict[str, np.ndarray]
     reference: dict[str, np.ndarray]
-    #: A sparse graph's input layer: ``(full graph's name, its first-layer weight, rows)``;
-    #: the export finds the weight among the full graph's initializers and names it in the
-    #: manifest (``format.INPUT_LAYER``).
-    input_layer: tuple[str, torch.Tensor, int] | None = None
+    #: A sparse graph's input layer: ``(full graph's name, its first-layer weight, rows,
+    #: more entries)``; the export finds the weight among the full graph's initializers and
+    #: names it in the manifest (``format.INPUT_LAYER``) with the more entries.
+    input_layer: tuple[str, torch.Tensor, int, dict] | None = None
 
     @property
     def file(self) -> str:

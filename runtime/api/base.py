@@ -93,10 +93,11 @@ class OnnxVAEModel:
         on CUDA, so decoder outputs never come back to the host; numpy on the CPU),
         ``"host"`` or ``"graph"``.
     input_layer
-        How a PEAKVI's encoders multiply the regions: ``"auto"`` (from the non-zero entries
-        on the CPU where the bundle has the sparse encoders: PEAKVI on 10,000 regions or
-        more; the dense minibatch on CUDA), ``"sparse"`` or ``"dense"``. The two differ by
-        float32 rounding. Other models have one way.
+        How a PEAKVI's encoders multiply the regions: ``"auto"`` (from the non-zero entries,
+        on the CPU, where the bundle has the sparse encoders (PEAKVI on 10,000 regions or
+        more) and its training data was at most 5% non-zero; else the dense minibatch),
+        ``"sparse"`` or ``"dense"``. The two differ by float32 rounding. Other models have
+        one way.
     expected_digest
         Refuse any bundle whose digest (:attr:`digest`) is not this one.
 
@@ -604,10 +605,11 @@ def load(
         Where ``log p(x | z)`` is summed over genes: ``"auto"`` (the bundle's scoring graph on
         CUDA, numpy on the CPU), ``"host"`` or ``"graph"``.
     input_layer
-        How a PEAKVI's encoders multiply the regions: ``"auto"`` (from the non-zero entries
-        on the CPU where the bundle has the sparse encoders: PEAKVI on 10,000 regions or
-        more; the dense minibatch on CUDA), ``"sparse"`` or ``"dense"``. The two differ by
-        float32 rounding. Other models have one way.
+        How a PEAKVI's encoders multiply the regions: ``"auto"`` (from the non-zero entries,
+        on the CPU, where the bundle has the sparse encoders (PEAKVI on 10,000 regions or
+        more) and its training data was at most 5% non-zero; else the dense minibatch),
+        ``"sparse"`` or ``"dense"``. The two differ by float32 rounding. Other models have
+        one way.
     expected_digest
         The bundle's pinned digest (``sha256:...``, as ``scvi-onnx info`` shows it): any
         other bundle is refused, as container images are pinned by digest. The checksums

@@ -586,7 +586,7 @@ def test_peakvi_through_dask(client, peakvi_bundle, tmp_path):
     from ..peaks import peaks
 
     path, sparse = peakvi_bundle
-    peakvi = scvi_onnx.load(path, device="cpu")
+    peakvi = scvi_onnx.load(path, device="cpu", input_layer="sparse" if sparse else "auto")
     assert (peakvi.module.sparse is not None) == sparse
     every = peaks()  # the shipped cells, with the covariates the sparse bundle's model reads
     cells = every[:150].copy()

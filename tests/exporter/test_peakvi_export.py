@@ -220,9 +220,11 @@ def test_cli_export_names_regions(capsys, tmp_path):
 
 
 # ----------------------------------------------------------------------------- sparse encoders
-def _wide(copies: int):
-    """The PEAKVI test cells with their regions repeated ``copies`` times (distinct names)."""
+def _wide(copies: int, keep: float = 1.0):
+    """The PEAKVI test cells with their regions repeated ``copies`` times (distinct names),
+    each accessible region kept with probability ``keep`` (seeded)."""
     import anndata as ad
+    import scipy.sparse as sp
 
     a = peaks()
     parts = []
@@ -232,24 +234,34 @@ def _wide(copies: int):
         parts.append(part)
     wide = ad.concat(parts, axis=1)
     wide.obs = a.obs.copy()
+    x = sp.csr_matrix(wide.X, dtype=np.float32)
+    x.data[np.random.default_rng(0).random(x.data.size) >= keep] = 0
+    x.eliminate_zeros()
+    wide.X = x
     return wide
 
 
 def test_sparse_encoders_from_10000_regions(tmp_path):
     """An export of 10,000 regions or more also writes the sparse encoders: the rest of each
     encoder after its first layer, whose weight the manifest names inside the full graph
-    (not stored twice); ``verify`` checks the product; the CPU uses them by default and the
-    latent space equals scvi-tools'. 2,000 regions get none."""
+    (not stored twice) with the training data's share of non-zero values; ``verify`` checks
+    the product; the CPU uses them by default when that share is at most 5% (else with
+    ``input_layer="sparse"``), and the latent space equals scvi-tools'. 2,000 regions get
+    none."""
     from scvi_onnx.exporter.specs.peakvae import SPARSE_MIN_REGIONS
+    from scvi_onnx.models.base import SPARSE_MAX_DENSITY
 
-    assert SPARSE_MIN_REGIONS == 10_000
-    adata = _wide(5)
+    assert SPARSE_MIN_REGIONS == 10_000 and SPARSE_MAX_DENSITY == 0.05
+    adata = _wide(5, keep=0.35)
+    density = adata.X.nnz / (adata.n_obs * adata.n_vars)
+    assert 0.02 < density < 0.05
     model, adata = _peakvi(adata, {"batch_key": "batch"})
     path = export_model(model, tmp_path / "wide")
     man = json.loads((path / B.MANIFEST_FILE).read_text())
     for name, full in (("encoder_sparse", "encoder"), ("depth_sparse", "depth")):
         layer = man["graphs"][name][B.format.INPUT_LAYER]
         assert layer["graph"] == full and layer["rows"] == 10_000
+        assert layer["density"] == pytest.approx(density, abs=1e-6)
         small, big = (path / f"{name}.onnx").stat().st_size, (path / f"{full}.onnx").stat().st_size
         assert small * 20 < big, (small, big)  # the first layer's weight is not in it
     report = scvi_onnx.verify(path)
@@ -263,6 +275,21 @@ def test_sparse_encoders_from_10000_regions(tmp_path):
     np.testing.assert_allclose(m, rm, atol=1e-4)
     np.testing.assert_allclose(v, rv, atol=1e-4, rtol=1e-4)
     assert om.module.encoder._session is None  # the full encoder was never opened
+
+    # the same regions without the thinning (~11% non-zero): the CPU keeps the dense
+    # encoders unless asked
+    dense_model, dense_data = _peakvi(_wide(5), {"batch_key": "batch"})
+    path = export_model(dense_model, tmp_path / "wide-dense")
+    layer = json.loads((path / B.MANIFEST_FILE).read_text())["graphs"]["encoder_sparse"]
+    assert layer[B.format.INPUT_LAYER]["density"] > 0.1
+    assert scvi_onnx.load(path, device="cpu").module.sparse is None
+    om = scvi_onnx.load(path, device="cpu", input_layer="sparse")
+    assert om.module.sparse is not None
+    np.testing.assert_allclose(
+        om.get_latent_representation(dense_data),
+        dense_model.get_latent_representation(dense_data),
+        atol=1e-4,
+    )
 
     narrow, _ = _peakvi(peaks(2000), {"batch_key": "batch"})
     man = json.loads((export_model(narrow, tmp_path / "narrow") / B.MANIFEST_FILE).read_text())

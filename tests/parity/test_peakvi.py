@@ -106,15 +106,17 @@ def train(setup: dict, model_kw: dict, regions: int | None = N_REGIONS, epochs: 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def trained(request, tmp_path_factory):
     """Each configuration exported with the sparse encoders too (a bundle gets them from
-    10,000 regions: here at any size), loaded as the CPU loads such a bundle (``"auto"``: the
-    sparse encoders). ``test_sparse_and_dense_input_layers_agree`` holds the dense ones to
-    them; the dense ones are held to scvi-tools by the shipped and fuzzed bundles too."""
+    10,000 regions: here at any size) and loaded with them (``input_layer="sparse"``; these
+    cells are ~11% non-zero, so ``"auto"`` would take the dense ones).
+    ``test_sparse_and_dense_input_layers_agree`` holds the dense ones to them; the dense
+    ones are held to scvi-tools by the shipped and fuzzed bundles too."""
     cfg = CONFIGS[request.param]
     model, adata = train(cfg["setup"], cfg["model"], cfg.get("regions", N_REGIONS))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(peakvi_spec, "SPARSE_MIN_REGIONS", 0)
         path = export_model(model, tmp_path_factory.mktemp(request.param) / "bundle")
-    onnx_model = scvi_onnx.load(path, device="cpu", seed=123)
+    assert scvi_onnx.load(path, device="cpu").module.sparse is None  # auto: too dense
+    onnx_model = scvi_onnx.load(path, device="cpu", seed=123, input_layer="sparse")
     assert onnx_model.module.sparse is not None
     return request.param, model, adata, onnx_model
 
@@ -237,7 +239,7 @@ def test_sparse_and_dense_input_layers_agree(trained):
     name, model, adata, om = trained
     dense = scvi_onnx.load(om.path, device="cpu", seed=123, input_layer="dense")
     assert dense.module.sparse is None
-    sparse = scvi_onnx.load(om.path, device="cpu", seed=123)
+    sparse = scvi_onnx.load(om.path, device="cpu", seed=123, input_layer="sparse")
     sm, sv = sparse.get_latent_representation(adata, return_dist=True)
     dm, dv = dense.get_latent_representation(adata, return_dist=True)
     np.testing.assert_allclose(sm, dm, atol=2e-6, rtol=1e-5)

@@ -167,11 +167,36 @@ def test_bad_manifest_entry_fails_at_load(tmp_path):
             F.INPUT_LAYER: entry,
         }
     (out / F.MANIFEST_FILE).write_text(json.dumps(man))
+    sparse = {"device": "cpu", "verify_checksums": False, "input_layer": "sparse"}
     with pytest.raises(BundleIntegrityError, match="'nope' is not in the file"):
-        scvi_onnx.load(out, device="cpu", verify_checksums=False)
+        scvi_onnx.load(out, **sparse)
     entry["rows"] = 1999
     (out / F.MANIFEST_FILE).write_text(json.dumps(man))
     with pytest.raises(BundleIntegrityError, match="does not name its first layer"):
-        scvi_onnx.load(out, device="cpu", verify_checksums=False)
-    # the dense encoders are still there: input_layer="dense" loads
-    scvi_onnx.load(out, device="cpu", verify_checksums=False, input_layer="dense")
+        scvi_onnx.load(out, **sparse)
+    # the dense encoders are still there: "dense" loads, and "auto" (no density recorded)
+    for choice in ("dense", "auto"):
+        m = scvi_onnx.load(out, device="cpu", verify_checksums=False, input_layer=choice)
+        assert m.module.sparse is None
+
+
+@pytest.mark.parametrize(
+    ("layer", "want"),
+    [
+        ({"density": 0.036}, True),
+        ({"density": 0.05}, True),
+        ({"density": 0.0501}, False),
+        ({"density": "0.01"}, False),  # not a number: as if unrecorded
+        ({}, False),  # exported without its training data
+    ],
+)
+def test_auto_uses_the_sparse_encoders_for_sparse_training_data(layer, want):
+    from types import SimpleNamespace
+
+    from scvi_onnx.models.base import sparse_wanted
+
+    entry = {"file": "encoder_sparse.onnx", F.INPUT_LAYER: {"graph": "encoder", **layer}}
+    contents = SimpleNamespace(manifest=SimpleNamespace(graphs={"encoder_sparse": entry}))
+    assert sparse_wanted(contents, "auto") is want
+    assert sparse_wanted(contents, "sparse") is True
+    assert sparse_wanted(contents, "dense") is False

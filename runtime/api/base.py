@@ -251,7 +251,13 @@ class OnnxVAEModel:
             gene_key=gene_key,
             first_key=check_first_key(first_key),
             progress=progress,
-            read_cells=self.engine.read_cells(self.module.n_features) if per_cell else None,
+            read_cells=(
+                self.engine.read_cells(
+                    self.module.n_features, None if scoring else self.module.latent_call_rows
+                )
+                if per_cell
+                else None
+            ),
         )
 
     def _seed(self, seed: int | None) -> int:

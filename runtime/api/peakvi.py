@@ -97,5 +97,5 @@ class OnnxPEAKVI(OnnxVAEModel):
                 missing_genes, min_gene_overlap, layer, gene_key, unseen_as, progress_bar, first_key
             ),
         )
-        tasks = self.engine.tasks(mbs, self.module.n_features)
+        tasks = self.engine.tasks(mbs, self.module.n_features, self.module.latent_call_rows)
         return np.concatenate(list(self.engine.pmap(self.module.depth, tasks))).reshape(-1)

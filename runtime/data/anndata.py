@@ -260,6 +260,7 @@ class AnnDataSource:
             source=self._source_name,
         )
         keep_entries = needs.entries or needs.log_library
+        n_model = self._reader.genes.n_model
         # where value errors say the cells are: in this input, or in the whole of which it is
         # a chunk (n_total); a chunk of unknown size (a request keyed from first_key) says not
         total = self._n_total or (idx.size if self._first_key == 0 else None)
@@ -279,9 +280,11 @@ class AnnDataSource:
                 # (on a reader thread where there are some) lets the checks read them only
                 entries = Entries.from_dense(x)
             y = None if dense_y is None else dense_y()
-            mb = self._assemble(x, rows, entries if keep_entries else None, y)
+            mb = self._assemble(x, rows, entries if keep_entries or x is None else None, y)
             where = where_phrase(self._first_key + start, rows.size, total)
-            counts = checker.check(x, mb.cell_names, self._integer_input, entries, where)
+            counts = checker.check(
+                x, mb.cell_names, self._integer_input, entries, where, width=n_model
+            )
             y_counts = (0, 0)
             if y is not None:
                 y_counts = prot_checker.check(y, mb.cell_names, prot.integer_input, where=where)
@@ -293,7 +296,12 @@ class AnnDataSource:
                 prot_checker.record(counts[1])
 
         reads = (  # the file is read here, on the iterating thread
-            (start, rows, self._reader.read(rows), None if prot is None else prot.read(rows))
+            (
+                start,
+                rows,
+                self._reader.read(rows, dense=needs.dense),
+                None if prot is None else prot.read(rows),
+            )
             for start, rows in ((s, idx[s : s + bs]) for s in range(0, idx.size, bs))
         )
         if prefetch:

@@ -33,25 +33,34 @@ class ValueChecker:
 
     def check(
         self,
-        x: np.ndarray,
+        x: np.ndarray | None,
         names: Callable[[np.ndarray], list],
         integer_input: bool,
         entries: Entries | None = None,
         where: str = "",
+        width: int | None = None,
     ) -> tuple[int, int]:
         """Validate a dense float32 minibatch ``x``; ``names(rows)`` gives cell names and
         ``where`` (:func:`where_phrase`) says which cells the minibatch holds.
 
         Returns the minibatch's (non-integer values, cells holding them) for :meth:`record`.
         With ``entries`` (x's non-zeros), the checks read those only; when one fails, the
-        dense pass below runs and words the error.
+        dense pass below runs and words the error. ``x`` may be ``None`` where ``entries``
+        are given (``width`` columns): the dense rows are then made for the error only.
         """
-        if x.size == 0:
+        if x is None:
+            if entries is None or width is None:
+                raise ValueError("check needs the dense rows or the entries and the width")
+            if entries.n_rows == 0 or width == 0:
+                return 0, 0
+        elif x.size == 0:
             return 0, 0
         if entries is not None:
             counts = self._check_entries(entries, integer_input)
             if counts is not None:
                 return counts
+        if x is None:
+            x = entries.to_dense(width)
         lo = x.min()
         row_max = x.max(axis=1)  # a row of non-negative values sums to 0 iff its max is 0
         hi = row_max.max()

@@ -48,6 +48,12 @@ class Entries(NamedTuple):
         cols = idx - np.repeat(np.arange(n, dtype=np.int64) * G, np.diff(indptr))
         return cls(indptr, cols, flat[idx])
 
+    def to_dense(self, n_cols: int) -> np.ndarray:
+        """The ``(n, n_cols)`` float32 rows these entries are the non-zeros of."""
+        out = np.zeros((self.n_rows, n_cols), dtype=np.float32)
+        out[self.row_of_entry(), self.cols] = self.vals
+        return out
+
     @property
     def n_rows(self) -> int:
         return self.indptr.size - 1

@@ -35,6 +35,10 @@ class DataNeeds:
     latent_entries
         The encoder reads the entries too (a first layer computed from them: PEAKVI's sparse
         encoders), so the latent space attaches them.
+    dense
+        The model reads the dense rows (``Minibatch.x``). ``False``: only the entries, and a
+        sparse source's rows are never densified (``x`` is ``None`` where the entries come
+        from the source; a dense source still gives ``x``).
     """
 
     entries: bool = False
@@ -42,6 +46,7 @@ class DataNeeds:
     positive_library: bool = False
     count_data: bool = True
     latent_entries: bool = False
+    dense: bool = True
 
     def for_latent(self) -> DataNeeds:
         """What the latent space and predictions need: the checks, no library, no entries
@@ -60,7 +65,8 @@ class Minibatch:
     Attributes
     ----------
     x
-        ``(n, n_genes)`` float32 C-contiguous counts.
+        ``(n, n_genes)`` float32 C-contiguous counts; ``None`` for a model that reads the
+        entries only (``DataNeeds.dense``), where the source gave them.
     cells
         ``(n,)`` int64 key of each cell: its row in the AnnData (or its running position in a
         user's dataloader). The Monte-Carlo noise of a cell is keyed by it, so results do not
@@ -104,7 +110,7 @@ class Minibatch:
 
     @property
     def n(self) -> int:
-        return self.x.shape[0]
+        return self.cells.shape[0]
 
     def cell_names(self, rows: Any = slice(None)) -> list:
         """Names of the cells at positions ``rows`` of this minibatch (for messages)."""

@@ -64,7 +64,9 @@ class MatrixReader:
                 dense = dense[:, self.genes.src_cols]
         return self.genes.place(dense)
 
-    def _csr_rows(self, m: Any, rows: np.ndarray | slice) -> tuple[np.ndarray, Entries | None]:
+    def _csr_rows(
+        self, m: Any, rows: np.ndarray | slice, dense: bool = True
+    ) -> tuple[np.ndarray | None, Entries | None]:
         """Rows of an in-memory CSR matrix -> dense float32 in model gene order (and entries).
 
         Gathers the rows' stored entries and scatters them straight into the model's gene
@@ -75,11 +77,11 @@ class MatrixReader:
         if isinstance(rows, slice):
             lo, hi = int(indptr[rows.start]), int(indptr[rows.stop])
             lengths = np.diff(indptr[rows.start : rows.stop + 1])
-            return self._scatter(lengths, m.indices[lo:hi], m.data[lo:hi])
+            return self._scatter(lengths, m.indices[lo:hi], m.data[lo:hi], dense)
         starts = indptr[rows]
         lengths = indptr[rows + 1] - starts
         pos = segment_positions(starts, lengths)
-        return self._scatter(lengths, m.indices[pos], m.data[pos])
+        return self._scatter(lengths, m.indices[pos], m.data[pos], dense)
 
     def _h5csr_entries(self, sorted_rows: np.ndarray) -> tuple[np.ndarray, Any, Any]:
         """Increasing rows of a backed CSR matrix, read from h5py in one covering span:
@@ -104,17 +106,21 @@ class MatrixReader:
         return lengths, np.concatenate(parts_i), np.concatenate(parts_d)
 
     def _scatter(
-        self, lengths: np.ndarray, src_cols: np.ndarray, vals: np.ndarray
-    ) -> tuple[np.ndarray, Entries | None]:
+        self, lengths: np.ndarray, src_cols: np.ndarray, vals: np.ndarray, dense: bool = True
+    ) -> tuple[np.ndarray | None, Entries | None]:
         """Stored entries of consecutive rows (``lengths`` each) -> dense model-ordered rows,
-        and their non-zero :class:`Entries` when they come in model order.
+        and their non-zero :class:`Entries` when they come in model order. ``dense=False``:
+        no dense rows (``None``) where the entries are there.
 
         A small CSR matrix of just these rows (:func:`_rows_matrix`), densified by scipy's C
         loop (which also adds up duplicated entries of a non-canonical matrix, as scipy does
         everywhere).
         """
         block = _rows_matrix(lengths, src_cols, vals, self.genes.col_map.size)
-        return self._select_cols(block), self._entries_of(block)
+        entries = self._entries_of(block)
+        if not dense and entries is not None:
+            return None, entries
+        return self._select_cols(block), entries
 
     def _entries_of(self, block: sp.csr_matrix) -> Entries | None:
         """The block's non-zeros in model gene order, exactly as a dense pass would list them;
@@ -134,17 +140,20 @@ class MatrixReader:
             indptr, cols, vals = kept_before[indptr], cols[keep], vals[keep]
         return Entries(indptr, cols, vals)
 
-    def read(self, rows: np.ndarray) -> Callable[[], tuple[np.ndarray, Entries | None]]:
+    def read(
+        self, rows: np.ndarray, dense: bool = True
+    ) -> Callable[[], tuple[np.ndarray | None, Entries | None]]:
         """Read rows (in the order given) from the file, and return what finishes them: a
         function giving the dense float32 rows in model gene order and their non-zero entries
-        (when the source gives them cheaply, CSR; else None).
+        (when the source gives them cheaply, CSR; else None). ``dense=False``: the dense rows
+        are ``None`` where the entries are given (a model that reads the entries only).
 
         The file is only read here, on the iterating thread (h5py is not for concurrent use);
         the returned function touches numpy and scipy only and may run on a reader thread.
         """
         m = self.matrix
         if self.kind == "memory":
-            return lambda: self._memory_rows(m, rows)
+            return lambda: self._memory_rows(m, rows, dense)
         # lazy (backed): read increasing rows, then restore the requested order
         if rows.size > 1 and np.any(rows[1:] < rows[:-1]):
             order = np.argsort(rows, kind="stable")
@@ -155,7 +164,7 @@ class MatrixReader:
             stored = self._h5csr_entries(sorted_rows)
 
             def dense_rows():
-                return self._scatter(*stored)
+                return self._scatter(*stored, dense=dense)
         else:
             lo, hi = int(sorted_rows[0]), int(sorted_rows[-1])
             if hi - lo + 1 == sorted_rows.size:
@@ -170,9 +179,11 @@ class MatrixReader:
             return dense_rows
 
         def in_requested_order():
-            dense, entries = dense_rows()
-            out = np.empty_like(dense)
-            out[order] = dense
+            x, entries = dense_rows()
+            out = None
+            if x is not None:
+                out = np.empty_like(x)
+                out[order] = x
             if entries is not None:
                 back = np.empty_like(order)
                 back[order] = np.arange(order.size)
@@ -181,7 +192,9 @@ class MatrixReader:
 
         return in_requested_order
 
-    def _memory_rows(self, m: Any, rows: np.ndarray) -> tuple[np.ndarray, Entries | None]:
+    def _memory_rows(
+        self, m: Any, rows: np.ndarray, dense: bool = True
+    ) -> tuple[np.ndarray | None, Entries | None]:
         """Rows of an in-memory matrix, as :meth:`_read`'s function returns them."""
         lo = int(rows[0])
         if rows.size > 1 and rows[-1] - lo + 1 == rows.size and np.all(np.diff(rows) == 1):
@@ -196,7 +209,7 @@ class MatrixReader:
             # columns are the major axis of CSC: select them first, then the rows
             block = m[:, self.genes.src_cols] if not self.genes.identity else m
             return self.genes.place(block[rows, :].toarray()), None
-        return self._csr_rows(m, rows)
+        return self._csr_rows(m, rows, dense)
 
 
 #: Value dtypes scipy.sparse computes with as they are (others are converted on construction).

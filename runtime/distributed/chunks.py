@@ -275,7 +275,7 @@ def run_chunk(
 
 def _compute(job, module, engine, mbs, elbo_loop, latent_loop, mll_loop) -> dict[str, np.ndarray]:
     if job.method == "depth":  # no draws: no seed
-        tasks = engine.tasks(mbs, module.n_features)
+        tasks = engine.tasks(mbs, module.n_features, module.latent_call_rows)
         return {"depth": np.concatenate(list(engine.pmap(module.depth, tasks))).reshape(-1)}
     seed = job.option("seed")
     if job.method == "latent":

@@ -99,20 +99,22 @@ class Engine:
         """``map(fn, items)`` on the worker threads, in order, with bounded work in flight."""
         return ordered_map(fn, items, self.n_workers if self.n_workers > 1 else 0, "scvi-onnx")
 
-    def task_cells(self, n_features: int) -> int:
+    def task_cells(self, n_features: int, min_rows: int | None = None) -> int:
         """Cells of one per-cell task: ``task_elements`` cells x features, at least
-        ``MIN_CALL_ROWS``."""
-        return max(MIN_CALL_ROWS, self.task_elements // max(1, n_features))
+        ``min_rows`` (default ``MIN_CALL_ROWS``)."""
+        return max(min_rows or MIN_CALL_ROWS, self.task_elements // max(1, n_features))
 
-    def read_cells(self, n_features: int) -> int:
+    def read_cells(self, n_features: int, min_rows: int | None = None) -> int:
         """Most cells of one dense minibatch in the per-cell methods: ``read_elements``
         cells x features, a whole number of tasks (at least one)."""
-        task = self.task_cells(n_features)
+        task = self.task_cells(n_features, min_rows)
         return task * max(1, self.read_elements // max(1, n_features) // task)
 
-    def tasks(self, mbs: Iterable[Minibatch], n_features: int) -> Iterator[Minibatch]:
+    def tasks(
+        self, mbs: Iterable[Minibatch], n_features: int, min_rows: int | None = None
+    ) -> Iterator[Minibatch]:
         """Split minibatches into tasks of at most :meth:`task_cells` cells."""
-        step = self.task_cells(n_features)
+        step = self.task_cells(n_features, min_rows)
         for mb in mbs:
             n = mb.n
             if n <= step:

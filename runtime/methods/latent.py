@@ -50,7 +50,7 @@ def latent(
             acc += D.softmax(m[:, None] + eps * s[:, None], axis=-1).sum(1)
         return (acc / mc_samples).astype(np.float32), None
 
-    parts = list(engine.pmap(one, engine.tasks(mbs, module.n_features)))
+    parts = list(engine.pmap(one, engine.tasks(mbs, module.n_features, module.latent_call_rows)))
     zs = np.concatenate([p[0] for p in parts])
     if return_dist:
         return zs, np.concatenate([p[1] for p in parts])
@@ -71,4 +71,6 @@ def class_probabilities(
             z = module.z_draws(mb, enc, seed, 0, 1)[1]
         return module.classify(z)[0]
 
-    return np.concatenate(list(engine.pmap(one, engine.tasks(mbs, module.n_features))))
+    return np.concatenate(
+        list(engine.pmap(one, engine.tasks(mbs, module.n_features, module.latent_call_rows)))
+    )

@@ -200,6 +200,9 @@ class Module(ABC):
     provider: str
     #: What the scoring methods need of each minibatch.
     needs: DataNeeds
+    #: Fewest cells of one call in the latent space (and the other encoder-only methods),
+    #: where the module needs more than the engine's ``MIN_CALL_ROWS``; ``None``: that.
+    latent_call_rows: int | None = None
 
     @classmethod
     def describe(cls, config: Mapping[str, Any], registry: Registry) -> dict[str, str]:

@@ -7,14 +7,14 @@ the non-zero entries only, in column order (CSC): each row of ``W`` is read once
 added to the cells holding that region. A cell's sums run over its regions in increasing
 order whatever other cells share the call, so its result does not depend on the batch size.
 
-``W`` is not stored twice: it is the full graph's initializer (``encoder.onnx``), memory-mapped
-and viewed in place; the manifest names it (``format.INPUT_LAYER``), and the file's sha256 was
-checked with the bundle's.
+``W`` is not stored twice: it is the full graph's initializer (``encoder.onnx``), found by
+walking the file's protobuf (memory-mapped, the weights skipped by their length) and read
+into memory from its offset; the manifest names it (``format.INPUT_LAYER``), and the file's
+sha256 was checked with the bundle's.
 """
 
 from __future__ import annotations
 
-import mmap
 import threading
 from pathlib import Path
 
@@ -22,17 +22,12 @@ import numpy as np
 
 from ..data.entries import Entries
 from ..errors import BundleIntegrityError
-from .ops import FLOAT, initializer
-
-#: Byte alignment under which ``W`` is copied out of the file rather than viewed in place
-#: (float32 products want aligned rows; the exporter's files keep raw data 4-byte aligned
-#: or not, as protobuf lays them out).
-_ALIGN = 4
+from .ops import FLOAT, file_initializer
 
 
 class InputLayer:
     """``x @ W[:rows]`` for ``W``, initializer ``name`` of the ONNX file ``path``, read on first
-    use (a process that never calls it never maps the file).
+    use of :attr:`weight`.
 
     Parameters
     ----------
@@ -48,36 +43,29 @@ class InputLayer:
         self.path = Path(path)
         self.name = name
         self.rows = int(rows)
+        self._where: tuple[int, int] | None = None  # (byte offset, columns), once located
         self._w: np.ndarray | None = None
         self._lock = threading.Lock()
 
     @property
-    def weight(self) -> np.ndarray:
-        """``W[:rows]``, ``(rows, H)`` float32, read-only."""
-        w = self._w
-        if w is None:
-            with self._lock:
-                if self._w is None:
-                    self._w = self._read()
-                w = self._w
-        return w
+    def columns(self) -> int:
+        """``H``, the layer's outputs (the file's headers are read on first use)."""
+        return self._locate()[1]
 
-    def _read(self) -> np.ndarray:
+    def _locate(self) -> tuple[int, int]:
+        """Find the initializer in the file and check it: ``(byte offset, columns)``.
+        :class:`BundleIntegrityError` when it is not there or not a float32 matrix of at
+        least ``rows`` rows."""
+        if self._where is not None:
+            return self._where
         where = f"{self.path.name}: initializer {self.name!r}"
         try:
-            with open(self.path, "rb") as f:
-                try:
-                    buf: mmap.mmap | bytes = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                except OSError:  # a file system that cannot map files (FUSE direct_io)
-                    buf = f.read()
+            loc = file_initializer(self.path, self.name)
         except OSError as e:
             raise BundleIntegrityError(
                 f"cannot read {self.path} ({e}); re-export the bundle"
             ) from e
-        try:
-            with memoryview(buf) as view:
-                loc = initializer(view, self.name)
-        except (ValueError, RecursionError) as e:
+        except ValueError as e:
             raise BundleIntegrityError(
                 f"{self.path.name} is not a valid ONNX graph ({e}); re-export the bundle"
             ) from None
@@ -94,10 +82,35 @@ class InputLayer:
             )
         if nbytes != dims[0] * dims[1] * 4:
             raise BundleIntegrityError(f"{where} holds {nbytes} bytes for {dims}; re-export")
-        w = np.frombuffer(buf, dtype="<f4", count=self.rows * dims[1], offset=offset)
-        w = w.reshape(self.rows, dims[1])
-        if offset % _ALIGN:
-            w = np.array(w)  # a copy in memory, aligned
+        self._where = (offset, dims[1])
+        return self._where
+
+    @property
+    def weight(self) -> np.ndarray:
+        """``W[:rows]``, ``(rows, H)`` float32, read-only; read from the file on first use,
+        into aligned memory (protobuf lays raw data out at any byte offset, and scipy's
+        kernels want aligned rows), as ONNX Runtime holds its weights."""
+        w = self._w
+        if w is None:
+            with self._lock:
+                if self._w is None:
+                    offset, cols = self._locate()
+                    count = self.rows * cols
+                    try:
+                        w = np.fromfile(self.path, dtype="<f4", count=count, offset=offset)
+                    except OSError as e:
+                        raise BundleIntegrityError(
+                            f"cannot read {self.path} ({e}); re-export the bundle"
+                        ) from e
+                    if w.size != count:
+                        raise BundleIntegrityError(
+                            f"{self.path.name} ends inside initializer {self.name!r}; "
+                            "re-export the bundle"
+                        )
+                    w = w.reshape(self.rows, cols)
+                    w.flags.writeable = False
+                    self._w = w
+                w = self._w
         return w
 
     def product(self, entries: Entries) -> np.ndarray:

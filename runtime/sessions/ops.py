@@ -278,3 +278,8 @@ def file_op_types(path: str | Path) -> frozenset[str]:
 def file_signature(path: str | Path) -> tuple[list[tuple[str, list]], list[tuple[str, list]]]:
     """:func:`signature` of an ``.onnx`` file (memory-mapped)."""
     return _read_mapped(path, signature)
+
+
+def file_initializer(path: str | Path, name: str) -> tuple[list[int], int, int, int] | None:
+    """:func:`initializer` of an ``.onnx`` file (memory-mapped: only the headers are read)."""
+    return _read_mapped(path, lambda view: initializer(view, name))

@@ -450,3 +450,55 @@ def test_shipped_example_against_its_scvi_tools_folder():
     np.testing.assert_allclose(
         om.get_library_size_factors(shuffled), ref.get_library_size_factors(adata), atol=1e-5
     )
+
+
+def test_sparse_encoders_read_no_dense_rows(trained, tmp_path):
+    """With the sparse encoders the rows of a sparse source are never densified: the same
+    numbers from CSR, CSC, dense and backed inputs, and the same typed errors and warning
+    (worded from the entries) as the dense encoders give."""
+    name, model, adata, om = trained
+    if name != "covariates-encoded-deep":
+        pytest.skip("one configuration is enough")
+    import scipy.sparse as sp
+
+    from scvi_onnx.errors import InvalidValuesError, NonIntegerCountsWarning
+
+    assert not om.module.needs.dense and om.module.latent_call_rows == 256
+    dense_model = scvi_onnx.load(om.path, device="cpu", seed=123, input_layer="dense")
+    csr = adata.copy()
+    csr.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    want_z = om.get_latent_representation(csr)
+    want_e = om.get_elbo(csr, return_mean=False)
+    path = tmp_path / "cells.h5ad"
+    csr.write_h5ad(path)
+    import anndata as ad
+
+    for x in (sp.csc_matrix(csr.X), csr.X.toarray()):
+        other = csr.copy()
+        other.X = x
+        np.testing.assert_array_equal(om.get_latent_representation(other), want_z)
+        np.testing.assert_array_equal(om.get_elbo(other, return_mean=False), want_e)
+    backed = ad.read_h5ad(path, backed="r")
+    np.testing.assert_array_equal(om.get_latent_representation(backed), want_z)
+    np.testing.assert_array_equal(om.get_elbo(backed, return_mean=False), want_e)
+    backed.file.close()
+    # bad values: the error the dense rows give, word for word
+    for value, match in ((-1.0, "negative"), (np.nan, "NaN")):
+        bad = csr.copy()
+        x = csr.X.toarray()
+        x[7, 3] = value
+        bad.X = sp.csr_matrix(x)
+        with pytest.raises(InvalidValuesError, match=match) as got:
+            om.get_elbo(bad)
+        with pytest.raises(InvalidValuesError) as ref:
+            dense_model.get_elbo(bad)
+        assert str(got.value) == str(ref.value)
+        assert bad.obs_names[7] in str(got.value)
+    half = csr.copy()
+    half.X = half.X.copy()
+    half.X.data[:5] = 0.5
+    with pytest.warns(NonIntegerCountsWarning) as got_w:
+        om.get_latent_representation(half)
+    with pytest.warns(NonIntegerCountsWarning) as ref_w:
+        dense_model.get_latent_representation(half)
+    assert [str(w.message) for w in got_w] == [str(w.message) for w in ref_w]

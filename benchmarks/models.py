@@ -78,7 +78,15 @@ def _reexport_if_stale(out: Path) -> None:
     ):
         from scvi_onnx.exporter import export_model
 
-        export_model(out / "torch", out / "bundle", overwrite=True)
+        # with the model's cells where they are kept (build() writes them): a wide PEAKVI's
+        # bundle records their share of non-zero values, which decides its sparse encoders
+        source = out / "source.h5ad"
+        adata = None
+        if source.exists() and manifest["model_class"] == "PEAKVI":
+            import anndata as ad
+
+            adata = ad.read_h5ad(source)
+        export_model(out / "torch", out / "bundle", adata=adata, overwrite=True)
 
 
 def source_cells(name: str, work: Path) -> Path:

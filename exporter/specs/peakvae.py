@@ -3,6 +3,7 @@ the region factors in ``arrays.npz``."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -147,6 +148,16 @@ class PEAKVISpec(ExportSpec):
         if config["n_input"] >= SPARSE_MIN_REGIONS:
             d = inspect.density(self.model)
             more = {} if d is None else {"density": round(d, 6)}
+            if d is None:
+                warnings.warn(
+                    "the model's training data is not at hand, so the bundle cannot record "
+                    "how sparse it is: the CPU will run the dense encoders unless loaded with "
+                    "input_layer='sparse' (the faster choice for data up to ~5% non-zero, as "
+                    "scATAC peaks usually are). Export with the data (adata=..., CLI --adata) "
+                    "to record it",
+                    UserWarning,
+                    stacklevel=4,
+                )
             graphs += self._sparse_graphs(graphs, config["n_input"], more)
         graphs += [
             GraphExport("decoder", dec_graph, dec_io, dec_feeds, {F.OUT_PX: px}),

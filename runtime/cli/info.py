@@ -126,7 +126,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..bundle import read_manifest
     from ..bundle.format import VALIDATION_WIDENED
-    from ..models.base import Module
+    from ..models.base import Module, sparse_encoders
     from ..models.registry import MODELS, feature_name
 
     root = Path(args.bundle)
@@ -176,6 +176,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "validation": {
             k: man.validation.get(k) for k in ("atol", "rtol", "seed", VALIDATION_WIDENED)
         },
+        "sparse_encoders": sparse_encoders(man),
         "config": c,
         "files": files,
         "checksums_ok": all(f["ok"] is not False for f in files),
@@ -252,6 +253,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     if reg.modalities is not None:
         mods = sorted({m for m in reg.modalities.values() if m is not None})
         lines.append(("MuData modalities", ", ".join(mods)))
+    sparse = info["sparse_encoders"]
+    if sparse is not None:
+        d = sparse["density"]
+        seen = (
+            f"training data {100 * d:.1f}% non-zero" if d is not None else "training data unknown"
+        )
+        text = (
+            f"the CPU's default ({seen})"
+            if sparse["cpu_default"]
+            else f"on request, input_layer='sparse' ({seen}: the CPU runs the dense ones)"
+        )
+        lines.append(("sparse encoders", text))
     lines += [
         *_obs_lines(info["obs_inputs"]),
         *_provenance_lines(info["provenance"]),

@@ -170,19 +170,33 @@ def sparse_wanted(contents: BundleContents, input_layer: str) -> bool:
         raise InvalidArgumentError(
             f"input_layer must be one of {INPUT_LAYERS}, got {input_layer!r}"
         )
-    entry = contents.manifest.graphs.get("encoder_sparse")
-    has = entry is not None
-    if input_layer == "sparse" and not has:
+    found = sparse_encoders(contents.manifest)
+    if input_layer == "sparse" and found is None:
         raise InvalidArgumentError(
             "input_layer='sparse' but this bundle has no sparse encoders (a PEAKVI exported "
             "with fewer than 10,000 regions, another model, or an export before scvi-onnx "
             "0.4); use input_layer='auto' or 'dense'"
         )
-    if input_layer == "auto" and has:
-        layer = entry.get(F.INPUT_LAYER) if isinstance(entry, dict) else None
-        density = layer.get("density") if isinstance(layer, dict) else None
-        return isinstance(density, (int, float)) and density <= SPARSE_MAX_DENSITY
-    return has and input_layer == "sparse"
+    if found is None or input_layer == "dense":
+        return False
+    return input_layer == "sparse" or found["cpu_default"]
+
+
+def sparse_encoders(manifest: Manifest) -> dict[str, Any] | None:
+    """``None`` for a bundle without sparse encoders; else the training data's share of
+    non-zero values the export recorded (``density``, ``None`` when it had no data) and
+    whether ``input_layer="auto"`` takes them on the CPU (``cpu_default``)."""
+    entry = manifest.graphs.get("encoder_sparse")
+    if entry is None:
+        return None
+    layer = entry.get(F.INPUT_LAYER) if isinstance(entry, dict) else None
+    density = layer.get("density") if isinstance(layer, dict) else None
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        density = None
+    return {
+        "density": density,
+        "cpu_default": density is not None and density <= SPARSE_MAX_DENSITY,
+    }
 
 
 class Module(ABC):

@@ -291,6 +291,32 @@ def test_sparse_encoders_from_10000_regions(tmp_path):
         atol=1e-4,
     )
 
+    # from a folder saved without its data: the density is unknown (a warning says how to
+    # record it); the CPU keeps the dense encoders; with the data given, it is recorded
+    folder = tmp_path / "saved"
+    model.save(str(folder), save_anndata=False)
+    with pytest.warns(UserWarning, match="training data is not at hand"):
+        path = export_model(folder, tmp_path / "from-folder")
+    assert scvi_onnx.load(path, device="cpu").module.sparse is None
+    from scvi_onnx.cli import main as cli_main
+
+    assert cli_main(["info", str(path), "--json"]) == 0
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        cli_main(["info", str(path), "--json"])
+    assert json.loads(buf.getvalue())["sparse_encoders"] == {"density": None, "cpu_default": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        path = export_model(folder, tmp_path / "from-folder-data", adata=adata)
+    assert scvi_onnx.load(path, device="cpu").module.sparse is not None
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        cli_main(["info", str(path)])
+    assert "sparse encoders:" in buf.getvalue() and "the CPU's default" in buf.getvalue()
+
     narrow, _ = _peakvi(peaks(2000), {"batch_key": "batch"})
     man = json.loads((export_model(narrow, tmp_path / "narrow") / B.MANIFEST_FILE).read_text())
     assert "encoder_sparse" not in man["graphs"] and "depth_sparse" not in man["graphs"]

@@ -6,8 +6,8 @@
 Loads the bundle twice (``input_layer="sparse"``: the first layer's product from the non-zero
 entries, rows never densified; ``"dense"``: ONNX Runtime's product of the dense minibatch),
 times the latent space, the per-cell ELBO and the depth factors ``--repeats`` rounds
-alternating, in fresh subprocesses for the peak memory of each (``--memory``), and reports
-how far the two are apart (float32 rounding). Needs a bundle with the sparse encoders
+alternating, and reports how far the two are apart (float32 rounding); peak memory is
+``benchmarks/run.py``'s (a process per job). Needs a bundle with the sparse encoders
 (PEAKVI on 10,000 regions or more, exported by this version) and its data, read backed.
 """
 
@@ -15,18 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
-
-_PEAK = """
-import resource, sys, anndata as ad, scvi_onnx
-m = scvi_onnx.load(sys.argv[1], input_layer=sys.argv[3])
-a = ad.read_h5ad(sys.argv[2], backed="r")
-getattr(m, sys.argv[4])(a, batch_size=int(sys.argv[5]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
-"""
 
 
 def main() -> None:
@@ -35,7 +26,6 @@ def main() -> None:
     p.add_argument("--data", required=True, help="h5ad, read backed")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--memory", action="store_true", help="also each side's peak memory")
     p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/)")
     args = p.parse_args()
     import anndata as ad
@@ -81,31 +71,6 @@ def main() -> None:
             for k, v in values.items()
         },
     }
-    if args.memory:
-        methods = {"latent": "get_latent_representation", "elbo": "get_elbo"}
-        report["peak_mb"] = {
-            name: {
-                choice: int(
-                    subprocess.run(
-                        [
-                            sys.executable,
-                            "-c",
-                            _PEAK,
-                            str(bundle),
-                            args.data,
-                            choice,
-                            meth,
-                            str(bs),
-                        ],
-                        check=True,
-                        capture_output=True,
-                        text=True,
-                    ).stdout.split()[-1]
-                )
-                for choice in ("dense", "sparse")
-            }
-            for name, meth in methods.items()
-        }
     out = (
         Path(args.out)
         if args.out

@@ -258,7 +258,7 @@ def _input_layers(folder: Path, graphs) -> dict[str, tuple[dict, dict]]:
         name = None
         for init in model.graph.initializer:
             if len(init.dims) == 2 and init.dims[0] >= rows and init.dims[1] == want.shape[1]:
-                if np.array_equal(numpy_helper.to_array(init)[:rows], want):
+                if np.array_equal(numpy_helper.to_array(init)[:rows], want, equal_nan=True):
                     name = init.name
                     break
         if name is None:
@@ -267,7 +267,7 @@ def _input_layers(folder: Path, graphs) -> dict[str, tuple[dict, dict]]:
                 f"{tuple(want.shape)} that {g.file} leaves out: please report this"
             )
         layer = InputLayer(folder / full.file, name, rows)
-        if not np.array_equal(layer.weight, want):
+        if not np.array_equal(layer.weight, want, equal_nan=True):
             raise ExportValidationError(
                 f"{full.file}: initializer {name!r} reads back other values than were traced; "
                 "please report this"

@@ -226,7 +226,7 @@ def _input_layer_row(contents, graph: str, layer: dict, probes) -> VerifyRow:
         w = InputLayer(
             contents.path / manifest.graph_file(full), layer["initializer"], layer["rows"]
         )
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise BundleIntegrityError(
             f"the manifest's {graph} entry or its probes do not describe its first layer "
             f"({e!r}); re-export the bundle"

@@ -176,12 +176,21 @@ class PEAKVISpec(ExportSpec):
         """``encoder_sparse`` (and ``depth_sparse``): the full graphs after their first
         layer's product over the regions, fed ``x @ W`` of the probe cells; ``more``: what
         their manifest entries record besides (the training data's density)."""
+        weights = [first_layer_weight(g.module).detach()[:n_regions] for g in full]
+        if not all(bool(torch.isfinite(w).all()) for w in weights):
+            # a product over the entries would give NaN to fewer cells than the dense one:
+            # such a model keeps the full encoders only (their export warns of the values)
+            warnings.warn(
+                "the encoders' first-layer weights hold non-finite values: no sparse encoders",
+                UserWarning,
+                stacklevel=4,
+            )
+            return []
         out = []
-        for g in full:
+        for g, w in zip(full, weights, strict=True):
             io = GraphIO(
                 tuple(F.IN_X_PRODUCT if k == F.IN_X else k for k in g.io.inputs), g.io.outputs
             )
-            w = first_layer_weight(g.module).detach()[:n_regions]
             x = np.ascontiguousarray(g.feeds[F.IN_X], dtype=np.float32)
             feeds = {k: v for k, v in g.feeds.items() if k != F.IN_X}
             feeds[F.IN_X_PRODUCT] = x @ w.numpy()

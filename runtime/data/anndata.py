@@ -348,7 +348,7 @@ class AnnDataSource:
         )
 
     def _assemble(
-        self, x: np.ndarray, rows: np.ndarray, entries: Any, y: np.ndarray | None = None
+        self, x: np.ndarray | None, rows: np.ndarray, entries: Any, y: np.ndarray | None = None
     ) -> Minibatch:
         o = self._obs
 

@@ -94,7 +94,7 @@ class Minibatch:
         input whose global rows key the noise).
     """
 
-    x: np.ndarray
+    x: np.ndarray | None
     cells: np.ndarray
     batch: np.ndarray
     labels: np.ndarray

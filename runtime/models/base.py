@@ -174,8 +174,8 @@ def sparse_wanted(contents: BundleContents, input_layer: str) -> bool:
     if input_layer == "sparse" and found is None:
         raise InvalidArgumentError(
             "input_layer='sparse' but this bundle has no sparse encoders (a PEAKVI exported "
-            "with fewer than 10,000 regions, another model, or an export before scvi-onnx "
-            "0.4); use input_layer='auto' or 'dense'"
+            "with fewer than 10,000 regions, another model, or an export by an earlier "
+            "scvi-onnx); use input_layer='auto' or 'dense'"
         )
     if found is None or input_layer == "dense":
         return False

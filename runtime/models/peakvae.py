@@ -43,6 +43,7 @@ from ..maths import distributions as D
 from ..maths.likelihood import BernoulliScorer, Scratch
 from ..sessions import Graph
 from ..sessions.input_layer import InputLayer
+from ..sessions.providers import may_use_cuda
 from .base import BundleContents, ElboTerms, Module, covariates_taken, sparse_wanted
 from .scoring import choose_score_graph
 
@@ -126,7 +127,8 @@ class SparseEncoders:
         m = contents.manifest
         self.encoder = encoder
         self.z_layer = _input_layer(contents, "encoder_sparse", encoder)
-        self.depth_encoder = None
+        self.depth_encoder: Graph | None = None
+        self.d_layer: InputLayer | None = None
         if model_depth:
             if not m.has_graph("depth_sparse"):
                 raise BundleIntegrityError(
@@ -235,10 +237,12 @@ class PEAKVAE(Module):
         # (see SparseEncoders); the full graphs (x in) then open only if something asks.
         self.sparse: SparseEncoders | None = None
         first = None
-        if sparse_wanted(contents, input_layer):
+        use = sparse_wanted(contents, input_layer)
+        if use and input_layer == "auto" and may_use_cuda(device):
+            use = False  # a GPU multiplies the dense minibatch faster
+        if use:
             first = contents.graph("encoder_sparse", device, intra_op_threads)
-            if input_layer == "sparse" or not first.on_cuda:  # a GPU multiplies x faster
-                self.sparse = SparseEncoders(contents, first, intra_op_threads, c.model_depth)
+            self.sparse = SparseEncoders(contents, first, intra_op_threads, c.model_depth)
         # the module's provider: the first graph opened (the others open on first use)
         self.encoder = contents.graph("encoder", device, intra_op_threads, like=first)
         self.provider = self.encoder.provider

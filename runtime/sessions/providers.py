@@ -62,6 +62,16 @@ def _new_session(ort, path, so, providers):
         ) from e
 
 
+def may_use_cuda(device: str) -> bool:
+    """Whether a session on ``device`` would try CUDA (``"cuda"``, or ``"auto"`` where the CUDA
+    provider is installed and a GPU is visible); no session is made."""
+    if device == "cuda":
+        return True
+    if device != "auto":
+        return False
+    return CUDA in import_onnxruntime().get_available_providers() and _gpu_present()
+
+
 def create_session(path: str | Path, device: str = "auto", *, intra_op_threads: int | None = None):
     """Create an ``InferenceSession`` on ``device`` ("auto", "cpu" or "cuda").
 

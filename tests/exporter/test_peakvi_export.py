@@ -320,3 +320,18 @@ def test_sparse_encoders_from_10000_regions(tmp_path):
     narrow, _ = _peakvi(peaks(2000), {"batch_key": "batch"})
     man = json.loads((export_model(narrow, tmp_path / "narrow") / B.MANIFEST_FILE).read_text())
     assert "encoder_sparse" not in man["graphs"] and "depth_sparse" not in man["graphs"]
+
+
+def test_non_finite_first_layer_gets_no_sparse_encoders(tmp_path, monkeypatch):
+    """A product over the entries would give NaN to fewer cells than the dense one: a model
+    whose first-layer weights hold NaN keeps the full encoders only (and says so)."""
+    from scvi_onnx.exporter.specs import peakvae as spec
+
+    monkeypatch.setattr(spec, "SPARSE_MIN_REGIONS", 0)
+    model, _ = _peakvi(peaks(300), {"batch_key": "batch"})
+    with torch.no_grad():
+        model.module.z_encoder.encoder.fc_layers[0][0].weight[0, 5] = float("nan")
+    with pytest.warns(UserWarning, match="non-finite values: no sparse encoders"):
+        path = export_model(model, tmp_path / "b")
+    man = json.loads((path / B.MANIFEST_FILE).read_text())
+    assert "encoder_sparse" not in man["graphs"] and "depth_sparse" not in man["graphs"]

@@ -504,3 +504,25 @@ def test_sparse_encoders_read_no_dense_rows(tmp_path):
     with pytest.warns(NonIntegerCountsWarning) as ref_w:
         dense_model.get_latent_representation(half)
     assert [str(w.message) for w in got_w] == [str(w.message) for w in ref_w]
+
+
+def test_auto_takes_the_sparse_encoders_on_the_cpu_only(tmp_path, monkeypatch):
+    """``input_layer="auto"``: the sparse encoders where the recorded density allows, on the
+    CPU; where a session would try CUDA, the dense ones (a GPU multiplies them faster)."""
+    import json
+
+    from scvi_onnx.bundle import format as F
+    from scvi_onnx.models import peakvae
+
+    from ..peaks import export_sparse_peakvi
+
+    path, _, _ = export_sparse_peakvi(tmp_path / "b", n_regions=300, epochs=1)
+    man = json.loads((path / "manifest.json").read_text())
+    for name in ("encoder_sparse", "depth_sparse"):
+        man["graphs"][name][F.INPUT_LAYER]["density"] = 0.01
+    (path / "manifest.json").write_text(json.dumps(man))  # lists no checksum of itself
+    assert scvi_onnx.load(path, device="cpu").module.sparse is not None
+    assert scvi_onnx.load(path).module.sparse is not None  # "auto" on a CPU-only machine
+    monkeypatch.setattr(peakvae, "may_use_cuda", lambda device: True)
+    assert scvi_onnx.load(path).module.sparse is None
+    assert scvi_onnx.load(path, input_layer="sparse").module.sparse is not None

@@ -237,7 +237,7 @@ def _input_layers(folder: Path, graphs) -> dict[str, tuple[dict, dict]]:
     """Each sparse graph's manifest ``input_layer`` entry and a validation report.
 
     The first layer's weight is found among the full graph's initializers (by value: the
-    name is torch's), read back as the runtime reads it (memory-mapped from the file), and
+    name is torch's), read back as the runtime reads it (from its offset in the file), and
     its product over the probe cells' non-zero entries checked against the exact (float64)
     one (:func:`~scvi_onnx.selfcheck.product_deviation`)."""
     import onnx

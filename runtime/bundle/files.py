@@ -73,16 +73,15 @@ def verify_checksums(
         except OSError as e:
             return e
 
-    names = list(files)
-    total = sum((root / n).stat().st_size for n in names)
-    threads = min(len(names), os.cpu_count() or 1, 4)
-    if threads > 1 and total >= PARALLEL_HASH_BYTES:
+    sizes = {n: (root / n).stat().st_size for n in files}
+    threads = min(len(sizes), os.cpu_count() or 1, 4)
+    if threads > 1 and sum(sizes.values()) >= PARALLEL_HASH_BYTES:
         # largest first, so that the threads finish together
-        order = sorted(names, key=lambda n: -(root / n).stat().st_size)
+        order = sorted(sizes, key=lambda n: -sizes[n])
         with ThreadPoolExecutor(threads, thread_name_prefix="scvi-onnx-sha256") as ex:
             found = dict(zip(order, ex.map(digest_of, order), strict=True))
     else:
-        found = {n: digest_of(n) for n in names}
+        found = {n: digest_of(n) for n in sizes}
     for name, digest in files.items():
         actual = found[name]
         if isinstance(actual, OSError):

@@ -110,6 +110,10 @@ class Graph:
                     self._session = session
         return self._session
 
+    def open(self) -> None:
+        """Create the session now (a ``lazy`` graph), if it does not exist yet."""
+        self.session  # noqa: B018 (the property creates it)
+
     @property
     def opened(self) -> bool:
         """Whether the session exists (a ``lazy`` graph opens on its first run)."""

@@ -17,7 +17,7 @@ from scvi_onnx.sessions import Graph
 from scvi_onnx.sessions import graph as graph_module
 from scvi_onnx.sessions.ops import file_signature
 
-from ..conftest import MODELS
+from ..conftest import MODELS, require
 
 BUNDLES = ("pbmc_scvi", "pbmc_peakvi", "pbmc_totalvi")
 DATA = {
@@ -208,3 +208,42 @@ def test_too_deeply_nested_graph_is_a_value_error(tmp_path):
     path.write_bytes(field(7, graph))
     with pytest.raises(ValueError):
         file_op_types(path)
+
+
+def test_cpu_sessions_keep_no_memory_pattern():
+    """CPU sessions run without ONNX Runtime's memory pattern (a block for all of a call's
+    intermediates, kept per input shape and per concurrent call)."""
+    model = scvi_onnx.load(MODELS / "pbmc_scvi", device="cpu")
+    options = model.module.encoder.session.get_session_options()
+    assert options.enable_mem_pattern is False
+    assert options.intra_op_num_threads == 1
+
+
+def test_sparse_encoders_read_their_weights_after_the_decoder_opens(tmp_path, monkeypatch):
+    """With the sparse encoders, a scoring method opens the decoder before the encoders read
+    their first layers (126 MB each at 100,000 regions): opening a session briefly holds
+    twice the graph, and that moment then does not add to them."""
+    require("scvi")
+    from scvi_onnx.sessions.input_layer import InputLayer
+
+    from ..peaks import export_sparse_peakvi
+
+    path, _, adata = export_sparse_peakvi(tmp_path / "b", n_regions=300, epochs=1)
+    model = scvi_onnx.load(path, device="cpu", input_layer="sparse")
+    decoder_open_at_read = {}
+    weight = InputLayer.weight
+
+    def reading(layer):
+        if layer._w is None:  # (threads may arrive together: one reads)
+            decoder_open_at_read.setdefault(id(layer), []).append(model.module.decoder.opened)
+        return weight.fget(layer)
+
+    monkeypatch.setattr(InputLayer, "weight", property(reading))
+    elbo = model.get_elbo(adata, return_mean=False)
+    # the encoder's and the depth encoder's first layers
+    assert len(decoder_open_at_read) == 2
+    assert all(all(v) for v in decoder_open_at_read.values())
+    fresh = scvi_onnx.load(path, device="cpu", input_layer="sparse")
+    fresh.get_latent_representation(adata)  # the latent space: W first, no decoder
+    assert not fresh.module.decoder.opened
+    np.testing.assert_array_equal(fresh.get_elbo(adata, return_mean=False), elbo)

@@ -44,7 +44,7 @@ from .. import __version__
 from ..errors import ScviOnnxError
 from .models import ServedModel
 from .observe import AuditLog, Metrics, RequestRecord, SharedMetrics
-from .protocol import HEADER_LENGTH, ProtocolError, parse_request
+from .protocol import HEADER_LENGTH, ProtocolError, parse_header, parse_request
 
 logger = logging.getLogger("scvi_onnx.serve")
 
@@ -53,6 +53,9 @@ HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 RETRY_AFTER_S = 1
 #: Bodies up to this size are decoded on the event loop to see whether they can be batched.
 BATCH_BODY_BYTES = 256 << 10
+#: Larger bodies with binary data have their JSON header checked on the event loop up to
+#: this size (a header lists inputs, outputs and parameters: a few hundred bytes).
+HEADER_SCREEN_BYTES = 64 << 10
 #: Status recorded for a client that went away before its response (nginx's convention).
 CLIENT_CLOSED = 499
 
@@ -319,7 +322,14 @@ class InferenceServer:
                 watchers.append(gone)  # cancelled by infer() on every exit
                 if self._slots is None:
                     self._slots = asyncio.Semaphore(opts.max_concurrency)
-                batch = self._batchable(served, body, header_length)
+                try:
+                    batch = self._screen(served, body, header_length)
+                except (ProtocolError, ScviOnnxError) as e:
+                    # refused without waiting for a worker (the message infer would give)
+                    rec.error = type(e).__name__
+                    return JSONResponse(
+                        {"error": str(e), "error_type": type(e).__name__}, status_code=400
+                    )
                 if batch is not None:
                     # computed with the concurrent requests of the same kind, in one library
                     # call (the batcher takes it off the queue when its batch starts)
@@ -406,17 +416,29 @@ class InferenceServer:
         media = "application/octet-stream" if result.header_length is not None else None
         return Response(result.body, headers=headers, media_type=media or "application/json")
 
-    def _batchable(self, served: ServedModel, body: memoryview, header_length: int | None):
-        """(batch key, decoded request) of a small request that can share a library call,
-        else None (decoded here on the event loop: a single cell decodes in ~15 us)."""
-        if len(body) > BATCH_BODY_BYTES:
-            return None
+    def _screen(self, served: ServedModel, body: memoryview, header_length: int | None):
+        """Check a request on the event loop before it waits for a worker, and return (batch
+        key, decoded request) where it can share a library call, else None.
+
+        A small body is decoded here (a single cell decodes in ~15 us); a larger one with
+        binary data has its JSON header read. Raises :class:`ProtocolError` or
+        :class:`~scvi_onnx.errors.ScviOnnxError` for what is wrong with it there (malformed,
+        an unknown parameter or output, a bad seed: :meth:`ServedModel.screen`), so that a
+        bad request is answered at once, not after the requests in flight. Larger JSON
+        bodies are decoded on a worker only."""
         try:
-            req = parse_request(body, header_length)
-            key = served.batch_key(req)
-        except Exception:  # the single-request path reports what is wrong
-            return None
-        return None if key is None else (key, req)
+            if len(body) <= BATCH_BODY_BYTES:
+                req = parse_request(body, header_length)
+                served.screen(req.parameters, req.outputs, req.binary_output)
+                key = served.batch_key(req)
+                return None if key is None else (key, req)
+            if header_length is not None and header_length <= HEADER_SCREEN_BYTES:
+                served.screen(*parse_header(body, header_length))
+        except (ProtocolError, ScviOnnxError):
+            raise
+        except Exception:  # a bug: the worker's path logs it with its traceback (a 500)
+            logger.debug("screening failed", exc_info=True)
+        return None
 
     def _batcher(self, served: ServedModel) -> _Batcher:
         b = self._batchers.get(served.name)

@@ -28,7 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from ..arguments import check_first_key, check_seed
+from ..arguments import (
+    check_choice,
+    check_first_key,
+    check_fraction,
+    check_seed,
+)
+from ..data.genes import MISSING_GENES_MODES
 from ..errors import InvalidArgumentError, ScviOnnxError
 from .protocol import InferRequest, ProtocolError, RequestedOutput, encode_response
 
@@ -561,6 +567,25 @@ class ServedModel:
                     f"{', '.join(map(repr, self.outputs))}"
                 )
         return requested
+
+    def screen(
+        self, params: dict[str, Any], outputs: list[RequestedOutput] | None, binary: bool
+    ) -> None:
+        """Check what a request asks for before it waits for a worker: its parameters (names
+        and types; the values every method checks: seed, first_key, missing_genes,
+        min_gene_overlap; the server's sample limit) and its outputs. Raises
+        what :meth:`infer` would (the same messages: the same checks); a request refused here
+        never queues for a worker behind the requests in flight."""
+        kw = self._kwargs(params)
+        if "seed" in kw:
+            check_seed(kw["seed"])
+        if "first_key" in kw:
+            check_first_key(kw["first_key"])
+        if "missing_genes" in kw:
+            check_choice("missing_genes", kw["missing_genes"], MISSING_GENES_MODES)
+        if "min_gene_overlap" in kw:
+            check_fraction("min_gene_overlap", kw["min_gene_overlap"])
+        self._outputs(outputs, binary)
 
     def infer(self, req: InferRequest) -> Result:
         """Run a decoded request with the library (on a worker thread)."""

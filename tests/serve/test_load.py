@@ -155,6 +155,71 @@ def test_full_queue_is_503_with_retry_after_and_the_client_retries(
     assert 'scvi_onnx_request_errors_total{route="infer",model="pbmc_scvi",code="503"}' in text
 
 
+def post_binary(port, x, batch, outputs, parameters):
+    """A request with its counts as binary data after the JSON header."""
+    data = np.ascontiguousarray(x, dtype=np.float32).tobytes()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "counts",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": len(data)},
+                },
+                {"name": "batch", "datatype": "BYTES", "shape": [len(batch)], "data": list(batch)},
+            ],
+            "outputs": [{"name": o} for o in outputs],
+            "parameters": parameters,
+        }
+    ).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    headers = {"Inference-Header-Content-Length": str(len(head))}
+    conn.request("POST", "/v2/models/pbmc_scvi/infer", body=head + data, headers=headers)
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    return r.status, body
+
+
+def test_a_bad_request_is_refused_at_once_while_the_workers_are_busy(busy_server, cells):
+    """A request whose parameters or outputs are wrong is answered 400 without waiting for a
+    worker (here the only one is busy with a long request): its answer comes before the long
+    request's, with the message an idle server gives it. Small bodies are checked whole,
+    larger ones with binary data by their JSON header."""
+    x, batch = cells
+    port = busy_server.port
+    bad = [
+        ({"n_samples": 5}, ["latent"], "unknown parameter 'n_samples'"),
+        ({"seed": 2**70}, ["elbo"], "seed must be in"),
+        ({"first_key": -1}, ["latent"], "first_key must be"),
+        ({"missing_genes": "guess"}, ["latent"], "missing_genes"),
+        ({}, ["latent", "nonsense"], "unknown output 'nonsense'"),
+    ]
+    refused = []
+    with ThreadPoolExecutor(1) as ex:
+        slow = ex.submit(post, port, doc_for(x[:100], batch[:100], **LONG))
+        wait_for(port, "scvi_onnx_inference_in_flight", 1)
+        for params, outputs, _ in bad:
+            # 5 cells as JSON (decoded on the event loop) and 50 as binary (> 256 KB: the
+            # header alone is read there)
+            status, _, body = post(port, doc_for(x[:5], batch[:5], outputs, params))
+            refused.append((status, json.loads(body)))
+            big = post_binary(port, x[:50], batch[:50], outputs, params)
+            refused.append((big[0], json.loads(big[1])))
+        assert slow.result()[0] == 200
+    for (params, outputs, words), small, big in zip(bad, refused[::2], refused[1::2], strict=True):
+        assert small[0] == big[0] == 400, (params, outputs)
+        assert words in small[1]["error"] and small[1] == big[1]
+        # the same answer from the idle server
+        status, _, body = post(port, doc_for(x[:5], batch[:5], outputs, params))
+        assert (status, json.loads(body)) == small
+    lines = [json.loads(line) for line in busy_server.audit.read_text().splitlines()]
+    infer = [r["status"] for r in lines if r["route"] == "infer"]
+    # written when answered: the refusals before the long request's 200
+    assert infer[: 2 * len(bad) + 1] == [400] * (2 * len(bad)) + [200]
+
+
 def send_raw(port, doc, tls=None):
     """A request sent on a socket that the test closes itself, without reading the answer
     (``tls``: an ssl context for an HTTPS server)."""

@@ -253,7 +253,8 @@ class OnnxVAEModel:
             progress=progress,
             read_cells=(
                 self.engine.read_cells(
-                    self.module.n_features, None if scoring else self.module.latent_call_rows
+                    self.module.n_features,
+                    self.module.score_task_rows if scoring else self.module.latent_call_rows,
                 )
                 if per_cell
                 else None

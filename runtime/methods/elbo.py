@@ -13,9 +13,8 @@ from .engine import Engine
 
 def elbo_terms(module: Module, engine: Engine, mbs: Iterable[Minibatch], seed: int) -> ElboTerms:
     """Every cell's :class:`~scvi_onnx.models.base.ElboTerms`, in input order."""
-    parts = list(
-        engine.pmap(lambda mb: module.elbo_terms(mb, seed), engine.tasks(mbs, module.n_features))
-    )
+    tasks = engine.tasks(mbs, module.n_features, module.score_task_rows)
+    parts = list(engine.pmap(lambda mb: module.elbo_terms(mb, seed), tasks))
     keys = parts[0].reconstruction if parts else {}
     return ElboTerms(
         {k: np.concatenate([p.reconstruction[k] for p in parts]) for k in keys},

@@ -217,6 +217,10 @@ class Module(ABC):
     #: Fewest cells of one call in the latent space (and the other encoder-only methods),
     #: where the module needs more than the engine's ``MIN_CALL_ROWS``; ``None``: that.
     latent_call_rows: int | None = None
+    #: The same for one task of the per-cell scoring methods (ELBO, reconstruction error):
+    #: cells whose encoders run in one call (the module bounds its decoder calls itself);
+    #: ``None``: the engine's task size.
+    score_task_rows: int | None = None
 
     @classmethod
     def describe(cls, config: Mapping[str, Any], registry: Registry) -> dict[str, str]:

@@ -107,6 +107,16 @@ class GraphScorer:
 #: 0.86-1.0 s, peak memory the same (530 MB). The scoring methods keep the engine's 64: their
 #: calls hold cells x regions decoder outputs (ELBO peak 750 -> 1,250 MB at 256).
 SPARSE_LATENT_CALL_ROWS = 256
+#: The same for one task of the ELBO and the reconstruction error with the sparse encoders:
+#: the first-layer products of a task's cells in one call, the decoder and the likelihood in
+#: calls of :data:`SPARSE_DECODE_ROWS` cells (a call's decoder outputs are cells x regions:
+#: 26 MB per array for 64 cells of 100,000 regions). 5,000 cells of the 100,000-region
+#: benchmark model, 2 threads, alternated: ELBO 6.2-6.8 s in tasks of 64 cells, 5.1-5.8 s in
+#: tasks of 256 (peak 692-696 -> 725-730 MB); 512: 4.9-5.5 s, 780 MB; 1,024: 5.5-6.8 s, 855
+#: MB (five tasks for two threads). The same numbers, bit for bit.
+SPARSE_SCORE_TASK_ROWS = 256
+#: Cells of one decoder call in those tasks (the engine's fewest rows of a call).
+SPARSE_DECODE_ROWS = 64
 
 
 class SparseEncoders:
@@ -286,6 +296,7 @@ class PEAKVAE(Module):
         )
         if self.sparse is not None and not self.needs.dense:
             self.latent_call_rows = SPARSE_LATENT_CALL_ROWS
+            self.score_task_rows = SPARSE_SCORE_TASK_ROWS
 
     # ------------------------------------------------------------------ description
     @property
@@ -346,7 +357,9 @@ class PEAKVAE(Module):
     def prepare(self, mb: Minibatch) -> AccessibilityScorer:
         """The group's scorer: its accessible regions (or its values on the device) and depth
         factors, computed once for every chunk of draws."""
-        depth = self.depth(mb)
+        return self._scorer(mb, self.depth(mb))
+
+    def _scorer(self, mb: Minibatch, depth: np.ndarray | None) -> AccessibilityScorer:
         if self.score_graph is not None:
             counts = np.ascontiguousarray(mb.x, dtype=np.float32)
             if depth is None:
@@ -359,7 +372,16 @@ class PEAKVAE(Module):
     def elbo_terms(self, mb: Minibatch, seed: int) -> ElboTerms:
         enc = self.encode_scored(mb)
         _, z = self.z_draws(mb, enc, seed, 0, 1)
-        rec = -self.prepare(mb).log_px(self.feeds(mb), z)[0]
+        depth = self.depth(mb)
+        # the decoder and the likelihood in calls of at most SPARSE_DECODE_ROWS cells where
+        # the task is larger (score_task_rows); a cell's numbers do not depend on its call
+        rec = np.empty(mb.n)
+        step = SPARSE_DECODE_ROWS if self.score_task_rows else mb.n
+        for start in range(0, mb.n, step):
+            part = slice(start, min(mb.n, start + step))
+            sub = mb if part.stop - part.start == mb.n else mb.rows(part)
+            scorer = self._scorer(sub, None if depth is None else depth[part])
+            rec[part] = -scorer.log_px(self.feeds(sub), z[:, part])[0]
         kl = D.kl_normal_standard(
             enc[F.OUT_QZ_M].astype(np.float64), enc[F.OUT_QZ_V].astype(np.float64)
         ).sum(-1)

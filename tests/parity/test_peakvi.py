@@ -466,11 +466,21 @@ def test_sparse_encoders_read_no_dense_rows(tmp_path):
     from scvi_onnx.errors import InvalidValuesError, NonIntegerCountsWarning
 
     assert not om.module.needs.dense and om.module.latent_call_rows == 256
+    assert om.module.score_task_rows == 256 and adata.n_obs > 256
     dense_model = scvi_onnx.load(om.path, device="cpu", seed=123, input_layer="dense")
     csr = adata.copy()
     csr.X = sp.csr_matrix(adata.X, dtype=np.float32)
     want_z = om.get_latent_representation(csr)
     want_e = om.get_elbo(csr, return_mean=False)
+    want_r = om.get_reconstruction_error(csr, return_mean=False)["reconstruction_loss"]
+    # tasks of 256 cells decoded 64 at a time give the numbers of the engine's tasks (here
+    # all cells in one call), of tiny minibatches, and of one thread
+    other = scvi_onnx.load(om.path, device="cpu", seed=123, input_layer="sparse", n_threads=1)
+    for task_rows, bs in ((None, None), (256, 7), (256, 300)):
+        other.module.score_task_rows = task_rows
+        np.testing.assert_array_equal(other.get_elbo(csr, return_mean=False, batch_size=bs), want_e)
+        got = other.get_reconstruction_error(csr, return_mean=False, batch_size=bs)
+        np.testing.assert_array_equal(got["reconstruction_loss"], want_r)
     path = tmp_path / "cells.h5ad"
     csr.write_h5ad(path)
     import anndata as ad

@@ -42,9 +42,9 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..errors import ScviOnnxError
-from .models import ServedModel
+from .models import Prepared, ServedModel
 from .observe import AuditLog, Metrics, RequestRecord, SharedMetrics
-from .protocol import HEADER_LENGTH, ProtocolError, parse_header, parse_request
+from .protocol import HEADER_LENGTH, ProtocolError, parse_request
 
 logger = logging.getLogger("scvi_onnx.serve")
 
@@ -53,9 +53,6 @@ HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 RETRY_AFTER_S = 1
 #: Bodies up to this size are decoded on the event loop to see whether they can be batched.
 BATCH_BODY_BYTES = 256 << 10
-#: Larger bodies with binary data have their JSON header checked on the event loop up to
-#: this size (a header lists inputs, outputs and parameters: a few hundred bytes).
-HEADER_SCREEN_BYTES = 64 << 10
 #: Status recorded for a client that went away before its response (nginx's convention).
 CLIENT_CLOSED = 499
 
@@ -112,6 +109,11 @@ class InferenceServer:
         self._token = options.token.encode() if options.token else None
         self.executor = ThreadPoolExecutor(
             options.max_concurrency, thread_name_prefix="scvi-onnx-infer"
+        )
+        # requests are decoded and checked on arrival, beside the computations (the JSON of
+        # a large body holds the interpreter lock: more threads would not decode faster)
+        self.decoders = ThreadPoolExecutor(
+            min(2, options.max_concurrency), thread_name_prefix="scvi-onnx-decode"
         )
         self._slots: asyncio.Semaphore | None = None
         self._batchers: dict[str, _Batcher] = {}
@@ -323,13 +325,22 @@ class InferenceServer:
                 if self._slots is None:
                     self._slots = asyncio.Semaphore(opts.max_concurrency)
                 try:
-                    batch = self._screen(served, body, header_length)
+                    batch, prepared = await self._screen(served, body, header_length)
                 except (ProtocolError, ScviOnnxError) as e:
-                    # refused without waiting for a worker (the message infer would give)
+                    # refused without waiting for a worker (the message infer gives)
                     rec.error = type(e).__name__
                     return JSONResponse(
                         {"error": str(e), "error_type": type(e).__name__}, status_code=400
                     )
+                except Exception as e:  # a bug: as on a worker, logged here, never sent
+                    rec.error = type(e).__name__
+                    logger.error("request %s failed", rec.request_id, exc_info=e)
+                    return _error(
+                        500, f"internal error (request {rec.request_id}); see the server log"
+                    )
+                # what is decoded holds what it needs of the body (binary tensors are views
+                # of it); a JSON body is not kept while the request waits
+                body = None
                 if batch is not None:
                     # computed with the concurrent requests of the same kind, in one library
                     # call (the batcher takes it off the queue when its batch starts)
@@ -370,7 +381,7 @@ class InferenceServer:
         if batch is None:
             self.metrics.in_flight += 1
             self._gauges_changed()
-            future = loop.run_in_executor(self.executor, _run, served, body, header_length)
+            future = loop.run_in_executor(self.executor, served.run, prepared)
 
             def finished(f: asyncio.Future) -> None:
                 # the slot is held until the computation really ends, even past a 504
@@ -416,29 +427,34 @@ class InferenceServer:
         media = "application/octet-stream" if result.header_length is not None else None
         return Response(result.body, headers=headers, media_type=media or "application/json")
 
-    def _screen(self, served: ServedModel, body: memoryview, header_length: int | None):
-        """Check a request on the event loop before it waits for a worker, and return (batch
-        key, decoded request) where it can share a library call, else None.
+    async def _screen(
+        self, served: ServedModel, body: memoryview, header_length: int | None
+    ) -> tuple[tuple | None, Prepared | None]:
+        """Decode and check a request before it waits for a worker: ``(batch, None)`` for a
+        small request that can share a library call (``(batch key, decoded request)``), else
+        ``(None, prepared)`` (:meth:`ServedModel.prepare`).
 
-        A small body is decoded here (a single cell decodes in ~15 us); a larger one with
-        binary data has its JSON header read. Raises :class:`ProtocolError` or
-        :class:`~scvi_onnx.errors.ScviOnnxError` for what is wrong with it there (malformed,
-        an unknown parameter or output, a bad seed: :meth:`ServedModel.screen`), so that a
-        bad request is answered at once, not after the requests in flight. Larger JSON
-        bodies are decoded on a worker only."""
-        try:
-            if len(body) <= BATCH_BODY_BYTES:
-                req = parse_request(body, header_length)
-                served.screen(req.parameters, req.outputs, req.binary_output)
+        A small body is decoded here on the event loop (a single cell decodes in ~15 us) to
+        see whether it can be batched; any other decoding and checking runs on the decoding
+        threads, never on the workers' slots. Raises :class:`ProtocolError` or
+        :class:`~scvi_onnx.errors.ScviOnnxError` for what is wrong with the request before the
+        library's methods (malformed, an unknown parameter, output or input, a wrong shape, a
+        limit): it is answered at once, not after the requests in flight, with the message
+        the same code gives on a worker."""
+        req = None
+        if len(body) <= BATCH_BODY_BYTES:
+            req = parse_request(body, header_length)
+            try:
                 key = served.batch_key(req)
-                return None if key is None else (key, req)
-            if header_length is not None and header_length <= HEADER_SCREEN_BYTES:
-                served.screen(*parse_header(body, header_length))
-        except (ProtocolError, ScviOnnxError):
-            raise
-        except Exception:  # a bug: the worker's path logs it with its traceback (a 500)
-            logger.debug("screening failed", exc_info=True)
-        return None
+            except Exception:  # the single-request path reports what is wrong
+                key = None
+            if key is not None:
+                return (key, req), None
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(
+            self.decoders, _prepare, served, req, body, header_length
+        )
+        return None, prepared
 
     def _batcher(self, served: ServedModel) -> _Batcher:
         b = self._batchers.get(served.name)
@@ -453,6 +469,7 @@ class InferenceServer:
             self.shared.changed(self.metrics, asyncio.get_running_loop())
 
     def close(self) -> None:
+        self.decoders.shutdown(wait=True)
         self.executor.shutdown(wait=True)
         if self.shared is not None:
             self.shared.write(self.metrics)
@@ -548,9 +565,11 @@ async def _client_gone(receive: Any) -> None:
         pass
 
 
-def _run(served: ServedModel, body: memoryview, header_length: int | None):
-    """On a worker thread: decode the request and compute it with the library."""
-    return served.infer(parse_request(body, header_length))
+def _prepare(
+    served: ServedModel, req: Any, body: memoryview, header_length: int | None
+) -> Prepared:
+    """On a decoding thread: decode the request (unless ``req`` is) and check it."""
+    return served.prepare(req if req is not None else parse_request(body, header_length))
 
 
 class _Guard:

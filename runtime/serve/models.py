@@ -28,13 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..arguments import (
-    check_choice,
-    check_first_key,
-    check_fraction,
-    check_seed,
-)
-from ..data.genes import MISSING_GENES_MODES
+from ..arguments import check_first_key, check_seed
 from ..errors import InvalidArgumentError, ScviOnnxError
 from .protocol import InferRequest, ProtocolError, RequestedOutput, encode_response
 
@@ -141,6 +135,17 @@ class Result:
     header_length: int | None
     n_cells: int
     outputs: list[str]
+
+
+@dataclass
+class Prepared:
+    """A request checked and turned into the library's arguments (:meth:`ServedModel.prepare`),
+    ready to compute."""
+
+    id: str | None
+    kw: dict[str, Any]
+    outputs: list[RequestedOutput]
+    adata: Any
 
 
 class ServedModel:
@@ -568,34 +573,29 @@ class ServedModel:
                 )
         return requested
 
-    def screen(
-        self, params: dict[str, Any], outputs: list[RequestedOutput] | None, binary: bool
-    ) -> None:
-        """Check what a request asks for before it waits for a worker: its parameters (names
-        and types; the values every method checks: seed, first_key, missing_genes,
-        min_gene_overlap; the server's sample limit) and its outputs. Raises
-        what :meth:`infer` would (the same messages: the same checks); a request refused here
-        never queues for a worker behind the requests in flight."""
-        kw = self._kwargs(params)
-        if "seed" in kw:
-            check_seed(kw["seed"])
-        if "first_key" in kw:
-            check_first_key(kw["first_key"])
-        if "missing_genes" in kw:
-            check_choice("missing_genes", kw["missing_genes"], MISSING_GENES_MODES)
-        if "min_gene_overlap" in kw:
-            check_fraction("min_gene_overlap", kw["min_gene_overlap"])
-        self._outputs(outputs, binary)
-
     def infer(self, req: InferRequest) -> Result:
         """Run a decoded request with the library (on a worker thread)."""
+        return self.run(self.prepare(req))
+
+    def prepare(self, req: InferRequest) -> Prepared:
+        """Everything of a decoded request up to the library's methods: its parameters (names
+        and types), its outputs, its inputs as an AnnData (datatypes, shapes, the server's
+        limits). The server runs this before the request waits for a worker, so a request
+        refused here is answered at once, with the message :meth:`infer` gives (it is the
+        same code, in the same order); what only the library checks (values such as a
+        seed's range, the cells' data) is answered when it runs."""
         kw = self._kwargs(req.parameters)
         first_key = kw.get("first_key", 0)  # names the cells in messages; the library checks it
         outputs = self._outputs(req.outputs, req.binary_output)
         adata = self._adata(req, first_key)
-        values = self.compute(adata, {o.name for o in outputs}, kw)
+        return Prepared(req.id, kw, outputs, adata)
+
+    def run(self, prepared: Prepared) -> Result:
+        """Compute a :meth:`prepare`-d request with the library (on a worker thread)."""
+        outputs, adata = prepared.outputs, prepared.adata
+        values = self.compute(adata, {o.name for o in outputs}, prepared.kw)
         tensors = [(o.name, self.outputs[o.name][0], values[o.name], o.binary) for o in outputs]
-        body, hlen = encode_response(self.name, self.version, req.id, tensors)
+        body, hlen = encode_response(self.name, self.version, prepared.id, tensors)
         return Result(body, hlen, adata.n_obs, [o.name for o in outputs])
 
     # ------------------------------------------------------------------ dynamic batching

@@ -189,7 +189,21 @@ def parse_request(body: bytes | bytearray | memoryview, header_length: int | Non
         Malformed JSON, a missing or malformed field, an unknown datatype, or tensor data
         that do not match their shape.
     """
-    doc, tail = _document(body, header_length)
+    view = memoryview(body)
+    if header_length is None:
+        header, tail = view, view[:0]
+    else:
+        if not 0 < header_length <= len(body):
+            raise ProtocolError(
+                f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes"
+            )
+        header, tail = view[:header_length], view[header_length:]
+    try:
+        doc = json.loads(bytes(header))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"the request is not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("the request must be a JSON object with an 'inputs' list")
     rid = doc.get("id")
     if rid is not None and not isinstance(rid, str):
         raise ProtocolError("'id' must be a string")
@@ -244,51 +258,6 @@ def parse_request(body: bytes | bytearray | memoryview, header_length: int | Non
             f"{len(tail) - offset} bytes of binary data after the JSON are not claimed by any "
             "input's binary_data_size"
         )
-    outputs, binary_output = _requested_outputs(doc, params)
-    return InferRequest(rid, inputs, datatypes, params, outputs, binary_output)
-
-
-def parse_header(
-    body: bytes | bytearray | memoryview, header_length: int
-) -> tuple[dict[str, Any], list[RequestedOutput] | None, bool]:
-    """``(parameters, requested outputs, binary_data_output)`` of a request with binary tensor
-    data, from its JSON header alone (its tensors are not decoded): what can be checked before
-    the request waits for a worker. :class:`ProtocolError` as :func:`parse_request` gives it
-    for these fields."""
-    doc, _ = _document(body, header_length)
-    params = doc.get("parameters", {})
-    if not isinstance(params, dict):
-        raise ProtocolError("'parameters' must be a JSON object")
-    outputs, binary_output = _requested_outputs(doc, params)
-    return params, outputs, binary_output
-
-
-def _document(
-    body: bytes | bytearray | memoryview, header_length: int | None
-) -> tuple[dict[str, Any], memoryview]:
-    """The request's JSON object and the binary data after it."""
-    view = memoryview(body)
-    if header_length is None:
-        header, tail = view, view[:0]
-    else:
-        if not 0 < header_length <= len(body):
-            raise ProtocolError(
-                f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes"
-            )
-        header, tail = view[:header_length], view[header_length:]
-    try:
-        doc = json.loads(bytes(header))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError(f"the request is not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise ProtocolError("the request must be a JSON object with an 'inputs' list")
-    return doc, tail
-
-
-def _requested_outputs(
-    doc: dict[str, Any], params: dict[str, Any]
-) -> tuple[list[RequestedOutput] | None, bool]:
-    """The request's ``outputs`` (None: not given) and its ``binary_data_output``."""
     binary_output = params.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise ProtocolError("parameter binary_data_output must be a boolean")
@@ -312,7 +281,7 @@ def _requested_outputs(
                 raise ProtocolError(f"output {o['name']!r} is requested twice")
             seen.add(o["name"])
             outputs.append(RequestedOutput(o["name"], binary))
-    return outputs, binary_output
+    return InferRequest(rid, inputs, datatypes, params, outputs, binary_output)
 
 
 # ----------------------------------------------------------------------------------------------

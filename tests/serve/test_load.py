@@ -155,14 +155,14 @@ def test_full_queue_is_503_with_retry_after_and_the_client_retries(
     assert 'scvi_onnx_request_errors_total{route="infer",model="pbmc_scvi",code="503"}' in text
 
 
-def post_binary(port, x, batch, outputs, parameters):
-    """A request with its counts as binary data after the JSON header."""
+def binary_body(x, batch, outputs, parameters, counts_name="counts"):
+    """(body, header length) of a request with its counts as binary data after the JSON."""
     data = np.ascontiguousarray(x, dtype=np.float32).tobytes()
     head = json.dumps(
         {
             "inputs": [
                 {
-                    "name": "counts",
+                    "name": counts_name,
                     "datatype": "FP32",
                     "shape": list(x.shape),
                     "parameters": {"binary_data_size": len(data)},
@@ -173,51 +173,80 @@ def post_binary(port, x, batch, outputs, parameters):
             "parameters": parameters,
         }
     ).encode()
+    return head + data, len(head)
+
+
+def post_body(port, body, header_length=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    headers = {"Inference-Header-Content-Length": str(len(head))}
-    conn.request("POST", "/v2/models/pbmc_scvi/infer", body=head + data, headers=headers)
+    headers = {}
+    if header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(header_length)
+    conn.request("POST", "/v2/models/pbmc_scvi/infer", body=body, headers=headers)
     r = conn.getresponse()
-    body = r.read()
+    answer = r.read()
     conn.close()
-    return r.status, body
+    return r.status, json.loads(answer)
 
 
-def test_a_bad_request_is_refused_at_once_while_the_workers_are_busy(busy_server, cells):
-    """A request whose parameters or outputs are wrong is answered 400 without waiting for a
-    worker (here the only one is busy with a long request): its answer comes before the long
-    request's, with the message an idle server gives it. Small bodies are checked whole,
-    larger ones with binary data by their JSON header."""
+def test_a_bad_request_is_refused_at_once_while_the_workers_are_busy(tmp_path, shipped, cells):
+    """A request that is wrong before the library's methods (its parameters' names or
+    types, its outputs, inputs, shapes, the server's limits, a malformed body) is answered 400
+    without waiting for a worker (here the only one is busy with a long request): its answer
+    comes before the long request's, and it is the error the worker's code raises for it,
+    the first of several faults included. Small JSON bodies and large binary ones alike."""
+    from scvi_onnx.serve.models import Limits, ServedModel
+    from scvi_onnx.serve.protocol import parse_request
+
     x, batch = cells
-    port = busy_server.port
+    server = one_worker_server(tmp_path, "--max-queue", "1", "--max-cells", "150")
+    port = server.port
+    n_big = 60  # 60 x 2,000 float32: 480 KB, past the 256 KiB decoded on the event loop
+    # (parameters, outputs, cells, counts' columns, counts' input name)
     bad = [
-        ({"n_samples": 5}, ["latent"], "unknown parameter 'n_samples'"),
-        ({"seed": 2**70}, ["elbo"], "seed must be in"),
-        ({"first_key": -1}, ["latent"], "first_key must be"),
-        ({"missing_genes": "guess"}, ["latent"], "missing_genes"),
-        ({}, ["latent", "nonsense"], "unknown output 'nonsense'"),
+        ({"n_samples": 5}, ["latent"], None, None, "counts"),  # unknown parameter
+        ({"seed": "one"}, ["elbo"], None, None, "counts"),  # a parameter's type
+        ({}, ["latent", "nonsense"], None, None, "counts"),  # unknown output
+        ({}, ["latent"], None, 1999, "counts"),  # columns
+        ({}, ["latent"], None, None, "kounts"),  # no counts
+        ({}, ["latent"], 151, None, "counts"),  # more than --max-cells
+        # two faults: the worker's first
+        ({"seed": 2**70}, ["latent", "nonsense"], None, None, "counts"),
+        ({"n_samples": 1}, ["latent"], 151, 1999, "counts"),
+        ({}, ["nonsense"], 151, None, "counts"),
     ]
-    refused = []
-    with ThreadPoolExecutor(1) as ex:
-        slow = ex.submit(post, port, doc_for(x[:100], batch[:100], **LONG))
-        wait_for(port, "scvi_onnx_inference_in_flight", 1)
-        for params, outputs, _ in bad:
-            # 5 cells as JSON (decoded on the event loop) and 50 as binary (> 256 KB: the
-            # header alone is read there)
-            status, _, body = post(port, doc_for(x[:5], batch[:5], outputs, params))
-            refused.append((status, json.loads(body)))
-            big = post_binary(port, x[:50], batch[:50], outputs, params)
-            refused.append((big[0], json.loads(big[1])))
-        assert slow.result()[0] == 200
-    for (params, outputs, words), small, big in zip(bad, refused[::2], refused[1::2], strict=True):
-        assert small[0] == big[0] == 400, (params, outputs)
-        assert words in small[1]["error"] and small[1] == big[1]
-        # the same answer from the idle server
-        status, _, body = post(port, doc_for(x[:5], batch[:5], outputs, params))
-        assert (status, json.loads(body)) == small
-    lines = [json.loads(line) for line in busy_server.audit.read_text().splitlines()]
-    infer = [r["status"] for r in lines if r["route"] == "infer"]
-    # written when answered: the refusals before the long request's 200
-    assert infer[: 2 * len(bad) + 1] == [400] * (2 * len(bad)) + [200]
+    served = ServedModel("pbmc_scvi", shipped, Limits(max_cells=150))
+
+    def bodies(params, outputs, n, cols, name):
+        for n_cells, binary in ((n or 5, False), (n or n_big, True)):
+            xs, bs = x[:n_cells, : cols or x.shape[1]], batch[:n_cells]
+            if binary:
+                yield binary_body(xs, bs, outputs, params, name)
+            else:
+                doc = doc_for(xs, bs, outputs, params)
+                doc["inputs"][0]["name"] = name
+                yield json.dumps(doc).encode(), None
+
+    answers, wanted = [], []
+    try:
+        with ThreadPoolExecutor(1) as ex:
+            slow = ex.submit(post, port, doc_for(x[:100], batch[:100], **LONG))
+            wait_for(port, "scvi_onnx_inference_in_flight", 1)
+            for case in bad:
+                for body, hlen in bodies(*case):
+                    answers.append(post_body(port, body, hlen))
+                    # the worker's code, in this process
+                    with pytest.raises(Exception) as e:
+                        served.infer(parse_request(body, hlen))
+                    wanted.append((400, {"error": str(e.value), "error_type": e.type.__name__}))
+            assert slow.result()[0] == 200
+        assert answers == wanted
+        assert "unknown output 'nonsense'" in answers[2 * 6][1]["error"]  # not the seed's
+        lines = [json.loads(line) for line in server.audit.read_text().splitlines()]
+        infer = [r["status"] for r in lines if r["route"] == "infer"]
+        # written when answered: the refusals before the long request's 200
+        assert infer == [400] * len(answers) + [200]
+    finally:
+        server.stop()
 
 
 def send_raw(port, doc, tls=None):

@@ -43,7 +43,7 @@ from ..maths import distributions as D
 from ..maths.likelihood import BernoulliScorer, Scratch
 from ..sessions import Graph
 from ..sessions.input_layer import InputLayer
-from ..sessions.providers import may_use_cuda
+from ..sessions.providers import CPU, may_use_cuda
 from .base import BundleContents, ElboTerms, Module, covariates_taken, sparse_wanted
 from .scoring import choose_score_graph
 
@@ -113,7 +113,8 @@ SPARSE_LATENT_CALL_ROWS = 256
 #: 26 MB per array for 64 cells of 100,000 regions). 5,000 cells of the 100,000-region
 #: benchmark model, 2 threads, alternated: ELBO 6.2-6.8 s in tasks of 64 cells, 5.1-5.8 s in
 #: tasks of 256 (peak 692-696 -> 725-730 MB); 512: 4.9-5.5 s, 780 MB; 1,024: 5.5-6.8 s, 855
-#: MB (five tasks for two threads). The same numbers, bit for bit.
+#: MB (five tasks for two threads). The same numbers, bit for bit. Reads are at most
+#: ``batch_size`` cells: the default (128) gives tasks of 128. On the CPU only.
 SPARSE_SCORE_TASK_ROWS = 256
 #: Cells of one decoder call in those tasks (the engine's fewest rows of a call).
 SPARSE_DECODE_ROWS = 64
@@ -296,7 +297,8 @@ class PEAKVAE(Module):
         )
         if self.sparse is not None and not self.needs.dense:
             self.latent_call_rows = SPARSE_LATENT_CALL_ROWS
-            self.score_task_rows = SPARSE_SCORE_TASK_ROWS
+            if self.provider == CPU:  # (CUDA's tasks are larger, its decoder calls too)
+                self.score_task_rows = SPARSE_SCORE_TASK_ROWS
 
     # ------------------------------------------------------------------ description
     @property

@@ -338,9 +338,10 @@ class InferenceServer:
                     return _error(
                         500, f"internal error (request {rec.request_id}); see the server log"
                     )
-                # what is decoded holds what it needs of the body (binary tensors are views
-                # of it); a JSON body is not kept while the request waits
-                body = None
+                if prepared is not None or batch is not None:
+                    # what is decoded holds what it needs of the body (binary tensors are
+                    # views of it); a JSON body is not kept while the request waits
+                    body = None
                 if batch is not None:
                     # computed with the concurrent requests of the same kind, in one library
                     # call (the batcher takes it off the queue when its batch starts)
@@ -381,7 +382,10 @@ class InferenceServer:
         if batch is None:
             self.metrics.in_flight += 1
             self._gauges_changed()
-            future = loop.run_in_executor(self.executor, served.run, prepared)
+            if prepared is not None:
+                future = loop.run_in_executor(self.executor, served.run, prepared)
+            else:
+                future = loop.run_in_executor(self.executor, _run, served, body, header_length)
 
             def finished(f: asyncio.Future) -> None:
                 # the slot is held until the computation really ends, even past a 504
@@ -435,8 +439,9 @@ class InferenceServer:
         ``(None, prepared)`` (:meth:`ServedModel.prepare`).
 
         A small body is decoded here on the event loop (a single cell decodes in ~15 us) to
-        see whether it can be batched; any other decoding and checking runs on the decoding
-        threads, never on the workers' slots. Raises :class:`ProtocolError` or
+        see whether it can be batched; other small bodies and binary ones are decoded and
+        checked on the decoding threads, not on the workers' slots; a larger body all JSON
+        only on a worker (``(None, None)``: see below). Raises :class:`ProtocolError` or
         :class:`~scvi_onnx.errors.ScviOnnxError` for what is wrong with the request before the
         library's methods (malformed, an unknown parameter, output or input, a wrong shape, a
         limit): it is answered at once, not after the requests in flight, with the message
@@ -450,6 +455,11 @@ class InferenceServer:
                 key = None
             if key is not None:
                 return (key, req), None
+        elif header_length is None:
+            # a large body all JSON: decoded when a worker takes it, as its numbers take 2-4x
+            # the body's bytes decoded (a "0," becomes 4 or 8 bytes), which the queue would
+            # hold for every such request waiting
+            return None, None
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(
             self.decoders, _prepare, served, req, body, header_length
@@ -570,6 +580,11 @@ def _prepare(
 ) -> Prepared:
     """On a decoding thread: decode the request (unless ``req`` is) and check it."""
     return served.prepare(req if req is not None else parse_request(body, header_length))
+
+
+def _run(served: ServedModel, body: memoryview, header_length: int | None):
+    """On a worker thread: decode a request (a large JSON body) and compute it."""
+    return served.infer(parse_request(body, header_length))
 
 
 class _Guard:

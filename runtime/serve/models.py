@@ -629,14 +629,22 @@ class ServedModel:
                 check_first_key(params["first_key"])
         except InvalidArgumentError:
             return None
+        if self.proteins is not None:
+            return None  # (TOTALVI: its proteins are no obs input; never batched)
         counts = req.inputs.get(COUNTS)
         if counts is None or counts.ndim != 2 or counts.shape[1] != len(self.genes):
             return None
         if req.datatypes[COUNTS] not in COUNT_DATATYPES:
             return None
         n = counts.shape[0]
+        if not 0 < n <= self.limits.max_cells:
+            return None
         for key, arr in req.inputs.items():
-            if key != COUNTS and (key not in self.obs_inputs or arr.shape not in ((n,), (n, 1))):
+            if key == COUNTS:
+                continue
+            if key not in self.obs_inputs or req.datatypes[key] not in OBS_DATATYPES:
+                return None
+            if arr.shape not in ((n,), (n, 1)):
                 return None
         return tuple(sorted(req.datatypes.items()))
 

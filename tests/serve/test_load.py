@@ -193,7 +193,8 @@ def test_a_bad_request_is_refused_at_once_while_the_workers_are_busy(tmp_path, s
     types, its outputs, inputs, shapes, the server's limits, a malformed body) is answered 400
     without waiting for a worker (here the only one is busy with a long request): its answer
     comes before the long request's, and it is the error the worker's code raises for it,
-    the first of several faults included. Small JSON bodies and large binary ones alike."""
+    the first of several faults included. Small JSON bodies (those the dynamic batcher would
+    take too) and large binary ones alike."""
     from scvi_onnx.serve.models import Limits, ServedModel
     from scvi_onnx.serve.protocol import parse_request
 
@@ -201,46 +202,50 @@ def test_a_bad_request_is_refused_at_once_while_the_workers_are_busy(tmp_path, s
     server = one_worker_server(tmp_path, "--max-queue", "1", "--max-cells", "150")
     port = server.port
     n_big = 60  # 60 x 2,000 float32: 480 KB, past the 256 KiB decoded on the event loop
-    # (parameters, outputs, cells, counts' columns, counts' input name)
-    bad = [
-        ({"n_samples": 5}, ["latent"], None, None, "counts"),  # unknown parameter
-        ({"seed": "one"}, ["elbo"], None, None, "counts"),  # a parameter's type
-        ({}, ["latent", "nonsense"], None, None, "counts"),  # unknown output
-        ({}, ["latent"], None, 1999, "counts"),  # columns
-        ({}, ["latent"], None, None, "kounts"),  # no counts
-        ({}, ["latent"], 151, None, "counts"),  # more than --max-cells
-        # two faults: the worker's first
-        ({"seed": 2**70}, ["latent", "nonsense"], None, None, "counts"),
-        ({"n_samples": 1}, ["latent"], 151, 1999, "counts"),
-        ({}, ["nonsense"], 151, None, "counts"),
+
+    def small(params, outputs, n=5, cols=None, name="counts"):
+        doc = doc_for(x[:n, : cols or x.shape[1]], batch[:n], outputs, params)
+        doc["inputs"][0]["name"] = name
+        return json.dumps(doc).encode(), None
+
+    def big(params, outputs, n=n_big, cols=None, name="counts"):
+        return binary_body(x[:n, : cols or x.shape[1]], batch[:n], outputs, params, name)
+
+    requests = []
+    for params, outputs, kw in [
+        ({"n_samples": 5}, ["latent"], {}),  # unknown parameter
+        ({"seed": "one"}, ["elbo"], {}),  # a parameter's type
+        ({}, ["latent", "nonsense"], {}),  # unknown output
+        ({}, ["latent"], {"cols": 1999}),  # columns
+        ({}, ["latent"], {"name": "kounts"}),  # no counts
+        ({"seed": 2**70}, ["latent", "nonsense"], {}),  # two faults: the worker's first
+    ]:
+        requests += [small(params, outputs, **kw), big(params, outputs, **kw)]
+    requests += [
+        big({}, ["latent"], n=151),  # more than --max-cells
+        big({"n_samples": 1}, ["latent"], n=151, cols=1999),
+        big({}, ["nonsense"], n=151),
+        small({}, ["latent"], n=0),  # no cell (a latent request: batchable otherwise)
     ]
+    int8 = json.loads(small({}, ["latent"])[0])  # the batch as INT8: not an obs datatype
+    int8["inputs"][1] = {"name": "batch", "datatype": "INT8", "shape": [5], "data": [0] * 5}
+    requests.append((json.dumps(int8).encode(), None))
+    # the worker's code, in this process
     served = ServedModel("pbmc_scvi", shipped, Limits(max_cells=150))
-
-    def bodies(params, outputs, n, cols, name):
-        for n_cells, binary in ((n or 5, False), (n or n_big, True)):
-            xs, bs = x[:n_cells, : cols or x.shape[1]], batch[:n_cells]
-            if binary:
-                yield binary_body(xs, bs, outputs, params, name)
-            else:
-                doc = doc_for(xs, bs, outputs, params)
-                doc["inputs"][0]["name"] = name
-                yield json.dumps(doc).encode(), None
-
-    answers, wanted = [], []
+    wanted = []
+    for body, hlen in requests:
+        with pytest.raises(Exception) as e:
+            served.infer(parse_request(body, hlen))
+        wanted.append((400, {"error": str(e.value), "error_type": e.type.__name__}))
+    assert "unknown output 'nonsense'" in wanted[10][1]["error"]  # not the seed's
+    answers = []
     try:
         with ThreadPoolExecutor(1) as ex:
-            slow = ex.submit(post, port, doc_for(x[:100], batch[:100], **LONG))
+            slow = ex.submit(post, port, doc_for(x[:150], batch[:150], **LONG))
             wait_for(port, "scvi_onnx_inference_in_flight", 1)
-            for case in bad:
-                for body, hlen in bodies(*case):
-                    answers.append(post_body(port, body, hlen))
-                    # the worker's code, in this process
-                    with pytest.raises(Exception) as e:
-                        served.infer(parse_request(body, hlen))
-                    wanted.append((400, {"error": str(e.value), "error_type": e.type.__name__}))
+            answers = [post_body(port, body, hlen) for body, hlen in requests]
             assert slow.result()[0] == 200
         assert answers == wanted
-        assert "unknown output 'nonsense'" in answers[2 * 6][1]["error"]  # not the seed's
         lines = [json.loads(line) for line in server.audit.read_text().splitlines()]
         infer = [r["status"] for r in lines if r["route"] == "infer"]
         # written when answered: the refusals before the long request's 200

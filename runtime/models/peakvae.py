@@ -104,8 +104,9 @@ class GraphScorer:
 #: densified: the product reads every row of ``W`` once per call (126 MB at 100,000 regions),
 #: and a cell costs only its entries and its hidden units. 5,000 cells of the 100,000-region
 #: benchmark model, batch size 1,024, 2 threads: 64 -> 256 cells a call, latent 1.1-1.4 ->
-#: 0.86-1.0 s, peak memory the same (530 MB). The scoring methods keep the engine's 64: their
-#: calls hold cells x regions decoder outputs (ELBO peak 750 -> 1,250 MB at 256).
+#: 0.86-1.0 s, peak memory the same (530 MB). The scoring methods' decoder calls stay at 64
+#: cells (they hold cells x regions outputs: decoding 256 at once took the ELBO's peak 750 ->
+#: 1,250 MB); their tasks are larger (below).
 SPARSE_LATENT_CALL_ROWS = 256
 #: The same for one task of the ELBO and the reconstruction error with the sparse encoders:
 #: the first-layer products of a task's cells in one call, the decoder and the likelihood in

@@ -579,16 +579,21 @@ async def _client_gone(receive: Any) -> None:
         pass
 
 
+def _decoded(req: InferRequest | None, body: memoryview, header_length: int | None):
+    """``req``, or the request decoded from ``body`` where the event loop did not decode it."""
+    return req if req is not None else parse_request(body, header_length)
+
+
 def _prepare(
     served: ServedModel, req: Any, body: memoryview, header_length: int | None
 ) -> Prepared:
     """On a decoding thread: decode the request (unless ``req`` is) and check it."""
-    return served.prepare(req if req is not None else parse_request(body, header_length))
+    return served.prepare(_decoded(req, body, header_length))
 
 
 def _run(served: ServedModel, req: Any, body: memoryview, header_length: int | None):
     """On a worker thread: decode the request (unless ``req`` is), check and compute it."""
-    return served.infer(req if req is not None else parse_request(body, header_length))
+    return served.infer(_decoded(req, body, header_length))
 
 
 class _Guard:

@@ -93,8 +93,7 @@ def create_session(path: str | Path, device: str = "auto", *, intra_op_threads: 
     if device not in DEVICES:
         raise ProviderError(f"device must be one of {DEVICES}, got {device!r}")
     available = ort.get_available_providers()
-    want_cuda = device == "cuda" or (device == "auto" and CUDA in available and _gpu_present())
-    if want_cuda:
+    if may_use_cuda(device):
         if CUDA not in available:
             raise ProviderError(
                 f"device='cuda' but onnxruntime {ort.__version__} offers only {available}; "

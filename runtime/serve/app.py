@@ -325,13 +325,19 @@ class InferenceServer:
                 if self._slots is None:
                     self._slots = asyncio.Semaphore(opts.max_concurrency)
                 try:
-                    batch, req, prepared = await self._screen(served, body, header_length)
+                    batch, req, prepared = await self._screen(
+                        served, body, header_length, gone, deadline
+                    )
                 except (ProtocolError, ScviOnnxError) as e:
+                    if gone.done():  # left while it was decoded: answered to nobody
+                        raise ClientDisconnect() from None
                     # refused without waiting for a worker (the message infer gives)
                     rec.error = type(e).__name__
                     return JSONResponse(
                         {"error": str(e), "error_type": type(e).__name__}, status_code=400
                     )
+                except (_Refusal, ClientDisconnect):
+                    raise
                 except Exception as e:  # a bug: as on a worker, logged here, never sent
                     rec.error = type(e).__name__
                     logger.error("request %s failed", rec.request_id, exc_info=e)
@@ -348,27 +354,25 @@ class InferenceServer:
                     future = self._batcher(served).submit(*batch)
                     handed_over = True
                 else:
-                    acquire = loop.create_task(self._slots.acquire())
-                    await asyncio.wait(
-                        (acquire, gone),
-                        timeout=max(0.0, deadline - loop.time()),
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    acquire.cancel()  # nothing when it has its slot already
-                    try:
-                        held = await acquire
-                    except asyncio.CancelledError:
-                        held = False
+                    held = False  # a request whose time ran out (reading, decoding) takes none
+                    if loop.time() < deadline:
+                        acquire = loop.create_task(self._slots.acquire())
+                        await asyncio.wait(
+                            (acquire, gone),
+                            timeout=max(0.0, deadline - loop.time()),
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                        acquire.cancel()  # nothing when it has its slot already
+                        try:
+                            held = await acquire
+                        except asyncio.CancelledError:
+                            held = False
                     if gone.done():  # left while queued: nothing is computed for it
                         if held:
                             self._slots.release()
                         raise ClientDisconnect()
                     if not held:
-                        raise _Refusal(
-                            503,
-                            f"no worker became free within {opts.request_timeout:g} s; retry later",
-                            {"Retry-After": str(RETRY_AFTER_S)},
-                        )
+                        raise self._not_taken()
             finally:
                 if not handed_over:
                     self.metrics.queued -= 1
@@ -432,7 +436,12 @@ class InferenceServer:
         return Response(result.body, headers=headers, media_type=media or "application/json")
 
     async def _screen(
-        self, served: ServedModel, body: memoryview, header_length: int | None
+        self,
+        served: ServedModel,
+        body: memoryview,
+        header_length: int | None,
+        gone: asyncio.Task,
+        deadline: float,
     ) -> tuple[tuple | None, InferRequest | None, Prepared | None]:
         """Decode and check what can be before a request waits for a worker: ``(batch, req,
         prepared)``, at most one of them set.
@@ -452,6 +461,10 @@ class InferenceServer:
           another thread first cost ~3 ms of CPU per request and took 2 workers' UINT16
           requests at concurrency 2 from 1.01x to 0.82x of the library in-process).
 
+        A request whose client leaves (``gone``) or whose ``deadline`` passes while it is
+        decoded on a decoding thread is not waited for (:class:`ClientDisconnect`, a 503): it
+        would otherwise take the next free worker for nobody.
+
         Raises :class:`ProtocolError` or :class:`~scvi_onnx.errors.ScviOnnxError`."""
         req = None
         if len(body) <= BATCH_BODY_BYTES:
@@ -465,10 +478,30 @@ class InferenceServer:
         if not self._slots.locked() or (req is None and header_length is None):
             return None, req, None
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(
-            self.decoders, _prepare, served, req, body, header_length
+        decoding = loop.run_in_executor(self.decoders, _prepare, served, req, body, header_length)
+        await asyncio.wait(
+            (decoding, gone),
+            timeout=max(0.0, deadline - loop.time()),
+            return_when=asyncio.FIRST_COMPLETED,
         )
-        return None, None, prepared
+        if gone.done() or not decoding.done():
+            # its outcome is not wanted (a decoding still running ends on its thread)
+            decoding.add_done_callback(lambda f: f.cancelled() or f.exception())
+            if gone.done():
+                raise ClientDisconnect()
+            raise self._not_taken()
+        return None, None, decoding.result()
+
+    def _not_taken(self) -> _Refusal:
+        """A request whose time ran out before a worker took it (queued, read or decoded):
+        503, retry later; it is never computed."""
+        return _Refusal(
+            503,
+            f"no worker took the request within the server's time limit "
+            f"({self.options.request_timeout:g} s, --request-timeout, queue included); "
+            "retry later",
+            {"Retry-After": str(RETRY_AFTER_S)},
+        )
 
     def _batcher(self, served: ServedModel) -> _Batcher:
         b = self._batchers.get(served.name)

@@ -20,6 +20,7 @@ import functools
 import inspect
 import json
 import logging
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ COUNT_DATATYPES = (
     "BOOL",
 )
 OBS_DATATYPES = ("BYTES", "FP32", "FP64", "INT32", "INT64")
+
+#: Held while a thread swaps the process's warning filters (``warnings.catch_warnings`` is
+#: not thread-safe): one lock for every served model, as the filters are the process's.
+_WARNING_FILTERS = threading.Lock()
 
 
 def _int(name: str, v: Any) -> int:
@@ -553,8 +558,11 @@ class ServedModel:
             prot.layers[field.attr_key] = proteins
         else:
             prot.X = proteins
-        with warnings.catch_warnings():  # mudata's notices about pulling obs columns
-            warnings.simplefilter("ignore")
+        # mudata's FutureWarning about pulling obs columns (every column is set below), hidden
+        # under a lock: catch_warnings swaps the process's filters, and two threads doing so at
+        # once (two decoding threads, two workers) could leave "ignore" installed for good
+        with _WARNING_FILTERS, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="From 0.4", category=FutureWarning)
             md = mudata.MuData({mods["X"]: rna, mods["proteins"]: prot})
             for key in obs.columns:
                 md.obs[key] = obs[key].to_numpy()

@@ -254,6 +254,36 @@ def test_a_bad_request_is_refused_at_once_while_the_workers_are_busy(tmp_path, s
         server.stop()
 
 
+def test_a_request_whose_time_ran_out_before_a_worker_took_it_is_never_computed(tmp_path, cells):
+    """--request-timeout counts the queue, the body's reading and its decoding: a request
+    whose time is gone before a worker takes it is refused 503 with Retry-After and never
+    computed, even with a worker free (before, a free worker took it, computed it for nobody
+    and the client got a 504 after the computation). Here a 1 us limit, which no request can
+    meet: a small JSON request and a 480 KB binary one are refused, the audit log shows no
+    cell computed, and the server's workers stay idle."""
+    x, batch = cells
+    server = one_worker_server(tmp_path, "--request-timeout", "0.000001")
+    port = server.port
+    try:
+        answers = [
+            post(port, doc_for(x[:5], batch[:5], outputs=["elbo"])),
+            post_body(port, *binary_body(x[:60], batch[:60], ["latent"], {})),
+        ]
+        small_status, small_headers, small_body = answers[0]
+        for status, doc in [(small_status, json.loads(small_body)), answers[1]]:
+            assert status == 503
+            assert "no worker took the request" in doc["error"]
+            assert "--request-timeout" in doc["error"]
+        assert {k.lower(): v for k, v in small_headers.items()}["retry-after"] == "1"
+        lines = [json.loads(line) for line in server.audit.read_text().splitlines()]
+        infer = [r for r in lines if r["route"] == "infer"]
+        assert [r["status"] for r in infer] == [503, 503]
+        assert all(not r.get("n_cells") for r in infer)
+        assert gauge(port, "scvi_onnx_inference_in_flight")[0] == 0
+    finally:
+        server.stop()
+
+
 def send_raw(port, doc, tls=None):
     """A request sent on a socket that the test closes itself, without reading the answer
     (``tls``: an ssl context for an HTTPS server)."""

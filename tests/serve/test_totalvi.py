@@ -216,3 +216,60 @@ def test_mudata_model_served(mudata_served):
 
     with pytest.raises(InputDataError, match="setup_mudata"):
         remote.get_latent_representation(mdata["gex"])
+
+
+def test_mudata_requests_leave_the_warning_filters_alone(mudata_served):
+    """The MuData a request becomes is built with mudata's FutureWarning hidden (every obs
+    column is set by the server), under a lock: ``catch_warnings`` swaps the process's filters,
+    and requests prepared on several threads at once (decoding threads, workers) must not
+    leave another thread's "ignore" installed. Sixteen requests on four threads: the filters
+    are the same after, every answer equals the first, and mudata's notice never shows."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scvi_onnx.serve.models import Limits, ServedModel
+    from scvi_onnx.serve.protocol import parse_request
+
+    mdata, local, _ = mudata_served
+    x = np.asarray(
+        mdata["gex"].X.todense() if hasattr(mdata["gex"].X, "todense") else mdata["gex"].X,
+        dtype=np.float32,
+    )
+    prot = np.asarray(mdata["adt"].layers["counts"], dtype=np.float32)
+    doc = {
+        "inputs": [
+            {
+                "name": "counts",
+                "datatype": "FP32",
+                "shape": list(x.shape),
+                "data": x.ravel().tolist(),
+            },
+            {
+                "name": "batch",
+                "datatype": "BYTES",
+                "shape": [x.shape[0]],
+                "data": [str(b) for b in mdata.obs["batch"]],
+            },
+            {
+                "name": "proteins",
+                "datatype": "FP32",
+                "shape": list(prot.shape),
+                "data": prot.ravel().tolist(),
+            },
+        ],
+        "outputs": [{"name": "latent"}, {"name": "elbo"}],
+    }
+    body = json.dumps(doc).encode()
+    served = ServedModel("totalvi_mu", local, Limits())
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inside = list(warnings.filters)
+        with ThreadPoolExecutor(4) as ex:
+            answers = list(
+                ex.map(lambda _: served.infer(parse_request(body, None)).body, range(16))
+            )
+        assert warnings.filters == inside
+    assert warnings.filters == before
+    assert all(a == answers[0] for a in answers)
+    assert not [w for w in caught if "pull obs/var columns" in str(w.message)]

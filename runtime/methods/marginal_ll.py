@@ -49,7 +49,7 @@ def marginal_ll(
         for mb in mbs:
             n_cells = mb.n
             log_w = np.empty((n_mc, n_cells))
-            enc = module.encode_scored(mb)
+            enc = module.encode_scored(mb, low_memory=True)
             group = max(1, min(n_cells, chunk // (G * MLL_MIN_SAMPLES)))
             step = per_pass or max(1, chunk // (group * G), -(-MIN_CALL_ROWS // group))
             step = min(step, n_mc)
@@ -59,7 +59,7 @@ def marginal_ll(
                 whole = cs.stop - cs.start == n_cells
                 sub = mb if whole else mb.rows(cs)
                 sub_enc = enc if whole else {k: v[cs] for k, v in enc.items()}
-                state = module.prepare(sub)
+                state = module.prepare(sub, sub_enc)
                 for start in range(0, n_mc, step):
                     n = min(step, n_mc - start)
                     last = c == groups[-1] and start + n == n_mc

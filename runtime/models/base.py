@@ -275,9 +275,14 @@ class Module(ABC):
     def encode(self, mb: Minibatch) -> dict[str, np.ndarray]:
         """The encoder's outputs for a minibatch: at least ``qz_m`` and ``qz_v``."""
 
-    def encode_scored(self, mb: Minibatch) -> dict[str, np.ndarray]:
+    def encode_scored(self, mb: Minibatch, *, low_memory: bool = False) -> dict[str, np.ndarray]:
         """:meth:`encode` for the scoring methods (ELBO, reconstruction error, marginal LL),
-        refusing cells whose posterior is degenerate: see :func:`check_posterior`."""
+        refusing cells whose posterior is degenerate: see :func:`check_posterior`.
+
+        ``low_memory``: the caller encodes these cells once and then decodes them for long
+        (the marginal LL); a module may then give up speed for memory (PEAKVI's sparse first
+        layers are not kept) and add per-cell values that :meth:`prepare` takes from the
+        result instead of computing them again."""
         enc = self.encode(mb)
         check_posterior(enc, mb)
         return enc
@@ -296,8 +301,9 @@ class Module(ABC):
         return u, (D.softmax(u, axis=-1) if self.ln else u)
 
     @abstractmethod
-    def prepare(self, mb: Minibatch) -> Any:
-        """Per-group scoring state, shared by every chunk of draws of these cells."""
+    def prepare(self, mb: Minibatch, enc: Mapping[str, np.ndarray] | None = None) -> Any:
+        """Per-group scoring state, shared by every chunk of draws of these cells; ``enc``:
+        their :meth:`encode_scored` result where the caller has it."""
 
     @abstractmethod
     def elbo_terms(self, mb: Minibatch, seed: int) -> ElboTerms:

@@ -44,7 +44,14 @@ from ..maths.likelihood import BernoulliScorer, Scratch
 from ..sessions import Graph
 from ..sessions.input_layer import InputLayer
 from ..sessions.providers import CPU, may_use_cuda
-from .base import BundleContents, ElboTerms, Module, covariates_taken, sparse_wanted
+from .base import (
+    BundleContents,
+    ElboTerms,
+    Module,
+    check_posterior,
+    covariates_taken,
+    sparse_wanted,
+)
 from .scoring import choose_score_graph
 
 
@@ -153,11 +160,12 @@ class SparseEncoders:
             )
             self.d_layer = _input_layer(contents, "depth_sparse", self.depth_encoder)
 
-    def encode(self, feeds: Mapping[str, Any], entries) -> dict[str, np.ndarray]:
-        return self.encoder.run({**feeds, F.IN_X_PRODUCT: self.z_layer.product(entries)})
+    def encode(self, feeds: Mapping[str, Any], entries, hold: bool = True) -> dict[str, np.ndarray]:
+        x_w = self.z_layer.product(entries, hold=hold)
+        return self.encoder.run({**feeds, F.IN_X_PRODUCT: x_w})
 
-    def depth(self, feeds: Mapping[str, Any], entries) -> np.ndarray:
-        x_w = self.d_layer.product(entries)
+    def depth(self, feeds: Mapping[str, Any], entries, hold: bool = True) -> np.ndarray:
+        x_w = self.d_layer.product(entries, hold=hold)
         return self.depth_encoder.run({**feeds, F.IN_X_PRODUCT: x_w})[F.OUT_DEPTH]
 
 
@@ -331,22 +339,34 @@ class PEAKVAE(Module):
         return covariates_taken(graph_inputs, scoring)
 
     # ------------------------------------------------------------------ pieces
-    def encode(self, mb: Minibatch) -> dict[str, np.ndarray]:
-        """``qz_m``, ``qz_v`` (the latent space needs nothing else)."""
+    def encode(self, mb: Minibatch, *, hold: bool = True) -> dict[str, np.ndarray]:
+        """``qz_m``, ``qz_v`` (the latent space needs nothing else); ``hold``: see
+        :meth:`~scvi_onnx.sessions.input_layer.InputLayer.product`."""
         if self.sparse is not None:
-            return self.sparse.encode(self.feeds(mb), mb.entries)
+            return self.sparse.encode(self.feeds(mb), mb.entries, hold=hold)
         return self.encoder.run({**self.feeds(mb), F.IN_X: mb.x})
 
-    def encode_scored(self, mb: Minibatch) -> dict[str, np.ndarray]:
+    def encode_scored(self, mb: Minibatch, *, low_memory: bool = False) -> dict[str, np.ndarray]:
         """:meth:`Module.encode_scored`; with the sparse encoders, the decoder (or scoring
         graph) opens first. Opening a session holds the graph's file and its weights at once
         (~2x the graph: 254 MB for the 100,000-region decoder); opened before the encoders
-        read their first layers (126 MB each), that moment does not add to them. Measured on
-        that model's marginal LL (256 cells, 2 threads): the peak at the decoder's opening,
-        683 MB, against 662 MB for the rest of the call."""
-        if self.sparse is not None:
-            (self.score_graph or self.decoder).open()
-        return super().encode_scored(mb)
+        read their first layers (126 MB each), that moment does not add to them.
+
+        ``low_memory`` (the marginal LL): the sparse first layers are read from their files
+        block by block and not kept (unless an earlier call holds them), and the depth
+        factors are computed here for every cell (``depth`` in the result, which
+        :meth:`prepare` takes): the minutes of decoding that follow hold neither ``W``. The
+        100,000-region model's marginal LL (256 cells x 100 samples, 2 threads): 691 -> 560 MB
+        with one minibatch, and 693 -> ~430 MB with four (the next minibatch's read of ``W``
+        no longer stacks on the decoding's buffers)."""
+        if self.sparse is None:
+            return super().encode_scored(mb)
+        (self.score_graph or self.decoder).open()
+        enc = self.encode(mb, hold=not low_memory)
+        check_posterior(enc, mb)
+        if low_memory and self.depth_encoder is not None:
+            enc[F.OUT_DEPTH] = self.sparse.depth(self.feeds(mb), mb.entries, hold=False)
+        return enc
 
     def depth(self, mb: Minibatch) -> np.ndarray | None:
         """Each cell's depth factor ``d`` (cells, 1) float32; ``None`` without ``model_depth``
@@ -357,10 +377,16 @@ class PEAKVAE(Module):
             return self.sparse.depth(self.feeds(mb), mb.entries)
         return self.depth_encoder.run({**self.feeds(mb), F.IN_X: mb.x})[F.OUT_DEPTH]
 
-    def prepare(self, mb: Minibatch) -> AccessibilityScorer:
+    def prepare(
+        self, mb: Minibatch, enc: Mapping[str, np.ndarray] | None = None
+    ) -> AccessibilityScorer:
         """The group's scorer: its accessible regions (or its values on the device) and depth
-        factors, computed once for every chunk of draws."""
-        return self._scorer(mb, self.depth(mb))
+        factors (from ``enc`` where :meth:`encode_scored` computed them), computed once for
+        every chunk of draws."""
+        depth = enc.get(F.OUT_DEPTH) if enc is not None else None
+        if depth is None:
+            depth = self.depth(mb)
+        return self._scorer(mb, depth)
 
     def _scorer(self, mb: Minibatch, depth: np.ndarray | None) -> AccessibilityScorer:
         if self.score_graph is not None:

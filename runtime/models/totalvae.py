@@ -359,7 +359,7 @@ class TOTALVAE(Module):
         """Each cell's panel code (the batch where no panel was registered)."""
         return mb.panel if mb.panel is not None else mb.batch
 
-    def prepare(self, mb: Minibatch) -> TotalState:
+    def prepare(self, mb: Minibatch, enc: Mapping[str, np.ndarray] | None = None) -> TotalState:
         c = self.config
         panel = self.panel(mb)
         y = mb.y.astype(np.float64)

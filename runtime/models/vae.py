@@ -219,7 +219,7 @@ class VAE(Module):
         log_w += D.log_normal(library, pm[None], np.sqrt(pv)[None]).sum(-1)
         log_w -= D.log_normal(library, lm, ls).sum(-1)
 
-    def prepare(self, mb: Minibatch) -> Scorer:
+    def prepare(self, mb: Minibatch, enc: Mapping[str, np.ndarray] | None = None) -> Scorer:
         return self.genes.prepare(mb)
 
     # ------------------------------------------------------------------ the terms

@@ -10,7 +10,8 @@ order whatever other cells share the call, so its result does not depend on the 
 ``W`` is not stored twice: it is the full graph's initializer (``encoder.onnx``), found by
 walking the file's protobuf (memory-mapped, the weights skipped by their length) and read
 into memory from its offset; the manifest names it (``format.INPUT_LAYER``), and the file's
-sha256 was checked with the bundle's.
+sha256 was checked with the bundle's. The marginal LL does not keep it: it reads ``W`` in
+blocks for its one product per minibatch (``hold=False``), with the same bits.
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ import numpy as np
 from ..data.entries import Entries
 from ..errors import BundleIntegrityError
 from .ops import FLOAT, file_initializer
+
+#: Regions per block of ``x @ W`` (4,096 x 316 hidden units: 5 MB of ``W``): the product is
+#: summed block by block, in this order, whether ``W`` is held or read from the file.
+PRODUCT_BLOCK_ROWS = 4096
+
+
+def _csc_matvecs():
+    """scipy's ``Y += A X`` kernel for a CSC ``A`` (what ``csc_matrix @ dense`` runs, adding
+    column by column into ``Y``), or ``None`` where this scipy lacks it (a private name)."""
+    try:
+        from scipy.sparse import _sparsetools
+    except ImportError:
+        return None
+    return getattr(_sparsetools, "csc_matvecs", None)
 
 
 class InputLayer:
@@ -113,13 +128,66 @@ class InputLayer:
                 w = self._w
         return w
 
-    def product(self, entries: Entries) -> np.ndarray:
-        """``(n, H)`` float32 ``x @ W`` for the cells whose non-zero entries are ``entries``."""
+    @property
+    def resident(self) -> bool:
+        """Whether ``W`` is held in memory (read by an earlier :attr:`weight`)."""
+        return self._w is not None
+
+    def product(self, entries: Entries, *, hold: bool = True) -> np.ndarray:
+        """``(n, H)`` float32 ``x @ W`` for the cells whose non-zero entries are ``entries``.
+
+        ``hold=False`` reads ``W`` from the file in blocks of :data:`PRODUCT_BLOCK_ROWS`
+        regions, never holding it whole (the marginal LL: one product per minibatch, then
+        minutes of decoding); each block's products are added into the same sums in the
+        same order as one product over all of ``W`` would add them, so both give the same
+        bits. ``hold=True`` (the default) reads ``W`` once and keeps it for the next call; a
+        held ``W`` is used either way."""
         import scipy.sparse as sp
 
         n = entries.n_rows
         x = sp.csr_matrix(
             (entries.vals, entries.cols, entries.indptr), shape=(n, self.rows), copy=False
-        )
-        out = x.tocsc() @ self.weight
-        return np.ascontiguousarray(out, dtype=np.float32)
+        ).tocsc()
+        cols = self._locate()[1]
+        if hold or self.resident:
+            blocks = iter([(0, self.weight)])
+        else:
+            blocks = self._read_blocks()
+        out = np.zeros((n, cols), dtype=np.float32)
+        add = _csc_matvecs()
+        data = x.data.astype(np.float32, copy=False)
+        for r0, w in blocks:
+            r1 = r0 + w.shape[0]
+            p0, p1 = int(x.indptr[r0]), int(x.indptr[r1])
+            if p1 == p0:
+                continue
+            ptr = x.indptr[r0 : r1 + 1] - x.indptr.dtype.type(p0)
+            if add is not None:  # out += x[:, r0:r1] @ w, column by column (scipy's kernel)
+                add(n, r1 - r0, cols, ptr, x.indices[p0:p1], data[p0:p1], w.ravel(), out.ravel())
+            else:  # the same sums, another order of additions
+                part = sp.csc_matrix((data[p0:p1], x.indices[p0:p1], ptr), shape=(n, r1 - r0))
+                out += part @ w
+        return out
+
+    def _starts(self) -> range:
+        return range(0, self.rows, PRODUCT_BLOCK_ROWS)
+
+    def _read_blocks(self):
+        """``(first row, W[rows])`` block by block from the file, in one reused buffer."""
+        offset, cols = self._locate()
+        buf = np.empty(min(self.rows, PRODUCT_BLOCK_ROWS) * cols, dtype="<f4")
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                for r0 in self._starts():
+                    rows = min(PRODUCT_BLOCK_ROWS, self.rows - r0)
+                    view = buf[: rows * cols]
+                    if f.readinto(memoryview(view).cast("B")) != view.nbytes:
+                        raise BundleIntegrityError(
+                            f"{self.path.name} ends inside initializer {self.name!r}; "
+                            "re-export the bundle"
+                        )
+                    yield r0, view.reshape(rows, cols)
+        except OSError as e:
+            msg = f"cannot read {self.path} ({e}); re-export the bundle"
+            raise BundleIntegrityError(msg) from e

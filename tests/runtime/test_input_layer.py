@@ -200,3 +200,30 @@ def test_auto_uses_the_sparse_encoders_for_sparse_training_data(layer, want):
     assert sparse_wanted(contents, "auto") is want
     assert sparse_wanted(contents, "sparse") is True
     assert sparse_wanted(contents, "dense") is False
+
+
+def test_reading_w_in_blocks_gives_the_held_products_bits(tmp_path, monkeypatch):
+    """``hold=False`` reads ``W`` from the file block by block (here 64 regions a block, one
+    block without any non-zero entry) and never keeps it; its products are the held ``W``'s
+    bit for bit. Where scipy lacks its private kernel, the same sums in another order."""
+    import scvi_onnx.sessions.input_layer as il
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((300, 7)).astype(np.float32)
+    x = _sparse_rows(rng, 40, 300, 0.05)
+    x[:, 64:128] = 0  # a block with no entry
+    path = _graph_with(tmp_path, "weight", w)
+    held = InputLayer(path, "weight", 300).product(Entries.from_dense(x))
+    monkeypatch.setattr(il, "PRODUCT_BLOCK_ROWS", 64)
+    layer = InputLayer(path, "weight", 300)
+    streamed = layer.product(Entries.from_dense(x), hold=False)
+    assert not layer.resident
+    np.testing.assert_array_equal(streamed, held)
+    assert streamed.dtype == np.float32 and streamed.flags.c_contiguous
+    np.testing.assert_array_equal(layer.product(Entries.from_dense(x[:0]), hold=False), held[:0])
+    layer.weight  # noqa: B018  (held now: used as it is)
+    np.testing.assert_array_equal(layer.product(Entries.from_dense(x), hold=False), held)
+    monkeypatch.setattr(il, "_csc_matvecs", lambda: None)
+    other = InputLayer(path, "weight", 300).product(Entries.from_dense(x), hold=False)
+    np.testing.assert_allclose(other, held, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(other, x @ w, rtol=1e-5, atol=1e-5)

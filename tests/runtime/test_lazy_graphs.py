@@ -247,3 +247,27 @@ def test_sparse_encoders_read_their_weights_after_the_decoder_opens(tmp_path, mo
     fresh.get_latent_representation(adata)  # the latent space: W first, no decoder
     assert not fresh.module.decoder.opened
     np.testing.assert_array_equal(fresh.get_elbo(adata, return_mean=False), elbo)
+
+
+def test_the_marginal_ll_never_holds_the_sparse_first_layers(tmp_path, monkeypatch):
+    """The marginal LL reads the sparse first layers from their files block by block (one
+    product per minibatch, then minutes of decoding that need neither ``W``) and computes
+    the depth factors once per minibatch: no ``W`` is kept, and the values are those of a
+    model holding them (after the latent space), bit for bit, at any batch size."""
+    require("scvi")
+    import scvi_onnx.sessions.input_layer as il
+
+    from ..peaks import export_sparse_peakvi
+
+    path, _, adata = export_sparse_peakvi(tmp_path / "b", n_regions=300, epochs=1)
+    monkeypatch.setattr(il, "PRODUCT_BLOCK_ROWS", 128)  # three blocks of the 300 regions
+    lean = scvi_onnx.load(path, device="cpu", input_layer="sparse")
+    layers = [lean.module.sparse.z_layer, lean.module.sparse.d_layer]
+    kw = {"n_mc_samples": 20, "return_mean": False, "indices": np.arange(60)}
+    got = lean.get_marginal_ll(adata, batch_size=25, **kw)
+    assert not any(layer.resident for layer in layers)
+    held = scvi_onnx.load(path, device="cpu", input_layer="sparse")
+    held.get_latent_representation(adata)
+    assert held.module.sparse.z_layer.resident
+    np.testing.assert_array_equal(held.get_marginal_ll(adata, batch_size=60, **kw), got)
+    assert np.isfinite(got).all()

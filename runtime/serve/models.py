@@ -389,6 +389,13 @@ class ServedModel:
         """The request's cells as an AnnData, where the library reads them."""
         import pandas as pd
 
+        counts, var, obs, proteins, protein_names = self._checked_inputs(req)
+        return self._adata_from(counts, var, pd.DataFrame(obs), first_key, proteins, protein_names)
+
+    def _checked_inputs(self, req: InferRequest) -> tuple:
+        """The request's inputs, checked (names, datatypes, shapes, ``--max-cells``): ``(counts,
+        var, obs columns, proteins, protein names)``, what :meth:`_adata` builds from. Nothing
+        is built or copied here, so the batcher asks it on the event loop too."""
         inputs = dict(req.inputs)
         if COUNTS not in inputs:
             raise InvalidArgumentError(
@@ -425,6 +432,8 @@ class ServedModel:
                 )
             var = self._var
         else:
+            import pandas as pd
+
             if names.ndim == 2 and names.shape[0] == 1:  # [1, n_genes]: one row of names
                 names = names.reshape(-1)
             if req.datatypes[GENE_NAMES] != "BYTES" or names.ndim != 1 or names.size != n_cols:
@@ -455,7 +464,7 @@ class ServedModel:
                     "cell)"
                 )
             obs[key] = arr.reshape(n)
-        return self._adata_from(counts, var, pd.DataFrame(obs), first_key, proteins, protein_names)
+        return counts, var, obs, proteins, protein_names
 
     def _protein_inputs(
         self, req: InferRequest, inputs: dict[str, np.ndarray], n: int
@@ -639,21 +648,10 @@ class ServedModel:
             return None
         if self.proteins is not None:
             return None  # (TOTALVI: its proteins are no obs input; never batched)
-        counts = req.inputs.get(COUNTS)
-        if counts is None or counts.ndim != 2 or counts.shape[1] != len(self.genes):
+        try:  # what the single-request path would refuse goes there, to be refused alone
+            self._checked_inputs(req)
+        except Exception:
             return None
-        if req.datatypes[COUNTS] not in COUNT_DATATYPES:
-            return None
-        n = counts.shape[0]
-        if not 0 < n <= self.limits.max_cells:
-            return None
-        for key, arr in req.inputs.items():
-            if key == COUNTS:
-                continue
-            if key not in self.obs_inputs or req.datatypes[key] not in OBS_DATATYPES:
-                return None
-            if arr.shape not in ((n,), (n, 1)):
-                return None
         return tuple(sorted(req.datatypes.items()))
 
     def infer_batch(self, reqs: list[InferRequest]) -> list[Result | Exception]:

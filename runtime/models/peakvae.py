@@ -356,9 +356,8 @@ class PEAKVAE(Module):
         block by block and not kept (unless an earlier call holds them), and the depth
         factors are computed here for every cell (``depth`` in the result, which
         :meth:`prepare` takes): the minutes of decoding that follow hold neither ``W``. The
-        100,000-region model's marginal LL (256 cells x 100 samples, 2 threads): 691 -> 560 MB
-        with one minibatch, and 693 -> ~430 MB with four (the next minibatch's read of ``W``
-        no longer stacks on the decoding's buffers)."""
+        100,000-region model's marginal LL (256 cells x 100 samples, 2 threads): 671-693 ->
+        424-450 MB, with one minibatch or four, the same values."""
         if self.sparse is None:
             return super().encode_scored(mb)
         (self.score_graph or self.decoder).open()

@@ -25,8 +25,8 @@ from ..data.entries import Entries
 from ..errors import BundleIntegrityError
 from .ops import FLOAT, file_initializer
 
-#: Regions per block of ``x @ W`` (4,096 x 316 hidden units: 5 MB of ``W``): the product is
-#: summed block by block, in this order, whether ``W`` is held or read from the file.
+#: Regions per block of ``W`` read from the file by a product that does not keep it (4,096 x
+#: 316 hidden units: 5 MB); the sums are the same bits as with ``W`` held.
 PRODUCT_BLOCK_ROWS = 4096
 
 
@@ -169,9 +169,6 @@ class InputLayer:
                 out += part @ w
         return out
 
-    def _starts(self) -> range:
-        return range(0, self.rows, PRODUCT_BLOCK_ROWS)
-
     def _read_blocks(self):
         """``(first row, W[rows])`` block by block from the file, in one reused buffer."""
         offset, cols = self._locate()
@@ -179,7 +176,7 @@ class InputLayer:
         try:
             with open(self.path, "rb") as f:
                 f.seek(offset)
-                for r0 in self._starts():
+                for r0 in range(0, self.rows, PRODUCT_BLOCK_ROWS):
                     rows = min(PRODUCT_BLOCK_ROWS, self.rows - r0)
                     view = buf[: rows * cols]
                     if f.readinto(memoryview(view).cast("B")) != view.nbytes:

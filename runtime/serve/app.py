@@ -89,6 +89,19 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _bad_input(rec: RequestRecord, e: Exception) -> JSONResponse:
+    """400 with the library's (or the protocol's) typed message."""
+    rec.error = type(e).__name__
+    return JSONResponse({"error": str(e), "error_type": type(e).__name__}, status_code=400)
+
+
+def _internal_error(rec: RequestRecord, e: Exception) -> JSONResponse:
+    """500 naming the request; the traceback goes to the server's log only."""
+    rec.error = type(e).__name__
+    logger.error("request %s failed", rec.request_id, exc_info=e)
+    return _error(500, f"internal error (request {rec.request_id}); see the server log")
+
+
 class InferenceServer:
     """The served models and what every request shares: limits, queue, worker threads,
     audit log and metrics. :attr:`app` is the ASGI application."""
@@ -332,18 +345,11 @@ class InferenceServer:
                     if gone.done():  # left while it was decoded: answered to nobody
                         raise ClientDisconnect() from None
                     # refused without waiting for a worker (the message infer gives)
-                    rec.error = type(e).__name__
-                    return JSONResponse(
-                        {"error": str(e), "error_type": type(e).__name__}, status_code=400
-                    )
+                    return _bad_input(rec, e)
                 except (_Refusal, ClientDisconnect):
                     raise
                 except Exception as e:  # a bug: as on a worker, logged here, never sent
-                    rec.error = type(e).__name__
-                    logger.error("request %s failed", rec.request_id, exc_info=e)
-                    return _error(
-                        500, f"internal error (request {rec.request_id}); see the server log"
-                    )
+                    return _internal_error(rec, e)
                 if req is not None or prepared is not None or batch is not None:
                     # what is decoded holds what it needs of the body (binary tensors are
                     # views of it); a JSON body is not kept while the request waits
@@ -422,12 +428,9 @@ class InferenceServer:
                 )
             result = future.result()
         except (ProtocolError, ScviOnnxError) as e:
-            rec.error = type(e).__name__
-            return JSONResponse({"error": str(e), "error_type": type(e).__name__}, status_code=400)
+            return _bad_input(rec, e)
         except Exception as e:  # a bug or resource failure: logged here, never sent
-            rec.error = type(e).__name__
-            logger.error("request %s failed", rec.request_id, exc_info=e)
-            return _error(500, f"internal error (request {rec.request_id}); see the server log")
+            return _internal_error(rec, e)
         rec.n_cells, rec.outputs = result.n_cells, result.outputs
         headers = {}
         if result.header_length is not None:

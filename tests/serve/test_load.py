@@ -254,16 +254,21 @@ def test_a_bad_request_is_refused_at_once_while_the_workers_are_busy(tmp_path, s
         server.stop()
 
 
-def post_slowly(port, body, header_length=None, pause=0.5):
-    """(status, headers, parsed body) of a request whose body arrives in two halves
-    ``pause`` seconds apart."""
+def request_head(body, header_length=None):
+    """The request line and headers of an inference request of ``body``."""
     head = f"POST /v2/models/pbmc_scvi/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
     if header_length is not None:
         head += f"\r\nInference-Header-Content-Length: {header_length}"
+    return head.encode() + b"\r\n\r\n"
+
+
+def post_slowly(port, body, header_length=None, pause=0.5):
+    """(status, headers, parsed body) of a request whose body arrives in two halves
+    ``pause`` seconds apart."""
     s = socket.create_connection(("127.0.0.1", port), timeout=60)
     try:
         half = len(body) // 2
-        s.sendall(head.encode() + b"\r\n\r\n" + body[:half])
+        s.sendall(request_head(body, header_length) + body[:half])
         time.sleep(pause)
         s.sendall(body[half:])
         r = http.client.HTTPResponse(s)
@@ -301,18 +306,15 @@ def test_a_request_whose_time_ran_out_before_a_worker_took_it_is_never_computed(
         server.stop()
 
 
-def send_raw(port, doc, tls=None):
+def send_raw(port, doc, tls=None, header_length=None):
     """A request sent on a socket that the test closes itself, without reading the answer
-    (``tls``: an ssl context for an HTTPS server)."""
-    body = json.dumps(doc).encode()
+    (``doc``: a JSON document, or a body's bytes with ``header_length`` for a binary one;
+    ``tls``: an ssl context for an HTTPS server)."""
+    body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     if tls is not None:
         s = tls.wrap_socket(s, server_hostname="127.0.0.1")
-    s.sendall(
-        b"POST /v2/models/pbmc_scvi/infer HTTP/1.1\r\nHost: x\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
+    s.sendall(request_head(body, header_length) + body)
     return s
 
 
@@ -362,6 +364,39 @@ def test_client_leaving_the_queue_is_not_computed(busy_server, cells, batched):
     text = gauge(port, "scvi_onnx_inference_in_flight")[1]
     assert re.search(rf"^scvi_onnx_cells_total{{[^}}]*}} {len(x)}(\.0)?$", text, re.M)
     assert gauge(port, "scvi_onnx_batches_total")[0] == 0
+
+
+def test_client_leaving_while_its_request_is_decoded_is_not_computed(busy_server, cells):
+    """A binary request that arrives while every worker is busy is decoded and checked on a
+    decoding thread as it waits; its client closes the connection as soon as the body is
+    sent, while that decoding runs or just after: 499 in the audit log before the request
+    ahead of it ends, its cells never computed, and the server serves on."""
+    x, batch = cells
+    port = busy_server.port
+    body, hlen = binary_body(np.tile(x, (4, 1)), batch * 4, ["elbo"], {})  # ~3 MB
+    with ThreadPoolExecutor(1) as ex:
+        slow = ex.submit(post, port, doc_for(x, batch, **LONG))
+        wait_for(port, "scvi_onnx_inference_in_flight", 1)
+        send_raw(port, body, header_length=hlen).close()
+        end = time.monotonic() + 120
+        while '"status":499' not in busy_server.audit.read_text():
+            assert time.monotonic() < end, "the request of the client that left was not answered"
+            time.sleep(0.02)
+        assert slow.result()[0] == 200
+    wait_for(port, "scvi_onnx_inference_in_flight", 0)
+    assert post(port, doc_for(x[:3], batch[:3]))[0] == 200
+    infer = [
+        r
+        for r in map(json.loads, busy_server.audit.read_text().splitlines())
+        if r["route"] == "infer"
+    ]
+    assert [(r["status"], r.get("n_cells")) for r in infer] == [
+        (499, None),
+        (200, len(x)),
+        (200, 3),
+    ]
+    text = gauge(port, "scvi_onnx_inference_in_flight")[1]
+    assert re.search(rf"^scvi_onnx_cells_total{{[^}}]*}} {len(x) + 3}(\.0)?$", text, re.M)
 
 
 def test_request_timeout_is_504_and_a_timed_out_queued_request_is_not_computed(tmp_path, cells):

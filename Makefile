@@ -22,12 +22,12 @@ $(TBIN)/python:
 	$(TBIN)/python -m pip install -q --upgrade pip
 
 # Runtime only, CPU ONNX Runtime ("scvi-onnx[gpu]" for CUDA). No torch.
-$(VENV)/.runtime-installed: pyproject.toml | $(BIN)/python
+$(VENV)/.runtime-installed: pyproject.toml setup.py runtime/maths/_kernels.c | $(BIN)/python
 	$(BIN)/pip install -q -e ".[cpu]"
 	touch $@
 
 # Export + test extras; constraints pin torch to the local CPU build and scvi-tools to 1.4.2.
-$(TEST_VENV)/.test-installed: pyproject.toml constraints.txt | $(TBIN)/python
+$(TEST_VENV)/.test-installed: pyproject.toml setup.py constraints.txt runtime/maths/_kernels.c | $(TBIN)/python
 	$(TBIN)/pip install -q -c constraints.txt -e ".[$(TEST_EXTRAS)]"
 	touch $@
 

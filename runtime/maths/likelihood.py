@@ -29,6 +29,7 @@ import numpy as np
 
 from ..bundle.format import BCE_LOG_MIN, LIKELIHOOD_EPS
 from ..data.entries import Entries
+from . import native
 
 #: Integer counts below this use the lgamma table.
 TABLE_MAX_COUNT = 128
@@ -224,7 +225,6 @@ class MinibatchScorer:
     ) -> np.ndarray:
         """Per (sample, cell) log-likelihood; ``mu``/``pi``/``theta`` are ``(S, n, G)``."""
         S, n, G = mu.shape
-        out = np.empty((S, n), dtype=np.float64)
         fixed_theta = theta is None
         if self.lik in ("nb", "zinb") and not fixed_theta:
             const = np.empty((S, n))
@@ -234,6 +234,33 @@ class MinibatchScorer:
             const = self.count_const
             if self._x_log_theta is not None:
                 const = const - self._x_log_theta if const is not None else -self._x_log_theta
+        out = self._compiled(mu, pi) if fixed_theta else None
+        if out is None:
+            out = self._blocks(mu, pi, theta)
+        if const is not None:
+            out += const
+        return out
+
+    def _compiled(self, mu: np.ndarray, pi: np.ndarray | None) -> np.ndarray | None:
+        """:meth:`_block`'s sums over all of ``mu`` by the compiled kernel (one pass), or
+        ``None`` where it does not run (:mod:`~scvi_onnx.maths.native`)."""
+        if self._inv_theta_eps is None:
+            return None
+        eps = np.float32(LIKELIHOOD_EPS)
+        if self.lik == "nb":
+            return native.nb_sums(mu, self._inv_theta_eps, self._w, self._xm, eps)
+        if self.lik == "zinb":
+            return native.zinb_sums(
+                mu, pi, self._inv_theta_eps, self._w, self._xm, self._m0, self._m1, eps
+            )
+        return None
+
+    def _blocks(self, mu: np.ndarray, pi: np.ndarray | None, theta: np.ndarray | None):
+        """:meth:`_block` over cache-sized blocks of ``mu``: ``(S, n)`` sums without the
+        per-cell constants."""
+        S, n, G = mu.shape
+        out = np.empty((S, n), dtype=np.float64)
+        fixed_theta = theta is None
         # blocks of (samples, cells) of about BLOCK_ELEMENTS: cell rows outside, samples
         # inside, so a block's counts and masks stay in cache across the samples
         r_max = max(1, min(n, BLOCK_ELEMENTS // G))
@@ -274,8 +301,6 @@ class MinibatchScorer:
                     mu[ss, rs], None if pi is None else pi[ss, rs], th, inv, w, cells, *tmp
                 )
                 out[ss, rs] = sums if x_log_th is None else sums - x_log_th
-        if const is not None:
-            out += const
         return out
 
     def _block(self, mu, pi, th, inv, w, cells, a, b, c, d, e) -> np.ndarray:

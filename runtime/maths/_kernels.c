@@ -1,0 +1,176 @@
+/* The negative-binomial and zero-inflated NB log-likelihood over genes, in one pass.
+ *
+ * numpy's kernel (likelihood.py: MinibatchScorer._block) makes 9 (NB) or 18 (ZINB) passes over
+ * every (sample, cell, gene) value, each a separate ufunc over a cache-sized block; here every
+ * value is read once and its terms are summed as they are made. The formulas are those of
+ * _block, term for term:
+ *
+ *   L = log(1 + mu * inv)                        inv = 1 / (theta + eps)
+ *   NB    w L + xm log(mu + eps)                  w = -(xm + theta)
+ *   ZINB  b = w L (w = -theta),  e = xm (log(mu + eps) - L),  t = b - pi,  q = exp(-pi):
+ *         log((1 + m0 exp(t)) / (1 + q)) + m1 t + e
+ *
+ * (the per-cell terms that no sample changes are the caller's, as for _block).
+ *
+ * The log and exp below are branch-free float32 functions the compiler vectorises (musl's
+ * logf reduction and polynomial; a Cody-Waite exp with a degree-6 polynomial): within ~1 ulp
+ * of the correctly rounded values, like numpy's SIMD ones. Each (sample, cell) sum is kept in
+ * LANES double accumulators, gene g in lane g % LANES, added in lane order at the end: the
+ * order of every operation is fixed by this source, so the result does not depend on the
+ * vector width the CPU runs it with (the clones below), nor on the other rows of the call.
+ * Compiled with -ffp-contract=off (no fused multiply-adds: they too would change the bits
+ * from one instruction set to another).
+ *
+ * Inputs the functions are not written for (a negative, infinite or NaN mean, a 1 + mu * inv
+ * that overflows, a non-finite dropout logit) are counted, not computed: a non-zero return
+ * tells the caller to use numpy's kernel, which gives IEEE's answers for them.
+ *
+ * This file includes no Python header: it is a plain shared library that the runtime opens
+ * with ctypes (scvi_onnx.maths.native), built where a C compiler is present at install time.
+ */
+#include <stdint.h>
+
+#define LANES 16
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(SCVI_ONNX_NO_CLONES)
+/* one clone per x86-64 level, chosen when the library is loaded (SCVI_ONNX_NO_CLONES: the one
+ * instruction set of -march, for the test that compares their bits) */
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+
+typedef union {
+    float f;
+    uint32_t i;
+} bits32;
+
+/* log(x) for finite x >= FLT_MIN (musl's logf without its special cases) */
+static inline float log_f(float x) {
+    bits32 u = {x};
+    uint32_t ix = u.i + (0x3f800000u - 0x3f3504f3u);
+    int k = (int)(ix >> 23) - 0x7f;
+    u.i = (ix & 0x007fffffu) + 0x3f3504f3u; /* x / 2^k in [sqrt(2)/2, sqrt(2)) */
+    float f = u.f - 1.0f;
+    float s = f / (2.0f + f);
+    float z = s * s, w = z * z;
+    float t1 = w * (0.40000972152f + w * 0.24279078841f);
+    float t2 = z * (0.66666662693f + w * 0.28498786688f);
+    float r = t2 + t1, hfsq = 0.5f * f * f, dk = (float)k;
+    return s * (hfsq + r) + dk * 9.0580006145e-06f - hfsq + f + dk * 6.9313812256e-01f;
+}
+
+/* exp(x), x clamped to [-87, 88] (exp(-87) = 1.6e-38: 0 for every use below); Cephes' expf */
+static inline float exp_f(float x) {
+    /* the clamp as a bit select: fminf / fmaxf, or ternaries, keep GCC from vectorising
+     * the loop for AVX2 and SSE2 (their NaN semantics) */
+    bits32 c = {x};
+    uint32_t lo = -(uint32_t)(x < -87.0f), hi = -(uint32_t)(x > 88.0f);
+    c.i = (c.i & ~(lo | hi)) | (0xC2AE0000u & lo) | (0x42B00000u & hi); /* -87.0f, 88.0f */
+    x = c.f;
+    float k = x * 1.44269504089f + 12582912.0f; /* 1.5 * 2^23: rounds x / ln 2 to an integer */
+    float n = k - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f; /* r = x - n ln 2, |r| <= ln(2) / 2 */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    bits32 u;
+    u.i = (uint32_t)((int32_t)n + 127) << 23; /* 2^n, n in [-126, 127] */
+    return p * u.f;
+}
+
+static inline int bad_mean(float mm, float y) {
+    /* mean negative or NaN, or mean / 1 + mu * inv not finite */
+    return !(mm >= 0.0f) | !(mm <= 3.4028234e38f) | !(y <= 3.4028234e38f);
+}
+
+/* NB: out[s * out_s + c] = sum_g w[c, g] L + xm[c, g] log(mu + eps).
+ * mu[s * mu_s + c * mu_c + g]; inv, w: row c at c * inv_c, c * w_c (0: one row for all cells);
+ * xm: row c at c * G. Returns the number of values the function is not written for. */
+CLONES
+int64_t nb_rows(const float *mu, int64_t S, int64_t n, int64_t G, int64_t mu_s, int64_t mu_c,
+                const float *inv, int64_t inv_c, const float *w, int64_t w_c, const float *xm,
+                float eps, double *out, int64_t out_s) {
+    int64_t bad = 0;
+    for (int64_t c = 0; c < n; c++) {
+        const float *iv = inv + c * inv_c, *wc = w + c * w_c, *xc = xm + c * G;
+        for (int64_t s = 0; s < S; s++) {
+            const float *m = mu + s * mu_s + c * mu_c;
+            double acc[LANES] = {0};
+            int flag[LANES] = {0};
+            int64_t g = 0;
+            for (; g + LANES <= G; g += LANES)
+                for (int j = 0; j < LANES; j++) {
+                    float mm = m[g + j], y = 1.0f + mm * iv[g + j];
+                    flag[j] |= bad_mean(mm, y);
+                    float t = wc[g + j] * log_f(y) + xc[g + j] * log_f(mm + eps);
+                    acc[j] += (double)t;
+                }
+            for (; g < G; g++) {
+                float mm = m[g], y = 1.0f + mm * iv[g];
+                flag[g % LANES] |= bad_mean(mm, y);
+                acc[g % LANES] += (double)(wc[g] * log_f(y) + xc[g] * log_f(mm + eps));
+            }
+            double tot = 0.0;
+            for (int j = 0; j < LANES; j++) {
+                tot += acc[j];
+                bad += flag[j];
+            }
+            out[s * out_s + c] = tot;
+        }
+    }
+    return bad;
+}
+
+/* ZINB (dropout logits pi >= -80, which the caller checks: exp(-pi) is finite): as nb_rows,
+ * with pi laid out as mu, and the 0/1 masks m0, m1 (row c at c * G). */
+CLONES
+int64_t zinb_rows(const float *mu, const float *pi, int64_t S, int64_t n, int64_t G,
+                  int64_t mu_s, int64_t mu_c, const float *inv, int64_t inv_c, const float *w,
+                  int64_t w_c, const float *xm, const float *m0, const float *m1, float eps,
+                  double *out, int64_t out_s) {
+    int64_t bad = 0;
+    for (int64_t c = 0; c < n; c++) {
+        const float *iv = inv + c * inv_c, *wc = w + c * w_c, *xc = xm + c * G;
+        const float *z0 = m0 + c * G, *z1 = m1 + c * G;
+        for (int64_t s = 0; s < S; s++) {
+            const float *m = mu + s * mu_s + c * mu_c, *p = pi + s * mu_s + c * mu_c;
+            double acc[LANES] = {0};
+            int flag[LANES] = {0};
+            int64_t g = 0;
+            for (; g + LANES <= G; g += LANES)
+                for (int j = 0; j < LANES; j++) {
+                    float mm = m[g + j], y = 1.0f + mm * iv[g + j], pp = p[g + j];
+                    flag[j] |= bad_mean(mm, y) | !(pp >= -80.0f) | !(pp <= 3.4028234e38f);
+                    float L = log_f(y);
+                    float e = xc[g + j] * (log_f(mm + eps) - L);
+                    float t = wc[g + j] * L - pp;
+                    float q = 1.0f + exp_f(-pp);
+                    float v = log_f((1.0f + z0[g + j] * exp_f(t)) / q) + z1[g + j] * t + e;
+                    acc[j] += (double)v;
+                }
+            for (; g < G; g++) {
+                float mm = m[g], y = 1.0f + mm * iv[g], pp = p[g];
+                flag[g % LANES] |= bad_mean(mm, y) | !(pp >= -80.0f) | !(pp <= 3.4028234e38f);
+                float L = log_f(y);
+                float e = xc[g] * (log_f(mm + eps) - L);
+                float t = wc[g] * L - pp;
+                float q = 1.0f + exp_f(-pp);
+                acc[g % LANES] += (double)(log_f((1.0f + z0[g] * exp_f(t)) / q) + z1[g] * t + e);
+            }
+            double tot = 0.0;
+            for (int j = 0; j < LANES; j++) {
+                tot += acc[j];
+                bad += flag[j];
+            }
+            out[s * out_s + c] = tot;
+        }
+    }
+    return bad;
+}

@@ -1,0 +1,170 @@
+"""The compiled NB / ZINB kernel (runtime/maths/_kernels.c) against numpy's: the same sums to
+float32 rounding; numpy's answers for what it is not written for; any memory layout; and the
+same bits from every instruction set it is built for."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from scvi_onnx.data.entries import Entries
+from scvi_onnx.maths import native
+from scvi_onnx.maths.likelihood import MinibatchScorer, count_constant
+
+pytestmark = pytest.mark.skipif(
+    native._library() is None, reason="the compiled likelihood kernel is not built"
+)
+
+N, G, S = 40, 517, 6  # G: not a multiple of the kernel's 16 lanes
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(5)
+    x = rng.poisson(rng.gamma(0.4, 3, (N, G))).astype(np.float32)
+    x[0] = 0.0
+    x[1, :4] = [1e-9, 2.5, 3000.0, 1.0]  # below eps, non-integer, large
+    mu = (rng.lognormal(-1, 2.5, (S, N, G))).astype(np.float32)
+    mu[0, 2, :10] = 0.0
+    pi = rng.normal(0, 4, (S, N, G)).astype(np.float32)
+    pi[1, 3, :5] = [-79.9, 79.9, 40.0, -40.0, 0.0]
+    return rng, x, mu, pi
+
+
+def scores(lik, x, theta, mu, pi, kernel):
+    e = Entries.from_dense(x)
+    scorer = MinibatchScorer(lik, x, e, theta, count_constant(e, theta, likelihood=lik))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(native.ENV, kernel)
+        return scorer.score(mu, pi if lik == "zinb" else None)
+
+
+@pytest.mark.parametrize("lik", ["nb", "zinb"])
+@pytest.mark.parametrize("per_cell", [False, True], ids=["theta-gene", "theta-cell"])
+def test_compiled_equals_numpy_to_float32_rounding(inputs, lik, per_cell):
+    rng, x, mu, pi = inputs
+    theta = (rng.gamma(1, 2, (N, G) if per_cell else G) + 1e-3).astype(np.float32)
+    got = scores(lik, x, theta, mu, pi, "")
+    want = scores(lik, x, theta, mu, pi, "numpy")
+    assert not np.array_equal(got, want)  # the compiled kernel did run (other roundings)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's kernel on such values
+@pytest.mark.parametrize("lik", ["nb", "zinb"])
+@pytest.mark.parametrize(
+    "where", ["mu-inf", "mu-nan", "mu-negative", "mu-huge", "pi-low", "pi-nan", "pi-inf"]
+)
+def test_values_it_is_not_written_for_get_numpys_answer(inputs, lik, where):
+    """A non-finite or negative mean, a ratio mu / theta that overflows float32, a dropout
+    logit below -80 or not finite: the compiled kernel declines the call and numpy's kernel
+    answers it, bit for bit what it gives alone (inf, NaN, or its stable ZINB path)."""
+    if lik == "nb" and where.startswith("pi"):
+        pytest.skip("NB has no dropout")
+    rng, x, mu, pi = inputs
+    mu, pi = mu.copy(), pi.copy()
+    theta = (rng.gamma(1, 2, G) + 1e-3).astype(np.float32)
+    target, value = {
+        "mu-inf": (mu, np.inf),
+        "mu-nan": (mu, np.nan),
+        "mu-negative": (mu, -1.0),
+        "mu-huge": (mu, 3e38),
+        "pi-low": (pi, -200.0),
+        "pi-nan": (pi, np.nan),
+        "pi-inf": (pi, np.inf),
+    }[where]
+    target[2, 7, 100] = value
+    if where == "mu-huge":
+        theta[100] = 1e-3  # 1 + mu / theta overflows
+    got = scores(lik, x, theta, mu, pi, "")
+    want = scores(lik, x, theta, mu, pi, "numpy")
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("lik", ["nb", "zinb"])
+def test_any_layout_gives_the_same_bits(inputs, lik):
+    """Cells taken out of a larger decoder output (strided views), a Fortran-ordered or
+    non-float32 one (copied): the same bits as the contiguous array."""
+    rng, x, mu, pi = inputs
+    theta = (rng.gamma(1, 2, G) + 1e-3).astype(np.float32)
+    rows = np.array([3, 9, 10, 30])
+    want = scores(lik, x[rows], theta, np.ascontiguousarray(mu[:, rows]), pi[:, rows].copy(), "")
+    sub = slice(3, 31, 3)
+    for m, p in [
+        (mu[:, 3:31:3], pi[:, 3:31:3]),
+        (np.asfortranarray(mu[:, sub]), np.asfortranarray(pi[:, sub])),
+        (mu[:, sub].astype(np.float64), pi[:, sub]),
+    ]:
+        got = scores(lik, x[sub], theta, m, p, "")
+        ref = scores(lik, x[sub], theta, np.ascontiguousarray(mu[:, sub]), pi[:, sub].copy(), "")
+        np.testing.assert_array_equal(got, ref)
+    # a cell's sum does not depend on the other cells of the call
+    full = scores(lik, x, theta, mu, pi, "")
+    np.testing.assert_array_equal(want, full[:, rows])
+
+
+def _isa_levels() -> list[str]:
+    """The x86-64 levels this CPU runs (of v1, v3, v4)."""
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    levels = ["x86-64"]
+    if " avx2 " in flags and " fma " in flags:
+        levels.append("x86-64-v3")
+    if " avx512f " in flags and " avx512bw " in flags and " avx512vl " in flags:
+        levels.append("x86-64-v4")
+    return levels
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or shutil.which("gcc") is None,
+    reason="needs gcc on x86-64",
+)
+def test_every_instruction_set_gives_the_same_bits(inputs, tmp_path):
+    """The kernel's sums do not depend on the vector width it runs with: the source built
+    for each x86-64 level this CPU has (SSE2, AVX2, AVX-512), one library each, the same
+    bits for NB and ZINB."""
+    levels = _isa_levels()
+    if len(levels) < 2:
+        pytest.skip("this CPU runs one x86-64 level only")
+    src = os.path.join(os.path.dirname(native.__file__), "_kernels.c")
+    rng, x, mu, pi = inputs
+    theta = (rng.gamma(1, 2, G) + 1e-3).astype(np.float32)
+    inv = (np.float32(1) / (theta + np.float32(1e-8))).astype(np.float32)
+    xm = x
+    w_nb = -(xm + theta)
+    m1 = (x > 1e-8).astype(np.float32)
+    m0 = np.float32(1) - m1
+    results = {}
+    for level in levels:
+        lib_path = tmp_path / f"k-{level}.so"
+        subprocess.run(
+            ["gcc", "-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
+             f"-march={level}", "-DSCVI_ONNX_NO_CLONES", "-o", str(lib_path), src],
+            check=True,
+        )  # fmt: skip
+        lib = native.declare(ctypes.CDLL(str(lib_path)))
+        nb, zinb = np.empty((S, N)), np.empty((S, N))
+        f = np.float32(1e-8)
+        assert not lib.nb_rows(
+            mu.ctypes.data, S, N, G, N * G, G, inv.ctypes.data, 0, w_nb.ctypes.data, G,
+            xm.ctypes.data, f, nb.ctypes.data, N,
+        )  # fmt: skip
+        neg_theta = -theta
+        assert not lib.zinb_rows(
+            mu.ctypes.data, pi.ctypes.data, S, N, G, N * G, G, inv.ctypes.data, 0,
+            neg_theta.ctypes.data, 0, xm.ctypes.data, m0.ctypes.data, m1.ctypes.data, f,
+            zinb.ctypes.data, N,
+        )  # fmt: skip
+        results[level] = nb, zinb
+    first = results[levels[0]]
+    for level in levels[1:]:
+        np.testing.assert_array_equal(results[level][0], first[0], err_msg=level)
+        np.testing.assert_array_equal(results[level][1], first[1], err_msg=level)

@@ -292,6 +292,9 @@ def main() -> None:
             "onnx_provider": next(
                 (r["onnx"]["provider"] for r in rows if r.get("onnx", {}).get("provider")), None
             ),
+            "onnx_likelihood_kernel": next(
+                (k for r in rows if (k := r.get("onnx", {}).get("likelihood_kernel"))), None
+            ),
         }
 
     def write(rep: dict) -> None:
@@ -352,7 +355,13 @@ def render(report: dict) -> str:
     lines = [
         f"scvi-tools {env['scvi_tools']} (torch {env['torch']}, {env['torch_threads']} threads) "
         f"vs scvi-onnx {env['scvi_onnx']} (onnxruntime {env['onnxruntime']}, "
-        f"{report['onnx_provider']}); {env['cpus']} CPUs"
+        f"{report['onnx_provider']}"
+        + (
+            f", {report['onnx_likelihood_kernel']} NB / ZINB kernel"
+            if report.get("onnx_likelihood_kernel")
+            else ""
+        )
+        + f"); {env['cpus']} CPUs"
         f"{': ' + env['cpu'] if env.get('cpu') else ''}, python {env['python']}",
         f"{a['n_cells']} cells, batch size {a['batch_size']}, medians of {a['repeats']} repeats "
         f"(cold: 1 run); marginal LL: {a['mll_cells']} cells x {a['n_mc']} samples "

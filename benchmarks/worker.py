@@ -20,6 +20,16 @@ import time
 import warnings
 
 
+def _likelihood_kernel() -> str:
+    """Which NB / ZINB likelihood kernel the scvi-onnx side runs ("compiled" or "numpy";
+    "numpy" for versions before the compiled one)."""
+    try:
+        from scvi_onnx.maths import native
+    except ImportError:
+        return "numpy"
+    return "compiled" if native.available() else "numpy"
+
+
 def _peak_rss_mb() -> float:
     """Peak RSS of this process image (VmHWM resets at exec; ru_maxrss does not)."""
     try:
@@ -153,6 +163,7 @@ def main() -> None:
             "threads": getattr(getattr(model, "engine", None), "n_workers", None)
             or getattr(model, "_n_workers", None),
             "provider": model.provider,
+            "likelihood_kernel": _likelihood_kernel(),
         }
     setup_s = time.perf_counter() - t0
     bs = args.batch_size

@@ -126,6 +126,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..bundle import read_manifest
     from ..bundle.format import VALIDATION_WIDENED
+    from ..maths import native
     from ..models.base import Module, sparse_encoders
     from ..models.registry import MODELS, feature_name
 
@@ -173,6 +174,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         **({"modalities": reg.modalities} if reg.modalities is not None else {}),
         "versions": {**versions, "opset": opset},
         "runtime_version": __version__,
+        "likelihood_kernel": native.describe(),
         "validation": {
             k: man.validation.get(k) for k in ("atol", "rtol", "seed", VALIDATION_WIDENED)
         },
@@ -269,7 +271,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         *_obs_lines(info["obs_inputs"]),
         *_provenance_lines(info["provenance"]),
         ("exported with", f"{ver}; ONNX opset {opset}" if ver else f"ONNX opset {opset}"),
-        ("this runtime", f"scvi-onnx {__version__}"),
+        ("this runtime", f"scvi-onnx {__version__}; NB / ZINB kernel {info['likelihood_kernel']}"),
         (
             "validation",
             f"atol {man.validation.get('atol')}, rtol {man.validation.get('rtol')}"

@@ -67,6 +67,15 @@ def available() -> bool:
     return os.environ.get(ENV, "").strip().lower() != "numpy" and _library() is not None
 
 
+def describe() -> str:
+    """Which kernel sums the NB / ZINB likelihood in this process, and why (for ``info``)."""
+    if os.environ.get(ENV, "").strip().lower() == "numpy":
+        return f"numpy's ({ENV}=numpy)"
+    if _library() is None:
+        return "numpy's (the compiled kernel was not built: no C compiler at install)"
+    return "compiled (one pass)"
+
+
 def _takes(*blocks: np.ndarray) -> bool:
     """Whether ``(S, n, G)`` float32 blocks of the same layout, genes contiguous, can be
     passed as they are."""

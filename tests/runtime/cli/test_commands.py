@@ -196,6 +196,17 @@ def test_info_text_and_json(capsys):
     assert {f["name"] for f in info["files"]} >= {"encoder.onnx", "decoder.onnx", "probes.npz"}
 
 
+def test_info_says_which_likelihood_kernel_runs(capsys, monkeypatch):
+    from scvi_onnx.maths import native
+
+    code, out, err = cli(capsys, "info", BUNDLE)
+    built = native._library() is not None
+    assert ("NB / ZINB kernel compiled" if built else "was not built") in out
+    monkeypatch.setenv(native.ENV, "numpy")
+    code, out, err = cli(capsys, "info", BUNDLE, "--json")
+    assert json.loads(out)["likelihood_kernel"] == "numpy's (SCVI_ONNX_KERNELS=numpy)"
+
+
 def test_verify_passes_on_shipped_bundle(capsys):
     code, out, err = cli(capsys, "verify", BUNDLE, "--device", "cpu")
     assert code == 0, err

@@ -90,9 +90,40 @@ static inline int bad_mean(float mm, float y) {
     return !(mm >= 0.0f) | !(mm <= 3.4028234e38f) | !(y <= 3.4028234e38f);
 }
 
+/* One (sample, cell, gene) value's NB term: w L + xm log(mu + eps); *flag set for a value the
+ * function is not written for. */
+static inline float nb_term(float mm, float iv, float w, float xm, float eps, int *flag) {
+    float y = 1.0f + mm * iv;
+    *flag |= bad_mean(mm, y);
+    return w * log_f(y) + xm * log_f(mm + eps);
+}
+
+/* The same for ZINB: log((1 + m0 exp(t)) / (1 + exp(-pi))) + m1 t + e (see the top). */
+static inline float zinb_term(float mm, float pp, float iv, float w, float xm, float z0,
+                              float z1, float eps, int *flag) {
+    float y = 1.0f + mm * iv;
+    *flag |= bad_mean(mm, y) | !(pp >= -80.0f) | !(pp <= 3.4028234e38f);
+    float L = log_f(y);
+    float e = xm * (log_f(mm + eps) - L);
+    float t = w * L - pp;
+    float q = 1.0f + exp_f(-pp);
+    return log_f((1.0f + z0 * exp_f(t)) / q) + z1 * t + e;
+}
+
+/* A row's sum: its lanes added in lane order; their flags added to *bad. */
+static inline double lanes_total(const double *acc, const int *flag, int64_t *bad) {
+    double tot = 0.0;
+    for (int j = 0; j < LANES; j++) {
+        tot += acc[j];
+        *bad += flag[j];
+    }
+    return tot;
+}
+
 /* NB: out[s * out_s + c] = sum_g w[c, g] L + xm[c, g] log(mu + eps).
  * mu[s * mu_s + c * mu_c + g]; inv, w: row c at c * inv_c, c * w_c (0: one row for all cells);
- * xm: row c at c * G. Returns the number of values the function is not written for. */
+ * xm: row c at c * G. Gene g goes to lane g % LANES (the last G % LANES genes too). Returns the
+ * number of values the function is not written for. */
 CLONES
 int64_t nb_rows(const float *mu, int64_t S, int64_t n, int64_t G, int64_t mu_s, int64_t mu_c,
                 const float *inv, int64_t inv_c, const float *w, int64_t w_c, const float *xm,
@@ -106,30 +137,20 @@ int64_t nb_rows(const float *mu, int64_t S, int64_t n, int64_t G, int64_t mu_s, 
             int flag[LANES] = {0};
             int64_t g = 0;
             for (; g + LANES <= G; g += LANES)
-                for (int j = 0; j < LANES; j++) {
-                    float mm = m[g + j], y = 1.0f + mm * iv[g + j];
-                    flag[j] |= bad_mean(mm, y);
-                    float t = wc[g + j] * log_f(y) + xc[g + j] * log_f(mm + eps);
-                    acc[j] += (double)t;
-                }
-            for (; g < G; g++) {
-                float mm = m[g], y = 1.0f + mm * iv[g];
-                flag[g % LANES] |= bad_mean(mm, y);
-                acc[g % LANES] += (double)(wc[g] * log_f(y) + xc[g] * log_f(mm + eps));
-            }
-            double tot = 0.0;
-            for (int j = 0; j < LANES; j++) {
-                tot += acc[j];
-                bad += flag[j];
-            }
-            out[s * out_s + c] = tot;
+                for (int j = 0; j < LANES; j++)
+                    acc[j] += (double)nb_term(m[g + j], iv[g + j], wc[g + j], xc[g + j], eps,
+                                              &flag[j]);
+            for (int j = 0; g + j < G; j++)
+                acc[j] +=
+                    (double)nb_term(m[g + j], iv[g + j], wc[g + j], xc[g + j], eps, &flag[j]);
+            out[s * out_s + c] = lanes_total(acc, flag, &bad);
         }
     }
     return bad;
 }
 
-/* ZINB (dropout logits pi >= -80, which the caller checks: exp(-pi) is finite): as nb_rows,
- * with pi laid out as mu, and the 0/1 masks m0, m1 (row c at c * G). */
+/* ZINB (a dropout logit below -80, where exp(-pi) could overflow, is counted as not written
+ * for): as nb_rows, with pi laid out as mu, and the 0/1 masks m0, m1 (row c at c * G). */
 CLONES
 int64_t zinb_rows(const float *mu, const float *pi, int64_t S, int64_t n, int64_t G,
                   int64_t mu_s, int64_t mu_c, const float *inv, int64_t inv_c, const float *w,
@@ -145,31 +166,13 @@ int64_t zinb_rows(const float *mu, const float *pi, int64_t S, int64_t n, int64_
             int flag[LANES] = {0};
             int64_t g = 0;
             for (; g + LANES <= G; g += LANES)
-                for (int j = 0; j < LANES; j++) {
-                    float mm = m[g + j], y = 1.0f + mm * iv[g + j], pp = p[g + j];
-                    flag[j] |= bad_mean(mm, y) | !(pp >= -80.0f) | !(pp <= 3.4028234e38f);
-                    float L = log_f(y);
-                    float e = xc[g + j] * (log_f(mm + eps) - L);
-                    float t = wc[g + j] * L - pp;
-                    float q = 1.0f + exp_f(-pp);
-                    float v = log_f((1.0f + z0[g + j] * exp_f(t)) / q) + z1[g + j] * t + e;
-                    acc[j] += (double)v;
-                }
-            for (; g < G; g++) {
-                float mm = m[g], y = 1.0f + mm * iv[g], pp = p[g];
-                flag[g % LANES] |= bad_mean(mm, y) | !(pp >= -80.0f) | !(pp <= 3.4028234e38f);
-                float L = log_f(y);
-                float e = xc[g] * (log_f(mm + eps) - L);
-                float t = wc[g] * L - pp;
-                float q = 1.0f + exp_f(-pp);
-                acc[g % LANES] += (double)(log_f((1.0f + z0[g] * exp_f(t)) / q) + z1[g] * t + e);
-            }
-            double tot = 0.0;
-            for (int j = 0; j < LANES; j++) {
-                tot += acc[j];
-                bad += flag[j];
-            }
-            out[s * out_s + c] = tot;
+                for (int j = 0; j < LANES; j++)
+                    acc[j] += (double)zinb_term(m[g + j], p[g + j], iv[g + j], wc[g + j],
+                                                xc[g + j], z0[g + j], z1[g + j], eps, &flag[j]);
+            for (int j = 0; g + j < G; j++)
+                acc[j] += (double)zinb_term(m[g + j], p[g + j], iv[g + j], wc[g + j], xc[g + j],
+                                            z0[g + j], z1[g + j], eps, &flag[j]);
+            out[s * out_s + c] = lanes_total(acc, flag, &bad);
         }
     }
     return bad;

@@ -455,7 +455,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=12, help="configurations per model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--models", nargs="+", default=list(DRAWS))
+    p.add_argument("--models", nargs="+", default=list(DRAWS), choices=list(DRAWS))
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument(
         "--epochs",

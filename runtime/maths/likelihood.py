@@ -15,6 +15,10 @@ This module computes the same sums fast, for the runtime's hot path:
 The zero / non-zero cases follow scvi-tools' masks: a count ``x > eps`` takes the non-zero
 formula, any other the zero formula.
 
+Where the install built it, the NB / ZINB sums of :class:`MinibatchScorer` (fixed dispersion)
+come from the compiled kernel instead (:mod:`~scvi_onnx.maths.native`: the same terms in one
+pass); the numpy passes below are the fallback and the reference it is tested against.
+
 PEAKVI's Bernoulli likelihood (:class:`BernoulliScorer`) works in cache-sized blocks too: every
 region's factor (``1 - q``, or ``q`` at the accessible regions, the non-zero entries),
 multiplied four by four, one ``log`` per product; its work buffers are kept per thread

@@ -29,6 +29,7 @@
  * with ctypes (scvi_onnx.maths.native), built where a C compiler is present at install time.
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 #define LANES 16
 
@@ -175,5 +176,82 @@ int64_t zinb_rows(const float *mu, const float *pi, int64_t S, int64_t n, int64_
             out[s * out_s + c] = lanes_total(acc, flag, &bad);
         }
     }
+    return bad;
+}
+
+/* PEAKVI's Bernoulli log-likelihood of one (sample, cell) row: the sum over regions of
+ * log(factor), factor = q where accessible (mask 1), 1 - q elsewhere, q = p * (d f) given as
+ * nq = p * ndf with ndf = -(d f) (region r's at nd[r * nd_r]: nd_r 0 without region factors).
+ * As BernoulliScorer's numpy kernel: the factors of regions j, j + Q, j + 2Q, j + 3Q (Q = R / 4)
+ * multiplied, one log per product, the last R % 4 one log each. *flag set where a product or a
+ * last factor is at most FLT_MIN or not a number (a factor of 0 needs torch's clamp; a tiny
+ * product has lost bits): the caller sums that row element by element. */
+static inline double bce_row(const float *p, const float *nd, int64_t nd_r, const float *mask,
+                             int64_t R, int *flag) {
+    const int64_t Q = R / 4;
+    double acc[LANES] = {0};
+    int fl[LANES] = {0};
+    int64_t j = 0;
+    for (; j + LANES <= Q; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float prod = 1.0f;
+            for (int k = 0; k < 4; k++) {
+                int64_t r = j + l + k * Q;
+                float nq = p[r] * nd[r * nd_r], m = mask[r];
+                prod = prod * ((1.0f - m) + nq * (1.0f - 2.0f * m)); /* 1 - q, or q */
+            }
+            fl[l] |= !(prod > 1.17549435e-38f);
+            acc[l] += (double)log_f(prod);
+        }
+    for (int l = 0; j + l < Q; l++) {
+        float prod = 1.0f;
+        for (int k = 0; k < 4; k++) {
+            int64_t r = j + l + k * Q;
+            float nq = p[r] * nd[r * nd_r], m = mask[r];
+            prod = prod * ((1.0f - m) + nq * (1.0f - 2.0f * m));
+        }
+        fl[l] |= !(prod > 1.17549435e-38f);
+        acc[l] += (double)log_f(prod);
+    }
+    for (int64_t r = 4 * Q; r < R; r++) { /* the last R % 4 regions */
+        float nq = p[r] * nd[r * nd_r], m = mask[r];
+        float fac = (1.0f - m) + nq * (1.0f - 2.0f * m);
+        fl[0] |= !(fac > 1.17549435e-38f);
+        acc[0] += (double)log_f(fac);
+    }
+    int64_t bad = 0;
+    double tot = lanes_total(acc, fl, &bad);
+    *flag = bad != 0;
+    return tot;
+}
+
+/* Every (sample, cell) of px (laid out as mu above) into out. Cell c's -d is neg_d[c]; its
+ * -(d f) per region is neg_d[c] * f[r] (f NULL: without region factors), the product numpy's
+ * kernel forms; its accessible regions are cols[indptr[c] - indptr[0] ...] (the non-zero
+ * entries). flags[s * out_s + c] as bce_row's. Returns the number of rows flagged, or -1
+ * where a work row could not be allocated. */
+CLONES
+int64_t bce_rows(const float *px, int64_t S, int64_t n, int64_t R, int64_t px_s, int64_t px_c,
+                 const float *neg_d, const float *f, const int64_t *indptr, const int64_t *cols,
+                 double *out, int64_t out_s, int8_t *flags) {
+    float *work = malloc(2 * (size_t)(R > 0 ? R : 1) * sizeof(float));
+    if (work == NULL) return -1;
+    float *mask = work, *nd = work + R;
+    int64_t bad = 0;
+    for (int64_t c = 0; c < n; c++) {
+        for (int64_t r = 0; r < R; r++) mask[r] = 0.0f;
+        for (int64_t k = indptr[c]; k < indptr[c + 1]; k++) mask[cols[k - indptr[0]]] = 1.0f;
+        if (f != NULL)
+            for (int64_t r = 0; r < R; r++) nd[r] = neg_d[c] * f[r];
+        for (int64_t s = 0; s < S; s++) {
+            int flag = 0;
+            const float *p = px + s * px_s + c * px_c;
+            out[s * out_s + c] = f != NULL ? bce_row(p, nd, 1, mask, R, &flag)
+                                           : bce_row(p, neg_d + c, 0, mask, R, &flag);
+            flags[s * out_s + c] = (int8_t)flag;
+            bad += flag;
+        }
+    }
+    free(work);
     return bad;
 }

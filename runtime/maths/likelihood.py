@@ -560,6 +560,9 @@ class BernoulliScorer:
         neg_d = -np.ones((n, 1), np.float32) if depth is None else -depth.reshape(n, 1)
         neg_d = neg_d.astype(np.float32, copy=False)
         self._calls += 1
+        compiled = self._compiled(px, neg_d)
+        if compiled is not None:
+            return compiled
         if self._calls > 1 and n * R <= BCE_COEF_MAX_ELEMENTS:
             if self._coef_depth is not depth:
                 self._coef, self._coef_depth = {}, depth
@@ -582,6 +585,21 @@ class BernoulliScorer:
         for r0 in range(0, n, r_max):
             self._rows(px, neg_d, out, r0, min(n, r0 + r_max), k_max, bufs, pos, coef)
         return out.astype(np.float64)
+
+    def _compiled(self, px: np.ndarray, neg_d: np.ndarray) -> np.ndarray | None:
+        """The sums by the compiled kernel (:func:`~scvi_onnx.maths.native.bce_sums`: the
+        same factors and products of four, one pass), its flagged rows summed element by
+        element with torch's clamps; ``None`` where it does not run."""
+        result = native.bce_sums(px, neg_d, self.f, self.entries)
+        if result is None:
+            return None
+        out, flags = result
+        if flags.any():
+            counts = np.diff(self.entries.indptr)
+            e0 = int(self.entries.indptr[0])
+            for s, c in zip(*np.nonzero(flags), strict=True):
+                out[s, c] = self._row_exact(px[s, c], neg_d[c], c, e0, counts)
+        return out
 
     def _coefficients(self, ndf, r: int, flat0) -> tuple[np.ndarray, np.ndarray]:
         """A block of ``r`` cells' ``(c, m)``, ``(r, R)`` each, with every region's factor

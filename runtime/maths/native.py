@@ -59,6 +59,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nb_rows.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _P, _F, _P, _I]
     lib.zinb_rows.restype = _I
     lib.zinb_rows.argtypes = [_P, _P, *[_I] * 5, _P, _I, _P, _I, _P, _P, _P, _F, _P, _I]
+    lib.bce_rows.restype = _I
+    lib.bce_rows.argtypes = [_P, *[_I] * 5, _P, _P, _P, _P, _P, _I, _P]
     return lib
 
 
@@ -138,3 +140,33 @@ def zinb_sums(mu, pi, inv, w, xm, m0, m1, eps) -> np.ndarray | None:
         out.ctypes.data, n,
     )  # fmt: skip
     return None if bad else out
+
+
+def bce_sums(px, neg_d, f, entries) -> tuple[np.ndarray, np.ndarray] | None:
+    """PEAKVI's ``(S, n)`` sums over regions of ``log(q)`` (accessible) / ``log(1 - q)``,
+    ``q = -(px * (neg_d * f))``, as ``BernoulliScorer``'s numpy kernel forms them (products of
+    four factors, one ``log`` each), and the ``(S, n)`` flags of the rows it could not sum (a
+    factor of 0, a product at most float32's smallest normal: the caller sums those element by
+    element with torch's clamps); ``None`` where the compiled kernel does not run. ``neg_d``
+    ``(n, 1)`` (``-d``), ``f`` ``(R,)`` or ``None``; ``entries`` the cells' non-zero entries
+    (their columns are the accessible regions)."""
+    lib = _library() if available() else None
+    if lib is None:
+        return None
+    if not _takes(px):
+        px = np.ascontiguousarray(px, dtype=np.float32)
+    S, n, R = px.shape
+    neg_d = np.ascontiguousarray(neg_d, dtype=np.float32).reshape(n)
+    f = None if f is None else np.ascontiguousarray(f, dtype=np.float32).reshape(R)
+    indptr = np.ascontiguousarray(entries.indptr, dtype=np.int64)
+    cols = np.ascontiguousarray(entries.cols[int(indptr[0]) : int(indptr[-1])], dtype=np.int64)
+    out = np.empty((S, n), dtype=np.float64)
+    flags = np.zeros((S, n), dtype=np.int8)
+    bad = lib.bce_rows(
+        px.ctypes.data, S, n, R, px.strides[0] // 4, px.strides[1] // 4, neg_d.ctypes.data,
+        None if f is None else f.ctypes.data, indptr.ctypes.data, cols.ctypes.data,
+        out.ctypes.data, n, flags.ctypes.data,
+    )  # fmt: skip
+    if bad < 0:
+        raise MemoryError(f"the compiled likelihood kernel could not allocate {2 * R} floats")
+    return out, flags

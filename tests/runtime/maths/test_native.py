@@ -1,4 +1,5 @@
-"""The compiled NB / ZINB kernel (runtime/maths/_kernels.c) against numpy's: the same sums to
+"""The compiled NB / ZINB kernel (runtime/maths/_kernels.c) against numpy's (PEAKVI's
+Bernoulli one: tests/runtime/test_peakvi.py runs its kernel tests with both): the same sums to
 float32 rounding; numpy's answers for what it is not written for; any memory layout; and the
 same bits from every instruction set it is built for."""
 
@@ -130,7 +131,7 @@ def _isa_levels() -> list[str]:
 def test_every_instruction_set_gives_the_same_bits(inputs, tmp_path):
     """The kernel's sums do not depend on the vector width it runs with: the source built
     for each x86-64 level this CPU has (SSE2, AVX2, AVX-512), one library each, the same
-    bits for NB and ZINB."""
+    bits for NB, ZINB and PEAKVI's Bernoulli sums."""
     levels = _isa_levels()
     if len(levels) < 2:
         pytest.skip("this CPU runs one x86-64 level only")
@@ -142,6 +143,12 @@ def test_every_instruction_set_gives_the_same_bits(inputs, tmp_path):
     w_nb = -(xm + theta)
     m1 = (x > 1e-8).astype(np.float32)
     m0 = np.float32(1) - m1
+    # PEAKVI's Bernoulli sums: the decoder's p in (0, 1), -(d f) per region, accessibility
+    p = (mu / (np.float32(1) + mu)).astype(np.float32)
+    neg_d = -rng.uniform(0.2, 1, N).astype(np.float32)
+    rf = rng.uniform(0.3, 1, G).astype(np.float32)  # region factors
+    e = Entries.from_dense(x)
+    cols = e.cols.astype(np.int64)
     results = {}
     for level in levels:
         lib_path = tmp_path / f"k-{level}.so"
@@ -163,8 +170,13 @@ def test_every_instruction_set_gives_the_same_bits(inputs, tmp_path):
             neg_theta.ctypes.data, 0, xm.ctypes.data, m0.ctypes.data, m1.ctypes.data, f,
             zinb.ctypes.data, N,
         )  # fmt: skip
-        results[level] = nb, zinb
+        bce, flags = np.empty((S, N)), np.zeros((S, N), np.int8)
+        lib.bce_rows(
+            p.ctypes.data, S, N, G, N * G, G, neg_d.ctypes.data, rf.ctypes.data,
+            e.indptr.ctypes.data, cols.ctypes.data, bce.ctypes.data, N, flags.ctypes.data,
+        )  # fmt: skip
+        results[level] = nb, zinb, bce[flags == 0]
     first = results[levels[0]]
     for level in levels[1:]:
-        np.testing.assert_array_equal(results[level][0], first[0], err_msg=level)
-        np.testing.assert_array_equal(results[level][1], first[1], err_msg=level)
+        for got, want in zip(results[level], first, strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=level)

@@ -357,7 +357,7 @@ def render(report: dict) -> str:
         f"vs scvi-onnx {env['scvi_onnx']} (onnxruntime {env['onnxruntime']}, "
         f"{report['onnx_provider']}"
         + (
-            f", {report['onnx_likelihood_kernel']} NB / ZINB kernel"
+            f", {report['onnx_likelihood_kernel']} likelihood kernel"
             if report.get("onnx_likelihood_kernel")
             else ""
         )

@@ -21,8 +21,8 @@ import warnings
 
 
 def _likelihood_kernel() -> str:
-    """Which NB / ZINB likelihood kernel the scvi-onnx side runs ("compiled" or "numpy";
-    "numpy" for versions before the compiled one)."""
+    """Which likelihood kernel (NB / ZINB, PEAKVI's Bernoulli) the scvi-onnx side runs:
+    "compiled" or "numpy" ("numpy" for versions before the compiled one)."""
     try:
         from scvi_onnx.maths import native
     except ImportError:

@@ -271,7 +271,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         *_obs_lines(info["obs_inputs"]),
         *_provenance_lines(info["provenance"]),
         ("exported with", f"{ver}; ONNX opset {opset}" if ver else f"ONNX opset {opset}"),
-        ("this runtime", f"scvi-onnx {__version__}; NB / ZINB kernel {info['likelihood_kernel']}"),
+        (
+            "this runtime",
+            f"scvi-onnx {__version__}; likelihood kernel {info['likelihood_kernel']}",
+        ),
         (
             "validation",
             f"atol {man.validation.get('atol')}, rtol {man.validation.get('rtol')}"

@@ -186,6 +186,21 @@ int64_t zinb_rows(const float *mu, const float *pi, int64_t S, int64_t n, int64_
  * multiplied, one log per product, the last R % 4 one log each. *flag set where a product or a
  * last factor is at most FLT_MIN or not a number (a factor of 0 needs torch's clamp; a tiny
  * product has lost bits): the caller sums that row element by element. */
+/* Region r's factor: 1 - q, or q where accessible (mask 1), with -q = p * nd[r * nd_r]. */
+static inline float bce_factor(const float *p, const float *nd, int64_t nd_r, const float *mask,
+                               int64_t r) {
+    float nq = p[r] * nd[r * nd_r], m = mask[r];
+    return (1.0f - m) + nq * (1.0f - 2.0f * m);
+}
+
+/* The factors of regions r, r + Q, r + 2Q, r + 3Q multiplied in that order (numpy's). */
+static inline float bce_product(const float *p, const float *nd, int64_t nd_r, const float *mask,
+                                int64_t r, int64_t Q) {
+    float prod = 1.0f;
+    for (int k = 0; k < 4; k++) prod = prod * bce_factor(p, nd, nd_r, mask, r + k * Q);
+    return prod;
+}
+
 static inline double bce_row(const float *p, const float *nd, int64_t nd_r, const float *mask,
                              int64_t R, int *flag) {
     const int64_t Q = R / 4;
@@ -194,28 +209,17 @@ static inline double bce_row(const float *p, const float *nd, int64_t nd_r, cons
     int64_t j = 0;
     for (; j + LANES <= Q; j += LANES)
         for (int l = 0; l < LANES; l++) {
-            float prod = 1.0f;
-            for (int k = 0; k < 4; k++) {
-                int64_t r = j + l + k * Q;
-                float nq = p[r] * nd[r * nd_r], m = mask[r];
-                prod = prod * ((1.0f - m) + nq * (1.0f - 2.0f * m)); /* 1 - q, or q */
-            }
+            float prod = bce_product(p, nd, nd_r, mask, j + l, Q);
             fl[l] |= !(prod > 1.17549435e-38f);
             acc[l] += (double)log_f(prod);
         }
     for (int l = 0; j + l < Q; l++) {
-        float prod = 1.0f;
-        for (int k = 0; k < 4; k++) {
-            int64_t r = j + l + k * Q;
-            float nq = p[r] * nd[r * nd_r], m = mask[r];
-            prod = prod * ((1.0f - m) + nq * (1.0f - 2.0f * m));
-        }
+        float prod = bce_product(p, nd, nd_r, mask, j + l, Q);
         fl[l] |= !(prod > 1.17549435e-38f);
         acc[l] += (double)log_f(prod);
     }
     for (int64_t r = 4 * Q; r < R; r++) { /* the last R % 4 regions */
-        float nq = p[r] * nd[r * nd_r], m = mask[r];
-        float fac = (1.0f - m) + nq * (1.0f - 2.0f * m);
+        float fac = bce_factor(p, nd, nd_r, mask, r);
         fl[0] |= !(fac > 1.17549435e-38f);
         acc[0] += (double)log_f(fac);
     }

@@ -1,4 +1,5 @@
-/* The negative-binomial and zero-inflated NB log-likelihood over genes, in one pass.
+/* The negative-binomial and zero-inflated NB log-likelihood over genes, and PEAKVI's Bernoulli
+ * log-likelihood over regions (bce_rows, at the end), in one pass.
  *
  * numpy's kernel (likelihood.py: MinibatchScorer._block) makes 9 (NB) or 18 (ZINB) passes over
  * every (sample, cell, gene) value, each a separate ufunc over a cache-sized block; here every

@@ -66,29 +66,42 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def _turned_off() -> bool:
+    return os.environ.get(ENV, "").strip().lower() == "numpy"
+
+
+def _running() -> ctypes.CDLL | None:
+    """The library where the compiled kernel runs (built, and not turned off)."""
+    return None if _turned_off() else _library()
+
+
 def available() -> bool:
     """Whether the compiled kernel runs (built, and not turned off by ``SCVI_ONNX_KERNELS``)."""
-    return os.environ.get(ENV, "").strip().lower() != "numpy" and _library() is not None
+    return _running() is not None
 
 
 def describe() -> str:
     """Which kernel sums the likelihoods in this process, and why (for ``info``)."""
-    if os.environ.get(ENV, "").strip().lower() == "numpy":
+    if _turned_off():
         return f"numpy's ({ENV}=numpy)"
     if _library() is None:
         return "numpy's (the compiled kernel was not built: no C compiler at install)"
     return "compiled (one pass)"
 
 
-def _takes(*blocks: np.ndarray) -> bool:
-    """Whether ``(S, n, G)`` float32 blocks of the same layout, genes contiguous, can be
-    passed as they are."""
+def _blocks(*blocks: np.ndarray) -> tuple[list[np.ndarray], int, int]:
+    """``(S, n, G)`` blocks as the C functions take them: float32 with one layout, genes
+    contiguous (passed as they are, else copied: the same bits), and their sample and cell
+    strides in elements."""
     a = blocks[0]
-    return (
+    takes = (
         all(b.dtype == np.float32 and b.strides == a.strides and b.shape == a.shape for b in blocks)
         and a.strides[-1] == 4
         and all(st % 4 == 0 for st in a.strides)
     )
+    if not takes:
+        blocks = tuple(np.ascontiguousarray(b, dtype=np.float32) for b in blocks)
+    return list(blocks), blocks[0].strides[0] // 4, blocks[0].strides[1] // 4
 
 
 def _per_cell(a: np.ndarray, n: int, G: int) -> tuple[np.ndarray, int]:
@@ -104,17 +117,15 @@ def _per_cell(a: np.ndarray, n: int, G: int) -> tuple[np.ndarray, int]:
 def nb_sums(mu, inv, w, xm, eps) -> np.ndarray | None:
     """``(S, n)`` sums over genes of ``w L + xm log(mu + eps)`` (``MinibatchScorer._block``'s
     NB terms), or ``None`` where the compiled kernel does not run or cannot take the values."""
-    lib = _library() if available() else None
+    lib = _running()
     if lib is None:
         return None
-    if not _takes(mu):  # (another layout or dtype: copied, for the same bits)
-        mu = np.ascontiguousarray(mu, dtype=np.float32)
+    (mu,), mu_s, mu_c = _blocks(mu)
     S, n, G = mu.shape
     inv, inv_c = _per_cell(inv, n, G)
     w, w_c = _per_cell(w, n, G)
     xm = np.ascontiguousarray(xm, dtype=np.float32)
     out = np.empty((S, n), dtype=np.float64)
-    mu_s, mu_c = mu.strides[0] // 4, mu.strides[1] // 4
     bad = lib.nb_rows(
         mu.ctypes.data, S, n, G, mu_s, mu_c, inv.ctypes.data, inv_c, w.ctypes.data, w_c,
         xm.ctypes.data, eps, out.ctypes.data, n,
@@ -125,17 +136,15 @@ def nb_sums(mu, inv, w, xm, eps) -> np.ndarray | None:
 def zinb_sums(mu, pi, inv, w, xm, m0, m1, eps) -> np.ndarray | None:
     """The ZINB terms of ``MinibatchScorer._block``, as :func:`nb_sums` (``None`` also where a
     dropout logit is below -80: numpy's kernel has the stable path for those)."""
-    lib = _library() if available() else None
+    lib = _running()
     if lib is None:
         return None
-    if not _takes(mu, pi):
-        mu, pi = (np.ascontiguousarray(a, dtype=np.float32) for a in (mu, pi))
+    (mu, pi), mu_s, mu_c = _blocks(mu, pi)
     S, n, G = mu.shape
     inv, inv_c = _per_cell(inv, n, G)
     w, w_c = _per_cell(w, n, G)
     xm, m0, m1 = (np.ascontiguousarray(a, dtype=np.float32) for a in (xm, m0, m1))
     out = np.empty((S, n), dtype=np.float64)
-    mu_s, mu_c = mu.strides[0] // 4, mu.strides[1] // 4
     bad = lib.zinb_rows(
         mu.ctypes.data, pi.ctypes.data, S, n, G, mu_s, mu_c, inv.ctypes.data, inv_c,
         w.ctypes.data, w_c, xm.ctypes.data, m0.ctypes.data, m1.ctypes.data, eps,
@@ -152,11 +161,10 @@ def bce_sums(px, neg_d, f, entries) -> tuple[np.ndarray, np.ndarray] | None:
     element with torch's clamps); ``None`` where the compiled kernel does not run. ``neg_d``
     ``(n, 1)`` (``-d``), ``f`` ``(R,)`` or ``None``; ``entries`` the cells' non-zero entries
     (their columns are the accessible regions)."""
-    lib = _library() if available() else None
+    lib = _running()
     if lib is None:
         return None
-    if not _takes(px):
-        px = np.ascontiguousarray(px, dtype=np.float32)
+    (px,), px_s, px_c = _blocks(px)
     S, n, R = px.shape
     neg_d = np.ascontiguousarray(neg_d, dtype=np.float32).reshape(n)
     f = None if f is None else np.ascontiguousarray(f, dtype=np.float32).reshape(R)
@@ -165,7 +173,7 @@ def bce_sums(px, neg_d, f, entries) -> tuple[np.ndarray, np.ndarray] | None:
     out = np.empty((S, n), dtype=np.float64)
     flags = np.zeros((S, n), dtype=np.int8)
     bad = lib.bce_rows(
-        px.ctypes.data, S, n, R, px.strides[0] // 4, px.strides[1] // 4, neg_d.ctypes.data,
+        px.ctypes.data, S, n, R, px_s, px_c, neg_d.ctypes.data,
         None if f is None else f.ctypes.data, indptr.ctypes.data, cols.ctypes.data,
         out.ctypes.data, n, flags.ctypes.data,
     )  # fmt: skip

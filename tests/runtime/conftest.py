@@ -33,3 +33,17 @@ def out_dir(tmp_path):
     d = tmp_path / "out"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="module", params=["compiled", "numpy"])
+def kernel(request):
+    """The likelihood kernel a test runs (``SCVI_ONNX_KERNELS``): the compiled one (skipped
+    where the install built none) and numpy's. Module-scoped, for hypothesis tests; a test of
+    the module that does not ask for it may run under either setting (both are correct)."""
+    from scvi_onnx.maths import native
+
+    if request.param == "compiled" and native._library() is None:
+        pytest.skip("the compiled likelihood kernel is not built (no C compiler at install)")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(native.ENV, "numpy" if request.param == "numpy" else "")
+        yield request.param

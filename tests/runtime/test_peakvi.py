@@ -36,17 +36,6 @@ CPU = ["--device", "cpu", "--no-progress"]
 
 
 # ----------------------------------------------------------------------------- the formula
-@pytest.fixture(params=["compiled", "numpy"])
-def kernel(request, monkeypatch):
-    """The BernoulliScorer tests run with the compiled kernel (where built) and numpy's."""
-    from scvi_onnx.maths import native
-
-    if request.param == "compiled" and native._library() is None:
-        pytest.skip("the compiled likelihood kernel is not built (no C compiler at install)")
-    monkeypatch.setenv(native.ENV, "numpy" if request.param == "numpy" else "")
-    return request.param
-
-
 def test_bce_is_minus_bernoulli_log_pmf():
     g = np.random.default_rng(0)
     p = g.uniform(1e-6, 1 - 1e-6, 1000)

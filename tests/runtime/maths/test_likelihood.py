@@ -9,20 +9,12 @@ import pytest
 
 from scvi_onnx.data.entries import Entries
 from scvi_onnx.maths import distributions as D
-from scvi_onnx.maths import native
 from scvi_onnx.maths.likelihood import MinibatchScorer, count_constant, lgamma_table
 
 from ...conftest import require
 
-
-@pytest.fixture(scope="module", autouse=True, params=["compiled", "numpy"])
-def kernel(request):
-    """Which NB / ZINB kernel the module's tests run (``SCVI_ONNX_KERNELS``)."""
-    if request.param == "compiled" and native._library() is None:
-        pytest.skip("the compiled likelihood kernel is not built (no C compiler at install)")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(native.ENV, "numpy" if request.param == "numpy" else "")
-        yield request.param
+#: every test of the module with both kernels (tests/runtime/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernel")
 
 
 def E(x):

@@ -260,3 +260,30 @@ int64_t bce_rows(const float *px, int64_t S, int64_t n, int64_t R, int64_t px_s,
     free(work);
     return bad;
 }
+
+/* The uniforms of rng.normals (scvi_onnx.maths.rng, which specifies them and computes them in
+ * numpy where this library is not built): SplitMix64's finaliser on counters, wrapping uint64
+ * arithmetic, then u = ((bits >> 11) + 0.5) / 2^53 in double. Integer arithmetic and one
+ * double addition and product, the same on every instruction set: numpy's bits exactly.
+ * out[i * m + j] is draw start + j of cells[i], keyed by key (rng._key). */
+static inline uint64_t splitmix(uint64_t z) {
+    z ^= z >> 30;
+    z *= 0xBF58476D1CE4E5B9ull;
+    z ^= z >> 27;
+    z *= 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+CLONES
+void splitmix_uniforms(uint64_t key, const uint64_t *cells, int64_t n, int64_t m,
+                       uint64_t start, double *out) {
+    const uint64_t golden = 0x9E3779B97F4A7C15ull;
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t c = splitmix((cells[i] + golden) ^ key);
+        double *o = out + i * m;
+        for (int64_t j = 0; j < m; j++) {
+            uint64_t bits = splitmix((c + (start + (uint64_t)j) * golden) ^ key);
+            o[j] = ((double)(bits >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+        }
+    }
+}

@@ -1,4 +1,5 @@
-"""The compiled likelihood kernel (``_kernels.c``): NB / ZINB and PEAKVI's Bernoulli.
+"""The compiled likelihood kernel (``_kernels.c``): NB / ZINB and PEAKVI's Bernoulli, and the
+integer part of the noise (:func:`uniforms`, the same bits as ``rng``'s numpy code).
 
 ``pip install`` compiles ``_kernels.c`` where a C compiler is present (an optional extension:
 without one the install goes on). It is a plain shared library, opened here with ctypes on
@@ -63,6 +64,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.zinb_rows.argtypes = [_P, _P, *[_I] * 5, _P, _I, _P, _I, _P, _P, _P, _F, _P, _I]
     lib.bce_rows.restype = _I
     lib.bce_rows.argtypes = [_P, *[_I] * 5, _P, _P, _P, _P, _P, _I, _P]
+    lib.splitmix_uniforms.restype = None
+    lib.splitmix_uniforms.argtypes = [ctypes.c_uint64, _P, _I, _I, ctypes.c_uint64, _P]
     return lib
 
 
@@ -180,3 +183,17 @@ def bce_sums(px, neg_d, f, entries) -> tuple[np.ndarray, np.ndarray] | None:
     if bad < 0:
         raise MemoryError(f"the compiled likelihood kernel could not allocate {2 * R} floats")
     return out, flags
+
+
+def uniforms(key: int, cells: np.ndarray, n_per_cell: int, start: int) -> np.ndarray | None:
+    """``rng.normals``' uniforms (its SplitMix64 counters, the same bits as its numpy code),
+    ``(len(cells), n_per_cell)`` float64; ``None`` where the compiled kernel does not run."""
+    lib = _running()
+    if lib is None:
+        return None
+    cells = np.ascontiguousarray(cells, dtype=np.uint64).reshape(-1)
+    out = np.empty((cells.size, n_per_cell), dtype=np.float64)
+    lib.splitmix_uniforms(
+        int(key), cells.ctypes.data, cells.size, n_per_cell, int(start) % (1 << 64), out.ctypes.data
+    )
+    return out

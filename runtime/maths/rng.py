@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import native
+
 __all__ = ["STREAM_Z", "STREAM_L", "STREAM_LN_MEAN", "STREAM_Z2", "STREAM_PRO_BACK", "normals"]
 
 #: Stream ids: what the noise is for. A stream gives the same draws in every method.
@@ -73,11 +75,15 @@ def normals(
     """
     cells = np.asarray(cells, dtype=np.uint64).reshape(-1, 1)
     key = _key(seed, stream)
-    with np.errstate(over="ignore"):
-        c = _mix((cells + _GOLDEN) ^ key)
-        j = np.arange(start, start + n_per_cell, dtype=np.uint64).reshape(1, -1)
-        bits = _mix((c + j * _GOLDEN) ^ key)
-    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+    # the compiled kernel's copy of the integer part below, where it is built: the same bits,
+    # ~20x faster (two thirds of the time here was this part; see native.uniforms)
+    u = native.uniforms(key, cells, n_per_cell, start)
+    if u is None:
+        with np.errstate(over="ignore"):
+            c = _mix((cells + _GOLDEN) ^ key)
+            j = np.arange(start, start + n_per_cell, dtype=np.uint64).reshape(1, -1)
+            bits = _mix((c + j * _GOLDEN) ^ key)
+        u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
     from scipy.special import ndtri  # on first use: scipy.special adds ~0.2 s to an import
 
-    return ndtri(u)
+    return ndtri(u, out=u)

@@ -131,7 +131,7 @@ def _isa_levels() -> list[str]:
 def test_every_instruction_set_gives_the_same_bits(inputs, tmp_path):
     """The kernel's sums do not depend on the vector width it runs with: the source built
     for each x86-64 level this CPU has (SSE2, AVX2, AVX-512), one library each, the same
-    bits for NB, ZINB and PEAKVI's Bernoulli sums."""
+    bits for NB, ZINB and PEAKVI's Bernoulli sums and the noise's uniforms."""
     levels = _isa_levels()
     if len(levels) < 2:
         pytest.skip("this CPU runs one x86-64 level only")
@@ -175,7 +175,12 @@ def test_every_instruction_set_gives_the_same_bits(inputs, tmp_path):
             p.ctypes.data, S, N, G, N * G, G, neg_d.ctypes.data, rf.ctypes.data,
             e.indptr.ctypes.data, cols.ctypes.data, bce.ctypes.data, N, flags.ctypes.data,
         )  # fmt: skip
-        results[level] = nb, zinb, bce[flags == 0]
+        # the noise's uniforms (rng.normals): integer arithmetic, 64-bit products emulated
+        # below AVX-512
+        cells = np.array([0, 3, 2**40, 2**64 - 1], dtype=np.uint64)
+        u = np.empty((cells.size, 101))
+        lib.splitmix_uniforms(12345, cells.ctypes.data, cells.size, 101, 2**64 - 50, u.ctypes.data)
+        results[level] = nb, zinb, bce[flags == 0], u
     first = results[levels[0]]
     for level in levels[1:]:
         for got, want in zip(results[level], first, strict=True):

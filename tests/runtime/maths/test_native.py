@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from scvi_onnx.data.entries import Entries
-from scvi_onnx.maths import native
+from scvi_onnx.maths import native, rng
 from scvi_onnx.maths.likelihood import MinibatchScorer, count_constant
 
 pytestmark = pytest.mark.skipif(
@@ -185,3 +185,16 @@ def test_every_instruction_set_gives_the_same_bits(inputs, tmp_path):
     for level in levels[1:]:
         for got, want in zip(results[level], first, strict=True):
             np.testing.assert_array_equal(got, want, err_msg=level)
+
+
+def test_compiled_and_numpy_integer_parts_give_the_same_bits(monkeypatch):
+    """The noise's uniforms (rng.normals): the compiled integer part gives numpy's bits."""
+    big = np.array([2**40, 2**63, 2**64 - 1], dtype=np.uint64)
+    cells = np.concatenate([np.arange(300, dtype=np.uint64), big])
+    # starts whose counters wrap around 2^64 (j * golden and c + j * golden do anyway)
+    for seed, stream, start in [(0, 1, 0), (-7, 5, 10**12), (2**70, 3, 2**64 - 100)]:
+        monkeypatch.setenv(native.ENV, "")
+        compiled = rng.normals(seed, stream, cells, 257, start=start)
+        monkeypatch.setenv(native.ENV, "numpy")
+        numpy_ = rng.normals(seed, stream, cells, 257, start=start)
+        np.testing.assert_array_equal(compiled, numpy_)

@@ -6,7 +6,8 @@ computation (SplitMix64 in Python integers, the inverse normal CDF of the standa
 ``statistics.NormalDist``), for the properties a user relies on (chunks, offsets, streams), for
 being standard normal, and pinned bit for bit, so that a change of a dependency that moves them
 (scipy's ``ndtri``, numpy's integer arithmetic) fails here, not silently in users' results.
-Every test runs with the compiled kernel's integer part (``native.uniforms``) and numpy's.
+Every test runs with the compiled kernel's integer part (``native.uniforms``) and numpy's;
+tests/runtime/maths/test_native.py compares the two bit for bit.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from scvi_onnx.maths import native, rng
+from scvi_onnx.maths import rng
 
 pytestmark = pytest.mark.usefixtures("kernel")  # both integer parts (tests/runtime/conftest.py)
 
@@ -119,17 +120,3 @@ def test_draws_are_standard_normal():
     bound = 5 / np.sqrt(flat.size)
     assert abs(np.corrcoef(z[:, :-1].ravel(), z[:, 1:].ravel())[0, 1]) < bound
     assert abs(np.corrcoef(z[:-1].ravel(), z[1:].ravel())[0, 1]) < bound
-
-
-def test_compiled_and_numpy_integer_parts_give_the_same_bits(monkeypatch):
-    if native._library() is None:
-        pytest.skip("the compiled kernel is not built (no C compiler at install)")
-    big = np.array([2**40, 2**63, 2**64 - 1], dtype=np.uint64)
-    cells = np.concatenate([np.arange(300, dtype=np.uint64), big])
-    # starts whose counters wrap around 2^64 (j * golden and c + j * golden do anyway)
-    for seed, stream, start in [(0, 1, 0), (-7, 5, 10**12), (2**70, 3, 2**64 - 100)]:
-        monkeypatch.setenv(native.ENV, "")
-        compiled = rng.normals(seed, stream, cells, 257, start=start)
-        monkeypatch.setenv(native.ENV, "numpy")
-        numpy_ = rng.normals(seed, stream, cells, 257, start=start)
-        np.testing.assert_array_equal(compiled, numpy_)

@@ -11,7 +11,7 @@ TBIN := $(TEST_VENV)/bin
 # The extras the test environment installs (the optional features' tests need theirs).
 TEST_EXTRAS ?= cpu,export,test
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint kernel-builds bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ test: $(TEST_VENV)/.test-installed
 lint: $(TEST_VENV)/.test-installed
 	$(TBIN)/ruff check runtime exporter tests scripts benchmarks
 	$(TBIN)/ruff format --check runtime exporter tests scripts benchmarks
+
+# The likelihood kernel built by clang and for aarch64 (run under qemu-user) against the
+# installed one, bit for bit: installs the tools first (Debian / Ubuntu, as root), then runs
+# the one test that uses them (it skips each build whose tools are missing).
+kernel-builds: $(TEST_VENV)/.test-installed
+	apt-get update -q
+	apt-get install -y -q --no-install-recommends clang gcc-aarch64-linux-gnu \
+		libc6-dev-arm64-cross qemu-user
+	$(TBIN)/python -m pytest -q -rs tests/runtime/maths/test_native.py \
+		-k other_compilers_and_architectures
 
 clean:
 	rm -rf $(VENV) $(TEST_VENV) out .pytest_cache

@@ -124,67 +124,156 @@ def _isa_levels() -> list[str]:
     return levels
 
 
+@pytest.fixture(scope="module")
+def case(inputs):
+    """Every kernel function's inputs: NB and ZINB sums with a per-gene theta, PEAKVI's
+    Bernoulli sums (the decoder's p in (0, 1), -(d f) per region, accessibility), the noise's
+    uniforms (cell ids and counters that wrap around 2^64)."""
+    rng, x, mu, pi = inputs
+    theta = (rng.gamma(1, 2, G) + 1e-3).astype(np.float32)
+    m1 = (x > 1e-8).astype(np.float32)
+    e = Entries.from_dense(x)
+    return dict(
+        mu=mu,
+        pi=pi,
+        inv=(np.float32(1) / (theta + np.float32(1e-8))).astype(np.float32),
+        w_nb=-(x + theta),
+        w_zinb=-theta,
+        xm=x,
+        m0=np.float32(1) - m1,
+        m1=m1,
+        px=(mu / (np.float32(1) + mu)).astype(np.float32),
+        neg_d=-rng.uniform(0.2, 1, N).astype(np.float32),
+        f=rng.uniform(0.3, 1, G).astype(np.float32),  # region factors
+        indptr=e.indptr.astype(np.int64),
+        cols=e.cols.astype(np.int64),
+        key_start=np.array([12345, 2**64 - 50], dtype=np.uint64),
+        cells=np.array([0, 3, 2**40, 2**64 - 1], dtype=np.uint64),
+    )
+
+
+N_UNIFORMS = 101  # per cell
+
+
+def library_outputs(lib, c: dict) -> dict:
+    """Every function of a loaded kernel library on ``case``'s inputs (``kernel_driver.c``
+    makes the same calls)."""
+    nb, zinb, bce = np.empty((S, N)), np.empty((S, N)), np.empty((S, N))
+    flags = np.zeros((S, N), np.int8)
+    f = np.float32(1e-8)
+    returns = np.array([
+        lib.nb_rows(
+            c["mu"].ctypes.data, S, N, G, N * G, G, c["inv"].ctypes.data, 0,
+            c["w_nb"].ctypes.data, G, c["xm"].ctypes.data, f, nb.ctypes.data, N,
+        ),
+        lib.zinb_rows(
+            c["mu"].ctypes.data, c["pi"].ctypes.data, S, N, G, N * G, G, c["inv"].ctypes.data,
+            0, c["w_zinb"].ctypes.data, 0, c["xm"].ctypes.data, c["m0"].ctypes.data,
+            c["m1"].ctypes.data, f, zinb.ctypes.data, N,
+        ),
+        lib.bce_rows(
+            c["px"].ctypes.data, S, N, G, N * G, G, c["neg_d"].ctypes.data, c["f"].ctypes.data,
+            c["indptr"].ctypes.data, c["cols"].ctypes.data, bce.ctypes.data, N,
+            flags.ctypes.data,
+        ),
+    ])  # fmt: skip
+    u = np.empty((c["cells"].size, N_UNIFORMS))
+    key, start = (int(v) for v in c["key_start"])
+    lib.splitmix_uniforms(
+        key, c["cells"].ctypes.data, c["cells"].size, N_UNIFORMS, start, u.ctypes.data
+    )
+    return dict(nb=nb, zinb=zinb, bce=bce, flags=flags, returns=returns, uniforms=u)
+
+
+def assert_same_bits(got: dict, want: dict, build: str) -> None:
+    assert not want["returns"][:2].any()  # (NB and ZINB took every value)
+    ok = want["flags"] == 0  # (flagged Bernoulli rows are summed by the caller)
+    assert ok.any()
+    np.testing.assert_array_equal(got["flags"], want["flags"], err_msg=build)
+    np.testing.assert_array_equal(got["bce"][ok], want["bce"][ok], err_msg=build)
+    for k in ("nb", "zinb", "returns", "uniforms"):
+        np.testing.assert_array_equal(got[k], want[k], err_msg=f"{build}: {k}")
+
+
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]  # setup.py's
+
+
 @pytest.mark.skipif(
     platform.machine() != "x86_64" or shutil.which("gcc") is None,
     reason="needs gcc on x86-64",
 )
-def test_every_instruction_set_gives_the_same_bits(inputs, tmp_path):
+def test_every_instruction_set_gives_the_same_bits(case, tmp_path):
     """The kernel's sums do not depend on the vector width it runs with: the source built
     for each x86-64 level this CPU has (SSE2, AVX2, AVX-512), one library each, the same
-    bits for NB, ZINB and PEAKVI's Bernoulli sums and the noise's uniforms."""
+    bits for NB, ZINB and PEAKVI's Bernoulli sums and the noise's uniforms (integer
+    arithmetic, 64-bit products emulated below AVX-512)."""
     levels = _isa_levels()
     if len(levels) < 2:
         pytest.skip("this CPU runs one x86-64 level only")
     src = os.path.join(os.path.dirname(native.__file__), "_kernels.c")
-    rng, x, mu, pi = inputs
-    theta = (rng.gamma(1, 2, G) + 1e-3).astype(np.float32)
-    inv = (np.float32(1) / (theta + np.float32(1e-8))).astype(np.float32)
-    xm = x
-    w_nb = -(xm + theta)
-    m1 = (x > 1e-8).astype(np.float32)
-    m0 = np.float32(1) - m1
-    # PEAKVI's Bernoulli sums: the decoder's p in (0, 1), -(d f) per region, accessibility
-    p = (mu / (np.float32(1) + mu)).astype(np.float32)
-    neg_d = -rng.uniform(0.2, 1, N).astype(np.float32)
-    rf = rng.uniform(0.3, 1, G).astype(np.float32)  # region factors
-    e = Entries.from_dense(x)
-    cols = e.cols.astype(np.int64)
     results = {}
     for level in levels:
         lib_path = tmp_path / f"k-{level}.so"
         subprocess.run(
-            ["gcc", "-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
-             f"-march={level}", "-DSCVI_ONNX_NO_CLONES", "-o", str(lib_path), src],
+            ["gcc", *FLAGS, "-fPIC", "-shared", f"-march={level}", "-DSCVI_ONNX_NO_CLONES",
+             "-o", str(lib_path), src],
             check=True,
         )  # fmt: skip
-        lib = native.declare(ctypes.CDLL(str(lib_path)))
-        nb, zinb = np.empty((S, N)), np.empty((S, N))
-        f = np.float32(1e-8)
-        assert not lib.nb_rows(
-            mu.ctypes.data, S, N, G, N * G, G, inv.ctypes.data, 0, w_nb.ctypes.data, G,
-            xm.ctypes.data, f, nb.ctypes.data, N,
-        )  # fmt: skip
-        neg_theta = -theta
-        assert not lib.zinb_rows(
-            mu.ctypes.data, pi.ctypes.data, S, N, G, N * G, G, inv.ctypes.data, 0,
-            neg_theta.ctypes.data, 0, xm.ctypes.data, m0.ctypes.data, m1.ctypes.data, f,
-            zinb.ctypes.data, N,
-        )  # fmt: skip
-        bce, flags = np.empty((S, N)), np.zeros((S, N), np.int8)
-        lib.bce_rows(
-            p.ctypes.data, S, N, G, N * G, G, neg_d.ctypes.data, rf.ctypes.data,
-            e.indptr.ctypes.data, cols.ctypes.data, bce.ctypes.data, N, flags.ctypes.data,
-        )  # fmt: skip
-        # the noise's uniforms (rng.normals): integer arithmetic, 64-bit products emulated
-        # below AVX-512
-        cells = np.array([0, 3, 2**40, 2**64 - 1], dtype=np.uint64)
-        u = np.empty((cells.size, 101))
-        lib.splitmix_uniforms(12345, cells.ctypes.data, cells.size, 101, 2**64 - 50, u.ctypes.data)
-        results[level] = nb, zinb, bce[flags == 0], u
-    first = results[levels[0]]
+        results[level] = library_outputs(native.declare(ctypes.CDLL(str(lib_path))), case)
     for level in levels[1:]:
-        for got, want in zip(results[level], first, strict=True):
-            np.testing.assert_array_equal(got, want, err_msg=level)
+        assert_same_bits(results[level], results[levels[0]], level)
+
+
+DRIVER = os.path.join(os.path.dirname(__file__), "kernel_driver.c")
+
+
+def driver_outputs(command: list[str], c: dict, tmp_path) -> dict:
+    """``kernel_driver.c`` (built into ``command[-1]``, run by ``command``) on ``case``."""
+    src, out = tmp_path / "in.bin", tmp_path / "out.bin"
+    header = np.array([S, N, G, G, c["cells"].size, N_UNIFORMS], dtype=np.int64)
+    order = ["mu", "pi", "inv", "w_nb", "w_zinb", "xm", "m0", "m1", "px", "neg_d", "f",
+             "indptr", "cols", "key_start", "cells"]  # fmt: skip
+    src.write_bytes(
+        b"".join(np.ascontiguousarray(a).tobytes() for a in [header, *map(c.get, order)])
+    )
+    subprocess.run([*command, str(src), str(out)], check=True, timeout=600)
+    raw = out.read_bytes()
+    parts, at = {}, 0
+    for k, dtype, shape in [("nb", "f8", (S, N)), ("zinb", "f8", (S, N)), ("bce", "f8", (S, N)),
+                            ("flags", "i1", (S, N)), ("returns", "i8", (3,)),
+                            ("uniforms", "f8", (c["cells"].size, N_UNIFORMS))]:  # fmt: skip
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        parts[k] = np.frombuffer(raw[at : at + size], dtype=dtype).reshape(shape)
+        at += size
+    assert at == len(raw)
+    return parts
+
+
+#: Builds of the kernel beside the installed one: (name, compiler, extra flags, runner), each
+#: run where its tools are installed (`make kernel-builds` installs them on Debian / Ubuntu).
+#: The first, the host's gcc, checks the driver itself against the installed library.
+OTHER_BUILDS = [
+    ("gcc, x86-64 baseline (no clones)", "gcc", ["-DSCVI_ONNX_NO_CLONES"], []),
+    ("clang (no clones)", "clang", [], []),
+    ("aarch64 gcc (NEON), under qemu", "aarch64-linux-gnu-gcc", ["-static"], ["qemu-aarch64"]),
+]
+
+
+@pytest.mark.parametrize("build", OTHER_BUILDS, ids=lambda b: b[0])
+def test_other_compilers_and_architectures_give_the_same_bits(build, case, tmp_path):
+    """The source built by another compiler or for another architecture (clang, which the
+    kernel's GCC-only clones leave out; aarch64's NEON, run under qemu-user) gives the
+    installed library's bits: through ``kernel_driver.c``, which makes ``library_outputs``'
+    calls from a file (no Python of that build is needed)."""
+    name, cc, flags, runner = build
+    missing = [t for t in [cc, *runner] if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{name}: {', '.join(missing)} not installed (make kernel-builds)")
+    src = os.path.join(os.path.dirname(native.__file__), "_kernels.c")
+    exe = tmp_path / "kernel_driver"
+    subprocess.run([cc, *FLAGS, *flags, "-o", str(exe), DRIVER, src], check=True)
+    want = library_outputs(native._library(), case)
+    assert_same_bits(driver_outputs([*runner, str(exe)], case, tmp_path), want, name)
 
 
 def test_compiled_and_numpy_integer_parts_give_the_same_bits(monkeypatch):

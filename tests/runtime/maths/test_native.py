@@ -196,6 +196,7 @@ def assert_same_bits(got: dict, want: dict, build: str) -> None:
 
 
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]  # setup.py's
+SOURCE = os.path.join(os.path.dirname(native.__file__), "_kernels.c")
 
 
 @pytest.mark.skipif(
@@ -210,13 +211,12 @@ def test_every_instruction_set_gives_the_same_bits(case, tmp_path):
     levels = _isa_levels()
     if len(levels) < 2:
         pytest.skip("this CPU runs one x86-64 level only")
-    src = os.path.join(os.path.dirname(native.__file__), "_kernels.c")
     results = {}
     for level in levels:
         lib_path = tmp_path / f"k-{level}.so"
         subprocess.run(
             ["gcc", *FLAGS, "-fPIC", "-shared", f"-march={level}", "-DSCVI_ONNX_NO_CLONES",
-             "-o", str(lib_path), src],
+             "-o", str(lib_path), SOURCE],
             check=True,
         )  # fmt: skip
         results[level] = library_outputs(native.declare(ctypes.CDLL(str(lib_path))), case)
@@ -253,7 +253,7 @@ def driver_outputs(command: list[str], c: dict, tmp_path) -> dict:
 #: run where its tools are installed (`make kernel-builds` installs them on Debian / Ubuntu).
 #: The first, the host's gcc, checks the driver itself against the installed library.
 OTHER_BUILDS = [
-    ("gcc, x86-64 baseline (no clones)", "gcc", ["-DSCVI_ONNX_NO_CLONES"], []),
+    ("the host's gcc (no clones)", "gcc", ["-DSCVI_ONNX_NO_CLONES"], []),
     ("clang (no clones)", "clang", [], []),
     ("aarch64 gcc (NEON), under qemu", "aarch64-linux-gnu-gcc", ["-static"], ["qemu-aarch64"]),
 ]
@@ -269,9 +269,8 @@ def test_other_compilers_and_architectures_give_the_same_bits(build, case, tmp_p
     missing = [t for t in [cc, *runner] if shutil.which(t) is None]
     if missing:
         pytest.skip(f"{name}: {', '.join(missing)} not installed (make kernel-builds)")
-    src = os.path.join(os.path.dirname(native.__file__), "_kernels.c")
     exe = tmp_path / "kernel_driver"
-    subprocess.run([cc, *FLAGS, *flags, "-o", str(exe), DRIVER, src], check=True)
+    subprocess.run([cc, *FLAGS, *flags, "-o", str(exe), DRIVER, SOURCE], check=True)
     want = library_outputs(native._library(), case)
     assert_same_bits(driver_outputs([*runner, str(exe)], case, tmp_path), want, name)
 

@@ -180,13 +180,6 @@ int64_t zinb_rows(const float *mu, const float *pi, int64_t S, int64_t n, int64_
     return bad;
 }
 
-/* PEAKVI's Bernoulli log-likelihood of one (sample, cell) row: the sum over regions of
- * log(factor), factor = q where accessible (mask 1), 1 - q elsewhere, q = p * (d f) given as
- * nq = p * ndf with ndf = -(d f) (region r's at nd[r * nd_r]: nd_r 0 without region factors).
- * As BernoulliScorer's numpy kernel: the factors of regions j, j + Q, j + 2Q, j + 3Q (Q = R / 4)
- * multiplied, one log per product, the last R % 4 one log each. *flag set where a product or a
- * last factor is at most FLT_MIN or not a number (a factor of 0 needs torch's clamp; a tiny
- * product has lost bits): the caller sums that row element by element. */
 /* Region r's factor: 1 - q, or q where accessible (mask 1), with -q = p * nd[r * nd_r]. */
 static inline float bce_factor(const float *p, const float *nd, int64_t nd_r, const float *mask,
                                int64_t r) {
@@ -202,6 +195,13 @@ static inline float bce_product(const float *p, const float *nd, int64_t nd_r, c
     return prod;
 }
 
+/* PEAKVI's Bernoulli log-likelihood of one (sample, cell) row: the sum over regions of
+ * log(factor), factor = q where accessible (mask 1), 1 - q elsewhere, q = p * (d f) given as
+ * nq = p * ndf with ndf = -(d f) (region r's at nd[r * nd_r]: nd_r 0 without region factors).
+ * As BernoulliScorer's numpy kernel: the factors of regions j, j + Q, j + 2Q, j + 3Q (Q = R / 4)
+ * multiplied, one log per product, the last R % 4 one log each. *flag set where a product or a
+ * last factor is at most FLT_MIN or not a number (a factor of 0 needs torch's clamp; a tiny
+ * product has lost bits): the caller sums that row element by element. */
 static inline double bce_row(const float *p, const float *nd, int64_t nd_r, const float *mask,
                              int64_t R, int *flag) {
     const int64_t Q = R / 4;

@@ -47,7 +47,7 @@ lint: $(TEST_VENV)/.test-installed
 kernel-builds: $(TEST_VENV)/.test-installed
 	apt-get update -q
 	apt-get install -y -q --no-install-recommends clang gcc-aarch64-linux-gnu \
-		libc6-dev-arm64-cross qemu-user
+		libc6-dev-arm64-cross qemu-user gcc-mingw-w64-x86-64 wine64
 	$(TBIN)/python -m pytest -q -rs tests/runtime/maths/test_native.py \
 		-k other_compilers_and_architectures
 

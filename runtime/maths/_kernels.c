@@ -34,6 +34,19 @@
 
 #define LANES 16
 
+/* The four functions the runtime calls: exported from a Windows DLL (a .pyd that setuptools
+ * builds with MSVC or mingw-w64); on other systems every non-static function is. MSVC's C
+ * spells inline __inline before C11. */
+#if defined(_WIN32)
+#define KERNEL_API __declspec(dllexport)
+#else
+#define KERNEL_API
+#endif
+#if defined(_MSC_VER) && !defined(__cplusplus) && \
+    (!defined(__STDC_VERSION__) || __STDC_VERSION__ < 201112L)
+#define inline __inline
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     !defined(SCVI_ONNX_NO_CLONES)
 /* one clone per x86-64 level, chosen when the library is loaded (SCVI_ONNX_NO_CLONES: the one
@@ -127,6 +140,7 @@ static inline double lanes_total(const double *acc, const int *flag, int64_t *ba
  * xm: row c at c * G. Gene g goes to lane g % LANES (the last G % LANES genes too). Returns the
  * number of values the function is not written for. */
 CLONES
+KERNEL_API
 int64_t nb_rows(const float *mu, int64_t S, int64_t n, int64_t G, int64_t mu_s, int64_t mu_c,
                 const float *inv, int64_t inv_c, const float *w, int64_t w_c, const float *xm,
                 float eps, double *out, int64_t out_s) {
@@ -154,6 +168,7 @@ int64_t nb_rows(const float *mu, int64_t S, int64_t n, int64_t G, int64_t mu_s, 
 /* ZINB (a dropout logit below -80, where exp(-pi) could overflow, is counted as not written
  * for): as nb_rows, with pi laid out as mu, and the 0/1 masks m0, m1 (row c at c * G). */
 CLONES
+KERNEL_API
 int64_t zinb_rows(const float *mu, const float *pi, int64_t S, int64_t n, int64_t G,
                   int64_t mu_s, int64_t mu_c, const float *inv, int64_t inv_c, const float *w,
                   int64_t w_c, const float *xm, const float *m0, const float *m1, float eps,
@@ -236,6 +251,7 @@ static inline double bce_row(const float *p, const float *nd, int64_t nd_r, cons
  * entries). flags[s * out_s + c] as bce_row's. Returns the number of rows flagged, or -1
  * where a work row could not be allocated. */
 CLONES
+KERNEL_API
 int64_t bce_rows(const float *px, int64_t S, int64_t n, int64_t R, int64_t px_s, int64_t px_c,
                  const float *neg_d, const float *f, const int64_t *indptr, const int64_t *cols,
                  double *out, int64_t out_s, int8_t *flags) {
@@ -275,6 +291,7 @@ static inline uint64_t splitmix(uint64_t z) {
 }
 
 CLONES
+KERNEL_API
 void splitmix_uniforms(uint64_t key, const uint64_t *cells, int64_t n, int64_t m,
                        uint64_t start, double *out) {
     const uint64_t golden = 0x9E3779B97F4A7C15ull;

@@ -256,22 +256,25 @@ OTHER_BUILDS = [
     ("the host's gcc (no clones)", "gcc", ["-DSCVI_ONNX_NO_CLONES"], []),
     ("clang (no clones)", "clang", [], []),
     ("aarch64 gcc (NEON), under qemu", "aarch64-linux-gnu-gcc", ["-static"], ["qemu-aarch64"]),
+    ("Windows x86-64 (mingw-w64), under wine", "x86_64-w64-mingw32-gcc", ["-static"], ["wine"]),
 ]
 
 
 @pytest.mark.parametrize("build", OTHER_BUILDS, ids=lambda b: b[0])
-def test_other_compilers_and_architectures_give_the_same_bits(build, case, tmp_path):
+def test_other_compilers_and_architectures_give_the_same_bits(build, case, tmp_path, monkeypatch):
     """The source built by another compiler or for another architecture (clang, which the
-    kernel's GCC-only clones leave out; aarch64's NEON, run under qemu-user) gives the
-    installed library's bits: through ``kernel_driver.c``, which makes ``library_outputs``'
-    calls from a file (no Python of that build is needed)."""
+    kernel's GCC-only clones leave out; aarch64's NEON, run under qemu-user; Windows' ABI by
+    mingw-w64, run under wine) gives the installed library's bits: through
+    ``kernel_driver.c``, which makes ``library_outputs``' calls from a file (no Python of that
+    build is needed)."""
     name, cc, flags, runner = build
     missing = [t for t in [cc, *runner] if shutil.which(t) is None]
     if missing:
         pytest.skip(f"{name}: {', '.join(missing)} not installed (make kernel-builds)")
-    exe = tmp_path / "kernel_driver"
+    exe = tmp_path / ("kernel_driver.exe" if "mingw" in cc else "kernel_driver")
     subprocess.run([cc, *FLAGS, *flags, "-o", str(exe), DRIVER, SOURCE], check=True)
     want = library_outputs(native._library(), case)
+    monkeypatch.setenv("WINEDEBUG", "-all")  # wine's own messages
     assert_same_bits(driver_outputs([*runner, str(exe)], case, tmp_path), want, name)
 
 

@@ -249,26 +249,31 @@ def driver_outputs(command: list[str], c: dict, tmp_path) -> dict:
     return parts
 
 
-#: Builds of the kernel beside the installed one: (name, compiler, extra flags, runner), each
-#: run where its tools are installed (`make kernel-builds` installs them on Debian / Ubuntu).
-#: The first, the host's gcc, checks the driver itself against the installed library.
+#: Builds of the kernel beside the installed one: (name, compiler, extra flags, runner, other
+#: tools needed), each run where its tools are installed (`make kernel-builds` installs them on
+#: Debian / Ubuntu). The first, the host's gcc, checks the driver itself against the installed
+#: library. clang for aarch64 is the compiler and instruction set of a Mac with Apple silicon
+#: (it links with the aarch64 gcc's libraries).
 OTHER_BUILDS = [
-    ("the host's gcc (no clones)", "gcc", ["-DSCVI_ONNX_NO_CLONES"], []),
-    ("clang (no clones)", "clang", [], []),
-    ("aarch64 gcc (NEON), under qemu", "aarch64-linux-gnu-gcc", ["-static"], ["qemu-aarch64"]),
-    ("Windows x86-64 (mingw-w64), under wine", "x86_64-w64-mingw32-gcc", ["-static"], ["wine"]),
-]
+    ("the host's gcc (no clones)", "gcc", ["-DSCVI_ONNX_NO_CLONES"], [], []),
+    ("clang (no clones)", "clang", [], [], []),
+    ("aarch64 gcc (NEON), under qemu", "aarch64-linux-gnu-gcc", ["-static"], ["qemu-aarch64"], []),
+    ("aarch64 clang (NEON), under qemu", "clang", ["--target=aarch64-linux-gnu", "-static"],
+     ["qemu-aarch64"], ["aarch64-linux-gnu-gcc"]),
+    ("Windows x86-64 (mingw-w64), under wine", "x86_64-w64-mingw32-gcc", ["-static"], ["wine"],
+     []),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("build", OTHER_BUILDS, ids=lambda b: b[0])
 def test_other_compilers_and_architectures_give_the_same_bits(build, case, tmp_path, monkeypatch):
     """The source built by another compiler or for another architecture (clang, which the
-    kernel's GCC-only clones leave out; aarch64's NEON, run under qemu-user; Windows' ABI by
-    mingw-w64, run under wine) gives the installed library's bits: through
+    kernel's GCC-only clones leave out; aarch64's NEON by gcc and clang, run under qemu-user;
+    Windows' ABI by mingw-w64, run under wine) gives the installed library's bits: through
     ``kernel_driver.c``, which makes ``library_outputs``' calls from a file (no Python of that
     build is needed)."""
-    name, cc, flags, runner = build
-    missing = [t for t in [cc, *runner] if shutil.which(t) is None]
+    name, cc, flags, runner, needs = build
+    missing = [t for t in [cc, *runner, *needs] if shutil.which(t) is None]
     if missing:
         pytest.skip(f"{name}: {', '.join(missing)} not installed (make kernel-builds)")
     exe = tmp_path / ("kernel_driver.exe" if "mingw" in cc else "kernel_driver")

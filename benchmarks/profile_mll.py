@@ -1,10 +1,12 @@
-"""Where the marginal LL's time goes: decoder (ONNX Runtime) vs likelihood (numpy).
+"""Where the marginal LL's time goes: decoder (ONNX Runtime) vs likelihood (the kernel).
 
     python benchmarks/profile_mll.py --model benchmarks/work/pbmc_zinb --threads 1
 
 Times the runtime's own steps (seconds summed over worker threads) for ``--cells`` cells x
-``--n-mc`` samples, after a warm-up call. Needs a model folder built by ``benchmarks/run.py``
-(``bundle/``) and its data (``<work>/<name>_<n>.h5ad``).
+``--n-mc`` samples, after a warm-up call: each graph's calls by file (``graph decoder``,
+whichever way the model's module calls it), the likelihood kernels and the module's steps
+(``encode`` holds ``graph encoder``'s time: the lines overlap). Needs a model folder built by
+``benchmarks/run.py`` (``bundle/``) and its data (``<work>/<name>_<n>.h5ad``).
 """
 
 from __future__ import annotations
@@ -45,14 +47,27 @@ def main() -> None:
 
         setattr(owner, name, wrapper)
 
-    from scvi_onnx.maths.likelihood import MinibatchScorer
-    from scvi_onnx.models.scoring import HostScorer
+    from scvi_onnx.maths.likelihood import BernoulliScorer, MinibatchScorer
+    from scvi_onnx.sessions import Graph
 
-    # the module's pieces (on the instance), the decoder call and numpy's likelihood kernel
+    # the module's pieces (on the instance), each graph's calls (by file: every model's
+    # decoder, however its module calls it) and the likelihood kernels
     for name in ("encode", "z_draws", "library", "prepare"):
-        timed(model.module, name, name)
-    timed(HostScorer, "decode", "decode")
+        if hasattr(model.module, name):  # PEAKVI has no library size
+            timed(model.module, name, name)
+    run = Graph.run
+
+    def graph_run(self, *a, **k):
+        t = time.perf_counter()
+        try:
+            return run(self, *a, **k)
+        finally:
+            label = f"graph {self.path.stem}"
+            spent[label] = spent.get(label, 0.0) + time.perf_counter() - t
+
+    Graph.run = graph_run
     timed(MinibatchScorer, "score", "likelihood")
+    timed(BernoulliScorer, "score", "likelihood")
     idx = np.arange(min(args.cells, adata.n_obs))
     kw = {"indices": idx, "batch_size": len(idx)}
     model.get_marginal_ll(adata, n_mc_samples=min(args.n_mc, 100), **kw)  # warm-up
@@ -63,7 +78,7 @@ def main() -> None:
     print(f"{model_dir.name}: {len(idx)} cells x {args.n_mc} samples, {args.threads} thread(s)")
     print(f"wall {wall:.3f} s, marginal LL {value:.4f}")
     for name, s in sorted(spent.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:12s} {s:7.3f} s (summed over threads)")
+        print(f"  {name:16s} {s:7.3f} s (summed over threads)")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@
  *   ZINB  b = w L (w = -theta),  e = xm (log(mu + eps) - L),  t = b - pi,  q = exp(-pi):
  *         log((1 + m0 exp(t)) / (1 + q)) + m1 t + e
  *
- * (the per-cell terms that no sample changes are the caller's, as for _block).
+ * with xm = x (NB), or xm = x m1, m1 = (x > eps), m0 = 1 - m1 (ZINB), made here from the counts
+ * x and w from theta, by the float32 operations _block's callers use (the caller's arrays would
+ * be n x G each, every minibatch). The per-cell terms that no sample changes are the caller's,
+ * as for _block.
  *
  * The log and exp below are branch-free float32 functions the compiler vectorises (musl's
  * logf reduction and polynomial; a Cody-Waite exp with a degree-6 polynomial): within ~1 ulp
@@ -105,22 +108,27 @@ static inline int bad_mean(float mm, float y) {
     return !(mm >= 0.0f) | !(mm <= 3.4028234e38f) | !(y <= 3.4028234e38f);
 }
 
-/* One (sample, cell, gene) value's NB term: w L + xm log(mu + eps); *flag set for a value the
- * function is not written for. */
-static inline float nb_term(float mm, float iv, float w, float xm, float eps, int *flag) {
+/* One (sample, cell, gene) value's NB term: w L + xm log(mu + eps), with w = -(xm + theta) and
+ * xm = x (NB applies x log to every count); *flag set for a value the function is not written
+ * for. */
+static inline float nb_term(float mm, float iv, float th, float x, float eps, int *flag) {
     float y = 1.0f + mm * iv;
     *flag |= bad_mean(mm, y);
-    return w * log_f(y) + xm * log_f(mm + eps);
+    float w = -(x + th);
+    return w * log_f(y) + x * log_f(mm + eps);
 }
 
-/* The same for ZINB: log((1 + m0 exp(t)) / (1 + exp(-pi))) + m1 t + e (see the top). */
-static inline float zinb_term(float mm, float pp, float iv, float w, float xm, float z0,
-                              float z1, float eps, int *flag) {
+/* The same for ZINB: log((1 + m0 exp(t)) / (1 + exp(-pi))) + m1 t + e (see the top), with
+ * w = -theta and the masks made here as _block's numpy makes them (m1 = x > eps as 0 / 1,
+ * m0 = 1 - m1, xm = x m1: the same float32 operations, so the same bits). */
+static inline float zinb_term(float mm, float pp, float iv, float th, float x, float eps,
+                              int *flag) {
     float y = 1.0f + mm * iv;
     *flag |= bad_mean(mm, y) | !(pp >= -80.0f) | !(pp <= 3.4028234e38f);
+    float z1 = x > eps ? 1.0f : 0.0f, z0 = 1.0f - z1, xm = x * z1;
     float L = log_f(y);
     float e = xm * (log_f(mm + eps) - L);
-    float t = w * L - pp;
+    float t = -th * L - pp;
     float q = 1.0f + exp_f(-pp);
     return log_f((1.0f + z0 * exp_f(t)) / q) + z1 * t + e;
 }
@@ -135,18 +143,18 @@ static inline double lanes_total(const double *acc, const int *flag, int64_t *ba
     return tot;
 }
 
-/* NB: out[s * out_s + c] = sum_g w[c, g] L + xm[c, g] log(mu + eps).
- * mu[s * mu_s + c * mu_c + g]; inv, w: row c at c * inv_c, c * w_c (0: one row for all cells);
- * xm: row c at c * G. Gene g goes to lane g % LANES (the last G % LANES genes too). Returns the
- * number of values the function is not written for. */
+/* NB: out[s * out_s + c] = sum_g w[c, g] L + x[c, g] log(mu + eps), w = -(x + theta).
+ * mu[s * mu_s + c * mu_c + g]; inv = 1 / (theta + eps) and theta: row c at c * th_c (0: one
+ * row for all cells); the counts x: row c at c * G. Gene g goes to lane g % LANES (the last
+ * G % LANES genes too). Returns the number of values the function is not written for. */
 CLONES
 KERNEL_API
 int64_t nb_rows(const float *mu, int64_t S, int64_t n, int64_t G, int64_t mu_s, int64_t mu_c,
-                const float *inv, int64_t inv_c, const float *w, int64_t w_c, const float *xm,
-                float eps, double *out, int64_t out_s) {
+                const float *inv, const float *theta, int64_t th_c, const float *x, float eps,
+                double *out, int64_t out_s) {
     int64_t bad = 0;
     for (int64_t c = 0; c < n; c++) {
-        const float *iv = inv + c * inv_c, *wc = w + c * w_c, *xc = xm + c * G;
+        const float *iv = inv + c * th_c, *tc = theta + c * th_c, *xc = x + c * G;
         for (int64_t s = 0; s < S; s++) {
             const float *m = mu + s * mu_s + c * mu_c;
             double acc[LANES] = {0};
@@ -154,11 +162,11 @@ int64_t nb_rows(const float *mu, int64_t S, int64_t n, int64_t G, int64_t mu_s, 
             int64_t g = 0;
             for (; g + LANES <= G; g += LANES)
                 for (int j = 0; j < LANES; j++)
-                    acc[j] += (double)nb_term(m[g + j], iv[g + j], wc[g + j], xc[g + j], eps,
+                    acc[j] += (double)nb_term(m[g + j], iv[g + j], tc[g + j], xc[g + j], eps,
                                               &flag[j]);
             for (int j = 0; g + j < G; j++)
                 acc[j] +=
-                    (double)nb_term(m[g + j], iv[g + j], wc[g + j], xc[g + j], eps, &flag[j]);
+                    (double)nb_term(m[g + j], iv[g + j], tc[g + j], xc[g + j], eps, &flag[j]);
             out[s * out_s + c] = lanes_total(acc, flag, &bad);
         }
     }
@@ -166,17 +174,15 @@ int64_t nb_rows(const float *mu, int64_t S, int64_t n, int64_t G, int64_t mu_s, 
 }
 
 /* ZINB (a dropout logit below -80, where exp(-pi) could overflow, is counted as not written
- * for): as nb_rows, with pi laid out as mu, and the 0/1 masks m0, m1 (row c at c * G). */
+ * for): as nb_rows, with pi laid out as mu. */
 CLONES
 KERNEL_API
 int64_t zinb_rows(const float *mu, const float *pi, int64_t S, int64_t n, int64_t G,
-                  int64_t mu_s, int64_t mu_c, const float *inv, int64_t inv_c, const float *w,
-                  int64_t w_c, const float *xm, const float *m0, const float *m1, float eps,
-                  double *out, int64_t out_s) {
+                  int64_t mu_s, int64_t mu_c, const float *inv, const float *theta, int64_t th_c,
+                  const float *x, float eps, double *out, int64_t out_s) {
     int64_t bad = 0;
     for (int64_t c = 0; c < n; c++) {
-        const float *iv = inv + c * inv_c, *wc = w + c * w_c, *xc = xm + c * G;
-        const float *z0 = m0 + c * G, *z1 = m1 + c * G;
+        const float *iv = inv + c * th_c, *tc = theta + c * th_c, *xc = x + c * G;
         for (int64_t s = 0; s < S; s++) {
             const float *m = mu + s * mu_s + c * mu_c, *p = pi + s * mu_s + c * mu_c;
             double acc[LANES] = {0};
@@ -184,11 +190,11 @@ int64_t zinb_rows(const float *mu, const float *pi, int64_t S, int64_t n, int64_
             int64_t g = 0;
             for (; g + LANES <= G; g += LANES)
                 for (int j = 0; j < LANES; j++)
-                    acc[j] += (double)zinb_term(m[g + j], p[g + j], iv[g + j], wc[g + j],
-                                                xc[g + j], z0[g + j], z1[g + j], eps, &flag[j]);
+                    acc[j] += (double)zinb_term(m[g + j], p[g + j], iv[g + j], tc[g + j],
+                                                xc[g + j], eps, &flag[j]);
             for (int j = 0; g + j < G; j++)
-                acc[j] += (double)zinb_term(m[g + j], p[g + j], iv[g + j], wc[g + j], xc[g + j],
-                                            z0[g + j], z1[g + j], eps, &flag[j]);
+                acc[j] += (double)zinb_term(m[g + j], p[g + j], iv[g + j], tc[g + j], xc[g + j],
+                                            eps, &flag[j]);
             out[s * out_s + c] = lanes_total(acc, flag, &bad);
         }
     }

@@ -27,6 +27,7 @@ multiplied four by four, one ``log`` per product; its work buffers are kept per 
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -203,26 +204,35 @@ class MinibatchScorer:
         self.entries = entries
         self.theta = None if theta is None else np.asarray(theta, dtype=np.float32)
         self.count_const = count_const
-        eps = np.float32(LIKELIHOOD_EPS)
-        # Masks as float32 factors (a multiply is ~20x cheaper than np.copyto(where=)):
-        # ZINB takes the non-zero formula where x > eps, NB applies x * (...) to every count.
-        self._m1 = self._m0 = None
-        self._xm = self.x
-        if likelihood == "zinb":
-            self._m1 = (self.x > eps).astype(np.float32)
-            self._m0 = np.float32(1.0) - self._m1
-            self._xm = self.x * self._m1
         # What does not change across samples, once per minibatch (fixed dispersion): 1 /
-        # (theta + eps), the factor of L in _block and the per-cell sum of x log(theta + eps)
-        # that _block leaves out
-        self._inv_theta_eps = self._w = self._x_log_theta = None
+        # (theta + eps) and the per-cell sum of x log(theta + eps) that _block leaves out
+        self._inv_theta_eps = self._x_log_theta = None
         if self.theta is not None and likelihood in ("nb", "zinb"):
-            theta_eps = self.theta + eps
+            theta_eps = self.theta + np.float32(LIKELIHOOD_EPS)
             self._inv_theta_eps = np.float32(1.0) / theta_eps
-            self._w = -self.theta if likelihood == "zinb" else -(self._xm + self.theta)
             self._x_log_theta = x_log_theta(entries, theta_eps, likelihood)
         if likelihood == "poisson" and count_const is None:
             self.count_const = poisson_count_constant(entries)
+
+    # numpy's kernel's per-cell arrays, made on its first call: the compiled kernel makes the
+    # same values from x and theta per value (n x G float32 arrays each that it never reads)
+    @functools.cached_property
+    def _masks(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``(xm, m0, m1)``: masks as float32 factors (a multiply is ~20x cheaper than
+        ``np.copyto(where=)``). ZINB takes the non-zero formula where x > eps (``m1``; ``xm``
+        = x m1), NB applies x * (...) to every count (``xm`` = x, no masks)."""
+        if self.lik != "zinb":
+            return self.x, None, None
+        m1 = (self.x > np.float32(LIKELIHOOD_EPS)).astype(np.float32)
+        return self.x * m1, np.float32(1.0) - m1, m1
+
+    @functools.cached_property
+    def _w(self) -> np.ndarray | None:
+        """The factor of L in _block (fixed dispersion): -(x + theta) for NB, -theta for
+        ZINB."""
+        if self._inv_theta_eps is None:
+            return None
+        return -self.theta if self.lik == "zinb" else -(self._masks[0] + self.theta)
 
     def score(
         self, mu: np.ndarray, pi: np.ndarray | None = None, theta: np.ndarray | None = None
@@ -252,11 +262,9 @@ class MinibatchScorer:
             return None
         eps = np.float32(LIKELIHOOD_EPS)
         if self.lik == "nb":
-            return native.nb_sums(mu, self._inv_theta_eps, self._w, self._xm, eps)
+            return native.nb_sums(mu, self._inv_theta_eps, self.theta, self.x, eps)
         if self.lik == "zinb":
-            return native.zinb_sums(
-                mu, pi, self._inv_theta_eps, self._w, self._xm, self._m0, self._m1, eps
-            )
+            return native.zinb_sums(mu, pi, self._inv_theta_eps, self.theta, self.x, eps)
         return None
 
     def _blocks(self, mu: np.ndarray, pi: np.ndarray | None, theta: np.ndarray | None):
@@ -275,9 +283,7 @@ class MinibatchScorer:
         for r0 in range(0, n, r_max):
             rs = slice(r0, min(n, r0 + r_max))
             r = rs.stop - rs.start
-            cells = (self.x[rs],) + tuple(
-                None if v is None else v[rs] for v in (self._xm, self._m0, self._m1)
-            )
+            cells = (self.x[rs],) + tuple(None if v is None else v[rs] for v in self._masks)
             th, inv, w = self.theta, self._inv_theta_eps, self._w
             if fixed_theta and th is not None and th.ndim == 2:
                 th = th[rs]

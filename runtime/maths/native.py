@@ -59,9 +59,9 @@ def _library() -> ctypes.CDLL | None:
 def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """``lib`` with the C functions' signatures (``_kernels.c``) declared."""
     lib.nb_rows.restype = _I
-    lib.nb_rows.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _P, _F, _P, _I]
+    lib.nb_rows.argtypes = [_P, _I, _I, _I, _I, _I, _P, _P, _I, _P, _F, _P, _I]
     lib.zinb_rows.restype = _I
-    lib.zinb_rows.argtypes = [_P, _P, *[_I] * 5, _P, _I, _P, _I, _P, _P, _P, _F, _P, _I]
+    lib.zinb_rows.argtypes = [_P, _P, *[_I] * 5, _P, _P, _I, _P, _F, _P, _I]
     lib.bce_rows.restype = _I
     lib.bce_rows.argtypes = [_P, *[_I] * 5, _P, _P, _P, _P, _P, _I, _P]
     lib.splitmix_uniforms.restype = None
@@ -117,41 +117,51 @@ def _per_cell(a: np.ndarray, n: int, G: int) -> tuple[np.ndarray, int]:
     return a, (0 if a.ndim == 1 else G)
 
 
-def nb_sums(mu, inv, w, xm, eps) -> np.ndarray | None:
-    """``(S, n)`` sums over genes of ``w L + xm log(mu + eps)`` (``MinibatchScorer._block``'s
-    NB terms), or ``None`` where the compiled kernel does not run or cannot take the values."""
+def _dispersion(inv, theta, x, n: int, G: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """``inv`` and ``theta`` as :func:`_per_cell` (one layout for both) and the ``(n, G)``
+    counts, float32 and contiguous."""
+    inv, inv_c = _per_cell(inv, n, G)
+    theta, th_c = _per_cell(theta, n, G)
+    if inv_c != th_c:
+        raise ValueError(f"inv {inv.shape} and theta {theta.shape} differ in layout")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape != (n, G):
+        raise ValueError(f"counts of shape {x.shape} for {n} cells x {G} genes")
+    return inv, theta, th_c, x
+
+
+def nb_sums(mu, inv, theta, x, eps) -> np.ndarray | None:
+    """``(S, n)`` sums over genes of ``w L + x log(mu + eps)``, ``w = -(x + theta)``
+    (``MinibatchScorer._block``'s NB terms; ``inv = 1 / (theta + eps)``, ``x`` the ``(n, G)``
+    counts), or ``None`` where the compiled kernel does not run or cannot take the values."""
     lib = _running()
     if lib is None:
         return None
     (mu,), mu_s, mu_c = _blocks(mu)
     S, n, G = mu.shape
-    inv, inv_c = _per_cell(inv, n, G)
-    w, w_c = _per_cell(w, n, G)
-    xm = np.ascontiguousarray(xm, dtype=np.float32)
+    inv, theta, th_c, x = _dispersion(inv, theta, x, n, G)
     out = np.empty((S, n), dtype=np.float64)
     bad = lib.nb_rows(
-        mu.ctypes.data, S, n, G, mu_s, mu_c, inv.ctypes.data, inv_c, w.ctypes.data, w_c,
-        xm.ctypes.data, eps, out.ctypes.data, n,
+        mu.ctypes.data, S, n, G, mu_s, mu_c, inv.ctypes.data, theta.ctypes.data, th_c,
+        x.ctypes.data, eps, out.ctypes.data, n,
     )  # fmt: skip
     return None if bad else out
 
 
-def zinb_sums(mu, pi, inv, w, xm, m0, m1, eps) -> np.ndarray | None:
-    """The ZINB terms of ``MinibatchScorer._block``, as :func:`nb_sums` (``None`` also where a
-    dropout logit is below -80: numpy's kernel has the stable path for those)."""
+def zinb_sums(mu, pi, inv, theta, x, eps) -> np.ndarray | None:
+    """The ZINB terms of ``MinibatchScorer._block`` (its masks made from ``x`` in the kernel),
+    as :func:`nb_sums` (``None`` also where a dropout logit is below -80: numpy's kernel has
+    the stable path for those)."""
     lib = _running()
     if lib is None:
         return None
     (mu, pi), mu_s, mu_c = _blocks(mu, pi)
     S, n, G = mu.shape
-    inv, inv_c = _per_cell(inv, n, G)
-    w, w_c = _per_cell(w, n, G)
-    xm, m0, m1 = (np.ascontiguousarray(a, dtype=np.float32) for a in (xm, m0, m1))
+    inv, theta, th_c, x = _dispersion(inv, theta, x, n, G)
     out = np.empty((S, n), dtype=np.float64)
     bad = lib.zinb_rows(
-        mu.ctypes.data, pi.ctypes.data, S, n, G, mu_s, mu_c, inv.ctypes.data, inv_c,
-        w.ctypes.data, w_c, xm.ctypes.data, m0.ctypes.data, m1.ctypes.data, eps,
-        out.ctypes.data, n,
+        mu.ctypes.data, pi.ctypes.data, S, n, G, mu_s, mu_c, inv.ctypes.data, theta.ctypes.data,
+        th_c, x.ctypes.data, eps, out.ctypes.data, n,
     )  # fmt: skip
     return None if bad else out
 

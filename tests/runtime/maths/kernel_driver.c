@@ -6,8 +6,9 @@
  *     kernel_driver IN OUT
  *
  * IN, native byte order, in this order: int64 S, n, G, R, cells, m; float32 mu[S n G],
- * pi[S n G], inv[G], w_nb[n G], w_zinb[G], xm[n G], m0[n G], m1[n G], px[S n R], neg_d[n],
+ * pi[S n G], inv[G], theta[G], inv_cell[n G], theta_cell[n G], x[n G], px[S n R], neg_d[n],
  * f[R]; int64 indptr[n + 1], cols[indptr[n] - indptr[0]]; uint64 key, start, cell ids[cells].
+ * NB runs with the per-gene theta, ZINB with the per-cell one.
  * OUT: float64 nb[S n], zinb[S n], bce[S n]; int8 flags[S n]; int64 the three functions'
  * returns; float64 uniforms[cells m]. Exit status 0, or 2 on a short read or a failed write.
  */
@@ -16,12 +17,11 @@
 #include <stdlib.h>
 
 int64_t nb_rows(const float *mu, int64_t S, int64_t n, int64_t G, int64_t mu_s, int64_t mu_c,
-                const float *inv, int64_t inv_c, const float *w, int64_t w_c, const float *xm,
-                float eps, double *out, int64_t out_s);
+                const float *inv, const float *theta, int64_t th_c, const float *x, float eps,
+                double *out, int64_t out_s);
 int64_t zinb_rows(const float *mu, const float *pi, int64_t S, int64_t n, int64_t G,
-                  int64_t mu_s, int64_t mu_c, const float *inv, int64_t inv_c, const float *w,
-                  int64_t w_c, const float *xm, const float *m0, const float *m1, float eps,
-                  double *out, int64_t out_s);
+                  int64_t mu_s, int64_t mu_c, const float *inv, const float *theta, int64_t th_c,
+                  const float *x, float eps, double *out, int64_t out_s);
 int64_t bce_rows(const float *px, int64_t S, int64_t n, int64_t R, int64_t px_s, int64_t px_c,
                  const float *neg_d, const float *f, const int64_t *indptr, const int64_t *cols,
                  double *out, int64_t out_s, int8_t *flags);
@@ -48,8 +48,8 @@ int main(int argc, char **argv) {
     int64_t *h = take(6, sizeof(int64_t));
     const int64_t S = h[0], n = h[1], G = h[2], R = h[3], cells = h[4], m = h[5];
     const size_t sng = (size_t)(S * n * G), ng = (size_t)(n * G), snr = (size_t)(S * n * R);
-    float *mu = take(sng, 4), *pi = take(sng, 4), *inv = take(G, 4), *w_nb = take(ng, 4);
-    float *w_zinb = take(G, 4), *xm = take(ng, 4), *m0 = take(ng, 4), *m1 = take(ng, 4);
+    float *mu = take(sng, 4), *pi = take(sng, 4), *inv = take(G, 4), *theta = take(G, 4);
+    float *inv_cell = take(ng, 4), *theta_cell = take(ng, 4), *x = take(ng, 4);
     float *px = take(snr, 4), *neg_d = take(n, 4), *f = take(R, 4);
     int64_t *indptr = take(n + 1, sizeof(int64_t));
     int64_t *cols = take(indptr[n] - indptr[0], sizeof(int64_t));
@@ -61,8 +61,8 @@ int main(int argc, char **argv) {
     double *u = malloc((size_t)(cells * m) * 8 + 8);
     int8_t *flags = calloc(sn + 1, 1);
     int64_t ret[3];
-    ret[0] = nb_rows(mu, S, n, G, n * G, G, inv, 0, w_nb, G, xm, 1e-8f, nb, n);
-    ret[1] = zinb_rows(mu, pi, S, n, G, n * G, G, inv, 0, w_zinb, 0, xm, m0, m1, 1e-8f, zinb, n);
+    ret[0] = nb_rows(mu, S, n, G, n * G, G, inv, theta, 0, x, 1e-8f, nb, n);
+    ret[1] = zinb_rows(mu, pi, S, n, G, n * G, G, inv_cell, theta_cell, G, x, 1e-8f, zinb, n);
     ret[2] = bce_rows(px, S, n, R, n * R, R, neg_d, f, indptr, cols, bce, n, flags);
     splitmix_uniforms(ks[0], ids, cells, m, ks[1], u);
 

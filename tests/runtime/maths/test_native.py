@@ -126,22 +126,21 @@ def _isa_levels() -> list[str]:
 
 @pytest.fixture(scope="module")
 def case(inputs):
-    """Every kernel function's inputs: NB and ZINB sums with a per-gene theta, PEAKVI's
-    Bernoulli sums (the decoder's p in (0, 1), -(d f) per region, accessibility), the noise's
-    uniforms (cell ids and counters that wrap around 2^64)."""
+    """Every kernel function's inputs: NB sums with a per-gene theta and ZINB sums with a
+    per-cell one, PEAKVI's Bernoulli sums (the decoder's p in (0, 1), -(d f) per region,
+    accessibility), the noise's uniforms (cell ids and counters that wrap around 2^64)."""
     rng, x, mu, pi = inputs
     theta = (rng.gamma(1, 2, G) + 1e-3).astype(np.float32)
-    m1 = (x > 1e-8).astype(np.float32)
+    theta_cell = (rng.gamma(1, 2, (N, G)) + 1e-3).astype(np.float32)
     e = Entries.from_dense(x)
     return dict(
         mu=mu,
         pi=pi,
-        inv=(np.float32(1) / (theta + np.float32(1e-8))).astype(np.float32),
-        w_nb=-(x + theta),
-        w_zinb=-theta,
-        xm=x,
-        m0=np.float32(1) - m1,
-        m1=m1,
+        inv=np.float32(1) / (theta + np.float32(1e-8)),
+        theta=theta,
+        inv_cell=np.float32(1) / (theta_cell + np.float32(1e-8)),
+        theta_cell=theta_cell,
+        x=x,
         px=(mu / (np.float32(1) + mu)).astype(np.float32),
         neg_d=-rng.uniform(0.2, 1, N).astype(np.float32),
         f=rng.uniform(0.3, 1, G).astype(np.float32),  # region factors
@@ -163,13 +162,13 @@ def library_outputs(lib, c: dict) -> dict:
     f = np.float32(1e-8)
     returns = np.array([
         lib.nb_rows(
-            c["mu"].ctypes.data, S, N, G, N * G, G, c["inv"].ctypes.data, 0,
-            c["w_nb"].ctypes.data, G, c["xm"].ctypes.data, f, nb.ctypes.data, N,
+            c["mu"].ctypes.data, S, N, G, N * G, G, c["inv"].ctypes.data,
+            c["theta"].ctypes.data, 0, c["x"].ctypes.data, f, nb.ctypes.data, N,
         ),
         lib.zinb_rows(
-            c["mu"].ctypes.data, c["pi"].ctypes.data, S, N, G, N * G, G, c["inv"].ctypes.data,
-            0, c["w_zinb"].ctypes.data, 0, c["xm"].ctypes.data, c["m0"].ctypes.data,
-            c["m1"].ctypes.data, f, zinb.ctypes.data, N,
+            c["mu"].ctypes.data, c["pi"].ctypes.data, S, N, G, N * G, G,
+            c["inv_cell"].ctypes.data, c["theta_cell"].ctypes.data, G, c["x"].ctypes.data, f,
+            zinb.ctypes.data, N,
         ),
         lib.bce_rows(
             c["px"].ctypes.data, S, N, G, N * G, G, c["neg_d"].ctypes.data, c["f"].ctypes.data,
@@ -231,7 +230,7 @@ def driver_outputs(command: list[str], c: dict, tmp_path) -> dict:
     """``kernel_driver.c`` (built into ``command[-1]``, run by ``command``) on ``case``."""
     src, out = tmp_path / "in.bin", tmp_path / "out.bin"
     header = np.array([S, N, G, G, c["cells"].size, N_UNIFORMS], dtype=np.int64)
-    order = ["mu", "pi", "inv", "w_nb", "w_zinb", "xm", "m0", "m1", "px", "neg_d", "f",
+    order = ["mu", "pi", "inv", "theta", "inv_cell", "theta_cell", "x", "px", "neg_d", "f",
              "indptr", "cols", "key_start", "cells"]  # fmt: skip
     src.write_bytes(
         b"".join(np.ascontiguousarray(a).tobytes() for a in [header, *map(c.get, order)])

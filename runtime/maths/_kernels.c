@@ -12,9 +12,9 @@
  *         log((1 + m0 exp(t)) / (1 + q)) + m1 t + e
  *
  * with xm = x (NB), or xm = x m1, m1 = (x > eps), m0 = 1 - m1 (ZINB), made here from the counts
- * x and w from theta, by the float32 operations _block's callers use (the caller's arrays would
- * be n x G each, every minibatch). The per-cell terms that no sample changes are the caller's,
- * as for _block.
+ * x, and w from theta, by the float32 operations MinibatchScorer makes them with for _block (as
+ * arrays they would be n x G each, every minibatch). The per-cell terms that no sample changes
+ * are the caller's, as for _block.
  *
  * The log and exp below are branch-free float32 functions the compiler vectorises (musl's
  * logf reduction and polynomial; a Cody-Waite exp with a degree-6 polynomial): within ~1 ulp

@@ -36,6 +36,8 @@ def main() -> None:
     spent: dict[str, float] = {}
 
     def timed(owner, name, label):
+        """Time ``owner.name`` under ``label`` (a string, or a function of the call's first
+        argument: a method's instance)."""
         fn = getattr(owner, name)
 
         def wrapper(*a, **k):
@@ -43,7 +45,8 @@ def main() -> None:
             try:
                 return fn(*a, **k)
             finally:
-                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t
+                key = label(a[0]) if callable(label) else label
+                spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
 
         setattr(owner, name, wrapper)
 
@@ -55,17 +58,7 @@ def main() -> None:
     for name in ("encode", "z_draws", "library", "prepare"):
         if hasattr(model.module, name):  # PEAKVI has no library size
             timed(model.module, name, name)
-    run = Graph.run
-
-    def graph_run(self, *a, **k):
-        t = time.perf_counter()
-        try:
-            return run(self, *a, **k)
-        finally:
-            label = f"graph {self.path.stem}"
-            spent[label] = spent.get(label, 0.0) + time.perf_counter() - t
-
-    Graph.run = graph_run
+    timed(Graph, "run", lambda graph: f"graph {graph.path.stem}")
     timed(MinibatchScorer, "score", "likelihood")
     timed(BernoulliScorer, "score", "likelihood")
     idx = np.arange(min(args.cells, adata.n_obs))

@@ -1,7 +1,7 @@
-"""Randomised parity check: TOTALVI (AnnData or MuData), PEAKVI, SCVI, LinearSCVI and SCANVI
-configurations drawn at random from the options scvi-tools 1.4.2 accepts, each trained briefly
-on the real cells of the shipped examples, exported (from the live model or from its saved
-folder) and compared with scvi-tools:
+"""Randomised parity check: TOTALVI (AnnData or MuData, the MuData's obs columns in its own obs
+or a modality's), PEAKVI, SCVI, LinearSCVI and SCANVI configurations drawn at random from the
+options scvi-tools 1.4.2 accepts, each trained briefly on the real cells of the shipped
+examples, exported (from the live model or from its saved folder) and compared with scvi-tools:
 
 - the latent mean (normal latents) and ``return_dist`` within 1e-4;
 - per-cell ELBO and every reconstruction key under the same noise (scvi-tools'
@@ -23,6 +23,7 @@ compared.
 
     python scripts/fuzz_parity.py [--n 12] [--seed 0] [--models totalvi scanvi ...] [--out FILE]
                                   [--epochs MIN MAX] [--all-features]
+                                  [--mudata-share 0.3]
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ def obs_columns(a: ad.AnnData, r: np.random.Generator) -> ad.AnnData:
     tot = np.asarray(a.X.sum(1)).ravel()
     a.obs["sf"] = (tot / np.median(tot)).astype(np.float32)
     return a
+
+
+#: Share of TOTALVI configurations set up as a MuData (``--mudata-share``).
+MUDATA_SHARE = 0.3
 
 
 def draw_totalvi(r: np.random.Generator, every: bool) -> tuple[ad.AnnData, dict, dict]:
@@ -132,7 +137,7 @@ def draw_totalvi(r: np.random.Generator, every: bool) -> tuple[ad.AnnData, dict,
         model["override_missing_proteins"] = True
     if r.random() < 0.2:
         model["extra_decoder_kwargs"] = {"activation_function_bg": "exp"}
-    if r.random() < 0.3:
+    if r.random() < MUDATA_SHARE:
         return as_mudata(a, setup, r), setup, model
     return a, setup, model
 
@@ -163,13 +168,30 @@ def as_mudata(a: ad.AnnData, setup: dict, r: np.random.Generator):
         adt.layers["raw"] = adt.X.copy()
         adt.X = np.log1p(adt.X)  # not what the model reads
     keys = pick(r, [("rna", "prot"), ("gex", "adt")])
-    m = md.MuData(dict(zip(keys, (rna, adt), strict=True)))
+    mods = dict(zip(keys, (rna, adt), strict=True))
+    # the obs columns in the MuData's own obs, or in a modality's (as the scvi-tools tutorial
+    # does: modalities={"batch_key": "rna_subset"}), the MuData's then shuffled: read from the
+    # wrong place, the numbers differ
+    obs_mod = pick(r, [None, keys[0], keys[1]])
+    m = md.MuData(mods)
+    shuffle = r.permutation(a.n_obs) if obs_mod else np.arange(a.n_obs)
     for col in a.obs.columns:
-        m.obs[col] = a.obs[col].to_numpy()
+        if obs_mod:
+            mods[obs_mod].obs[col] = a.obs[col].to_numpy()
+        m.obs[col] = a.obs[col].to_numpy()[shuffle]
+    modalities = {"rna_layer": keys[0], "protein_layer": keys[1]}
+    if obs_mod:
+        for key in (
+            "batch_key",
+            "size_factor_key",
+            "categorical_covariate_keys",
+            "continuous_covariate_keys",
+        ):
+            modalities[key] = obs_mod
     setup.update(
         rna_layer=rna_layer,
         protein_layer=protein_layer,
-        modalities={"rna_layer": keys[0], "protein_layer": keys[1]},
+        modalities=modalities,
         mudata=True,
     )
     return m
@@ -471,7 +493,14 @@ def main() -> None:
         action="store_true",
         help="every gene / region of the example data (2,000), not a subset of 80-400",
     )
+    p.add_argument(
+        "--mudata-share",
+        type=float,
+        default=MUDATA_SHARE,
+        help=f"share of TOTALVI configurations set up as a MuData (default {MUDATA_SHARE})",
+    )
     args = p.parse_args()
+    globals()["MUDATA_SHARE"] = args.mudata_share
     torch.set_num_threads(2)
     r = np.random.default_rng(args.seed)
     results, failed = [], 0

@@ -174,20 +174,21 @@ def as_mudata(a: ad.AnnData, setup: dict, r: np.random.Generator):
     # wrong place, the numbers differ
     obs_mod = pick(r, [None, keys[0], keys[1]])
     m = md.MuData(mods)
-    shuffle = r.permutation(a.n_obs) if obs_mod else np.arange(a.n_obs)
-    for col in a.obs.columns:
-        if obs_mod:
-            mods[obs_mod].obs[col] = a.obs[col].to_numpy()
-        m.obs[col] = a.obs[col].to_numpy()[shuffle]
     modalities = {"rna_layer": keys[0], "protein_layer": keys[1]}
+    shuffle = np.arange(a.n_obs)
     if obs_mod:
-        for key in (
+        shuffle = r.permutation(a.n_obs)
+        obs_keys = (
             "batch_key",
             "size_factor_key",
             "categorical_covariate_keys",
             "continuous_covariate_keys",
-        ):
-            modalities[key] = obs_mod
+        )
+        modalities.update(dict.fromkeys(obs_keys, obs_mod))
+        for col in a.obs.columns:
+            mods[obs_mod].obs[col] = a.obs[col].to_numpy()
+    for col in a.obs.columns:
+        m.obs[col] = a.obs[col].to_numpy()[shuffle]
     setup.update(
         rna_layer=rna_layer,
         protein_layer=protein_layer,
@@ -474,6 +475,7 @@ def check(
 
 
 def main() -> None:
+    global MUDATA_SHARE  # --mudata-share sets it for draw_totalvi
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=12, help="configurations per model")
     p.add_argument("--seed", type=int, default=0)
@@ -500,7 +502,7 @@ def main() -> None:
         help=f"share of TOTALVI configurations set up as a MuData (default {MUDATA_SHARE})",
     )
     args = p.parse_args()
-    globals()["MUDATA_SHARE"] = args.mudata_share
+    MUDATA_SHARE = args.mudata_share
     torch.set_num_threads(2)
     r = np.random.default_rng(args.seed)
     results, failed = [], 0
